@@ -1,0 +1,1 @@
+"""Quantization methods: one module each, instantiated from conf/method/<name>.yaml (`_target_`)."""

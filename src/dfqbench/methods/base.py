@@ -1,0 +1,47 @@
+"""The interface every quantization method implements.
+
+A method is one module here plus one `conf/method/<name>.yaml` whose `_target_` names its class; the yaml's
+other keys are the constructor's keyword arguments (the paper's settings, documented there).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..quant import Convention
+
+
+@dataclass
+class QuantContext:
+    convention: Convention
+    wbit: int
+    abit: int
+    seed: int
+    device: torch.device
+    input_shape: tuple[int, int, int]  # C, H, W of one normalized input image
+    num_classes: int
+    progress: bool = True
+    info: dict[str, Any] = field(default_factory=dict)  # method-specific facts that go into the record
+
+    def generator(self) -> torch.Generator:
+        return torch.Generator(device="cpu").manual_seed(self.seed)
+
+
+class Method:
+    """Subclasses implement `quantize`; `convention_overrides` are convention fields the method requires."""
+
+    quantizes = True  # False for the FP32 reference row
+    stochastic = False  # True when the result depends on the seed
+
+    def __init__(self, name: str, convention_overrides: dict | None = None, **params: Any):
+        self.name = name
+        self.convention_overrides = dict(convention_overrides or {})
+        if params:
+            raise TypeError(f"method {name!r} got unknown settings: {sorted(params)}")
+
+    def quantize(self, model: nn.Module, ctx: QuantContext) -> nn.Module:
+        raise NotImplementedError

@@ -1,0 +1,28 @@
+"""ZeroQ (Cai et al., CVPR 2020): distilled data from BatchNorm statistics, then activation calibration on it."""
+
+import time
+
+from ..quant import quantize_model
+from ..quant.calibrate import calibrate_on_batches
+from ..synth.bn_distill import DistillSettings, distill_bn_data
+from .base import Method
+
+
+class ZeroQ(Method):
+    stochastic = True
+
+    def __init__(self, name: str = "zeroq", batch_size: int = 32, num_batches: int = 1, iterations: int = 500,
+                 lr: float = 0.5, patience: int = 100, min_lr: float = 1e-4, **kwargs):
+        super().__init__(name, **kwargs)
+        for key, value in (("batch_size", batch_size), ("num_batches", num_batches), ("iterations", iterations)):
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"method.{key}={value!r} must be a positive integer")
+        self.settings = DistillSettings(batch_size, num_batches, iterations, lr, patience, min_lr)
+
+    def quantize(self, model, ctx):
+        t0 = time.perf_counter()
+        batches = distill_bn_data(model, ctx.input_shape, self.settings, ctx.generator(), ctx.device, ctx.progress)
+        ctx.info["distill_time_s"] = round(time.perf_counter() - t0, 3)
+        qmodel = quantize_model(model, ctx.convention, ctx.wbit, ctx.abit)
+        calibrate_on_batches(qmodel, batches)
+        return qmodel

@@ -1,0 +1,93 @@
+"""Fake-quantization kernel backends.
+
+Every quantizer in dfqbench calls its numeric kernel through the backend selected here (the AIMET v2 pattern:
+a small protocol, a name -> implementation table and a context manager to switch). `torch` uses the ATen
+built-ins (`torch.fake_quantize_*`), which run on CPU and CUDA and give a straight-through gradient with a
+clamp mask; a Triton backend registers itself under another name and must agree with them bit for bit.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Protocol
+
+import torch
+
+
+class FakeQuantBackend(Protocol):
+    """Affine fake quantization: ``(clamp(round_half_even(x * (1/scale)) + zp, qmin, qmax) - zp) * scale``."""
+
+    def per_tensor(self, x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor,
+                   qmin: int, qmax: int) -> torch.Tensor:
+        """STE gradient for x (zero outside the clamp range); scale and zero_point are 1-element tensors."""
+
+    def per_channel(self, x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, axis: int,
+                    qmin: int, qmax: int) -> torch.Tensor:
+        """As per_tensor, with one (scale, zero_point) per slice along `axis`."""
+
+    def learnable_per_tensor(self, x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor,
+                             qmin: int, qmax: int, grad_factor: float = 1.0) -> torch.Tensor:
+        """LSQ-style: gradients flow to x, scale and zero_point (float tensors)."""
+
+    def learnable_per_channel(self, x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor,
+                              axis: int, qmin: int, qmax: int, grad_factor: float = 1.0) -> torch.Tensor:
+        """LSQ-style, one learnable (scale, zero_point) per slice along `axis`."""
+
+
+class TorchBuiltinBackend:
+    """The ATen kernels; the reference every other backend is tested against."""
+
+    name = "torch"
+
+    def per_tensor(self, x, scale, zero_point, qmin, qmax):
+        return torch.fake_quantize_per_tensor_affine(x, scale.float(), zero_point.to(torch.int32), qmin, qmax)
+
+    def per_channel(self, x, scale, zero_point, axis, qmin, qmax):
+        return torch.fake_quantize_per_channel_affine(x, scale.float(), zero_point.to(torch.int32), axis, qmin, qmax)
+
+    def learnable_per_tensor(self, x, scale, zero_point, qmin, qmax, grad_factor=1.0):
+        return torch._fake_quantize_learnable_per_tensor_affine(x, scale, zero_point, qmin, qmax, grad_factor)
+
+    def learnable_per_channel(self, x, scale, zero_point, axis, qmin, qmax, grad_factor=1.0):
+        return torch._fake_quantize_learnable_per_channel_affine(x, scale, zero_point, axis, qmin, qmax, grad_factor)
+
+
+_BACKENDS: dict[str, FakeQuantBackend] = {"torch": TorchBuiltinBackend()}
+_active = "torch"
+
+
+def add_backend(name: str, backend: FakeQuantBackend) -> None:
+    """Register a backend (e.g. Triton) under `name`."""
+    _BACKENDS[name] = backend
+
+
+def available_backends() -> list[str]:
+    return sorted(_BACKENDS) + ["auto"]
+
+
+def resolve_backend_name(name: str, device: torch.device | str = "cpu") -> str:
+    """`auto` picks a registered GPU kernel backend on CUDA and the torch built-ins elsewhere."""
+    if name == "auto":
+        return "triton" if torch.device(device).type == "cuda" and "triton" in _BACKENDS else "torch"
+    if name not in _BACKENDS:
+        raise ValueError(f"unknown quant.backend={name!r}; choose one of: {', '.join(available_backends())}")
+    return name
+
+
+def get_backend() -> FakeQuantBackend:
+    return _BACKENDS[_active]
+
+
+def set_backend(name: str) -> None:
+    global _active
+    _active = resolve_backend_name(name)
+
+
+@contextlib.contextmanager
+def use_backend(name: str):
+    global _active
+    previous, _active = _active, resolve_backend_name(name)
+    try:
+        yield get_backend()
+    finally:
+        _active = previous

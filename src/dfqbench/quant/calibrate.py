@@ -1,0 +1,35 @@
+"""Activation-range calibration passes shared by every method."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+from torch import nn
+
+from .bn_stats import BNStatistics
+from .graph import module_of
+from .quantizers import ActQuantizer
+
+
+@torch.no_grad()
+def calibrate_on_batches(model: nn.Module, batches: Iterable[torch.Tensor]) -> None:
+    """Observe-then-quantize every activation quantizer over `batches`, then freeze the ranges."""
+    quantizers = [m for m in model.modules() if isinstance(m, ActQuantizer)]
+    for q in quantizers:
+        q.start_observing()
+    model.eval()
+    for x in batches:
+        model(x)
+    for q in quantizers:
+        q.stop_observing()
+
+
+@torch.no_grad()
+def set_ranges_from_bn(gm, k_std: float) -> None:
+    """Data-free ranges: mean +- k std of the BatchNorm-derived statistics of each quantized tensor."""
+    stats = BNStatistics(gm)
+    for node in gm.graph.nodes:
+        q = module_of(gm, node)
+        if isinstance(q, ActQuantizer):
+            q.set_range(*stats.range_of(node.args[0], k_std))

@@ -1,0 +1,106 @@
+"""A quantization convention: where quantizers sit and how they are configured, as plain data.
+
+Every field comes from a `conf/quant/*.yaml` preset (the command line can override any of them); code reads the
+fields, it never branches on the preset's name.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field, fields
+
+from .ranges import ESTIMATORS
+
+ACT_SITES = ("after_relu", "layer_inputs")
+GRANULARITIES = ("per_channel", "per_tensor")
+
+
+@dataclass
+class WeightSpec:
+    granularity: str = "per_channel"
+    symmetric: bool = False
+    estimator: str = "minmax"
+    lp: float = 2.0
+
+
+@dataclass
+class ActSpec:
+    sites: str = "after_relu"
+    granularity: str = "per_tensor"
+    symmetric: bool = False
+    estimator: str = "minmax"
+    lp: float = 2.0
+    percentile: float = 99.99
+
+
+@dataclass
+class LayerBits:
+    """Bit-width exceptions; null means the run's wbit/abit."""
+
+    first_wbit: int | None = None
+    last_wbit: int | None = None
+    second_abit: int | None = None  # the quantizer(s) feeding the 2nd layer (BRECQ: 8)
+    last_abit: int | None = None  # the quantizer(s) feeding the last layer
+    input_abit: int | None = None  # the input image; null = not quantized
+
+
+@dataclass
+class Convention:
+    name: str
+    weight: WeightSpec = field(default_factory=WeightSpec)
+    act: ActSpec = field(default_factory=ActSpec)
+    layers: LayerBits = field(default_factory=LayerBits)
+    fold_bn: bool = False
+    backend: str = "torch"
+    description: str = ""
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "Convention":
+        data = dict(data)
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"unknown quant field(s) {unknown}; valid fields: {sorted(known)}")
+        conv = cls(
+            name=data.pop("name"),
+            weight=WeightSpec(**data.pop("weight", {})),
+            act=ActSpec(**data.pop("act", {})),
+            layers=LayerBits(**data.pop("layers", {})),
+            **data,
+        )
+        conv.validate()
+        return conv
+
+    def with_overrides(self, overrides: dict) -> "Convention":
+        """A copy with some fields replaced (a method that needs, e.g., folded BatchNorm)."""
+        merged = self.to_dict()
+        for key, value in overrides.items():
+            if isinstance(value, dict):
+                merged[key] = {**merged[key], **value}
+            else:
+                merged[key] = value
+        return Convention.from_dict(merged)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def validate(self) -> None:
+        _choice("quant.act.sites", self.act.sites, ACT_SITES)
+        _choice("quant.weight.granularity", self.weight.granularity, GRANULARITIES)
+        _choice("quant.act.granularity", self.act.granularity, ("per_tensor",))
+        _choice("quant.weight.estimator", self.weight.estimator, ESTIMATORS)
+        _choice("quant.act.estimator", self.act.estimator, ESTIMATORS)
+        for key, value in asdict(self.layers).items():
+            if value is not None:
+                check_bits(f"quant.layers.{key}", value)
+
+
+def _choice(key, value, choices):
+    if value not in choices:
+        raise ValueError(f"{key}={value!r} is not valid; choose one of: {', '.join(choices)}")
+
+
+def check_bits(key: str, value) -> int:
+    """Bit-widths are integers in [2, 32]; 32 means floating point."""
+    if isinstance(value, bool) or not isinstance(value, int) or not 2 <= value <= 32:
+        raise ValueError(f"{key}={value!r} is not a valid bit-width; use an integer from 2 to 32 (32 = float)")
+    return value

@@ -1,0 +1,82 @@
+"""Insert weight and activation fake-quantizers into a float model according to a Convention."""
+
+from __future__ import annotations
+
+from torch import fx, nn
+
+from .bn_fold import fold_batchnorm
+from .convention import Convention
+from .graph import insert_after, layer_nodes, layers_fed_by, module_of, relu_kind, trace
+from .quantizers import ActQuantizer, QuantConv2d, QuantLinear, WeightQuantizer
+
+
+def quantize_model(model: nn.Module, convention: Convention, wbit: int, abit: int) -> fx.GraphModule:
+    """Return a traced copy-in-place of `model` with quantizers; the float parameters are shared, not copied."""
+    gm = fold_batchnorm(model) if convention.fold_bn else trace(model)
+    layers = layer_nodes(gm)
+    if not layers:
+        raise ValueError("the model has no Conv2d/Linear layer to quantize")
+    first, last = layers[0], layers[-1]
+    bits = convention.layers
+
+    for node in layers:
+        w_bits = bits.first_wbit if node is first and bits.first_wbit else wbit
+        w_bits = bits.last_wbit if node is last and bits.last_wbit else w_bits
+        _swap_layer(gm, node, _weight_quantizer(convention, w_bits))
+
+    second = layers[1] if len(layers) > 1 else None
+    for i, site in enumerate(_act_sites(gm, convention)):
+        fed = layers_fed_by(gm, site)
+        a_bits = abit
+        if site.op == "placeholder":
+            a_bits = bits.input_abit
+        elif second is not None and second in fed and bits.second_abit:
+            a_bits = bits.second_abit
+        if last in fed and bits.last_abit and site.op != "placeholder":
+            a_bits = bits.last_abit
+        insert_after(gm, site, f"act_quant_{i}", ActQuantizer(
+            a_bits, symmetric=convention.act.symmetric, estimator=convention.act.estimator, lp=convention.act.lp,
+            percentile=convention.act.percentile))
+    gm.graph.lint()
+    gm.recompile()
+    return gm
+
+
+def _weight_quantizer(convention: Convention, bits: int) -> WeightQuantizer:
+    spec = convention.weight
+    return WeightQuantizer(bits, per_channel=spec.granularity == "per_channel", symmetric=spec.symmetric,
+                           estimator=spec.estimator, lp=spec.lp)
+
+
+def _swap_layer(gm: fx.GraphModule, node: fx.Node, wq: WeightQuantizer) -> None:
+    mod = module_of(gm, node)
+    qmod = (QuantConv2d if isinstance(mod, nn.Conv2d) else QuantLinear).from_float(mod, wq)
+    parent_name, _, child = node.target.rpartition(".")
+    setattr(gm.get_submodule(parent_name) if parent_name else gm, child, qmod)
+
+
+def _act_sites(gm: fx.GraphModule, convention: Convention) -> list[fx.Node]:
+    """The nodes whose output gets an activation quantizer, in graph order."""
+    sites: list[fx.Node] = []
+    if convention.layers.input_abit:
+        sites += [n for n in gm.graph.nodes if n.op == "placeholder"]
+    if convention.act.sites == "after_relu":
+        sites += [n for n in gm.graph.nodes if relu_kind(gm, n)]
+    else:  # layer_inputs: the tensor each layer reads, shared with every other reader (e.g. a residual identity)
+        for node in layer_nodes(gm):
+            src = node.args[0]
+            if src.op != "placeholder" and src not in sites:
+                sites.append(src)
+    return sites
+
+
+def act_quantizers(model: nn.Module) -> list[ActQuantizer]:
+    return [m for m in model.modules() if isinstance(m, ActQuantizer)]
+
+
+def weight_quantizers(model: nn.Module) -> list[WeightQuantizer]:
+    return [m for m in model.modules() if isinstance(m, WeightQuantizer)]
+
+
+def quant_layers(model: nn.Module) -> list[nn.Module]:
+    return [m for m in model.modules() if isinstance(m, (QuantConv2d, QuantLinear))]

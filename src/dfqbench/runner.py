@@ -1,0 +1,162 @@
+"""One run: load teacher and data, evaluate FP32, quantize with the method, evaluate, write the record."""
+
+from __future__ import annotations
+
+import copy
+import json
+import random
+import socket
+import sys
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+import torch
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+from . import records
+from .data import load_eval_set
+from .errors import ConfigError
+from .evaluate import evaluate
+from .methods.base import Method, QuantContext
+from .models import load_model
+from .quant import Convention, check_bits
+from .quant.backend import resolve_backend_name, use_backend
+
+
+def validate(cfg: DictConfig) -> None:
+    """Cheap checks, before any work: raise ConfigError with a one-line message."""
+    for key in ("wbit", "abit"):
+        try:
+            check_bits(key, cfg[key])
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
+    if isinstance(cfg.seed, bool) or not isinstance(cfg.seed, int) or cfg.seed < 0:
+        raise ConfigError(f"seed={cfg.seed!r} is not valid; use a non-negative integer")
+    if OmegaConf.is_missing(cfg.model, "arch"):
+        raise ConfigError(f"model={cfg.model.source} needs the architecture: add model.arch=NAME")
+    if cfg.device not in ("auto", "cpu", "cuda"):
+        raise ConfigError(f"device={cfg.device!r} is not valid; choose one of: auto, cpu, cuda")
+
+
+def build_method(cfg: DictConfig) -> Method:
+    try:
+        return instantiate(cfg.method, _convert_="all")
+    except Exception as exc:  # Hydra wraps the constructor's TypeError/ValueError
+        cause = exc.__cause__ or exc
+        raise ConfigError(f"method={cfg.method.name}: {str(cause).splitlines()[0]}") from None
+
+
+def build_convention(cfg: DictConfig, method: Method) -> Convention:
+    try:
+        conv = Convention.from_dict(OmegaConf.to_container(cfg.quant, resolve=True))
+        if method.convention_overrides:
+            conv = conv.with_overrides(method.convention_overrides)
+        resolve_backend_name(conv.backend)
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(str(exc).splitlines()[0]) from None
+    return conv
+
+
+def _device(name: str) -> torch.device:
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("device=cuda but no CUDA device is available; use device=cpu or device=auto")
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    return torch.device(name)
+
+
+def _seed_everything(seed: int) -> None:
+    random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def _fp32_accuracy(model, data, cfg, sha: str, device) -> dict:
+    """FP32 accuracy, cached per (weights, data set, slice, normalization): every run of a sweep shares it."""
+    key = records.config_hash({"sha": sha, "dataset": OmegaConf.to_container(cfg.dataset, resolve=True),
+                               "norm": [data.mean.flatten().tolist(), data.std.flatten().tolist()]})
+    path = Path(str(cfg.paths.cache_dir)).expanduser() / "fp32" / f"{key}.json"
+    cached = records.read_record(path)
+    if cached:
+        return cached
+    result = evaluate(model, data, cfg.eval.batch_size, device, cfg.progress, desc="FP32 eval")
+    records.write_json_atomic(path, result)
+    return result
+
+
+def run(cfg: DictConfig, run_dir: Path, overrides: list[str] | None = None) -> dict:
+    validate(cfg)
+    resolved = OmegaConf.to_container(cfg, resolve=True)
+    chash = records.config_hash(resolved)
+    if not cfg.force:
+        done = records.finished_record(run_dir, chash)
+        if done:
+            print(f"dfqbench: skipped, a finished record with config hash {chash} exists: "
+                  f"{run_dir / records.RECORD_NAME}", file=sys.stderr)
+            return done
+    method = build_method(cfg)
+    convention = build_convention(cfg, method)
+    device = _device(cfg.device)
+    if cfg.threads:
+        torch.set_num_threads(int(cfg.threads))
+    loaded = load_model(cfg.model, cfg.paths.models_dir)
+    norm = cfg.model.normalize or cfg.dataset
+    data = load_eval_set(cfg.dataset, norm.mean, norm.std, cfg.paths.cache_dir)
+
+    started = time.perf_counter()
+    record = {
+        "status": "running", "method": method.name, "model": cfg.model.name, "dataset": cfg.dataset.name,
+        "quant": convention.name, "wbit": cfg.wbit if method.quantizes else 32,
+        "abit": cfg.abit if method.quantizes else 32, "seed": cfg.seed, "config_hash": chash,
+        "checkpoint_sha256": loaded.sha256, "weights": loaded.weights, "checkpoint": loaded.checkpoint,
+        "n_test": data.num_samples, "stochastic": method.stochastic, "convention": convention.to_dict(),
+        "method_config": resolved["method"], "overrides": overrides or [], "config": resolved,
+        "versions": records.package_versions(), "git_commit": records.git_commit(), "device": str(device),
+        "threads": torch.get_num_threads(), "host": socket.gethostname(),
+        "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    }
+    try:
+        model = loaded.model.to(device).to(memory_format=torch.channels_last).eval()
+        fp32 = _fp32_accuracy(model, data, cfg, loaded.sha256, device)
+        _seed_everything(cfg.seed)
+        ctx = QuantContext(convention, cfg.wbit, cfg.abit, cfg.seed, device,
+                           tuple(data_shape(data, cfg)), cfg.dataset.num_classes, cfg.progress)
+        t0 = time.perf_counter()
+        with use_backend(resolve_backend_name(convention.backend, device)):
+            qmodel = method.quantize(copy.deepcopy(model), ctx)
+            quantize_s = time.perf_counter() - t0
+            result = evaluate(qmodel.to(memory_format=torch.channels_last), data, cfg.eval.batch_size, device,
+                              cfg.progress, desc="quantized eval")
+    except Exception as exc:
+        record.update(status="failed", error=f"{type(exc).__name__}: {exc}",
+                      wall_time_s=round(time.perf_counter() - started, 3))
+        records.write_json_atomic(run_dir / records.RECORD_NAME, record)
+        raise
+    record.update(
+        status="done", fp32_top1=round(fp32["top1"], 4), fp32_top5=round(fp32["top5"], 4),
+        top1=round(result["top1"], 4), top5=round(result["top5"], 4),
+        drop=round(fp32["top1"] - result["top1"], 4), quantize_time_s=round(quantize_s, 3),
+        eval_images_per_s=round(result["images_per_s"], 1), info=ctx.info,
+        wall_time_s=round(time.perf_counter() - started, 3),
+    )
+    records.write_json_atomic(run_dir / records.RECORD_NAME, record)
+    return record
+
+
+def data_shape(data, cfg) -> list[int]:
+    if data.images is not None:
+        return list(data.images.shape[1:])
+    return [len(cfg.dataset.mean), int(cfg.dataset.image_size), int(cfg.dataset.image_size)]
+
+
+def summary(record: dict, path: Path) -> str:
+    head = (f"{record['method']} {record['model']}/{record['dataset']} W{record['wbit']}A{record['abit']} "
+            f"[{record['quant']}] seed {record['seed']}")
+    return (f"{head}\n  FP32 top-1 {record['fp32_top1']:.2f}  quantized top-1 {record['top1']:.2f}  "
+            f"drop {record['drop']:.2f}  (top-5 {record['top5']:.2f}, {record['n_test']} images)  "
+            f"wall {record['wall_time_s']:.1f} s\n  record: {path}")
+
+
+def dumps(record: dict) -> str:
+    return json.dumps(record, indent=2, default=str)

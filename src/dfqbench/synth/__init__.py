@@ -1,0 +1,1 @@
+"""Synthetic calibration data distilled from a teacher (no real images)."""
