@@ -22,8 +22,8 @@ def group_options(group: str) -> list[str]:
 
 
 def _values(raw: str) -> list[str] | None:
-    """The values of a command-line override, or None when it uses Hydra's sweep functions."""
-    if raw.startswith(_SWEEP_FUNCTIONS):
+    """The values of a command-line override, or None for sweep functions and interpolations."""
+    if raw.startswith(_SWEEP_FUNCTIONS) or "${" in raw:
         return None
     return [v.strip() for v in raw.split(",")] if "-m" in sys.argv or "--multirun" in sys.argv else [raw]
 
