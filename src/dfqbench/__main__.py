@@ -10,7 +10,6 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
 from .errors import ConfigError
-from .runner import run, summary
 
 CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
 GROUPS = ("method", "model", "dataset", "quant", "paths")
@@ -55,6 +54,8 @@ def precheck(argv: list[str]) -> None:
 
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="config")
 def hydra_main(cfg: DictConfig) -> float | None:
+    from .runner import run, summary  # torch loads here, after the argument checks
+
     hc = HydraConfig.get()
     run_dir = Path(hc.runtime.output_dir)
     try:

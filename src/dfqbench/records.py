@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -70,7 +71,9 @@ def package_versions() -> dict:
     return versions
 
 
+@functools.cache
 def git_commit() -> str | None:
+    """The commit of the code this process runs (read once, at the first record)."""
     here = Path(__file__).resolve().parent
     try:
         out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, timeout=5)

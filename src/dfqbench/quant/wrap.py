@@ -6,7 +6,7 @@ from torch import fx, nn
 
 from .bn_fold import fold_batchnorm
 from .convention import Convention
-from .graph import insert_after, layer_nodes, layers_fed_by, module_of, relu_kind, trace
+from .graph import insert_after, is_passthrough, layer_nodes, layers_fed_by, module_of, relu_kind, trace
 from .quantizers import ActQuantizer, QuantConv2d, QuantLinear, WeightQuantizer
 
 
@@ -65,6 +65,8 @@ def _act_sites(gm: fx.GraphModule, convention: Convention) -> list[fx.Node]:
     else:  # layer_inputs: the tensor each layer reads, shared with every other reader (e.g. a residual identity)
         for node in layer_nodes(gm):
             src = node.args[0]
+            while is_passthrough(gm, src):  # BRECQ/QDrop quantize the block output, then pool/flatten in float
+                src = src.args[0]
             if src.op != "placeholder" and src not in sites:
                 sites.append(src)
     return sites

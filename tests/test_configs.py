@@ -1,0 +1,54 @@
+"""Every config group option composes, and the composed config builds its method and convention."""
+
+import pytest
+from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
+
+from dfqbench.__main__ import CONF_DIR, GROUPS, group_options
+from dfqbench.runner import build_convention, build_method, validate
+
+
+def _compose(*overrides):
+    with initialize_config_dir(version_base="1.3", config_dir=str(CONF_DIR)):
+        return compose(config_name="config", overrides=list(overrides))
+
+
+@pytest.mark.parametrize("group,option", [(g, o) for g in GROUPS for o in group_options(g)])
+def test_every_group_option_composes(group, option):
+    extra = ["model.arch=resnet18"] if option in ("pytorchcv", "torchvision", "timm") else []
+    cfg = _compose(f"{group}={option}", *extra)
+    validate(cfg)
+    OmegaConf.to_container(cfg, resolve=True)
+    method = build_method(cfg)
+    convention = build_convention(cfg, method)
+    assert convention.name == cfg.quant.name
+
+
+def test_default_config_is_zeroq_w4a4_gdfq_on_resnet20():
+    cfg = _compose()
+    assert (cfg.method.name, cfg.model.name, cfg.dataset.name, cfg.quant.name, cfg.wbit, cfg.abit) == (
+        "zeroq", "resnet20_cifar10", "cifar10", "gdfq", 4, 4)
+
+
+def test_presets_encode_the_convention_classes():
+    brecq = _compose("quant=brecq").quant
+    assert brecq.act.sites == "layer_inputs" and brecq.layers.first_wbit == 8 and brecq.layers.last_abit == 8
+    gdfq = _compose("quant=gdfq").quant
+    assert gdfq.act.sites == "after_relu" and gdfq.layers.first_wbit is None and not gdfq.fold_bn
+
+
+def test_dfq_method_requires_folded_batchnorm_under_every_convention():
+    cfg = _compose("method=dfq", "quant=gdfq")
+    assert build_convention(cfg, build_method(cfg)).fold_bn
+
+
+def test_generic_zoo_model_takes_any_arch():
+    cfg = _compose("model=pytorchcv", "model.arch=resnet56_cifar10")
+    assert cfg.model.name == "resnet56_cifar10" and cfg.model.source == "pytorchcv"
+
+
+def test_paths_come_from_environment(monkeypatch, tmp_path):
+    monkeypatch.setenv("DFQ_CIFAR10_ROOT", str(tmp_path))
+    monkeypatch.setenv("DFQ_MODELS_DIR", str(tmp_path / "m"))
+    cfg = _compose()
+    assert cfg.dataset.root == str(tmp_path) and cfg.paths.models_dir == str(tmp_path / "m")

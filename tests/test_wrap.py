@@ -1,0 +1,129 @@
+"""Quantizer placement by convention, BN folding, equalization and BN-statistics propagation."""
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+from dfqbench.quant import Convention, act_quantizers, quantize_model, weight_quantizers
+from dfqbench.quant.bn_fold import fold_batchnorm
+from dfqbench.quant.bn_stats import Gaussian, relu_moments
+from dfqbench.quant.equalize import absorb_high_bias, equalize, find_pairs
+
+GDFQ = {"name": "gdfq"}
+BRECQ = {"name": "brecq", "act": {"sites": "layer_inputs", "symmetric": True},
+         "layers": {"first_wbit": 8, "last_wbit": 8, "second_abit": 8, "last_abit": 8}}
+
+
+class TinyResNet(nn.Module):
+    """conv-bn-relu, one residual block (conv-bn-relu-conv-bn + identity, relu), pool, fc."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8), nn.ReLU())
+        self.conv1, self.bn1, self.relu1 = nn.Conv2d(8, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8), nn.ReLU()
+        self.conv2, self.bn2 = nn.Conv2d(8, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8)
+        self.relu2 = nn.ReLU()
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(8, 4)
+
+    def forward(self, x):
+        x = self.stem(x)
+        y = self.bn2(self.conv2(self.relu1(self.bn1(self.conv1(x)))))
+        x = self.relu2(x + y)
+        return self.fc(torch.flatten(self.pool(x), 1))
+
+
+def tiny_model(seed=0):
+    torch.manual_seed(seed)
+    model = TinyResNet()
+    for m in model.modules():  # non-trivial BN statistics
+        if isinstance(m, nn.BatchNorm2d):
+            m.running_mean.uniform_(-0.5, 0.5)
+            m.running_var.uniform_(0.5, 2.0)
+            m.weight.data.uniform_(0.5, 1.5)
+            m.bias.data.uniform_(-0.5, 0.5)
+    return model.eval()
+
+
+def test_gdfq_puts_activation_quantizers_after_each_relu_only():
+    q = quantize_model(tiny_model(), Convention.from_dict(GDFQ), wbit=4, abit=4)
+    assert len(act_quantizers(q)) == 3  # stem ReLU, block ReLU, output ReLU
+    assert [w.bits for w in weight_quantizers(q)] == [4, 4, 4, 4]  # first and last layer at 4 bits too
+    assert all(a.bits == 4 for a in act_quantizers(q))
+
+
+def test_brecq_quantizes_every_layer_input_with_8_bit_exceptions():
+    q = quantize_model(tiny_model(), Convention.from_dict(BRECQ), wbit=4, abit=4)
+    # inputs of conv1 (shared with the identity), conv2 and fc; the image stays float
+    assert [a.bits for a in act_quantizers(q)] == [8, 4, 8]
+    assert [w.bits for w in weight_quantizers(q)] == [8, 4, 4, 8]
+    code = q.code
+    assert "act_quant_0" in code and "add" in code
+
+
+def test_32_bit_quantizers_leave_the_model_unchanged():
+    model = tiny_model()
+    x = torch.randn(2, 3, 8, 8)
+    ref = model(x)
+    q = quantize_model(copy.deepcopy(model), Convention.from_dict(GDFQ), wbit=32, abit=32)
+    assert torch.allclose(q(x), ref)
+
+
+def test_bn_folding_preserves_the_function_and_records_statistics():
+    model = tiny_model()
+    x = torch.randn(4, 3, 8, 8)
+    ref = model(x)
+    folded = fold_batchnorm(copy.deepcopy(model))
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in folded.modules())
+    assert torch.allclose(folded(x), ref, atol=1e-5)
+    assert torch.allclose(folded.conv1.out_mean, model.bn1.bias)
+
+
+def test_cross_layer_equalization_is_exact_and_equalizes_ranges():
+    model = tiny_model()
+    x = torch.randn(4, 3, 8, 8)
+    folded = fold_batchnorm(copy.deepcopy(model))
+    ref = folded(x)
+    pairs = find_pairs(folded)
+    assert len(pairs) == 1 and pairs[0].through_relu  # conv1 -> relu -> conv2 (stem feeds the identity too)
+    equalize(pairs)
+    assert torch.allclose(folded(x), ref, atol=1e-5)
+    r1 = folded.conv1.weight.abs().reshape(8, -1).amax(1)
+    r2 = folded.conv2.weight.abs().transpose(0, 1).reshape(8, -1).amax(1)
+    assert torch.allclose(r1, r2, rtol=1e-4)
+
+
+def test_bias_absorption_is_exact_when_activations_stay_above_the_absorbed_shift():
+    # unpadded second conv: with zero padding the shift is not constant at the borders (a known DFQ approximation)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 1), nn.ReLU(), nn.Conv2d(8, 4, 3)).eval()
+    gm = fold_batchnorm(model)
+    first = gm.get_submodule("0")
+    first.bias.data.fill_(5.0)
+    first.register_buffer("out_mean", torch.full((8,), 5.0))
+    first.register_buffer("out_std", torch.full((8,), 0.1))
+    x = torch.randn(2, 3, 6, 6) * 0.01  # first conv's output stays near 5, far above the shift 5 - 3 * 0.1
+    ref = gm(x)
+    absorb_high_bias(find_pairs(gm), k_std=3.0)
+    assert torch.allclose(first.bias, torch.full((8,), 0.3))
+    assert torch.allclose(gm(x), ref, atol=1e-4)
+
+
+def test_relu_moments_match_monte_carlo():
+    torch.manual_seed(0)
+    mean, std = torch.tensor([0.5, -1.0]), torch.tensor([1.0, 2.0])
+    samples = torch.relu(mean + std * torch.randn(400000, 2))
+    g = relu_moments(Gaussian(mean, std))
+    assert torch.allclose(g.mean, samples.mean(0), atol=0.01)
+    assert torch.allclose(g.std, samples.std(0), atol=0.01)
+
+
+def test_convention_rejects_bad_fields():
+    with pytest.raises(ValueError, match="sites"):
+        Convention.from_dict({"name": "x", "act": {"sites": "everywhere"}})
+    with pytest.raises(ValueError, match="bit-width"):
+        Convention.from_dict({"name": "x", "layers": {"first_wbit": 1}})
+    with pytest.raises(ValueError, match="unknown quant field"):
+        Convention.from_dict({"name": "x", "bogus": 1})
