@@ -1,0 +1,41 @@
+# dfqbench: `make run` sets up and runs a real quantization job, `make test` sets up and runs the tests.
+# Offline (data and checkpoints on disk), export first:
+#   DFQ_CIFAR10_ROOT=../shared/data/cifar10-jpeg DFQ_MODELS_DIR=../shared/models
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+ARGS ?=
+
+.PHONY: setup run test test-slow tables reported bench baselines clean
+
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet -e '.[dev]'
+	touch $@
+
+run: setup  ## ZeroQ W4A4 on the ResNet-20 CIFAR-10 teacher, full test set (ARGS=... to override)
+	$(PY) -m dfqbench method=zeroq model=resnet20_cifar10 dataset=cifar10 dataset.download=true quant=gdfq wbit=4 abit=4 $(ARGS)
+
+test: setup  ## the default (fast) suite
+	$(PY) -m pytest -q $(ARGS)
+
+test-slow: setup  ## long end-to-end checks on the full test set
+	$(PY) -m pytest -q -m slow $(ARGS)
+
+tables: setup  ## aggregate results/**/record.json into results/{runs,summary}.csv and results/baselines.md
+	$(PY) -m dfqbench.tables $(ARGS)
+
+reported: setup  ## re-read the papers' numbers from the seed document
+	$(PY) -m dfqbench.reported ../shared/seeds/data-free-quantization-papers-and-baselines.md results/reported.csv
+
+bench: setup  ## ZeroQ distillation time and FP32 vs quantized eval throughput
+	$(PY) scripts/bench_zeroq.py $(ARGS)
+
+baselines: setup  ## recompute the committed foundation baselines (skips finished runs), then the tables
+	PY=$(PY) scripts/run_baselines.sh
+	$(PY) -m dfqbench.tables
+
+clean:
+	rm -rf outputs .cache .pytest_cache

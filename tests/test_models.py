@@ -1,0 +1,51 @@
+"""Teachers from local files (the zoos' download paths pointed at disk), sha256 pinning."""
+
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+from conftest import TEACHER_SHA256
+from dfqbench.errors import ConfigError
+from dfqbench.models import load_model
+
+
+def _cfg(**kw):
+    base = {"name": "x", "source": "pytorchcv", "arch": "resnet20_cifar10", "checkpoint": None, "sha256": None,
+            "pretrained": False, "num_classes": 10, "normalize": None}
+    return OmegaConf.create({**base, **kw})
+
+
+def test_shared_teacher_loads_with_its_sha256(teacher):
+    loaded = load_model(_cfg(checkpoint=str(teacher), sha256=TEACHER_SHA256))
+    assert loaded.sha256 == TEACHER_SHA256 and loaded.weights == "checkpoint"
+
+
+def test_models_dir_is_searched_by_arch(teacher):
+    loaded = load_model(_cfg(), models_dir=str(teacher.parent))
+    assert loaded.checkpoint == str(teacher)
+
+
+@pytest.mark.parametrize("source,arch", [("torchvision", "resnet18"), ("timm", "resnet18"),
+                                         ("pytorchcv", "resnet56_cifar10")])
+def test_zoo_architectures_load_local_checkpoints(tmp_path, source, arch):
+    random_model = load_model(_cfg(source=source, arch=arch)).model
+    path = tmp_path / f"{arch}.pt"
+    torch.save({"state_dict": {f"module.{k}": v for k, v in random_model.state_dict().items()}}, path)
+    loaded = load_model(_cfg(source=source, arch=arch, checkpoint=str(path)))
+    for (k, v), w in zip(random_model.state_dict().items(), loaded.model.state_dict().values()):
+        assert torch.equal(v, w), k
+    assert loaded.weights == "checkpoint" and len(loaded.sha256) == 64
+
+
+def test_wrong_checkpoint_for_the_arch_is_a_clear_error(teacher):
+    with pytest.raises(ConfigError, match="does not fit"):
+        load_model(_cfg(arch="resnet56_cifar10", checkpoint=str(teacher)))
+
+
+def test_random_weights_are_pinned_by_state_dict_digest():
+    torch.manual_seed(0)
+    first = load_model(_cfg())
+    torch.manual_seed(0)
+    assert load_model(_cfg()).sha256 == first.sha256
+    with pytest.raises(ConfigError, match="refusing"):
+        load_model(_cfg(sha256="0" * 64))
