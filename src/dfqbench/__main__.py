@@ -9,7 +9,7 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
-from .errors import ConfigError
+from .errors import ConfigError, UnsupportedModel
 
 CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
 GROUPS = ("method", "model", "dataset", "quant", "paths")
@@ -63,6 +63,9 @@ def hydra_main(cfg: DictConfig) -> float | None:
     except ConfigError as exc:
         print(f"dfqbench: error: {exc}", file=sys.stderr)
         sys.exit(2)
+    except UnsupportedModel as exc:  # the run started; its record says status "failed" with this error
+        print(f"dfqbench: error: {exc}", file=sys.stderr)
+        sys.exit(1)
     print(summary(record, run_dir / "record.json"))
     return record.get("top1")
 

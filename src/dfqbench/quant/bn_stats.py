@@ -18,14 +18,15 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
+from ..errors import UnsupportedModel
 from .graph import ADD_FUNCTIONS, is_passthrough, module_of, relu_kind
 
 _MIN_STD = 1e-8
 _SIGMOIDS = (nn.Sigmoid, nn.Hardsigmoid)
 
 
-class UnknownStatistics(ValueError):
-    pass
+class UnknownStatistics(UnsupportedModel):
+    """The graph has an op the BatchNorm-statistics model cannot propagate through."""
 
 
 class Gaussian:
@@ -60,7 +61,8 @@ class BNStatistics:
         g = self.stats.get(node)
         if g is None:
             raise UnknownStatistics(f"no BatchNorm-derived statistics for node {node.name!r} ({node.op} "
-                                    f"{getattr(node.target, '__name__', node.target)})")
+                                    f"{getattr(node.target, '__name__', node.target)}): this data-free range "
+                                    f"model does not cover that op; use a calibration-based method (zeroq)")
         return g
 
     def range_of(self, node: fx.Node, k: float) -> tuple[float, float]:
@@ -102,7 +104,14 @@ class BNStatistics:
                 return Gaussian(torch.cat([p.mean for p in parts]), torch.cat([p.std for p in parts]))
             return None
         if node.op == "call_function" and node.target in (operator.mul, torch.mul):
-            return self._gated(node, inputs)
+            return _scaled(*inputs[:2]) or self._gated(node, inputs)
+        if node.op == "call_function" and node.target in (operator.truediv, torch.div):
+            return _scaled(inputs[0], 1.0 / inputs[1]) if _is_number(inputs[1]) and inputs[1] else None
+        if node.op == "call_function" and node.target in (operator.sub, torch.sub):
+            b = inputs[1]
+            return _add(inputs[0], Gaussian(-b.mean, b.std) if isinstance(b, Gaussian) else _negate(b))
+        if node.op == "call_function" and node.target in (torch.zeros_like,):
+            return Gaussian(torch.zeros(1), torch.zeros(1))
         return None
 
     def _gated(self, node: fx.Node, inputs) -> Gaussian | None:
@@ -118,11 +127,27 @@ def _cat_dim(node: fx.Node) -> int:
     return node.kwargs.get("dim", node.args[1] if len(node.args) > 1 else 0)
 
 
+def _is_number(x) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool)
+
+
+def _negate(x):
+    return -x if _is_number(x) else None
+
+
+def _scaled(a, b) -> Gaussian | None:
+    """Gaussian times a constant."""
+    for g, c in ((a, b), (b, a)):
+        if isinstance(g, Gaussian) and _is_number(c):
+            return Gaussian(g.mean * c, g.std * abs(c))
+    return None
+
+
 def _add(a, b) -> Gaussian | None:
     if isinstance(a, Gaussian) and isinstance(b, Gaussian):
         return Gaussian(a.mean + b.mean, (a.var + b.var).sqrt())
     for g, c in ((a, b), (b, a)):
-        if isinstance(g, Gaussian) and isinstance(c, (int, float)):
+        if isinstance(g, Gaussian) and _is_number(c):
             return Gaussian(g.mean + c, g.std)
     return None
 

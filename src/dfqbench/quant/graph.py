@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
+from ..errors import UnsupportedModel
 from .quantizers import ActQuantizer
 
 LAYER_TYPES = (nn.Conv2d, nn.Linear)
@@ -19,8 +20,8 @@ _PASS_METHODS = {"view", "reshape", "flatten", "contiguous", "squeeze", "mean"}
 ADD_FUNCTIONS = {operator.add, operator.iadd, torch.add}
 
 
-class UntraceableModel(RuntimeError):
-    pass
+class UntraceableModel(UnsupportedModel):
+    """torch.fx cannot trace the model (data-dependent control flow), so quantizers cannot be placed."""
 
 
 def trace(model: nn.Module) -> fx.GraphModule:

@@ -13,6 +13,8 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from ..errors import UnsupportedModel
+
 _EPS = 1e-6
 
 
@@ -45,7 +47,7 @@ def distill_bn_data(model: nn.Module, image_shape: tuple[int, int, int], setting
     model = model.eval().to(device)
     bns = [m for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
     if not bns:
-        raise ValueError("BatchNorm-statistics distillation needs a model with BatchNorm2d layers")
+        raise UnsupportedModel("BatchNorm-statistics distillation needs a model with BatchNorm2d layers")
     captured: dict[nn.Module, torch.Tensor] = {}
     handles = [bn.register_forward_pre_hook(lambda mod, inp: captured.__setitem__(mod, inp[0])) for bn in bns]
     targets = [(bn.running_mean.detach(), torch.sqrt(bn.running_var.detach() + _EPS)) for bn in bns]
