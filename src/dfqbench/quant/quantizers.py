@@ -39,7 +39,7 @@ class WeightQuantizer(nn.Module):
     def forward(self, weight: torch.Tensor) -> torch.Tensor:
         if not self.enabled:
             return weight
-        if self.grid is None or self.dynamic:
+        if self.grid is None or self.dynamic or self.grid.scale.device != weight.device:
             self.calibrate(weight)
         return fake_quant(weight, self.grid, axis=0 if self.per_channel else None)
 
@@ -109,10 +109,10 @@ class ActQuantizer(nn.Module):
             return x
         if self.observing:
             self._observe(x)
-        if self.grid is None:
+        if self.grid is None or self.grid.scale.device != x.device:  # the grid is not a buffer: rebuild after .to()
             if not self.calibrated:
                 return x
-            self.grid = grid_from_range(self.lo, self.hi, self.bits, self.symmetric)
+            self.grid = grid_from_range(self.lo.to(x.device), self.hi.to(x.device), self.bits, self.symmetric)
         return fake_quant(x, self.grid)
 
     def extra_repr(self) -> str:
