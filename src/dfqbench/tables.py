@@ -64,11 +64,10 @@ def _ours(row) -> dict:
 
 
 def _paper(row) -> dict:
-    label = row.method_label if row.method_label.lower() == row.method.replace("_", "") else row.method_label
     notes = "; ".join(x for x in (row.notes, "mixed precision" if row.mixed_precision in (True, "True") else "",
                                   row.source if not str(row.source).startswith("seed") else "") if x)
     return {"FP32 (paper)": _fmt(row.fp32_top1), "Quantized (paper)": _fmt(row.top1),
-            "Drop (paper)": _fmt(row.fp32_top1 - row.top1), "Paper": f"{label} ({row.venue})", "Notes": notes}
+            "Drop (paper)": _fmt(row.fp32_top1 - row.top1), "Paper": f"{row.method_label} ({row.venue})", "Notes": notes}
 
 
 _HEADER = ["Method", "W", "A", "Convention", "FP32 (ours)", "Quantized (ours)", "Drop (ours)", "Seeds",
