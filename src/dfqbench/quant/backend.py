@@ -3,7 +3,8 @@
 Every quantizer in dfqbench calls its numeric kernel through the backend selected here (the AIMET v2 pattern:
 a small protocol, a name -> implementation table and a context manager to switch). `torch` uses the ATen
 built-ins (`torch.fake_quantize_*`), which run on CPU and CUDA and give a straight-through gradient with a
-clamp mask; a Triton backend registers itself under another name and must agree with them bit for bit.
+clamp mask; `triton` (triton_backend.py) agrees with them bit for bit. It is imported lazily, the first time
+`triton` or `auto` on CUDA is asked for (or the choices are listed), so that dfqbench never needs triton installed.
 """
 
 from __future__ import annotations
@@ -54,6 +55,7 @@ class TorchBuiltinBackend:
 
 _BACKENDS: dict[str, FakeQuantBackend] = {"torch": TorchBuiltinBackend()}
 _active = "torch"
+_UNAVAILABLE: dict[str, str] = {}  # optional backend -> why it could not be imported
 
 
 def add_backend(name: str, backend: FakeQuantBackend) -> None:
@@ -61,16 +63,37 @@ def add_backend(name: str, backend: FakeQuantBackend) -> None:
     _BACKENDS[name] = backend
 
 
+def _load_triton() -> None:
+    """Register the Triton backend if `import triton` works (once; a failure is remembered for the message)."""
+    if "triton" in _BACKENDS or "triton" in _UNAVAILABLE:
+        return
+    try:
+        from .triton_backend import register
+    except ImportError as exc:
+        _UNAVAILABLE["triton"] = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+        return
+    register()
+
+
 def available_backends() -> list[str]:
+    _load_triton()
     return sorted(_BACKENDS) + ["auto"]
 
 
 def resolve_backend_name(name: str, device: torch.device | str = "cpu") -> str:
-    """`auto` picks a registered GPU kernel backend on CUDA and the torch built-ins elsewhere."""
+    """`auto` picks the Triton kernels on CUDA when triton imports, and the torch built-ins elsewhere."""
     if name == "auto":
-        return "triton" if torch.device(device).type == "cuda" and "triton" in _BACKENDS else "torch"
+        if torch.device(device).type != "cuda":
+            return "torch"
+        _load_triton()
+        return "triton" if "triton" in _BACKENDS else "torch"
     if name not in _BACKENDS:
-        raise ValueError(f"unknown quant.backend={name!r}; choose one of: {', '.join(available_backends())}")
+        choices = ", ".join(available_backends())  # imports triton if it can
+        if name in _UNAVAILABLE:
+            raise ValueError(f"quant.backend={name!r} is not available here ({_UNAVAILABLE[name]}); "
+                             f"choose one of: {choices}")
+        if name not in _BACKENDS:
+            raise ValueError(f"unknown quant.backend={name!r}; choose one of: {choices}")
     return name
 
 
