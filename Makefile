@@ -6,7 +6,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 ARGS ?=
 
-.PHONY: setup run test test-slow tables reported bench baselines clean
+.PHONY: setup run test test-slow tables reported bench baselines reproduce-cifar10 clean
 
 setup: $(VENV)/.installed
 
@@ -36,6 +36,10 @@ bench: setup  ## ZeroQ distillation time and FP32 vs quantized eval throughput
 baselines: setup  ## recompute the committed foundation baselines (skips finished runs), then the tables
 	PY=$(PY) scripts/run_baselines.sh
 	$(PY) -m dfqbench.tables
+
+reproduce-cifar10: setup  ## experiment=cifar10_resnet20 into results/ (finished runs skipped), then the tables
+	$(PY) -m dfqbench -m experiment=cifar10_resnet20 paths.output_dir=results progress=false $(ARGS); \
+	status=$$?; $(PY) -m dfqbench.tables; exit $$status
 
 clean:
 	rm -rf outputs .cache .pytest_cache

@@ -2,17 +2,21 @@
 
 from __future__ import annotations
 
+import signal
 import sys
+import traceback
 from pathlib import Path
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
 from omegaconf import DictConfig
 
+from . import sweep
 from .errors import ConfigError, UnsupportedModel
 
 CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
-GROUPS = ("method", "model", "dataset", "quant", "paths")
+GROUPS = ("method", "model", "dataset", "quant", "paths", "logger", "experiment")
 _SWEEP_FUNCTIONS = ("range(", "glob(", "choice(", "interval(", "tag(", "sort(", "shuffle(")
 
 
@@ -21,14 +25,18 @@ def group_options(group: str) -> list[str]:
 
 
 def _values(raw: str) -> list[str] | None:
-    """The values of a command-line override, or None for sweep functions and interpolations."""
+    """The values of a command-line override, or None for sweep functions and interpolations.
+
+    Commas always split: an experiment preset may switch to multirun without -m (`hydra.mode: MULTIRUN`)."""
     if raw.startswith(_SWEEP_FUNCTIONS) or "${" in raw:
         return None
-    return [v.strip() for v in raw.split(",")] if "-m" in sys.argv or "--multirun" in sys.argv else [raw]
+    return [v.strip() for v in raw.split(",")]
 
 
 def precheck(argv: list[str]) -> None:
-    """One-line errors for the most common mistakes, before Hydra composes anything."""
+    """One-line errors for the most common mistakes, before Hydra composes anything.
+
+    Only dfqbench's own groups are checked; `hydra/launcher=...` and other `hydra.*` arguments are Hydra's."""
     for arg in argv:
         if arg.startswith("-") or "=" not in arg:
             continue
@@ -53,21 +61,48 @@ def precheck(argv: list[str]) -> None:
 
 
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="config")
-def hydra_main(cfg: DictConfig) -> float | None:
-    from .runner import run, summary  # torch loads here, after the argument checks
+def hydra_main(cfg: DictConfig) -> float | dict | None:
+    """One run. In a sweep it returns the job's outcome (dfqbench.sweep): a run that fails leaves its failed
+    record and the other jobs go on. Bad input (ConfigError) is a one-line error and exit status 2: at once with
+    the serial launcher, at the end of the sweep with the parallel ones (their other jobs are already out)."""
+    from .runner import build_method, run, summary  # torch loads here, after the argument checks
 
     hc = HydraConfig.get()
     run_dir = Path(hc.runtime.output_dir)
+    in_sweep = hc.mode == RunMode.MULTIRUN
     try:
+        if in_sweep and cfg.get("skip_redundant"):
+            reason = sweep.redundant_reason(cfg, build_method(cfg))
+            if reason:
+                print(f"dfqbench: not run, redundant cell ({reason}): {' '.join(hc.overrides.task)}",
+                      file=sys.stderr)
+                sweep.discard_job_dir(run_dir)
+                return {"status": "redundant"}
         record = run(cfg, run_dir, overrides=list(hc.overrides.task))
     except ConfigError as exc:
         print(f"dfqbench: error: {exc}", file=sys.stderr)
+        if in_sweep and hc.runtime.choices.get("hydra/launcher") != "basic":
+            return {"status": "refused", "error": str(exc)}
         sys.exit(2)
     except UnsupportedModel as exc:  # the run started; its record says status "failed" with this error
         print(f"dfqbench: error: {exc}", file=sys.stderr)
-        sys.exit(1)
+        if not in_sweep:
+            sys.exit(1)
+        return {"status": "failed", "error": f"{type(exc).__name__}: {exc}", "run_dir": str(run_dir)}
+    except Exception as exc:  # likewise, with a traceback; in a sweep the other jobs go on
+        if not in_sweep:
+            raise
+        traceback.print_exc()
+        return {"status": "failed", "error": f"{type(exc).__name__}: {exc}", "run_dir": str(run_dir)}
     print(summary(record, run_dir / "record.json"))
+    if in_sweep:
+        return {"status": "skipped" if record.get("skipped") else "done", "top1": record.get("top1"),
+                "run_dir": str(run_dir)}
     return record.get("top1")
+
+
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt(signal.Signals(signum).name)
 
 
 def main() -> None:
@@ -76,7 +111,16 @@ def main() -> None:
     except ConfigError as exc:
         print(f"dfqbench: error: {exc}", file=sys.stderr)
         sys.exit(2)
-    hydra_main()
+    # SIGTERM (kill, a job scheduler) stops like Ctrl-C: the launchers stop their workers, no record is half written
+    signal.signal(signal.SIGTERM, _interrupt)
+    try:
+        hydra_main()
+    except KeyboardInterrupt as exc:
+        print(f"dfqbench: interrupted ({exc or 'SIGINT'}); run the same command again to finish: finished runs "
+              f"are skipped", file=sys.stderr)
+        sys.exit(130)
+    if sweep.unfinished:  # a sweep in which some job failed or was refused: after its summary line
+        sys.exit(2 if any(o["status"] == "refused" for o in sweep.unfinished) else 1)
 
 
 if __name__ == "__main__":

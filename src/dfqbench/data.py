@@ -7,6 +7,7 @@ a run evaluates twice). Large ones stream through a DataLoader.
 from __future__ import annotations
 
 import hashlib
+import multiprocessing
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -41,7 +42,8 @@ class EvalSet:
                 x = self.images[i:i + batch_size].to(device).float().div_(255)
                 yield self._normalize(x, device), self.labels[i:i + batch_size].to(device)
             return
-        loader = DataLoader(self.loader_dataset, batch_size=batch_size, shuffle=False, num_workers=self.num_workers)
+        loader = DataLoader(self.loader_dataset, batch_size=batch_size, shuffle=False, num_workers=self.num_workers,
+                            multiprocessing_context=_worker_context(self.num_workers))
         for x, y in loader:
             yield self._normalize(x.to(device), device), y.to(device)
 
@@ -103,6 +105,15 @@ def _missing_message(cfg, root: Path, torchvision_folder: str | None) -> str:
             f"Set dataset.root=PATH or the environment variable {cfg.root_env}")
 
 
+def _worker_context(num_workers: int):
+    """Inside joblib's loky workers (hydra/launcher=local_parallel) the default start method is loky's, which
+    DataLoader workers cannot use: take fork there (the Linux default elsewhere); None keeps torch's choice."""
+    method = multiprocessing.get_start_method(allow_none=True)  # allow_none: do not fix the default here
+    if num_workers and method is not None and method not in multiprocessing.get_all_start_methods():
+        return multiprocessing.get_context("fork")
+    return None
+
+
 def _transform(cfg):
     steps = []
     if cfg.resize:
@@ -124,6 +135,7 @@ def _cached_tensors(dataset, source: str, indices, cache_dir, num_workers):
         blob = torch.load(path, weights_only=True)
         return blob["images"], blob["labels"]
     loader = DataLoader(dataset, batch_size=500, shuffle=False, num_workers=num_workers,
+                        multiprocessing_context=_worker_context(num_workers),
                         collate_fn=lambda items: (torch.stack([torch.as_tensor(x) for x, _ in items]),
                                                   torch.tensor([y for _, y in items])))
     xs, ys = zip(*loader)

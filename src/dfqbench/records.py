@@ -13,8 +13,9 @@ from importlib import metadata
 from pathlib import Path
 
 RECORD_NAME = "record.json"
-# Keys that say where things are or how verbose a run is, not what is computed: left out of the config hash.
-_NOT_HASHED = {"paths", "force", "progress", "threads", "device", "hydra", "eval"}
+# Keys that say where things are, how verbose a run is or where it is mirrored, not what is computed: left out
+# of the config hash.
+_NOT_HASHED = {"paths", "force", "progress", "threads", "device", "hydra", "eval", "logger", "skip_redundant"}
 _NOT_HASHED_NESTED = {("model", "checkpoint"), ("dataset", "root"), ("dataset", "download"),
                       ("dataset", "num_workers"), ("dataset", "in_memory"), ("dataset", "root_env")}
 _PACKAGES = ("torch", "torchvision", "hydra-core", "omegaconf", "pytorchcv", "timm", "pandas", "dfqbench")

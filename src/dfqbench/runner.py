@@ -15,7 +15,7 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from . import records
+from . import loggers, records
 from .data import load_eval_set
 from .errors import ConfigError
 from .evaluate import evaluate
@@ -38,6 +38,7 @@ def validate(cfg: DictConfig) -> None:
         raise ConfigError(f"model={cfg.model.source} needs the architecture: add model.arch=NAME")
     if cfg.device not in ("auto", "cpu", "cuda"):
         raise ConfigError(f"device={cfg.device!r} is not valid; choose one of: auto, cpu, cuda")
+    loggers.check_available(cfg)
 
 
 def build_method(cfg: DictConfig) -> Method:
@@ -94,6 +95,7 @@ def run(cfg: DictConfig, run_dir: Path, overrides: list[str] | None = None) -> d
         if done:
             print(f"dfqbench: skipped, a finished record with config hash {chash} exists: "
                   f"{run_dir / records.RECORD_NAME}", file=sys.stderr)
+            done["skipped"] = True  # not in the file: tells a sweep's summary this run computed nothing
             return done
     method = build_method(cfg)
     convention = build_convention(cfg, method)
@@ -132,6 +134,7 @@ def run(cfg: DictConfig, run_dir: Path, overrides: list[str] | None = None) -> d
         record.update(status="failed", error=f"{type(exc).__name__}: {exc}",
                       wall_time_s=round(time.perf_counter() - started, 3))
         records.write_json_atomic(run_dir / records.RECORD_NAME, record)
+        loggers.log_record(cfg, record, run_dir)
         raise
     record.update(
         status="done", fp32_top1=round(fp32["top1"], 4), fp32_top5=round(fp32["top5"], 4),
@@ -141,6 +144,7 @@ def run(cfg: DictConfig, run_dir: Path, overrides: list[str] | None = None) -> d
         wall_time_s=round(time.perf_counter() - started, 3),
     )
     records.write_json_atomic(run_dir / records.RECORD_NAME, record)
+    loggers.log_record(cfg, record, run_dir)  # the local record first; a logger only mirrors it
     return record
 
 
