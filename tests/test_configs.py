@@ -15,6 +15,8 @@ def _compose(*overrides):
 
 @pytest.mark.parametrize("group,option", [(g, o) for g in GROUPS for o in group_options(g)])
 def test_every_group_option_composes(group, option):
+    if option == "wandb":
+        pytest.importorskip("wandb")
     extra = ["model.arch=resnet18"] if option in ("pytorchcv", "torchvision", "timm") else []
     cfg = _compose(f"{group}={option}", *extra)
     validate(cfg)
