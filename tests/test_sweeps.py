@@ -188,9 +188,10 @@ def test_a_killed_sweep_resumes_and_computes_every_run_exactly_once(tmp_path, ca
         os.kill(proc.pid, signal.SIGTERM)
     stderr = proc.communicate(timeout=60)[1]
     if how.startswith("SIGTERM"):
-        assert proc.returncode == 130 and "dfqbench: interrupted (SIGTERM); run the same command again" in stderr
+        assert proc.returncode == 130, stderr
+        assert "dfqbench: interrupted (SIGTERM); run the same command again" in stderr
     before = _records(tmp_path / "sweep")
-    assert 1 <= len(before) < 4 and all(r["status"] == "done" for r in before.values())
+    assert 1 <= len(before) < 4 and all(r["status"] == "done" for r in before.values()), (before, stderr)
     rerun, summary = _sweep(tmp_path, cache_dir, cifar10_root, teacher, *GRID)
     assert rerun.returncode == 0, rerun.stderr
     assert f"4 jobs: {4 - len(before)} computed, {len(before)} skipped (finished before)" in summary

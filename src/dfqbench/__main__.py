@@ -67,6 +67,8 @@ def hydra_main(cfg: DictConfig) -> float | dict | None:
     the serial launcher, at the end of the sweep with the parallel ones (their other jobs are already out)."""
     from .runner import build_method, run, summary  # torch loads here, after the argument checks
 
+    if _interrupted:  # a library swallowed the KeyboardInterrupt (a finalizer, say): start no further job
+        raise KeyboardInterrupt(_interrupted[0])
     hc = HydraConfig.get()
     run_dir = Path(hc.runtime.output_dir)
     in_sweep = hc.mode == RunMode.MULTIRUN
@@ -90,6 +92,8 @@ def hydra_main(cfg: DictConfig) -> float | dict | None:
             sys.exit(1)
         return {"status": "failed", "error": f"{type(exc).__name__}: {exc}", "run_dir": str(run_dir)}
     except Exception as exc:  # likewise, with a traceback; in a sweep the other jobs go on
+        if _interrupted:  # the interrupt surfaced as another exception
+            raise KeyboardInterrupt(_interrupted[0]) from exc
         if not in_sweep:
             raise
         traceback.print_exc()
@@ -101,8 +105,12 @@ def hydra_main(cfg: DictConfig) -> float | dict | None:
     return record.get("top1")
 
 
+_interrupted: list[str] = []  # the signal's name once SIGTERM or SIGINT arrived
+
+
 def _interrupt(signum, frame):
-    raise KeyboardInterrupt(signal.Signals(signum).name)
+    _interrupted.append(signal.Signals(signum).name)
+    raise KeyboardInterrupt(_interrupted[0])
 
 
 def main() -> None:
@@ -111,12 +119,19 @@ def main() -> None:
     except ConfigError as exc:
         print(f"dfqbench: error: {exc}", file=sys.stderr)
         sys.exit(2)
-    # SIGTERM (kill, a job scheduler) stops like Ctrl-C: the launchers stop their workers, no record is half written
+    # SIGTERM (kill, a job scheduler) stops like Ctrl-C: the launchers stop their workers, no record is half written.
+    # The flag makes that hold even where a library turns the KeyboardInterrupt into another error or swallows it.
     signal.signal(signal.SIGTERM, _interrupt)
+    signal.signal(signal.SIGINT, _interrupt)
     try:
         hydra_main()
-    except KeyboardInterrupt as exc:
-        print(f"dfqbench: interrupted ({exc or 'SIGINT'}); run the same command again to finish: finished runs "
+    except KeyboardInterrupt:
+        _interrupted.append("SIGINT")
+    except SystemExit:
+        if not _interrupted:
+            raise
+    if _interrupted:
+        print(f"dfqbench: interrupted ({_interrupted[0]}); run the same command again to finish: finished runs "
               f"are skipped", file=sys.stderr)
         sys.exit(130)
     if sweep.unfinished:  # a sweep in which some job failed or was refused: after its summary line
