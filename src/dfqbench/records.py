@@ -17,7 +17,8 @@ RECORD_NAME = "record.json"
 # of the config hash.
 _NOT_HASHED = {"paths", "force", "progress", "threads", "device", "hydra", "eval", "logger", "skip_redundant"}
 _NOT_HASHED_NESTED = {("model", "checkpoint"), ("dataset", "root"), ("dataset", "download"),
-                      ("dataset", "num_workers"), ("dataset", "in_memory"), ("dataset", "root_env")}
+                      ("dataset", "num_workers"), ("dataset", "in_memory"), ("dataset", "root_env"),
+                      ("dataset", "train_dirs")}
 _PACKAGES = ("torch", "torchvision", "hydra-core", "omegaconf", "pytorchcv", "timm", "pandas", "dfqbench")
 
 

@@ -123,7 +123,10 @@ def run(cfg: DictConfig, run_dir: Path, overrides: list[str] | None = None) -> d
         fp32 = _fp32_accuracy(model, data, cfg, loaded.sha256, device)
         _seed_everything(cfg.seed)
         ctx = QuantContext(convention, cfg.wbit, cfg.abit, cfg.seed, device,
-                           tuple(data_shape(data, cfg)), cfg.dataset.num_classes, cfg.progress)
+                           tuple(data_shape(data, cfg)), cfg.dataset.num_classes, cfg.progress,
+                           mean=data.mean.flatten(), std=data.std.flatten(), model_sha256=loaded.sha256,
+                           cache_dir=cfg.paths.cache_dir, train_root=train_root(cfg.dataset),
+                           other_domain_root=cfg.paths.get("other_domain_root"))
         t0 = time.perf_counter()
         with use_backend(resolve_backend_name(convention.backend, device)):
             qmodel = method.quantize(copy.deepcopy(model), ctx)
@@ -146,6 +149,15 @@ def run(cfg: DictConfig, run_dir: Path, overrides: list[str] | None = None) -> d
     records.write_json_atomic(run_dir / records.RECORD_NAME, record)
     loggers.log_record(cfg, record, run_dir)  # the local record first; a logger only mirrors it
     return record
+
+
+def train_root(dataset_cfg) -> str | None:
+    """The training split next to the test split (root/train, ImageFolder), for `calib_data=real`."""
+    root = Path(str(dataset_cfg.root)).expanduser()
+    for name in dataset_cfg.get("train_dirs") or ["train"]:
+        if (root / name).is_dir():
+            return str(root / name)
+    return None
 
 
 def data_shape(data, cfg) -> list[int]:

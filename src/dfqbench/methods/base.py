@@ -26,6 +26,13 @@ class QuantContext:
     num_classes: int
     progress: bool = True
     info: dict[str, Any] = field(default_factory=dict)  # method-specific facts that go into the record
+    # what calibration-data sources need (dfqbench.synth.calib_data); tests may leave them at the defaults
+    mean: torch.Tensor = field(default_factory=lambda: torch.zeros(3))  # input normalization, per channel
+    std: torch.Tensor = field(default_factory=lambda: torch.ones(3))
+    model_sha256: str | None = None  # with cache_dir: synthetic data is cached per teacher
+    cache_dir: str | None = None
+    train_root: str | None = None  # the data set's training images (ImageFolder), when present
+    other_domain_root: str | None = None  # a folder of images from another domain
 
     def generator(self) -> torch.Generator:
         return torch.Generator(device="cpu").manual_seed(self.seed)

@@ -5,6 +5,7 @@ import time
 from ..quant import quantize_model
 from ..quant.calibrate import calibrate_on_batches
 from ..synth.bn_distill import DistillSettings, distill_bn_data
+from ..synth.calib_data import cached, calibration_batches, check_source
 from .base import Method
 
 
@@ -12,16 +13,26 @@ class ZeroQ(Method):
     stochastic = True
 
     def __init__(self, name: str = "zeroq", batch_size: int = 32, num_batches: int = 1, iterations: int = 500,
-                 lr: float = 0.5, patience: int = 100, min_lr: float = 1e-4, **kwargs):
+                 lr: float = 0.5, patience: int = 100, min_lr: float = 1e-4, calib_data: str = "distill",
+                 **kwargs):
         super().__init__(name, **kwargs)
         for key, value in (("batch_size", batch_size), ("num_batches", num_batches), ("iterations", iterations)):
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"method.{key}={value!r} must be a positive integer")
         self.settings = DistillSettings(batch_size, num_batches, iterations, lr, patience, min_lr)
+        self.calib_data = check_source(calib_data)
+
+    def calibration_data(self, model, ctx):
+        s = self.settings
+        if self.calib_data != "distill":  # the same calibration on another source (the cross-domain study)
+            return calibration_batches(self.calib_data, model, ctx, s.batch_size * s.num_batches, s.batch_size)
+        ctx.info["calib_data"] = "distill"
+        return cached(ctx, "distill", vars(s), lambda: distill_bn_data(
+            model, ctx.input_shape, s, ctx.generator(), ctx.device, ctx.progress))
 
     def quantize(self, model, ctx):
         t0 = time.perf_counter()
-        batches = distill_bn_data(model, ctx.input_shape, self.settings, ctx.generator(), ctx.device, ctx.progress)
+        batches = [b.to(ctx.device) for b in self.calibration_data(model, ctx)]
         ctx.info["distill_time_s"] = round(time.perf_counter() - t0, 3)
         qmodel = quantize_model(model, ctx.convention, ctx.wbit, ctx.abit)
         calibrate_on_batches(qmodel, batches)

@@ -1,0 +1,31 @@
+"""Calibration on data that is not the teacher's: another domain, procedural images or noise.
+
+The "Is in-domain data really needed?" study: the same ZeroQ-style calibration (observe each activation over the
+calibration batches with the convention's range estimator, then freeze) fed by any source of
+`dfqbench.synth.calib_data`, so the sources are compared with everything else fixed. Every other
+calibration-based method takes the same `calib_data` option.
+"""
+
+from ..quant import quantize_model
+from ..quant.calibrate import calibrate_on_batches
+from ..synth.calib_data import calibration_batches, check_source
+from .base import Method
+
+
+class CrossDomain(Method):
+    def __init__(self, name: str = "crossdomain", calib_data: str = "procedural", num_images: int = 32,
+                 batch_size: int = 32, **kwargs):
+        super().__init__(name, **kwargs)
+        self.calib_data = check_source(calib_data)
+        for key, value in (("num_images", num_images), ("batch_size", batch_size)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"method.{key}={value!r} must be a positive integer")
+        self.num_images, self.batch_size = num_images, batch_size
+        # the noise and procedural sources draw from the seed; real and other_domain pick images with it
+        self.stochastic = True
+
+    def quantize(self, model, ctx):
+        batches = calibration_batches(self.calib_data, model, ctx, self.num_images, self.batch_size)
+        qmodel = quantize_model(model, ctx.convention, ctx.wbit, ctx.abit)
+        calibrate_on_batches(qmodel, batches)
+        return qmodel
