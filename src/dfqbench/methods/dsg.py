@@ -1,0 +1,93 @@
+"""DSG, post-training variant (Zhang et al., CVPR 2021): one batch of diverse synthetic images (slack BN
+alignment + layer-wise sample enhancement, `dfqbench.synth.dsg`), then one calibration pass of the activation
+ranges, which are then frozen. Any calibration source can replace the DSG batch (`calib_data`)."""
+
+from __future__ import annotations
+
+import time
+
+import torch
+from torch import nn
+
+from ..quant import quantize_model
+from ..quant.calibrate import calibrate_on_batches
+from ..quant.ranges import ESTIMATORS
+from ..quant.wrap import act_quantizers
+from ..synth.calib_data import calibration_batches, check_source
+from ..synth.dsg import DSGSettings, dsg_batches
+from .base import Method
+
+RANGES = ("ema", *ESTIMATORS, "convention")
+
+
+class DSG(Method):
+    stochastic = True
+
+    def __init__(self, name: str = "dsg", calib_data: str = "dsg", num_images: int = 40, batch_size: int = 40,
+                 iterations: int = 500, lr: float = 0.9, patience: int = 260, min_lr: float = 1e-4,
+                 margins: str = "gaussian", margin_percentile: float = 90.0, enhance_weight: float = 2.0,
+                 ce_weight: float = 2.0, tv_weight: float = 0.01, l2_weight: float = 0.01, range: str = "ema",
+                 percentile: float = 99.999, **kwargs):
+        super().__init__(name, **kwargs)
+        self.calib_data = check_source(calib_data)
+        if isinstance(num_images, bool) or not isinstance(num_images, int) or num_images < 1:
+            raise ValueError(f"method.num_images={num_images!r} must be an integer >= 1")
+        if range not in RANGES:
+            raise ValueError(f"method.range={range!r} is not valid; choose one of: {', '.join(RANGES)}")
+        if not 0.0 < percentile <= 100.0:
+            raise ValueError(f"method.percentile={percentile!r} must be in (0, 100]")
+        self.settings = DSGSettings(batch_size, 1, iterations, lr, patience, min_lr, margins, margin_percentile,
+                                    enhance_weight, ce_weight, tv_weight, l2_weight)
+        self.settings.validate()
+        self.num_images, self.range, self.percentile = num_images, range, percentile
+
+    def quantize(self, model, ctx):
+        t0 = time.perf_counter()
+        if self.calib_data == "dsg":  # with this method's generation settings (the source uses the paper's)
+            batches = dsg_batches(model, ctx, self.settings, self.num_images)
+            ctx.info.update(calib_data="dsg", calib_images=self.num_images)
+        else:
+            batches = calibration_batches(self.calib_data, model, ctx, self.num_images, self.settings.batch_size)
+        ctx.info["distill_time_s"] = round(time.perf_counter() - t0, 3)
+        ctx.info["act_range"] = self.range
+        qmodel = quantize_model(model, ctx.convention, ctx.wbit, ctx.abit)
+        calibrate(qmodel, batches, self.range, self.percentile)
+        return qmodel
+
+
+def calibrate(model: nn.Module, batches: list[torch.Tensor], method: str, percentile: float = 99.999) -> None:
+    """One observe-and-quantize pass over `batches`, then frozen ranges. `ema` is DSG's default (below);
+    minmax / percentile / mse switch every activation quantizer to that shared estimator for this pass;
+    `convention` keeps the preset's estimator."""
+    if method == "ema":
+        calibrate_ema(model, batches)
+        return
+    if method != "convention":
+        for q in act_quantizers(model):
+            q.estimator, q.percentile = method, percentile
+    calibrate_on_batches(model, batches)
+
+
+@torch.no_grad()
+def calibrate_ema(model: nn.Module, batches: list[torch.Tensor]) -> None:
+    """DSG's `ema` range: per batch, the mean over samples of each sample's min and max; across batches a
+    running min / max that starts at 0 (as ZeroQ's). Each quantizer quantizes with its range as it goes, so
+    later layers are calibrated on quantized inputs."""
+    running: dict[nn.Module, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def observe(q, inputs):
+        flat = inputs[0].detach().float().flatten(1)
+        lo, hi = flat.min(dim=1).values.mean().clamp(max=0.0), flat.max(dim=1).values.mean().clamp(min=0.0)
+        if q in running:
+            lo, hi = torch.minimum(lo, running[q][0]), torch.maximum(hi, running[q][1])
+        running[q] = (lo, hi)
+        q.set_range(lo, hi)
+
+    handles = [q.register_forward_pre_hook(observe) for q in act_quantizers(model) if q.enabled]
+    try:
+        model.eval()
+        for x in batches:
+            model(x)
+    finally:
+        for h in handles:
+            h.remove()
