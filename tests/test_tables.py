@@ -62,7 +62,8 @@ def test_tables_aggregate_seeds_and_put_papers_beside_ours(tmp_path):
     assert row.top1_std == pytest.approx(1.4142, abs=1e-3)
     md = (results / "baselines.md").read_text()
     # ours beside the paper's ZeroQ W4A4 row: 93.89 -> 79.30, drop 14.59
-    line = next(l for l in md.splitlines() if l.startswith("| zeroq") and "| 4 " in l)
+    model_section = md[md.index("## ResNet-20 (CIFAR-10"):]
+    line = next(l for l in model_section.splitlines() if l.startswith("| zeroq") and "| 4 " in l)
     for cell in ("gdfq", "87.66", "81.00 ± 1.41", "6.66 ± 1.41", "93.89", "79.30", "14.59"):
         assert cell in line
     assert len(pd.read_csv(results / "runs.csv")) == 2
@@ -71,3 +72,18 @@ def test_tables_aggregate_seeds_and_put_papers_beside_ours(tmp_path):
 def test_committed_reported_files_load():
     df = load_reported(REPO / "results")
     assert {"zeroq", "gdfq", "qimera", "dfq"} <= set(df.method)
+
+
+def test_drops_beside_papers_lists_every_teacher_a_paper_used():
+    summary = pd.DataFrame([{"model": "resnet20_cifar10", "dataset": "cifar10", "method": "squant", "quant": q,
+                             "wbit": 4, "abit": 4, "n_test": 10000, "seeds": 1, "fp32_top1": 87.66,
+                             "top1_mean": 87.66 - d, "top1_std": float("nan"), "drop_mean": d,
+                             "drop_std": float("nan")} for q, d in (("squant", 1.25), ("gdfq", 2.5))])
+    reported = pd.DataFrame([{"model": m, "method": "squant", "wbit": 4, "abit": 4, "fp32_top1": fp, "top1": q,
+                              "notes": n} for m, fp, q, n in (("resnet18", 71.47, 66.14, "Layer Reconstruction"),
+                                                            ("resnet50", 77.74, 70.80, "re-run by X"))])
+    table = tables.drops_beside_papers(summary, reported)
+    assert table.to_dict("records") == [{
+        "Method": "squant", "W": "4", "A": "4", "Our model": "resnet20_cifar10",
+        "Drop (ours, by convention)": "gdfq 2.50, squant 1.25",
+        "Drop (papers, their teacher)": "resnet18 5.33; resnet50 6.94 (re-run by X)"}]

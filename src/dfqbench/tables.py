@@ -98,6 +98,27 @@ def model_table(ours: pd.DataFrame, paper: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=_HEADER, dtype=object).fillna("")
 
 
+def drops_beside_papers(summary: pd.DataFrame, reported: pd.DataFrame) -> pd.DataFrame:
+    """One row per (our model, method, W, A) we ran that some paper reports on any model: our drop under each
+    convention beside every reported drop of that method and bit-width (most papers report ImageNet only)."""
+    rows = []
+    ours = summary[summary.method != "fp32"]
+    for (model, method, wbit, abit), cell in ours.groupby(["model", "method", "wbit", "abit"], sort=False):
+        p = reported[(reported.method == method) & (reported.wbit == wbit) & (reported.abit == abit)]
+        if p.empty:
+            continue
+        mine = ", ".join(f"{r.quant} {_fmt(r.drop_mean)}" + (f" ± {r.drop_std:.2f}" if r.seeds > 1 else "")
+                         for r in cell.sort_values("quant").itertuples())
+        theirs = "; ".join(  # notes only where a row is not the paper's own (a re-run by another paper)
+            f"{r.model} {_fmt(r.fp32_top1 - r.top1)}" + (f" ({r.notes})" if "re-run" in str(r.notes) else "")
+            for r in p.itertuples())
+        rows.append({"Method": method, "W": str(wbit), "A": str(abit), "Our model": model,
+                     "Drop (ours, by convention)": mine, "Drop (papers, their teacher)": theirs})
+    columns = ["Method", "W", "A", "Our model", "Drop (ours, by convention)", "Drop (papers, their teacher)"]
+    out = pd.DataFrame(rows, columns=columns)
+    return out.sort_values(["Method", "W", "A"], ascending=[True, False, False]) if len(out) else out
+
+
 def render_markdown(summary: pd.DataFrame, reported: pd.DataFrame, plots: dict | None = None) -> str:
     """`plots`: {(model, dataset): path relative to the markdown file}, linked under each table."""
     parts = ["# Baseline tables", "",
@@ -107,6 +128,12 @@ def render_markdown(summary: pd.DataFrame, reported: pd.DataFrame, plots: dict |
              "selection). Drops are FP32 minus quantized on the same teacher. Papers used other teachers "
              "(ResNet-20 CIFAR-10: 93.89 / 94.03 FP32, ours 87.66 on the JPEG copy): compare drops, not "
              "absolute numbers. Conventions: see README (`gdfq` = C1, `brecq` = C2).", ""]
+    beside = drops_beside_papers(summary, reported)
+    if len(beside):
+        parts += ["## Our drops beside the papers' drops, every teacher", "",
+                  "Most papers report ImageNet teachers only: this puts each of our cells beside every drop a "
+                  "paper reports for the same method and bit-widths, on whatever teacher it used.", "",
+                  beside.to_markdown(index=False, disable_numparse=True), ""]
     tables = pd.concat([summary[["model", "dataset"]], reported[["model", "dataset"]]]).drop_duplicates()
     have_ours = set(map(tuple, summary[["model", "dataset"]].values.tolist()))
     tables = sorted(map(tuple, tables.values.tolist()), key=lambda md: (md not in have_ours, md))
