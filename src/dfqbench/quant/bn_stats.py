@@ -6,7 +6,8 @@ or linear layer without a following BN propagates linearly, pooling and reshapes
 network input is taken as normalized data, N(0, 1) per channel.
 
 `range_of(node, k)` turns the statistics into an activation range ``mean +- k std`` (clipped by a following ReLU),
-which is how RTN and DFQ set activation quantizers without a single image.
+which is how RTN and DFQ set activation quantizers without a single image; `channel_range_of` gives the same
+range per channel (per-channel activation quantizers).
 """
 
 from __future__ import annotations
@@ -67,17 +68,22 @@ class BNStatistics:
 
     def range_of(self, node: fx.Node, k: float) -> tuple[float, float]:
         """Per-tensor range of `node`'s output: min/max over channels of mean -/+ k std, clipped by ReLUs."""
+        lo, hi = self.channel_range_of(node, k)
+        return float(lo.min()), float(hi.max())
+
+    def channel_range_of(self, node: fx.Node, k: float) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-channel range of `node`'s output (shape [C], or [1] where the statistics are per tensor)."""
         kind = relu_kind(self.gm, node)
         if kind:
-            lo, hi = self.range_of(node.args[0], k)
+            lo, hi = self.channel_range_of(node.args[0], k)
             top = 6.0 if kind == "relu6" else float("inf")
-            return min(max(lo, 0.0), top), min(max(hi, 0.0), top)
+            return lo.clamp(0.0, top), hi.clamp(0.0, top)
         if is_passthrough(self.gm, node) and self.stats.get(node) is None:
-            return self.range_of(node.args[0], k)
+            return self.channel_range_of(node.args[0], k)
         if isinstance(module_of(self.gm, node), _SIGMOIDS):
-            return 0.0, 1.0
+            return torch.zeros(1), torch.ones(1)
         g = self.of(node)
-        return float((g.mean - k * g.std).min()), float((g.mean + k * g.std).max())
+        return g.mean - k * g.std, g.mean + k * g.std
 
     def _propagate(self, node: fx.Node) -> Gaussian | None:
         gm, mod = self.gm, module_of(self.gm, node)

@@ -27,9 +27,11 @@ def calibrate_on_batches(model: nn.Module, batches: Iterable[torch.Tensor]) -> N
 
 @torch.no_grad()
 def set_ranges_from_bn(gm, k_std: float) -> None:
-    """Data-free ranges: mean +- k std of the BatchNorm-derived statistics of each quantized tensor."""
+    """Data-free ranges: mean +- k std of the BatchNorm-derived statistics of each quantized tensor (per channel
+    for per-channel quantizers)."""
     stats = BNStatistics(gm)
     for node in gm.graph.nodes:
         q = module_of(gm, node)
         if isinstance(q, ActQuantizer):
-            q.set_range(*stats.range_of(node.args[0], k_std))
+            ranges = stats.channel_range_of if q.per_channel else stats.range_of
+            q.set_range(*ranges(node.args[0], k_std))

@@ -25,7 +25,7 @@ class WeightSpec:
 @dataclass
 class ActSpec:
     sites: str = "after_relu"
-    granularity: str = "per_tensor"
+    granularity: str = "per_tensor"  # per_channel: one range per channel (dim 1), static (ACIQ, SPIQ)
     symmetric: bool = False
     estimator: str = "minmax"
     lp: float = 2.0
@@ -86,7 +86,7 @@ class Convention:
     def validate(self) -> None:
         _choice("quant.act.sites", self.act.sites, ACT_SITES)
         _choice("quant.weight.granularity", self.weight.granularity, GRANULARITIES)
-        _choice("quant.act.granularity", self.act.granularity, ("per_tensor",))
+        _choice("quant.act.granularity", self.act.granularity, GRANULARITIES)
         _choice("quant.weight.estimator", self.weight.estimator, ESTIMATORS)
         _choice("quant.act.estimator", self.act.estimator, ESTIMATORS)
         for key, value in asdict(self.layers).items():

@@ -49,18 +49,19 @@ class WeightQuantizer(nn.Module):
 
 
 class ActQuantizer(nn.Module):
-    """Per-tensor activation quantizer with a frozen range.
+    """Activation quantizer with a frozen range, per tensor or per channel (dim 1: one range per channel).
 
     States: uncalibrated (passes values through), observing (updates the range from each batch and quantizes
     with the range seen so far, as ZeroQ's calibration does), frozen. `set_range` fixes a range directly
-    (data-free methods derive it from BatchNorm statistics).
+    (data-free methods derive it from BatchNorm statistics). A per-channel quantizer holds `lo`/`hi` of shape [C]
+    once a per-channel range is set; given a single value it quantizes per tensor.
     """
 
     def __init__(self, bits: int, symmetric: bool = False, estimator: str = "minmax", lp: float = 2.0,
-                 percentile: float = 99.99):
+                 percentile: float = 99.99, per_channel: bool = False):
         super().__init__()
         self.bits, self.symmetric, self.estimator = bits, symmetric, estimator
-        self.lp, self.percentile = lp, percentile
+        self.lp, self.percentile, self.per_channel = lp, percentile, per_channel
         self.observing = False
         self.register_buffer("lo", torch.tensor(float("nan")))
         self.register_buffer("hi", torch.tensor(float("nan")))
@@ -73,11 +74,19 @@ class ActQuantizer(nn.Module):
 
     @property
     def calibrated(self) -> bool:
-        return bool(torch.isfinite(self.lo)) and bool(torch.isfinite(self.hi))
+        return bool(torch.isfinite(self.lo).all()) and bool(torch.isfinite(self.hi).all())
 
     def set_range(self, lo: float | torch.Tensor, hi: float | torch.Tensor) -> None:
-        self.lo.fill_(float(lo))
-        self.hi.fill_(float(hi))
+        """Per tensor: a per-channel range given here is reduced to its envelope (min of lo, max of hi)."""
+        if not self.per_channel:
+            lo, hi = torch.as_tensor(lo).min(), torch.as_tensor(hi).max()
+            self.lo.fill_(float(lo))
+            self.hi.fill_(float(hi))
+        else:
+            lo, hi = torch.broadcast_tensors(torch.as_tensor(lo, dtype=torch.float32).reshape(-1),
+                                             torch.as_tensor(hi, dtype=torch.float32).reshape(-1))
+            self.lo = lo.detach().clone().to(self.lo.device)  # replaces the buffer: its shape becomes [C]
+            self.hi = hi.detach().clone().to(self.hi.device)
         self.grid = grid_from_range(self.lo, self.hi, self.bits, self.symmetric)
 
     def start_observing(self) -> None:
@@ -91,6 +100,9 @@ class ActQuantizer(nn.Module):
 
     def _observe(self, x: torch.Tensor) -> None:
         x = x.detach().float()
+        if self.per_channel and x.dim() > 1:
+            self._observe_channels(x.transpose(0, 1).reshape(x.shape[1], -1))
+            return
         if self.estimator == "minmax":  # running min-of-min / max-of-max over the batches seen
             lo, hi = x.min(), x.max()
             if self.calibrated:
@@ -104,6 +116,29 @@ class ActQuantizer(nn.Module):
         self.set_range(*estimate_range(torch.cat(self._samples), self.estimator, self.bits, self.symmetric,
                                        percentile=self.percentile, lp=self.lp))
 
+    def _observe_channels(self, flat: torch.Tensor) -> None:
+        """`flat` is [C, samples]: the same estimators, one range per channel."""
+        if self.estimator == "minmax":
+            lo, hi = flat.min(dim=1).values, flat.max(dim=1).values
+            if self.calibrated and self.lo.shape == lo.shape:
+                lo, hi = torch.minimum(lo, self.lo), torch.maximum(hi, self.hi)
+            self.set_range(lo, hi)
+            return
+        per_channel = max(1024, _SAMPLES_PER_BATCH // flat.shape[0])
+        if flat.shape[1] > per_channel:
+            flat = flat[:, torch.randint(flat.shape[1], (per_channel,), device=flat.device)]
+        self._samples.append(flat)
+        self.set_range(*estimate_range(torch.cat(self._samples, dim=1), self.estimator, self.bits, self.symmetric,
+                                       per_channel=True, percentile=self.percentile, lp=self.lp))
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        for name in ("lo", "hi"):  # per-channel ranges change the buffers' shape: follow the stored one
+            stored = state_dict.get(prefix + name)
+            if stored is not None and stored.shape != getattr(self, name).shape:
+                setattr(self, name, torch.empty_like(stored, device=getattr(self, name).device))
+        self.grid = None
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.enabled:
             return x
@@ -113,11 +148,12 @@ class ActQuantizer(nn.Module):
             if not self.calibrated:
                 return x
             self.grid = grid_from_range(self.lo.to(x.device), self.hi.to(x.device), self.bits, self.symmetric)
-        return fake_quant(x, self.grid)
+        return fake_quant(x, self.grid, axis=1 if self.lo.numel() > 1 else None)
 
     def extra_repr(self) -> str:
-        return (f"bits={self.bits}, symmetric={self.symmetric}, estimator={self.estimator}, "
-                f"range=[{float(self.lo):.4g}, {float(self.hi):.4g}]")
+        gran = f", per_channel({self.lo.numel()})" if self.per_channel else ""
+        return (f"bits={self.bits}, symmetric={self.symmetric}, estimator={self.estimator}{gran}, "
+                f"range=[{float(self.lo.min()):.4g}, {float(self.hi.max()):.4g}]")
 
 
 class QuantConv2d(nn.Conv2d):

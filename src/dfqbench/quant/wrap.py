@@ -36,7 +36,7 @@ def quantize_model(model: nn.Module, convention: Convention, wbit: int, abit: in
             a_bits = bits.last_abit
         insert_after(gm, site, f"act_quant_{i}", ActQuantizer(
             a_bits, symmetric=convention.act.symmetric, estimator=convention.act.estimator, lp=convention.act.lp,
-            percentile=convention.act.percentile))
+            percentile=convention.act.percentile, per_channel=convention.act.granularity == "per_channel"))
     gm.graph.lint()
     gm.recompile()
     return gm
