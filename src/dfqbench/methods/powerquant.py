@@ -23,7 +23,7 @@ def _positive(key: str, value) -> float:
 
 class PowerQuant(Method):
     def __init__(self, name: str = "powerquant", exponent: float | None = None,
-                 exponent_range: tuple[float, float] | list[float] = (0.25, 1.0), tolerance: float = 1e-3,
+                 exponent_range: tuple[float, float] | list[float] = (0.25, 1.0), tolerance: float = 1e-2,
                  k_std: float = 6.0, **kwargs):
         super().__init__(name, **kwargs)
         if exponent is not None:

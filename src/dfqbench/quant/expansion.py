@@ -43,8 +43,14 @@ class ExpansionWeightQuantizer(PrecomputedWeightQuantizer):
         self.nonzeros = 0  # non-zero entries over all terms
 
     def compute(self, weight: torch.Tensor) -> torch.Tensor:
-        self.grid = self.make_grid(weight)  # the first term's grid, for inspection
-        terms = expand(weight, self.uniform, self.order, self.sparsity)
+        grids = []
+
+        def quantize(x):
+            grids.append(self.make_grid(x))
+            return self.uniform(x, grids[-1])
+
+        terms = expand(weight, quantize, self.order, self.sparsity)
+        self.grid = grids[0]  # the first term's grid, for inspection
         kept = max(1, math.ceil(self.sparsity * weight.numel()))
         self.term_slots = weight.numel() + (len(terms) - 1) * kept
         self.nonzeros = sum(int(torch.count_nonzero(t)) for t in terms)

@@ -46,7 +46,7 @@ class PowerWeightQuantizer(PrecomputedWeightQuantizer):
     """`exponent` fixes a; None searches it in `exponent_range` to `tolerance`."""
 
     def __init__(self, bits: int, exponent: float | None = None, exponent_range: tuple[float, float] = (0.25, 1.0),
-                 tolerance: float = 1e-3, **kwargs):
+                 tolerance: float = 1e-2, **kwargs):
         super().__init__(bits, **kwargs)
         self.exponent, self.exponent_range, self.tolerance = exponent, tuple(exponent_range), tolerance
         self.a: float | None = None  # the exponent in use
