@@ -202,6 +202,8 @@ class SQuant(Method):
                                                  self.cap_below_bits))
 
         handles = [q.register_forward_pre_hook(set_on_first_call) for q in act_quantizers(qmodel) if q.enabled]
+        if not handles:  # float activations: nothing to measure
+            return
         try:
             qmodel.eval()
             qmodel(noise.contiguous(memory_format=torch.channels_last))
