@@ -14,9 +14,10 @@ from omegaconf import DictConfig
 
 from . import sweep
 from .errors import ConfigError, UnsupportedModel
+from .train.errors import TrainingDiverged
 
 CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
-GROUPS = ("method", "model", "dataset", "quant", "paths", "logger", "experiment")
+GROUPS = ("method", "model", "dataset", "quant", "schedule", "paths", "logger", "experiment")
 _SWEEP_FUNCTIONS = ("range(", "glob(", "choice(", "interval(", "tag(", "sort(", "shuffle(")
 
 
@@ -86,7 +87,7 @@ def hydra_main(cfg: DictConfig) -> float | dict | None:
         if in_sweep and hc.runtime.choices.get("hydra/launcher") != "basic":
             return {"status": "refused", "error": str(exc)}
         sys.exit(2)
-    except UnsupportedModel as exc:  # the run started; its record says status "failed" with this error
+    except (UnsupportedModel, TrainingDiverged) as exc:  # the run started; its record says "failed" with this
         print(f"dfqbench: error: {exc}", file=sys.stderr)
         if not in_sweep:
             sys.exit(1)

@@ -89,7 +89,9 @@ def _fp32_accuracy(model, data, cfg, sha: str, device) -> dict:
 def run(cfg: DictConfig, run_dir: Path, overrides: list[str] | None = None) -> dict:
     validate(cfg)
     resolved = OmegaConf.to_container(cfg, resolve=True)
-    chash = records.config_hash(resolved)
+    # the schedule group reaches the hash through the training methods' own `schedule: ${schedule}`; the others
+    # ignore it, and their hash (and finished records) must not change with it
+    chash = records.config_hash({k: v for k, v in resolved.items() if k != "schedule"})
     if not cfg.force:
         done = records.finished_record(run_dir, chash)
         if done:
@@ -126,7 +128,8 @@ def run(cfg: DictConfig, run_dir: Path, overrides: list[str] | None = None) -> d
                            tuple(data_shape(data, cfg)), cfg.dataset.num_classes, cfg.progress,
                            mean=data.mean.flatten(), std=data.std.flatten(), model_sha256=loaded.sha256,
                            cache_dir=cfg.paths.cache_dir, train_root=train_root(cfg.dataset),
-                           other_domain_root=cfg.paths.get("other_domain_root"))
+                           other_domain_root=cfg.paths.get("other_domain_root"), run_dir=run_dir,
+                           test_eval=lambda m: evaluate(m, data, cfg.eval.batch_size, device)["top1"])
         t0 = time.perf_counter()
         with use_backend(resolve_backend_name(convention.backend, device)):
             qmodel = method.quantize(copy.deepcopy(model), ctx)

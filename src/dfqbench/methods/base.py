@@ -6,7 +6,9 @@ other keys are the constructor's keyword arguments (the paper's settings, docume
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -33,6 +35,8 @@ class QuantContext:
     cache_dir: str | None = None
     train_root: str | None = None  # the data set's training images (ImageFolder), when present
     other_domain_root: str | None = None  # a folder of images from another domain
+    run_dir: Path | None = None  # the run's folder: training methods keep their resumable checkpoint there
+    test_eval: Callable[[nn.Module], float] | None = None  # top-1 on the test set: only for flagged best-epoch runs
 
     def generator(self) -> torch.Generator:
         return torch.Generator(device="cpu").manual_seed(self.seed)

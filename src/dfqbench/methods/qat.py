@@ -1,0 +1,158 @@
+"""Generator-based data-free QAT (GDFQ, Qimera, AIT, ...): one Method configured entirely by its yaml.
+
+The yaml picks the generator and the loss terms by name (dfqbench.train.generators / .losses), the optimizer
+settings, AIT's gradient inundation, and reads the training schedule from the `schedule` config group
+(`schedule: ${schedule}`). The method returns the final student; the runner evaluates it.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import math
+
+import torch
+from torch import nn
+
+from ..quant import quantize_model, weight_quantizers
+from ..train.generators import GENERATORS
+from ..train.losses import GENERATOR_LOSSES, STUDENT_LOSSES, build_terms
+from ..train.registry import build
+from ..train.schedule import Schedule
+from ..train.trainer import Trainer, TrainSettings
+from .base import Method
+
+_DEBUG_KEYS = ("stop_after_epoch", "keep_checkpoint")  # do not change what is computed: left out of the fingerprint
+
+
+class GeneratorQAT(Method):
+    stochastic = True
+
+    def __init__(self, name: str = "gdfq", schedule: dict | None = None, generator: dict | None = None,
+                 generator_losses: dict | None = None, student_losses: dict | None = None,
+                 student_optim: dict | None = None, generator_optim: dict | None = None, lr_decay: float = 0.1,
+                 generator_steps: int = 1, student_steps: int = 1, ema_beta: float = 0.9,
+                 inundation: dict | None = None, best_epoch_on_test: bool = False,
+                 stop_after_epoch: int | None = None, keep_checkpoint: bool = False, **kwargs):
+        super().__init__(name, **kwargs)
+        if not schedule:
+            raise ValueError("method.schedule is missing: the method yaml needs `schedule: ${schedule}`")
+        self.schedule = Schedule.from_dict(schedule)
+        self.generator_spec = dict(generator or {"name": "gdfq"})
+        self._check_generator()
+        self.generator_terms = build_terms(generator_losses, GENERATOR_LOSSES, "method.generator_losses")
+        self.student_terms = build_terms(student_losses, STUDENT_LOSSES, "method.student_losses")
+        self.settings = _train_settings(student_optim or {}, generator_optim or {}, lr_decay, generator_steps,
+                                        student_steps, ema_beta, inundation or {}, best_epoch_on_test,
+                                        stop_after_epoch, keep_checkpoint)
+        self.spec = {"generator": self.generator_spec, "generator_losses": generator_losses,
+                     "student_losses": student_losses, "schedule": self.schedule.to_dict(),
+                     "settings": {k: v for k, v in vars(self.settings).items() if k not in _DEBUG_KEYS}}
+
+    def _check_generator(self) -> None:
+        """Build the generator once on a tiny stand-in problem: bad names and settings fail before any work."""
+        spec = dict(self.generator_spec)
+        name = spec.pop("name", None)
+        width = spec.get("latent_dim")
+        width = width if isinstance(width, int) and not isinstance(width, bool) and width > 0 else 8
+        try:
+            build(GENERATORS, name, "method.generator.name", spec, num_classes=4, image_shape=(3, 8, 8),
+                  teacher_fc=torch.zeros(4, width))
+        except (TypeError, ValueError) as exc:
+            msg = str(exc)
+            raise ValueError(msg if msg.startswith("method.generator") else f"method.generator: {msg}") from None
+
+    def quantize(self, model: nn.Module, ctx):
+        teacher = copy.deepcopy(model).eval()
+        spec = dict(self.generator_spec)
+        name = spec.pop("name")
+        generator = build(GENERATORS, name, "method.generator.name", spec, num_classes=ctx.num_classes,
+                          image_shape=tuple(ctx.input_shape), teacher_fc=_classifier_weight(teacher))
+        student = quantize_model(model, ctx.convention, ctx.wbit, ctx.abit)
+        for wq in weight_quantizers(student):
+            wq.dynamic = True  # the weights change every step: their grid follows (GDFQ's per-step min/max)
+        trainer = Trainer(teacher, student, generator, self.generator_terms, self.student_terms, self.schedule,
+                          self.settings, ctx.device, ctx.seed, run_dir=getattr(ctx, "run_dir", None),
+                          fingerprint=self.fingerprint(ctx), progress=ctx.progress,
+                          test_eval=getattr(ctx, "test_eval", None) if self.settings.best_epoch_on_test else None)
+        info = trainer.fit()
+        ctx.info["schedule"] = self.schedule.name
+        ctx.info["training"] = info
+        if info.get("best_epoch_on_test"):
+            ctx.info["best_epoch_on_test"] = True
+        return student
+
+    def fingerprint(self, ctx) -> str:
+        """What a checkpoint must match to be resumed: the method's settings and the run's problem."""
+        blob = {"method": self.name, "spec": self.spec, "wbit": ctx.wbit, "abit": ctx.abit, "seed": ctx.seed,
+                "convention": ctx.convention.to_dict(), "teacher": ctx.model_sha256,
+                "input_shape": list(ctx.input_shape), "num_classes": ctx.num_classes}
+        return hashlib.sha256(json.dumps(blob, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def _classifier_weight(model: nn.Module) -> torch.Tensor | None:
+    linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
+    return linears[-1].weight.detach().clone() if linears else None
+
+
+def _number(key: str, value, low: float, high: float | None = None, low_open: bool = False,
+            high_open: bool = False) -> float:
+    ok = not isinstance(value, bool) and isinstance(value, (int, float)) and math.isfinite(value)
+    ok = ok and (value > low if low_open else value >= low)
+    if ok and high is not None:
+        ok = value < high if high_open else value <= high
+    if not ok:
+        left, right = "(" if low_open else "[", ")" if high_open or high is None else "]"
+        raise ValueError(f"{key}={value!r} is not valid; use a number in {left}{low}, "
+                         f"{'inf' if high is None else high}{right}")
+    return float(value)
+
+
+def _keys(key: str, given: dict, valid: tuple[str, ...]) -> None:
+    unknown = sorted(set(given) - set(valid))
+    if unknown:
+        raise ValueError(f"{key}: unknown setting(s) {unknown}; valid: {list(valid)}")
+
+
+def _train_settings(student_optim, generator_optim, lr_decay, generator_steps, student_steps, ema_beta,
+                    inundation, best_epoch_on_test, stop_after_epoch, keep_checkpoint) -> TrainSettings:
+    _keys("method.student_optim", student_optim, ("lr", "momentum", "nesterov", "weight_decay"))
+    _keys("method.generator_optim", generator_optim, ("lr", "betas"))
+    _keys("method.inundation", inundation, ("enabled", "threshold", "bisection_steps"))
+    d = TrainSettings()
+    for key, value in (("method.generator_steps", generator_steps), ("method.student_steps", student_steps)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{key}={value!r} must be a positive integer")
+    if stop_after_epoch is not None and (isinstance(stop_after_epoch, bool) or not isinstance(stop_after_epoch, int)
+                                         or stop_after_epoch < 1):
+        raise ValueError(f"method.stop_after_epoch={stop_after_epoch!r} must be null or a positive integer")
+    betas = list(generator_optim.get("betas", d.generator_betas))
+    if len(betas) != 2:
+        raise ValueError(f"method.generator_optim.betas={betas!r} must be two numbers in [0, 1)")
+    for b in betas:
+        _number("method.generator_optim.betas", b, 0.0, 1.0, high_open=True)
+    threshold = None
+    if inundation.get("enabled", False):
+        threshold = _number("method.inundation.threshold", inundation.get("threshold", 1e-3), 0.0, 1.0, True)
+    nesterov = bool(student_optim.get("nesterov", d.nesterov))
+    momentum = _number("method.student_optim.momentum", student_optim.get("momentum", d.momentum), 0.0, 1.0,
+                       high_open=True)
+    if nesterov and momentum <= 0:
+        raise ValueError("method.student_optim.nesterov=true needs method.student_optim.momentum > 0")
+    return TrainSettings(
+        student_lr=_number("method.student_optim.lr", student_optim.get("lr", d.student_lr), 0.0, low_open=True),
+        momentum=momentum, nesterov=nesterov,
+        weight_decay=_number("method.student_optim.weight_decay",
+                             student_optim.get("weight_decay", d.weight_decay), 0.0),
+        generator_lr=_number("method.generator_optim.lr", generator_optim.get("lr", d.generator_lr), 0.0,
+                             low_open=True),
+        generator_betas=(float(betas[0]), float(betas[1])),
+        lr_decay=_number("method.lr_decay", lr_decay, 0.0, 1.0, True),
+        generator_steps=generator_steps, student_steps=student_steps,
+        ema_beta=_number("method.ema_beta", ema_beta, 0.0, 1.0, high_open=True),
+        inundation_threshold=threshold,
+        inundation_bisection_steps=int(inundation.get("bisection_steps", d.inundation_bisection_steps)),
+        best_epoch_on_test=bool(best_epoch_on_test), stop_after_epoch=stop_after_epoch,
+        keep_checkpoint=bool(keep_checkpoint),
+    )

@@ -1,0 +1,159 @@
+"""Image generators of the GDFQ family, chosen by name (`method.generator.name`).
+
+Every generator maps a `Sample` (noise, labels, mixing weights, soft targets) drawn by its own `sample()` to a
+batch of images in the teacher's normalized input space: the last layer is a BatchNorm without affine
+parameters, so in training mode each output channel has batch mean 0 and variance 1.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .registry import register
+
+GENERATORS: dict[str, type] = {}
+
+
+@dataclass
+class Sample:
+    z: torch.Tensor  # [B, K, latent]: one noise vector per superposed component (K = 1 unless mixing)
+    labels: torch.Tensor | None  # [B, K] class indices; None for an unconditional generator
+    weights: torch.Tensor | None  # [B, K] mixing weights summing to 1
+    targets: torch.Tensor | None  # [B, classes] soft labels: sum_k weights_k * one_hot(labels_k)
+
+    def to(self, device: torch.device) -> "Sample":
+        move = lambda t: None if t is None else t.to(device, non_blocking=True)  # noqa: E731
+        return Sample(move(self.z), move(self.labels), move(self.weights), move(self.targets))
+
+
+def _check_shape(image_shape) -> tuple[int, int]:
+    channels, height, width = image_shape
+    if height != width or height % 4:
+        raise ValueError(f"the generator needs square images with a side divisible by 4, not {height}x{width}")
+    return channels, height
+
+
+def _positive_int(key: str, value) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{key}={value!r} must be a positive integer")
+    return value
+
+
+class Trunk(nn.Module):
+    """GDFQ's decoder: Linear -> 128 x (S/4)^2, BN, up x2, conv 3x3 128->128, BN, LeakyReLU 0.2, up x2,
+    conv 128->64, BN, LeakyReLU 0.2, conv 64->C, tanh, BN(affine=False). `bn_eps` 0.8 reproduces the original
+    `BatchNorm2d(n, 0.8)` (the second positional argument is eps, not momentum)."""
+
+    def __init__(self, latent_dim: int, channels: int, size: int, bn_eps: float = 0.8, width: int = 128):
+        super().__init__()
+        self.init_size, self.width = size // 4, width
+        self.fc = nn.Linear(latent_dim, width * self.init_size ** 2)
+        self.body = nn.Sequential(
+            nn.BatchNorm2d(width),
+            nn.Upsample(scale_factor=2),
+            nn.Conv2d(width, width, 3, padding=1), nn.BatchNorm2d(width, eps=bn_eps), nn.LeakyReLU(0.2),
+            nn.Upsample(scale_factor=2),
+            nn.Conv2d(width, width // 2, 3, padding=1), nn.BatchNorm2d(width // 2, eps=bn_eps), nn.LeakyReLU(0.2),
+            nn.Conv2d(width // 2, channels, 3, padding=1), nn.Tanh(),
+            nn.BatchNorm2d(channels, affine=False),
+        )
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        out = self.fc(h).view(h.shape[0], self.width, self.init_size, self.init_size)
+        return self.body(out)
+
+
+@register(GENERATORS, "gdfq")
+class ConditionalGenerator(nn.Module):
+    """GDFQ (Xu et al., ECCV 2020): input = label embedding * noise (element-wise), uniform random labels."""
+
+    def __init__(self, num_classes: int, image_shape, teacher_fc: torch.Tensor | None = None,
+                 latent_dim: int = 100, bn_eps: float = 0.8):
+        super().__init__()
+        channels, size = _check_shape(image_shape)
+        self.num_classes, self.latent_dim = num_classes, _positive_int("latent_dim", latent_dim)
+        self.embedding = nn.Embedding(num_classes, latent_dim)
+        self.trunk = Trunk(latent_dim, channels, size, bn_eps)
+
+    def sample(self, batch_size: int, rng: torch.Generator) -> Sample:
+        z = torch.randn(batch_size, 1, self.latent_dim, generator=rng)
+        labels = torch.randint(0, self.num_classes, (batch_size, 1), generator=rng)
+        return _with_targets(z, labels, torch.ones(batch_size, 1), self.num_classes)
+
+    def forward(self, s: Sample) -> torch.Tensor:
+        return self.trunk(self.embedding(s.labels[:, 0]) * s.z[:, 0])
+
+
+@register(GENERATORS, "qimera")
+class SuperposedGenerator(nn.Module):
+    """Qimera (Choi et al., NeurIPS 2021): input = per-vector standardized (label embedding + noise_scale * noise),
+    summed over K superposed components with mixing weights. With probability `mix_prob` a whole batch is made of
+    boundary samples: K = `mix_classes` uniform random labels per image, weights softmax(randn), soft target =
+    the same mixture; otherwise K = 1. `embedding_init: teacher_fc` starts the embeddings from the teacher's
+    classifier weights (then latent_dim must be the classifier's input width; null takes it)."""
+
+    def __init__(self, num_classes: int, image_shape, teacher_fc: torch.Tensor | None = None,
+                 latent_dim: int | None = None, mix_prob: float = 0.4, mix_classes: int = 2,
+                 noise_scale: float = 1.0, embedding_init: str = "random", freeze_embedding: bool = False,
+                 bn_eps: float = 0.8):
+        super().__init__()
+        channels, size = _check_shape(image_shape)
+        if embedding_init not in ("random", "teacher_fc"):
+            raise ValueError(f"embedding_init={embedding_init!r} is not valid; choose one of: random, teacher_fc")
+        if not 0.0 <= mix_prob <= 1.0:
+            raise ValueError(f"mix_prob={mix_prob!r} must be in [0, 1]")
+        feature_dim = None if teacher_fc is None else teacher_fc.shape[1]
+        latent_dim = latent_dim if latent_dim is not None else feature_dim
+        if latent_dim is None:
+            raise ValueError("latent_dim=null needs a teacher whose last layer is nn.Linear (its input width)")
+        self.num_classes, self.latent_dim = num_classes, _positive_int("latent_dim", latent_dim)
+        self.mix_prob, self.mix_classes = float(mix_prob), _positive_int("mix_classes", mix_classes)
+        self.noise_scale = float(noise_scale)
+        self.embedding = nn.Embedding(num_classes, latent_dim)
+        if embedding_init == "teacher_fc":
+            if teacher_fc is None or tuple(teacher_fc.shape) != (num_classes, latent_dim):
+                raise ValueError(f"embedding_init=teacher_fc needs a classifier weight of shape "
+                                 f"({num_classes}, {latent_dim})")
+            self.embedding.weight.data.copy_(teacher_fc)
+        self.embedding.weight.requires_grad_(not freeze_embedding)
+        self.trunk = Trunk(latent_dim, channels, size, bn_eps)
+
+    def sample(self, batch_size: int, rng: torch.Generator) -> Sample:
+        k = self.mix_classes if float(torch.rand((), generator=rng)) < self.mix_prob else 1
+        z = torch.randn(batch_size, k, self.latent_dim, generator=rng)
+        labels = torch.randint(0, self.num_classes, (batch_size, k), generator=rng)
+        weights = torch.softmax(torch.randn(batch_size, k, generator=rng), dim=1)
+        return _with_targets(z, labels, weights, self.num_classes)
+
+    def forward(self, s: Sample) -> torch.Tensor:
+        h = self.embedding(s.labels) + self.noise_scale * s.z  # [B, K, D]
+        h = F.layer_norm(h, h.shape[-1:])  # Qimera's affine-free normalizer: each vector over its D features
+        return self.trunk((h * s.weights.unsqueeze(2)).sum(dim=1))
+
+
+@register(GENERATORS, "unconditional")
+class UnconditionalGenerator(nn.Module):
+    """ZAQ-style (DAFL's generator): noise only, the same decoder; losses that need labels use the teacher's
+    prediction. ZAQ: latent 256, ngf 64 (width 2 * ngf = 128)."""
+
+    def __init__(self, num_classes: int, image_shape, teacher_fc: torch.Tensor | None = None,
+                 latent_dim: int = 256, width: int = 128, bn_eps: float = 0.8):
+        super().__init__()
+        channels, size = _check_shape(image_shape)
+        self.latent_dim = _positive_int("latent_dim", latent_dim)
+        self.trunk = Trunk(latent_dim, channels, size, bn_eps, width=_positive_int("width", width))
+
+    def sample(self, batch_size: int, rng: torch.Generator) -> Sample:
+        return Sample(torch.randn(batch_size, 1, self.latent_dim, generator=rng), None, None, None)
+
+    def forward(self, s: Sample) -> torch.Tensor:
+        return self.trunk(s.z[:, 0])
+
+
+def _with_targets(z, labels, weights, num_classes) -> Sample:
+    targets = torch.zeros(labels.shape[0], num_classes).scatter_add_(1, labels, weights)
+    return Sample(z, labels, weights, targets)

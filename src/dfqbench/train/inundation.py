@@ -1,0 +1,82 @@
+"""AIT's gradient inundation (Choi et al., CVPR 2022): make every update move some integer weights.
+
+At low learning rates most SGD steps change no quantized weight at all. After the optimizer's step, for each
+quantized weight tensor with update d = w_new - w_old, GI finds a scale a >= 1 such that at least `threshold`
+of the tensor's integer codes differ between quant(w_old) and quant(w_old + a * d): a = 1 if the plain step
+already does; otherwise a doubles until it does, then `bisection_steps` halvings of [a/2, a] (stopping early
+within threshold / 100) find a smaller a that still does. Each tensor is quantized on its own grid (the
+convention's weight quantizer, recomputed from the weights as in training; for searched ranges, mse or
+percentile, the candidates are read on the grid of w_old). Biases and BatchNorm parameters take the plain step.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..quant.quantizers import QuantConv2d, QuantLinear
+from ..quant.ranges import estimate_range, grid_from_range
+
+_MAX_DOUBLINGS = 40  # a zero update never reaches the threshold: stop at 2^40
+
+
+def weight_grid(w: torch.Tensor, wq):
+    lo, hi = estimate_range(w, wq.estimator, wq.bits, wq.symmetric, wq.per_channel, lp=wq.lp)
+    return grid_from_range(lo, hi, wq.bits, wq.symmetric)
+
+
+def integer_codes(w: torch.Tensor, wq, grid=None) -> torch.Tensor:
+    """The integer weights of `w` on `grid`, by default the grid the quantizer computes from `w` itself."""
+    grid = grid if grid is not None else weight_grid(w, wq)
+    shape = (-1,) + (1,) * (w.dim() - 1) if wq.per_channel else ()
+    scale, zp = grid.scale.reshape(shape), grid.zero_point.reshape(shape)
+    return torch.clamp(torch.round(w / scale) + zp, grid.qmin, grid.qmax)
+
+
+class GradientInundation:
+    def __init__(self, model: torch.nn.Module, threshold: float, bisection_steps: int = 5):
+        self.layers = [m for m in model.modules()
+                       if isinstance(m, (QuantConv2d, QuantLinear)) and m.weight_quantizer.enabled]
+        self.threshold, self.bisection_steps = threshold, bisection_steps
+        self.last_scales: list[float] = []
+
+    def snapshot(self) -> list[torch.Tensor]:
+        return [layer.weight.detach().clone() for layer in self.layers]
+
+    @torch.no_grad()
+    def apply(self, before: list[torch.Tensor]) -> None:
+        """Call after optimizer.step() with the weights from `snapshot()` taken before it."""
+        self.last_scales = []
+        for layer, w0 in zip(self.layers, before):
+            scale = self.scale_for(w0, layer.weight - w0, layer.weight_quantizer)
+            if scale != 1.0:
+                layer.weight.copy_(w0 + scale * (layer.weight - w0))
+            self.last_scales.append(scale)
+
+    def scale_for(self, w0: torch.Tensor, delta: torch.Tensor, wq) -> float:
+        grid0 = weight_grid(w0, wq)
+        codes0 = integer_codes(w0, wq, grid0)
+        # min/max grids are recomputed for every candidate (cheap, as AIT does); a searched range (mse,
+        # percentile) would cost a search per candidate, so those candidates are read on the grid of w0
+        fixed = None if wq.estimator == "minmax" else grid0
+
+        def changed(a: float) -> float:
+            return float((integer_codes(w0 + a * delta, wq, fixed) != codes0).float().mean())
+
+        if changed(1.0) >= self.threshold:
+            return 1.0
+        a = 1.0
+        for _ in range(_MAX_DOUBLINGS):
+            a *= 2.0
+            if changed(a) >= self.threshold:
+                break
+        lo, hi = a / 2.0, a  # changed(lo) < threshold <= changed(hi)
+        for _ in range(self.bisection_steps):
+            mid = (lo + hi) / 2.0
+            frac = changed(mid)
+            if frac >= self.threshold:
+                hi = mid
+                if frac - self.threshold < self.threshold / 100:
+                    break
+            else:
+                lo = mid
+        return hi

@@ -1,0 +1,176 @@
+"""Loss terms of the generator step and of the student step, chosen by name in the method yaml.
+
+A term is called with a `Step` (one batch: images, soft targets, teacher/student outputs computed on first use)
+and returns a scalar; its `weight` multiplies it in the sum (weight 0 leaves the term out). Register a new term
+with `@register(GENERATOR_LOSSES, "name")` or `@register(STUDENT_LOSSES, "name")`.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+
+from ..errors import UnsupportedModel
+from .registry import build, register
+
+GENERATOR_LOSSES: dict[str, type] = {}
+STUDENT_LOSSES: dict[str, type] = {}
+
+
+class Step:
+    """What a loss term may read for one batch. `targets` are soft labels [B, classes] (one-hot for plain labels,
+    mixtures for Qimera's superposed samples; None for an unconditional generator, which then uses the teacher's
+    own prediction as a pseudo-label). Teacher and student logits are computed when a term first asks."""
+
+    def __init__(self, images: torch.Tensor, targets: torch.Tensor | None, teacher: Callable | None = None,
+                 student: Callable | None = None, teacher_logits: torch.Tensor | None = None,
+                 bn_stats: Callable[[], list] | None = None):
+        self.images = images
+        self._targets, self._teacher, self._student = targets, teacher, student
+        self._teacher_logits, self._student_logits, self._bn_stats = teacher_logits, None, bn_stats
+
+    @property
+    def teacher_logits(self) -> torch.Tensor:
+        if self._teacher_logits is None:
+            self._teacher_logits = self._teacher(self.images)
+        return self._teacher_logits
+
+    @property
+    def student_logits(self) -> torch.Tensor:
+        if self._student_logits is None:
+            self._student_logits = self._student(self.images)
+        return self._student_logits
+
+    @property
+    def targets(self) -> torch.Tensor:
+        if self._targets is None:
+            logits = self.teacher_logits.detach()
+            self._targets = F.one_hot(logits.argmax(1), logits.shape[1]).to(logits.dtype)
+        return self._targets
+
+    @property
+    def bn_stats(self) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]]:
+        """(batch mean, biased batch var, running mean, running var) at the input of every teacher BN."""
+        self.teacher_logits  # the statistics are recorded during the teacher's forward
+        return self._bn_stats()
+
+
+class LossTerm:
+    needs_bn_stats = False  # the trainer records the teacher's BN-input statistics only when a term needs them
+
+    def __init__(self, weight: float = 1.0):
+        if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not math.isfinite(weight) \
+                or weight < 0:
+            raise ValueError(f"weight={weight!r} must be a finite number >= 0")
+        self.weight = float(weight)
+
+    def __call__(self, step: Step) -> torch.Tensor:
+        raise NotImplementedError
+
+
+def soft_cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Mean over the batch of -sum_c target_c log softmax(logits)_c (hard labels as one-hot rows)."""
+    return -(targets * F.log_softmax(logits, dim=1)).sum(dim=1).mean()
+
+
+@register(GENERATOR_LOSSES, "ce")
+class TeacherCE(LossTerm):
+    """GDFQ: the teacher must classify a generated image as the label it was generated for (Qimera: the
+    superposed soft label of a boundary sample)."""
+
+    def __call__(self, step):
+        return soft_cross_entropy(step.teacher_logits, step.targets)
+
+
+@register(GENERATOR_LOSSES, "bns")
+class BNStatLoss(LossTerm):
+    """GDFQ's BNS: mean over BN layers of MSE(batch mean, running mean) + MSE(batch var, running var), taken at
+    the BN inputs (biased batch variance)."""
+
+    needs_bn_stats = True
+
+    def __call__(self, step):
+        stats = step.bn_stats
+        if not stats:
+            raise UnsupportedModel("generator loss 'bns' needs a teacher with BatchNorm2d layers")
+        total = sum(F.mse_loss(mean, rm) + F.mse_loss(var, rv) for mean, var, rm, rv in stats)
+        return total / len(stats)
+
+
+@register(GENERATOR_LOSSES, "adversarial_l1")
+class AdversarialL1(LossTerm):
+    """ZAQ-style disagreement: the generator maximizes the student-teacher logit L1 distance."""
+
+    def __call__(self, step):
+        return -(step.student_logits - step.teacher_logits).abs().mean()
+
+
+KD_REDUCTIONS = ("mean", "batchmean")
+
+
+@register(STUDENT_LOSSES, "kd")
+class DistillationKL(LossTerm):
+    """KL(softmax(teacher / T) || softmax(student / T)) * T^2. reduction "mean" averages over batch x classes
+    (PyTorch's KLDivLoss default, as GDFQ/Qimera/AIT use it: the term is divided by the number of classes);
+    "batchmean" sums over classes and averages over the batch (IntraQ/HAST)."""
+
+    def __init__(self, weight: float = 1.0, temperature: float = 20.0, reduction: str = "mean"):
+        super().__init__(weight)
+        if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not temperature > 0:
+            raise ValueError(f"temperature={temperature!r} must be > 0")
+        if reduction not in KD_REDUCTIONS:
+            raise ValueError(f"reduction={reduction!r} is not valid; choose one of: {', '.join(KD_REDUCTIONS)}")
+        self.temperature, self.reduction = float(temperature), reduction
+
+    def __call__(self, step):
+        t = self.temperature
+        log_p = F.log_softmax(step.student_logits / t, dim=1)
+        q = F.softmax(step.teacher_logits.detach() / t, dim=1)
+        kl = F.kl_div(log_p, q, reduction="sum") / log_p.shape[0]  # batchmean
+        if self.reduction == "mean":
+            kl = kl / log_p.shape[1]
+        return kl * t * t
+
+
+@register(STUDENT_LOSSES, "ce")
+class StudentCE(LossTerm):
+    """Cross-entropy of the student against the generator's labels (soft for Qimera's boundary samples)."""
+
+    def __call__(self, step):
+        return soft_cross_entropy(step.student_logits, step.targets)
+
+
+@register(STUDENT_LOSSES, "l1")
+class LogitL1(LossTerm):
+    """ZAQ-style: mean absolute difference of student and teacher logits."""
+
+    def __call__(self, step):
+        return (step.student_logits - step.teacher_logits.detach()).abs().mean()
+
+
+def build_terms(specs: dict | None, registry: dict[str, type], what: str) -> list[tuple[str, LossTerm]]:
+    """{name: {weight: w, ...settings}} -> [(name, term)], leaving out terms of weight 0."""
+    if not isinstance(specs, dict) or not specs:
+        raise ValueError(f"{what} must map at least one loss name to its settings; choose from: "
+                         f"{', '.join(sorted(registry))}")
+    terms = []
+    for name, settings in specs.items():
+        try:
+            term = build(registry, name, what, settings)
+        except (TypeError, ValueError) as exc:
+            msg = str(exc)
+            raise ValueError(msg if msg.startswith(what) else f"{what}.{name}: {msg}") from None
+        if term.weight > 0:
+            terms.append((name, term))
+    if not terms:
+        raise ValueError(f"{what}: every term has weight 0; give at least one a positive weight")
+    return terms
+
+
+def weighted_sum(terms: list[tuple[str, LossTerm]], step: Step) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    values = {name: term(step) for name, term in terms}
+    total = sum(term.weight * values[name] for name, term in terms)
+    return total, values

@@ -1,0 +1,291 @@
+"""The shared loop of generator-based data-free QAT (GDFQ and its descendants).
+
+Per epoch, `iters_per_epoch` iterations of:
+  1. generator step(s): sample noise and labels, generate images, generator losses against the FP32 teacher
+     (and the student, for adversarial terms), Adam step on the generator;
+  2. student step(s): the quantized student (in eval mode: BatchNorm statistics frozen, gamma/beta trained) on
+     the generated images, detached (the first student step reuses the generator step's images and teacher
+     logits, as GDFQ does; further ones draw fresh images), student losses, SGD step, optionally AIT's gradient
+     inundation. During the `warmup_epochs` the student is not stepped.
+Activation ranges follow an EMA of the batch ranges during the first `calib_epochs` epochs, then stay frozen.
+Learning rates are a function of the epoch (multi-step decay at the schedule's milestones), so resuming needs no
+scheduler state. After every epoch the student, generator, optimizers, EMA state, RNG states and the epoch go
+into `<run_dir>/checkpoint.pt` (atomic write); a rerun resumes from it when its fingerprint (the method's
+settings, bits, seed, convention, teacher) matches. A NaN/inf loss stops training with TrainingDiverged naming
+the epoch, iteration and term, leaving the last good checkpoint.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from ..quant.quantizers import ActQuantizer
+from . import checkpoint as ckpt
+from .ema import EMARangeObserver
+from .errors import TrainingDiverged
+from .inundation import GradientInundation
+from .losses import LossTerm, Step, weighted_sum
+from .schedule import Schedule
+
+
+class StopRequested(KeyboardInterrupt):
+    """`stop_after_epoch` (a debug option) ends the run like a kill, right after a checkpoint."""
+
+
+@dataclass
+class TrainSettings:
+    student_lr: float = 1e-4
+    momentum: float = 0.9
+    nesterov: bool = True
+    weight_decay: float = 1e-4
+    generator_lr: float = 1e-3
+    generator_betas: tuple[float, float] = (0.5, 0.999)
+    lr_decay: float = 0.1
+    generator_steps: int = 1
+    student_steps: int = 1
+    ema_beta: float = 0.9
+    inundation_threshold: float | None = None  # AIT's passing threshold; None = plain SGD steps
+    inundation_bisection_steps: int = 5
+    best_epoch_on_test: bool = False
+    stop_after_epoch: int | None = None
+    keep_checkpoint: bool = False
+
+
+class BNRecorder:
+    """Forward pre-hooks recording (batch mean, biased batch var, running mean, running var) at every BN input."""
+
+    def __init__(self, model: nn.Module):
+        self.recording, self.stats = False, []
+        self.handles = [m.register_forward_pre_hook(self._hook) for m in model.modules()
+                        if isinstance(m, nn.BatchNorm2d)]
+
+    def _hook(self, bn, inputs):
+        if self.recording:
+            var, mean = torch.var_mean(inputs[0], dim=(0, 2, 3), unbiased=False)
+            self.stats.append((mean, var, bn.running_mean, bn.running_var))
+
+    def run(self, model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        self.stats, self.recording = [], True
+        try:
+            return model(x)
+        finally:
+            self.recording = False
+
+    def close(self) -> None:
+        for h in self.handles:
+            h.remove()
+
+
+class Trainer:
+    def __init__(self, teacher: nn.Module, student: nn.Module, generator: nn.Module,
+                 generator_terms: list[tuple[str, LossTerm]], student_terms: list[tuple[str, LossTerm]],
+                 schedule: Schedule, settings: TrainSettings, device: torch.device, seed: int,
+                 run_dir: Path | None = None, fingerprint: str = "", progress: bool = False,
+                 test_eval: Callable[[nn.Module], float] | None = None):
+        self.teacher, self.student = teacher.eval(), student.eval()
+        # channels_last: the generator's convolutions cost most of an iteration, and are faster in it on CPU too
+        self.generator = generator.to(device).to(memory_format=torch.channels_last).train()
+        for p in self.teacher.parameters():
+            p.requires_grad_(False)
+        self.generator_terms, self.student_terms = generator_terms, student_terms
+        self.schedule, self.settings, self.device = schedule, settings, device
+        self.path = Path(run_dir) / ckpt.CHECKPOINT_NAME if run_dir else None
+        self.fingerprint, self.progress, self.test_eval = fingerprint, progress, test_eval
+        if settings.best_epoch_on_test and test_eval is None:
+            raise ValueError("best_epoch_on_test=true needs the test set (the runner provides it)")
+        self.rng = torch.Generator().manual_seed(seed)
+        self.opt_s = torch.optim.SGD(self.student.parameters(), lr=settings.student_lr, momentum=settings.momentum,
+                                     nesterov=settings.nesterov, weight_decay=settings.weight_decay)
+        self.opt_g = torch.optim.Adam(self.generator.parameters(), lr=settings.generator_lr,
+                                      betas=tuple(settings.generator_betas))
+        self.observer = EMARangeObserver(self.student, settings.ema_beta, self.rng)
+        self.observer.active = False
+        needs_bn = any(term.needs_bn_stats for _, term in generator_terms)
+        self.bn = BNRecorder(self.teacher) if needs_bn else None
+        self.gi = (GradientInundation(self.student, settings.inundation_threshold, settings.inundation_bisection_steps)
+                   if settings.inundation_threshold else None)
+        self.start_epoch, self.best, self.last = 0, None, {}
+
+    # ------------------------------------------------------------------ the loop
+    def fit(self) -> dict:
+        s = self.schedule
+        resumed = self._resume()
+        t0 = time.perf_counter()
+        total = s.epochs * s.iters_per_epoch
+        bar = tqdm(total=total, initial=self.start_epoch * s.iters_per_epoch, desc="qat", disable=not self.progress,
+                   dynamic_ncols=True, file=sys.stderr)
+        try:
+            for epoch in range(self.start_epoch, s.epochs):
+                self._set_rates(epoch)
+                if epoch >= s.calib_epochs:
+                    self.observer.close()  # ranges frozen from here on
+                for it in range(s.iters_per_epoch):
+                    try:
+                        self._iteration(epoch, it)
+                    except RuntimeError as exc:  # e.g. a grid from infinite weights: name the step, not the op
+                        if not isinstance(exc, TrainingDiverged):
+                            self._check_params(f"at epoch {epoch + 1}/{s.epochs}, iteration {it + 1}/"
+                                               f"{s.iters_per_epoch}")
+                        raise
+                    bar.update()
+                    bar.set_postfix(epoch=f"{epoch + 1}/{s.epochs}", **{k: f"{v:.4g}" for k, v in self.last.items()},
+                                    refresh=False)
+                self._end_epoch(epoch)
+        finally:
+            bar.close()
+        self.observer.close()
+        if self.bn:
+            self.bn.close()
+        iters_run = (s.epochs - self.start_epoch) * s.iters_per_epoch
+        seconds = time.perf_counter() - t0
+        info = {"epochs": s.epochs, "iters_per_epoch": s.iters_per_epoch, "batch_size": s.batch_size,
+                "train_time_s": round(seconds, 3), "iters_per_s": round(iters_run / seconds, 3) if iters_run else None,
+                "final_losses": {k: round(v, 6) for k, v in self.last.items()}}
+        if resumed is not None:
+            info["resumed_from_epoch"] = resumed
+        if self.best is not None:  # only behind best_epoch_on_test: the table labels such runs
+            info.update(best_epoch_on_test=True, best_epoch=self.best["epoch"], best_epoch_top1=self.best["top1"],
+                        last_epoch_top1=self.best["last_top1"])
+            self.student.load_state_dict(self.best["student"])
+            self._refresh_act_grids()
+        if self.path and not self.settings.keep_checkpoint:
+            self.path.unlink(missing_ok=True)
+        return info
+
+    def _set_rates(self, epoch: int) -> None:
+        factor = self.schedule.decay_factor(epoch, self.settings.lr_decay)
+        for group in self.opt_s.param_groups:
+            group["lr"] = self.settings.student_lr * factor
+        for group in self.opt_g.param_groups:
+            group["lr"] = self.settings.generator_lr * factor
+        if self.gi:  # AIT decays its passing threshold with the learning rate
+            self.gi.threshold = self.settings.inundation_threshold * factor
+
+    def _iteration(self, epoch: int, it: int) -> None:
+        s, cfg = self.schedule, self.settings
+        batch = None
+        for _ in range(cfg.generator_steps):
+            sample = self.generator.sample(s.batch_size, self.rng).to(self.device)
+            images = self.generator(sample)
+            step = Step(images, sample.targets, teacher=self._teacher_forward, student=self.student,
+                        bn_stats=(lambda: self.bn.stats) if self.bn else None)
+            loss, terms = weighted_sum(self.generator_terms, step)
+            self.last["G"] = self._checked(loss, terms, "generator", epoch, it)
+            self.opt_g.zero_grad(set_to_none=True)
+            loss.backward()
+            self.opt_g.step()
+            batch = (images.detach(), step.targets.detach(), step.teacher_logits.detach())
+        train_student = epoch >= s.warmup_epochs
+        self.observer.active = epoch < s.calib_epochs
+        try:
+            for j in range(cfg.student_steps):
+                if batch is None or j > 0:
+                    batch = self._fresh_batch()
+                images, targets, teacher_logits = batch
+                if not train_student:  # warm-up: the student only observes ranges (when calibrating)
+                    if self.observer.active:
+                        with torch.no_grad():
+                            self.student(images)
+                    continue
+                step = Step(images, targets, teacher_logits=teacher_logits, student=self.student)
+                loss, terms = weighted_sum(self.student_terms, step)
+                self.last["S"] = self._checked(loss, terms, "student", epoch, it)
+                self.opt_s.zero_grad(set_to_none=True)
+                loss.backward()
+                before = self.gi.snapshot() if self.gi else None
+                self.opt_s.step()
+                if self.gi:
+                    self.gi.apply(before)
+        finally:
+            self.observer.active = False
+
+    def _teacher_forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.bn.run(self.teacher, images) if self.bn else self.teacher(images)
+
+    @torch.no_grad()
+    def _fresh_batch(self):
+        sample = self.generator.sample(self.schedule.batch_size, self.rng).to(self.device)
+        images = self.generator(sample)
+        step = Step(images, sample.targets, teacher=self.teacher)
+        return images, step.targets, step.teacher_logits
+
+    def _checked(self, loss: torch.Tensor, terms: dict, phase: str, epoch: int, it: int) -> float:
+        value = float(loss.detach())
+        if math.isfinite(value):
+            return value
+        bad = next(((n, float(v.detach())) for n, v in terms.items() if not math.isfinite(float(v.detach()))),
+                   ("total", value))
+        s = self.schedule
+        self._diverged(f"{phase} loss term '{bad[0]}' is {bad[1]} at epoch {epoch + 1}/{s.epochs}, iteration "
+                       f"{it + 1}/{s.iters_per_epoch}")
+
+    def _diverged(self, what: str) -> None:
+        if self.path is not None and self.path.exists():
+            kept = f"the last good checkpoint is kept: {self.path}"
+        else:
+            kept = "no checkpoint yet (none is written before the first epoch ends)"
+        raise TrainingDiverged(f"training diverged: {what}; {kept}")
+
+    # ------------------------------------------------------------------ epochs, checkpoints
+    def _check_params(self, when: str) -> None:
+        for name, model in (("student", self.student), ("generator", self.generator)):
+            if not all(bool(torch.isfinite(p).all()) for p in model.parameters()):
+                self._diverged(f"{name} parameters are not finite {when}")
+
+    def _end_epoch(self, epoch: int) -> None:
+        self._check_params(f"after epoch {epoch + 1}/{self.schedule.epochs}")  # never checkpoint a broken model
+        if self.settings.best_epoch_on_test and epoch >= self.schedule.warmup_epochs:
+            top1 = float(self.test_eval(self.student))
+            self.student.eval()
+            self._refresh_act_grids()
+            if self.best is None or top1 > self.best["top1"]:
+                self.best = {"epoch": epoch + 1, "top1": top1, "student": copy.deepcopy(self.student.state_dict())}
+            self.best["last_top1"] = top1
+        if self.path is not None:
+            ckpt.save_atomic(self.path, self._state(epoch + 1))
+        if self.settings.stop_after_epoch == epoch + 1 and epoch + 1 < self.schedule.epochs:
+            raise StopRequested(f"stopped after epoch {epoch + 1} (method.stop_after_epoch); run again without it "
+                                f"to resume from {self.path}")
+
+    def _state(self, epochs_done: int) -> dict:
+        return {"format": 1, "fingerprint": self.fingerprint, "epoch": epochs_done,
+                "student": self.student.state_dict(), "generator": self.generator.state_dict(),
+                "opt_student": self.opt_s.state_dict(), "opt_generator": self.opt_g.state_dict(),
+                "observer": self.observer.state_dict(), "rng": ckpt.rng_state(self.rng), "best": self.best}
+
+    def _resume(self) -> int | None:
+        if self.path is None or not self.path.exists():
+            return None
+        state = ckpt.load(self.path, self.device)
+        if state.get("fingerprint") != self.fingerprint:
+            print(f"dfqbench: {self.path} was written by another configuration; training from the start",
+                  file=sys.stderr)
+            return None
+        self.student.load_state_dict(state["student"])
+        self.generator.load_state_dict(state["generator"])
+        self.opt_s.load_state_dict(state["opt_student"])
+        self.opt_g.load_state_dict(state["opt_generator"])
+        self.observer.load_state_dict(state["observer"])
+        ckpt.set_rng_state(self.rng, state["rng"])
+        self.best, self.start_epoch = state["best"], int(state["epoch"])
+        self._refresh_act_grids()
+        print(f"dfqbench: resuming from {self.path} after epoch {self.start_epoch}/{self.schedule.epochs}",
+              file=sys.stderr)
+        return self.start_epoch
+
+    def _refresh_act_grids(self) -> None:
+        """Rebuild activation grids from the stored ranges outside inference mode (a grid first built inside
+        `torch.inference_mode`, e.g. by an evaluation, cannot be used by autograd later)."""
+        for q in self.student.modules():
+            if isinstance(q, ActQuantizer) and q.enabled and q.calibrated:
+                q.set_range(q.lo.detach().clone(), q.hi.detach().clone())
