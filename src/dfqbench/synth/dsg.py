@@ -18,7 +18,8 @@ Initialization as the code: pixels ~ U(0, 1) in the normalized input space. 500 
 ReduceLROnPlateau(patience 260, min_lr 1e-4).
 
 Left out, on purpose:
-* The eigen-spectrum "SCI" loss against Gaussian-noise images: the official code wraps the eigenvalues and
+* The eigen-spectrum "SCI" loss against Gaussian-noise images (the journal version's inhibition of the
+  correlation among samples): the official code wraps the eigenvalues and
   eigenvectors in `Variable(...)`, which detaches them, so the term adds no gradient to the images (it only
   shifts the loss value the plateau scheduler sees). Leaving it out changes no update.
 * The random roll ("jitter") before the TV/L2 priors: a circular shift leaves both norms unchanged except at
