@@ -8,11 +8,13 @@ W diag(s) that is quantized per output channel; the fake-quantized weight is Q(W
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import fx
 
 from ..quant import quantize_model
-from ..quant.calibrate import set_ranges_from_bn
+from ..quant.bn_stats import BNStatistics
 from ..quant.graph import is_passthrough, layer_nodes, module_of
 from ..quant.quantizers import ActQuantizer, WeightQuantizer
 from ..quant.ranges import fake_quant
@@ -44,6 +46,11 @@ def weight_column_scale(scale: torch.Tensor, weight: torch.Tensor, groups: int) 
     return scale.to(weight.device)[cols].reshape((c_out, c_in_group) + (1,) * (weight.dim() - 2))
 
 
+def auto_k_std(bits: int) -> float:
+    """ACIQ's Laplace clip for the bit-width, with b = sigma sqrt(2/pi) (4.0 sigma at 4 bits, 7.9 at 8)."""
+    return clip_ratio(2.0**bits, "laplace") * math.sqrt(2.0 / math.pi)
+
+
 class FoldedInputWeightQuantizer(WeightQuantizer):
     """Quantizes W diag(s) per output channel and returns it divided by s again (s: the input's channel scales)."""
 
@@ -63,18 +70,25 @@ class FoldedInputWeightQuantizer(WeightQuantizer):
 
 
 class SPIQ(Method):
-    def __init__(self, name: str = "spiq", k_std: float | str = 6.0, fold_input_scales: bool = True,
+    def __init__(self, name: str = "spiq", k_std: float | str = "auto", fold_input_scales: bool = True,
                  **kwargs):
         super().__init__(name, **kwargs)
         if k_std != "auto" and (isinstance(k_std, bool) or not isinstance(k_std, (int, float)) or k_std <= 0):
             raise ValueError(f"method.k_std={k_std!r} is not valid; use auto or a number > 0")
         self.k_std, self.fold_input_scales = k_std, fold_input_scales
 
+    def k_for(self, bits: int) -> float:
+        return auto_k_std(bits) if self.k_std == "auto" else float(self.k_std)
+
     def quantize(self, model, ctx):
         qmodel = quantize_model(model, ctx.convention, ctx.wbit, ctx.abit)
-        k = clip_ratio(2.0**ctx.abit, "gaussian") if self.k_std == "auto" else float(self.k_std)
-        ctx.info["spiq_k_std"] = round(k, 4)
-        set_ranges_from_bn(qmodel, k)
+        stats = BNStatistics(qmodel)
+        for node in qmodel.graph.nodes:
+            aq = module_of(qmodel, node)
+            if isinstance(aq, ActQuantizer) and aq.enabled:  # k follows each quantizer's bits (8-bit exceptions)
+                ranges = stats.channel_range_of if aq.per_channel else stats.range_of
+                aq.set_range(*ranges(node.args[0], self.k_for(aq.bits)))
+        ctx.info["spiq_k_std"] = round(self.k_for(ctx.abit), 4)
         folded = 0
         if self.fold_input_scales:
             for node in layer_nodes(qmodel):
