@@ -30,6 +30,7 @@ SOURCES: dict[str, str] = {
     "gaussian_noise": "dfqbench.synth.calib_data:gaussian_noise_source",  # pixels ~ N(0.5, 0.25^2), clipped
     "procedural": "dfqbench.synth.calib_data:procedural_source",  # dead-leaves shapes over smooth noise
     "dsg": "dfqbench.synth.dsg:dsg_source",  # DSG: slack BN alignment + layer-wise sample enhancement
+    "genie": "dfqbench.synth.genie:genie_source",  # Genie: generator + learnable latents, BN statistics
 }
 _IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp"}
 
