@@ -255,8 +255,9 @@ def test_methods_run_on_a_never_seen_teacher_under_every_preset(tmp_path, cache_
     assert record["status"] == "done", record.get("error")
 
 
-def test_calibration_statistics_option_uses_the_named_source(tmp_path, cache_dir, cifar10_root, teacher):
-    record = run(_cfg("method=aciq", "quant=aciq", "method.stats=calib", "method.calib_data=uniform_noise",
+@pytest.mark.parametrize("method", ["aciq", "ocs"])
+def test_calibration_statistics_option_uses_the_named_source(tmp_path, cache_dir, cifar10_root, teacher, method):
+    record = run(_cfg(f"method={method}", f"quant={method}", "method.stats=calib", "method.calib_data=uniform_noise",
                       "wbit=8", "abit=8", f"model.checkpoint={teacher}", f"dataset.root={cifar10_root}",
                       "dataset.max_samples=200", f"paths.cache_dir={cache_dir}"), tmp_path)
     assert record["status"] == "done" and record["info"]["calib_data"] == "uniform_noise"
