@@ -6,7 +6,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 ARGS ?=
 
-.PHONY: setup run test test-slow tables reported bench baselines reproduce-cifar10 clean
+.PHONY: setup run test test-slow tables reported bench bench-ptq bench-qat baselines baselines-ptq reproduce-cifar10 clean
 
 setup: $(VENV)/.installed
 
@@ -32,6 +32,16 @@ reported: setup  ## re-read the papers' numbers from the seed document
 
 bench: setup  ## ZeroQ distillation time and FP32 vs quantized eval throughput
 	$(PY) scripts/bench_zeroq.py $(ARGS)
+
+bench-ptq: setup  ## every post-training method: seconds to quantize ResNet-20 and its W4A4 top-1, one run
+	$(PY) scripts/bench_ptq.py --out results/bench/bench_ptq.md $(ARGS)
+
+bench-qat: setup  ## trainer iterations/s beside a plain FP32 forward+backward of the same batch
+	$(PY) scripts/bench_qat.py $(ARGS)
+
+baselines-ptq: setup  ## recompute the post-training family's records (skips finished runs), then the tables
+	PY=$(PY) scripts/run_ptq_baselines.sh
+	$(PY) -m dfqbench.tables
 
 baselines: setup  ## recompute the committed foundation baselines (skips finished runs), then the tables
 	PY=$(PY) scripts/run_baselines.sh
