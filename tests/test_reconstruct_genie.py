@@ -17,6 +17,15 @@ from dfqbench.quant.reconstruct import ReconstructSettings, qdrop_mix, reconstru
 from dfqbench.synth import calib_data
 from dfqbench.synth.genie import GenieSettings, genie_source
 
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Small tensors: one thread (two OpenMP threads on a busy 2-core machine run ~10x slower), then restore."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 BRECQ = Convention.from_dict({"name": "brecq", "weight": {"estimator": "mse", "lp": 2.4},
                               "act": {"sites": "layer_inputs", "symmetric": True, "estimator": "mse", "lp": 2.4},
                               "layers": {"first_wbit": 8, "last_wbit": 8, "second_abit": 8, "last_abit": 8}})
@@ -301,17 +310,30 @@ def test_genie_cli_on_the_teacher(tmp_path, cache_dir, cifar10_root, teacher, qu
     assert record["top1"] > 60.0  # W4A4 after 3 iterations per block on 16 images: far above chance
 
 
-def test_genie_on_a_random_preresnet20_and_zeroq_recon(tmp_path, cache_dir, cifar10_root):
+def _run_preresnet(tmp_path, cache_dir, cifar10_root, method, *extra):
     from dfqbench.runner import run
     from test_end_to_end import _cfg
 
-    for method, extra in (("genie", TINY), ("zeroq_recon", ["method.num_images=2", "method.calib_batch_size=2",
-                                                            "method.reconstruct.iterations=2"])):
-        record = run(_cfg("model=pytorchcv", "model.arch=preresnet20_cifar10", "model.pretrained=false",
-                          f"dataset.root={cifar10_root}", "dataset.max_samples=100", f"paths.cache_dir={cache_dir}",
-                          f"method={method}", "quant=brecq", "wbit=4", "abit=4", *extra), tmp_path / method)
-        assert record["status"] == "done" and record["weights"] == "random"
-        assert len(record["info"]["reconstruct_blocks"]) == 11
+    record = run(_cfg("model=pytorchcv", "model.arch=preresnet20_cifar10", "model.pretrained=false",
+                      f"dataset.root={cifar10_root}", "dataset.max_samples=100", f"paths.cache_dir={cache_dir}",
+                      f"method={method}", "quant=brecq", "wbit=4", "abit=4", "threads=1", *extra), tmp_path / method)
+    assert record["status"] == "done" and record["weights"] == "random"
+    assert len(record["info"]["reconstruct_blocks"]) == 11
+    return record
+
+
+def test_genie_and_zeroq_recon_on_a_random_preresnet20(tmp_path, cache_dir, cifar10_root):
+    _run_preresnet(tmp_path, cache_dir, cifar10_root, "genie", *TINY)
+    record = _run_preresnet(tmp_path, cache_dir, cifar10_root, "zeroq_recon", "method.calib_data=uniform_noise",
+                            "method.num_images=8", "method.reconstruct.iterations=2")
+    assert record["info"]["calib_data"] == "uniform_noise"
+
+
+@pytest.mark.slow
+def test_zeroq_recon_with_zeroq_data(tmp_path, cache_dir, cifar10_root):
+    record = _run_preresnet(tmp_path, cache_dir, cifar10_root, "zeroq_recon", "method.num_images=2",
+                            "method.calib_batch_size=2", "method.reconstruct.iterations=2")
+    assert record["info"]["calib_data"] == "distill"
 
 
 @pytest.mark.parametrize("arg,needles", [

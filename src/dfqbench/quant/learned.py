@@ -59,8 +59,9 @@ class HardenedWeightQuantizer(WeightQuantizer):
         self.register_buffer("scale", scale.detach().float().clone())
         self.register_buffer("zero_point", zero_point.detach().float().clone())
         self.qmin, self.qmax = qmin, qmax
-        self.grid = Grid(self.scale.flatten() if self.scale.numel() > 1 else self.scale.reshape(()),
-                         self.zero_point.flatten().round().to(torch.int32), qmin, qmax)  # for inspection
+        shape = [-1] if self.scale.numel() > 1 else []
+        self.grid = Grid(self.scale.reshape(shape), self.zero_point.reshape(shape).round().to(torch.int32), qmin,
+                         qmax)  # for inspection
 
     def reset(self) -> None:  # the rounding is data-dependent: nothing to recompute
         pass
