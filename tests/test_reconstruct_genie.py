@@ -296,7 +296,7 @@ TINY = ["method.num_images=16", "method.calib_batch_size=8", "method.distill.ite
         "method.reconstruct.iterations=3"]
 
 
-@pytest.mark.parametrize("quant", ["brecq", "gdfq"])
+@pytest.mark.parametrize("quant", ["brecq", "gdfq", "dfq"])
 def test_genie_cli_on_the_teacher(tmp_path, cache_dir, cifar10_root, teacher, quant):
     proc = run_cli("method=genie", f"quant={quant}", "wbit=4", "abit=4", f"model.checkpoint={teacher}",
                    f"dataset.root={cifar10_root}", "dataset.max_samples=1000", "threads=1", *TINY,
