@@ -7,7 +7,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}
-common=(model=resnet20_cifar10 dataset=cifar10 paths.output_dir=results progress=false 'abit=${wbit}' "$@")  # extra CLI args, e.g. threads=1
+base=(model=resnet20_cifar10 dataset=cifar10 paths.output_dir=results progress=false "$@")  # "$@": e.g. threads=1
+common=("${base[@]}" 'abit=${wbit}')
 bits=wbit=8,6,5,4
 stage() { [[ " ${STAGES:-all} " == *" all "* || " ${STAGES:-all} " == *" $1 "* ]]; }
 if stage deterministic; then
@@ -15,6 +16,9 @@ if stage deterministic; then
   "$PY" -m dfqbench -m method=aciq quant=aciq $bits "${common[@]}"
   "$PY" -m dfqbench -m method=ocs quant=gdfq,brecq,ocs $bits "${common[@]}"
   "$PY" -m dfqbench -m method=squant quant=gdfq,brecq,squant $bits "${common[@]}"
+  # the papers' mixed widths: OCS's W4A8, ACIQ's W8A4
+  "$PY" -m dfqbench -m method=ocs quant=gdfq,brecq,ocs wbit=4 abit=8 "${base[@]}"
+  "$PY" -m dfqbench -m method=aciq quant=gdfq,brecq,aciq wbit=8 abit=4 "${base[@]}"
 fi
 if stage dsg; then
   "$PY" -m dfqbench -m method=dsg quant=gdfq,brecq $bits seed=0,1,2 "${common[@]}"
