@@ -220,7 +220,7 @@ def test_reconstruction_beats_round_to_nearest_on_the_calibration_data():
     x = torch.cat(batches)
     with torch.no_grad():
         target = model(x)
-    settings = ReconstructSettings(iterations=150, lr_round=1e-2, reg_weight=0.01, qdrop_p=0.0)  # tiny errors: small reg
+    settings = ReconstructSettings(iterations=150, lr_round=1e-2, reg_weight=0.01, qdrop_p=0.0)
     gm = quantize_model(model, BRECQ, 4, 4)
     report = reconstruct(gm, batches, settings, seed=0)
     assert [r["block"] for r in report] == ["stem_2", "relu", "head_2"]
