@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Regenerate the post-training family's records on the ResNet-20 CIFAR-10 teacher (full test set) into
 # results/sweeps/...: every method at W8A8/W6A6/W5A5/W4A4 under gdfq, brecq and its own preset; seeds 0,1,2 for
-# the stochastic ones; reconstruction (genie) under brecq at W4A4 (3 seeds) and W5A5 (1 seed).
+# the stochastic ones; reconstruction (genie) under brecq at W4A4 (3 seeds), W5A5 and W8A8 (1 seed).
 # Finished runs (same config hash) are skipped on a rerun. STAGES="dsg genie" picks stages (default: all);
 # arguments are passed to every sweep (e.g. threads=1).
 set -euo pipefail
@@ -31,5 +31,5 @@ if stage crossdomain; then  # the calibration-source study at the ends of the ra
 fi
 if stage genie; then
   "$PY" -m dfqbench -m method=genie quant=brecq wbit=4 seed=0,1,2 "${common[@]}"
-  "$PY" -m dfqbench -m method=genie quant=brecq wbit=5 seed=0 "${common[@]}"
+  "$PY" -m dfqbench -m method=genie quant=brecq wbit=5,8 seed=0 "${common[@]}"  # W8A8: the 0.5-point check
 fi
