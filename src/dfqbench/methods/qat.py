@@ -33,19 +33,24 @@ class GeneratorQAT(Method):
                  generator_losses: dict | None = None, student_losses: dict | None = None,
                  student_optim: dict | None = None, generator_optim: dict | None = None, lr_decay: float = 0.1,
                  generator_steps: int = 1, student_steps: int = 1, ema_beta: float = 0.9,
-                 inundation: dict | None = None, best_epoch_on_test: bool = False,
+                 inundation: dict | None = None, perturb_epsilon: float = 0.0, best_epoch_on_test: bool = False,
                  stop_after_epoch: int | None = None, keep_checkpoint: bool = False, **kwargs):
         super().__init__(name, **kwargs)
         if not schedule:
             raise ValueError("method.schedule is missing: the method yaml needs `schedule: ${schedule}`")
         self.schedule = Schedule.from_dict(schedule)
         self.generator_spec = dict(generator or {"name": "gdfq"})
+        fixed = not getattr(GENERATORS.get(self.generator_spec.get("name")), "trainable", True)
         self._check_generator()
-        self.generator_terms = build_terms(generator_losses, GENERATOR_LOSSES, "method.generator_losses")
+        if fixed and generator_losses:
+            raise ValueError(f"method.generator.name={self.generator_spec['name']} trains no generator: "
+                             f"method.generator_losses must be empty, not {sorted(generator_losses)}")
+        self.generator_terms = build_terms(generator_losses, GENERATOR_LOSSES, "method.generator_losses",
+                                           allow_empty=fixed)
         self.student_terms = build_terms(student_losses, STUDENT_LOSSES, "method.student_losses")
         self.settings = _train_settings(student_optim or {}, generator_optim or {}, lr_decay, generator_steps,
-                                        student_steps, ema_beta, inundation or {}, best_epoch_on_test,
-                                        stop_after_epoch, keep_checkpoint)
+                                        student_steps, ema_beta, inundation or {}, perturb_epsilon,
+                                        best_epoch_on_test, stop_after_epoch, keep_checkpoint)
         self.spec = {"generator": self.generator_spec, "generator_losses": generator_losses,
                      "student_losses": student_losses, "schedule": self.schedule.to_dict(),
                      "settings": {k: v for k, v in vars(self.settings).items() if k not in _DEBUG_KEYS}}
@@ -69,6 +74,8 @@ class GeneratorQAT(Method):
         name = spec.pop("name")
         generator = build(GENERATORS, name, "method.generator.name", spec, num_classes=ctx.num_classes,
                           image_shape=tuple(ctx.input_shape), teacher_fc=_classifier_weight(teacher))
+        if hasattr(generator, "prepare"):  # a fixed synthetic set: made (or loaded from the cache) once
+            generator.prepare(teacher, ctx, self.schedule.fixed_set_images, self.schedule.fixed_set_iterations)
         student = quantize_model(model, ctx.convention, ctx.wbit, ctx.abit)
         for wq in weight_quantizers(student):
             wq.dynamic = True  # the weights change every step: their grid follows (GDFQ's per-step min/max)
@@ -116,7 +123,8 @@ def _keys(key: str, given: dict, valid: tuple[str, ...]) -> None:
 
 
 def _train_settings(student_optim, generator_optim, lr_decay, generator_steps, student_steps, ema_beta,
-                    inundation, best_epoch_on_test, stop_after_epoch, keep_checkpoint) -> TrainSettings:
+                    inundation, perturb_epsilon, best_epoch_on_test, stop_after_epoch,
+                    keep_checkpoint) -> TrainSettings:
     _keys("method.student_optim", student_optim, ("lr", "momentum", "nesterov", "weight_decay"))
     _keys("method.generator_optim", generator_optim, ("lr", "betas"))
     _keys("method.inundation", inundation, ("enabled", "threshold", "bisection_steps"))
@@ -153,6 +161,7 @@ def _train_settings(student_optim, generator_optim, lr_decay, generator_steps, s
         ema_beta=_number("method.ema_beta", ema_beta, 0.0, 1.0, high_open=True),
         inundation_threshold=threshold,
         inundation_bisection_steps=int(inundation.get("bisection_steps", d.inundation_bisection_steps)),
+        perturb_epsilon=_number("method.perturb_epsilon", perturb_epsilon, 0.0),
         best_epoch_on_test=bool(best_epoch_on_test), stop_after_epoch=stop_after_epoch,
         keep_checkpoint=bool(keep_checkpoint),
     )

@@ -31,6 +31,8 @@ SOURCES: dict[str, str] = {
     "procedural": "dfqbench.synth.calib_data:procedural_source",  # dead-leaves shapes over smooth noise
     "dsg": "dfqbench.synth.dsg:dsg_source",  # DSG: slack BN alignment + layer-wise sample enhancement
     "genie": "dfqbench.synth.genie:genie_source",  # Genie: generator + learnable latents, BN statistics
+    "intraq": "dfqbench.synth.labelled:intraq_source",  # IntraQ: soft labels + intra-class cosine margins
+    "hast": "dfqbench.synth.labelled:hast_source",  # HAST: focal-weighted CE on hard samples
 }
 _IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp"}
 
@@ -42,11 +44,14 @@ def check_source(name: str, key: str = "method.calib_data") -> str:
     return name
 
 
+def source_function(source: str) -> Callable:
+    module, _, func = SOURCES[check_source(source)].partition(":")
+    return getattr(importlib.import_module(module), func)
+
+
 def calibration_batches(source: str, model, ctx, num_images: int, batch_size: int) -> list[torch.Tensor]:
     """`num_images` normalized images from `source`, in batches of at most `batch_size`, on ctx.device."""
-    check_source(source)
-    module, _, func = SOURCES[source].partition(":")
-    fn: Callable = getattr(importlib.import_module(module), func)
+    fn = source_function(source)
     ctx.info["calib_data"] = source
     ctx.info["calib_images"] = num_images
     return [b.to(ctx.device) for b in fn(model, ctx, num_images, batch_size)]

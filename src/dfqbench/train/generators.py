@@ -24,10 +24,11 @@ class Sample:
     labels: torch.Tensor | None  # [B, K] class indices; None for an unconditional generator
     weights: torch.Tensor | None  # [B, K] mixing weights summing to 1
     targets: torch.Tensor | None  # [B, classes] soft labels: sum_k weights_k * one_hot(labels_k)
+    images: torch.Tensor | None = None  # a fixed set's drawn (augmented) images: forward returns them
 
     def to(self, device: torch.device) -> "Sample":
         move = lambda t: None if t is None else t.to(device, non_blocking=True)  # noqa: E731
-        return Sample(move(self.z), move(self.labels), move(self.weights), move(self.targets))
+        return Sample(move(self.z), move(self.labels), move(self.weights), move(self.targets), move(self.images))
 
 
 def _check_shape(image_shape) -> tuple[int, int]:
@@ -152,6 +153,65 @@ class UnconditionalGenerator(nn.Module):
 
     def forward(self, s: Sample) -> torch.Tensor:
         return self.trunk(s.z[:, 0])
+
+
+@register(GENERATORS, "fixed_set")
+class FixedSet(nn.Module):
+    """No generator: a fixed synthetic set (IntraQ, HAST) made once before training by a calibration source of
+    dfqbench.synth.calib_data (`source`: intraq, hast, or any other: distill, genie, dsg, real, ...) and cached per
+    teacher, settings and seed. Each batch draws images uniformly with replacement and applies RandomResizedCrop
+    (scale `crop_scale`) and a horizontal flip, each with probability `augment_prob` (IntraQ's fine-tuning).
+    Labels: none are stored; losses that need one use the teacher's prediction (for the intraq/hast sources
+    it agrees with the synthesis label on the images the teacher fits). The set's size and the synthesis steps
+    come from the schedule (`fixed_set_images`, `fixed_set_iterations`). Nothing is trained: the method's
+    generator_losses must be empty."""
+
+    trainable = False
+
+    def __init__(self, num_classes: int, image_shape, teacher_fc: torch.Tensor | None = None,
+                 source: str = "intraq", source_settings: dict | None = None, augment_prob: float = 0.5,
+                 crop_scale: tuple[float, float] = (0.5, 1.0), synthesis_batch: int = 256):
+        super().__init__()
+        from ..synth.calib_data import check_source
+
+        self.source = check_source(source, "method.generator.source")
+        self.source_settings = dict(source_settings or {})
+        if not 0.0 <= augment_prob <= 1.0:
+            raise ValueError(f"augment_prob={augment_prob!r} must be in [0, 1]")
+        crop_scale = tuple(float(v) for v in crop_scale)
+        if len(crop_scale) != 2 or not 0.0 < crop_scale[0] <= crop_scale[1] <= 1.0:
+            raise ValueError(f"crop_scale={list(crop_scale)} must be [low, high] with 0 < low <= high <= 1")
+        self.augment_prob, self.crop_scale = float(augment_prob), crop_scale
+        self.synthesis_batch = _positive_int("synthesis_batch", synthesis_batch)
+        self.register_buffer("images", torch.zeros(0, *image_shape), persistent=False)  # rebuilt from the cache
+
+    def prepare(self, teacher: nn.Module, ctx, num_images: int, iterations: int) -> None:
+        import inspect
+
+        from ..synth.calib_data import source_function
+
+        fn = source_function(self.source)
+        settings = dict(self.source_settings)
+        params = inspect.signature(fn).parameters.values()
+        if any(p.kind is p.VAR_KEYWORD or p.name == "iterations" for p in params):
+            settings.setdefault("iterations", iterations)
+        elif settings:
+            raise ValueError(f"method.generator.source_settings: source {self.source!r} takes no settings")
+        batches = fn(teacher, ctx, num_images, self.synthesis_batch, **settings)
+        self.images = torch.cat([b.float() for b in batches]).to(ctx.device).contiguous()
+        ctx.info["fixed_set"] = {"source": self.source, "images": len(self.images), **settings}
+
+    def sample(self, batch_size: int, rng: torch.Generator) -> Sample:
+        from ..synth.augment import crop_flip
+
+        if not len(self.images):
+            raise RuntimeError("FixedSet.prepare() must run before sampling")
+        idx = torch.randint(len(self.images), (batch_size,), generator=rng).to(self.images.device)
+        images = crop_flip(self.images[idx], rng, scale=self.crop_scale, prob=self.augment_prob)
+        return Sample(torch.zeros(batch_size, 1, 0), None, None, None, images)
+
+    def forward(self, s: Sample) -> torch.Tensor:
+        return s.images.contiguous(memory_format=torch.channels_last)
 
 
 def _with_targets(z, labels, weights, num_classes) -> Sample:

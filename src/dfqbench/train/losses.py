@@ -27,22 +27,39 @@ class Step:
 
     def __init__(self, images: torch.Tensor, targets: torch.Tensor | None, teacher: Callable | None = None,
                  student: Callable | None = None, teacher_logits: torch.Tensor | None = None,
-                 bn_stats: Callable[[], list] | None = None):
+                 bn_stats: Callable[[], list] | None = None, taps: tuple | None = None,
+                 teacher_features: torch.Tensor | None = None):
         self.images = images
         self._targets, self._teacher, self._student = targets, teacher, student
         self._teacher_logits, self._student_logits, self._bn_stats = teacher_logits, None, bn_stats
+        self._taps, self._teacher_features, self._student_features = taps, teacher_features, None
 
     @property
     def teacher_logits(self) -> torch.Tensor:
         if self._teacher_logits is None:
             self._teacher_logits = self._teacher(self.images)
+            if self._taps:
+                self._teacher_features = self._taps[0].value
         return self._teacher_logits
 
     @property
     def student_logits(self) -> torch.Tensor:
         if self._student_logits is None:
             self._student_logits = self._student(self.images)
+            if self._taps:
+                self._student_features = self._taps[1].value
         return self._student_logits
+
+    @property
+    def teacher_features(self) -> torch.Tensor:
+        """The teacher's penultimate feature (the input of its classifier), from the same forward as its logits."""
+        self.teacher_logits
+        return self._teacher_features
+
+    @property
+    def student_features(self) -> torch.Tensor:
+        self.student_logits
+        return self._student_features
 
     @property
     def targets(self) -> torch.Tensor:
@@ -58,8 +75,26 @@ class Step:
         return self._bn_stats()
 
 
+class PenultimateTap:
+    """Keeps the input of a model's last nn.Linear (its penultimate feature) from the latest forward."""
+
+    def __init__(self, model: torch.nn.Module):
+        linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
+        if not linears:
+            raise UnsupportedModel("a feature loss needs a model whose classifier is an nn.Linear")
+        self.value = None
+        self.handle = linears[-1].register_forward_pre_hook(self._keep)
+
+    def _keep(self, module, inputs):
+        self.value = inputs[0]
+
+    def close(self) -> None:
+        self.handle.remove()
+
+
 class LossTerm:
     needs_bn_stats = False  # the trainer records the teacher's BN-input statistics only when a term needs them
+    needs_features = False  # ... and taps the penultimate features only when a term needs them
 
     def __init__(self, weight: float = 1.0):
         if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not math.isfinite(weight) \
@@ -108,6 +143,17 @@ class AdversarialL1(LossTerm):
         return -(step.student_logits - step.teacher_logits).abs().mean()
 
 
+@register(GENERATOR_LOSSES, "activation")
+class FeatureActivation(LossTerm):
+    """DAFL's activation term as ZAQ uses it: the generator maximizes the mean absolute value of the teacher's
+    penultimate feature (returns its negative)."""
+
+    needs_features = True
+
+    def __call__(self, step):
+        return -step.teacher_features.abs().mean()
+
+
 KD_REDUCTIONS = ("mean", "batchmean")
 
 
@@ -151,8 +197,22 @@ class LogitL1(LossTerm):
         return (step.student_logits - step.teacher_logits.detach()).abs().mean()
 
 
-def build_terms(specs: dict | None, registry: dict[str, type], what: str) -> list[tuple[str, LossTerm]]:
+@register(STUDENT_LOSSES, "feature_mse")
+class FeatureMSE(LossTerm):
+    """HAST's feature alignment: MSE between the student's and the teacher's penultimate features (decision: the
+    paper aligns "features"; the classifier input is the one feature every classifier has)."""
+
+    needs_features = True
+
+    def __call__(self, step):
+        return F.mse_loss(step.student_features.flatten(1), step.teacher_features.detach().flatten(1))
+
+
+def build_terms(specs: dict | None, registry: dict[str, type], what: str,
+                allow_empty: bool = False) -> list[tuple[str, LossTerm]]:
     """{name: {weight: w, ...settings}} -> [(name, term)], leaving out terms of weight 0."""
+    if allow_empty and not specs:
+        return []
     if not isinstance(specs, dict) or not specs:
         raise ValueError(f"{what} must map at least one loss name to its settings; choose from: "
                          f"{', '.join(sorted(registry))}")

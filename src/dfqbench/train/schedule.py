@@ -14,6 +14,8 @@ class Schedule:
     warmup_epochs: int = 0  # generator-only epochs: the student is not stepped (GDFQ: 4 on CIFAR)
     calib_epochs: int = 1  # epochs in which the EMA activation ranges are updated, then frozen (GDFQ: 4)
     milestones: tuple[int, ...] = ()  # epochs at which learning rates (and AIT's threshold) are multiplied by decay
+    fixed_set_images: int = 5120  # fixed-set methods (IntraQ, HAST): images synthesized before training
+    fixed_set_iterations: int = 1000  # ... and optimization steps per synthesized batch
 
     @classmethod
     def from_dict(cls, data: dict) -> "Schedule":
@@ -28,7 +30,7 @@ class Schedule:
         return schedule
 
     def validate(self) -> None:
-        for key in ("epochs", "iters_per_epoch"):
+        for key in ("epochs", "iters_per_epoch", "fixed_set_images", "fixed_set_iterations"):
             _int_at_least(key, getattr(self, key), 1, self.name)
         _int_at_least("batch_size", self.batch_size, 2, self.name)  # BatchNorm statistics need 2 samples
         _int_at_least("warmup_epochs", self.warmup_epochs, 0, self.name)

@@ -7,6 +7,8 @@ Per epoch, `iters_per_epoch` iterations of:
      the generated images, detached (the first student step reuses the generator step's images and teacher
      logits, as GDFQ does; further ones draw fresh images), student losses, SGD step, optionally AIT's gradient
      inundation. During the `warmup_epochs` the student is not stepped.
+A fixed synthetic set (IntraQ, HAST: generator `fixed_set`, no generator loss) skips step 1: every student
+step draws a fresh augmented batch. HAST's `perturb_epsilon` adds the same student loss on x + eps * sign(grad_x).
 Activation ranges follow an EMA of the batch ranges during the first `calib_epochs` epochs, then stay frozen.
 Learning rates are a function of the epoch (multi-step decay at the schedule's milestones), so resuming needs no
 scheduler state. After every epoch the student, generator, optimizers, EMA state, RNG states and the epoch go
@@ -34,7 +36,7 @@ from . import checkpoint as ckpt
 from .ema import EMARangeObserver
 from .errors import TrainingDiverged
 from .inundation import GradientInundation
-from .losses import LossTerm, Step, weighted_sum
+from .losses import LossTerm, PenultimateTap, Step, weighted_sum
 from .schedule import Schedule
 
 
@@ -56,6 +58,7 @@ class TrainSettings:
     ema_beta: float = 0.9
     inundation_threshold: float | None = None  # AIT's passing threshold; None = plain SGD steps
     inundation_bisection_steps: int = 5
+    perturb_epsilon: float = 0.0  # HAST: also train on x + eps * sign(grad_x student loss); 0 = off
     best_epoch_on_test: bool = False
     stop_after_epoch: int | None = None
     keep_checkpoint: bool = False
@@ -106,12 +109,16 @@ class Trainer:
         self.rng = torch.Generator().manual_seed(seed)
         self.opt_s = torch.optim.SGD(self.student.parameters(), lr=settings.student_lr, momentum=settings.momentum,
                                      nesterov=settings.nesterov, weight_decay=settings.weight_decay)
-        self.opt_g = torch.optim.Adam(self.generator.parameters(), lr=settings.generator_lr,
-                                      betas=tuple(settings.generator_betas))
+        trainable = [p for p in self.generator.parameters() if p.requires_grad]
+        # a fixed set (no trainable generator, no generator loss) skips the generator step
+        self.opt_g = (torch.optim.Adam(trainable, lr=settings.generator_lr, betas=tuple(settings.generator_betas))
+                      if trainable and generator_terms else None)
         self.observer = EMARangeObserver(self.student, settings.ema_beta, self.rng)
         self.observer.active = False
         needs_bn = any(term.needs_bn_stats for _, term in generator_terms)
         self.bn = BNRecorder(self.teacher) if needs_bn else None
+        needs_features = any(term.needs_features for _, term in (*generator_terms, *student_terms))
+        self.taps = (PenultimateTap(self.teacher), PenultimateTap(self.student)) if needs_features else None
         self.gi = (GradientInundation(self.student, settings.inundation_threshold, settings.inundation_bisection_steps)
                    if settings.inundation_threshold else None)
         self.start_epoch, self.best, self.last = 0, None, {}
@@ -146,6 +153,8 @@ class Trainer:
         self.observer.close()
         if self.bn:
             self.bn.close()
+        for tap in self.taps or ():
+            tap.close()
         iters_run = (s.epochs - self.start_epoch) * s.iters_per_epoch
         seconds = time.perf_counter() - t0
         info = {"epochs": s.epochs, "iters_per_epoch": s.iters_per_epoch, "batch_size": s.batch_size,
@@ -166,7 +175,7 @@ class Trainer:
         factor = self.schedule.decay_factor(epoch, self.settings.lr_decay)
         for group in self.opt_s.param_groups:
             group["lr"] = self.settings.student_lr * factor
-        for group in self.opt_g.param_groups:
+        for group in self.opt_g.param_groups if self.opt_g else ():
             group["lr"] = self.settings.generator_lr * factor
         if self.gi:  # AIT decays its passing threshold with the learning rate
             self.gi.threshold = self.settings.inundation_threshold * factor
@@ -174,31 +183,37 @@ class Trainer:
     def _iteration(self, epoch: int, it: int) -> None:
         s, cfg = self.schedule, self.settings
         batch = None
-        for _ in range(cfg.generator_steps):
+        for _ in range(cfg.generator_steps if self.opt_g else 0):
             sample = self.generator.sample(s.batch_size, self.rng).to(self.device)
             images = self.generator(sample)
             step = Step(images, sample.targets, teacher=self._teacher_forward, student=self.student,
-                        bn_stats=(lambda: self.bn.stats) if self.bn else None)
+                        bn_stats=(lambda: self.bn.stats) if self.bn else None, taps=self.taps)
             loss, terms = weighted_sum(self.generator_terms, step)
             self.last["G"] = self._checked(loss, terms, "generator", epoch, it)
             self.opt_g.zero_grad(set_to_none=True)
             loss.backward()
             self.opt_g.step()
-            batch = (images.detach(), step.targets.detach(), step.teacher_logits.detach())
+            batch = (images.detach(), step.targets.detach(), step.teacher_logits.detach(),
+                     _detached(step.teacher_features) if self.taps else None)
         train_student = epoch >= s.warmup_epochs
         self.observer.active = epoch < s.calib_epochs
         try:
             for j in range(cfg.student_steps):
                 if batch is None or j > 0:
                     batch = self._fresh_batch()
-                images, targets, teacher_logits = batch
+                images, targets, teacher_logits, teacher_features = batch
                 if not train_student:  # warm-up: the student only observes ranges (when calibrating)
                     if self.observer.active:
                         with torch.no_grad():
                             self.student(images)
                     continue
-                step = Step(images, targets, teacher_logits=teacher_logits, student=self.student)
+                if cfg.perturb_epsilon:
+                    images = images.detach().requires_grad_(True)
+                step = Step(images, targets, teacher_logits=teacher_logits, student=self.student, taps=self.taps,
+                            teacher_features=teacher_features)
                 loss, terms = weighted_sum(self.student_terms, step)
+                if cfg.perturb_epsilon:
+                    loss, terms = self._with_hard_samples(loss, terms, images, targets)
                 self.last["S"] = self._checked(loss, terms, "student", epoch, it)
                 self.opt_s.zero_grad(set_to_none=True)
                 loss.backward()
@@ -212,12 +227,24 @@ class Trainer:
     def _teacher_forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.bn.run(self.teacher, images) if self.bn else self.teacher(images)
 
+    def _with_hard_samples(self, loss, terms, images, targets):
+        """HAST's sample-difficulty promotion: the same student loss on x + eps * sign(grad_x loss), added."""
+        grad, = torch.autograd.grad(loss, images, retain_graph=True)
+        hard = (images + self.settings.perturb_epsilon * grad.sign()).detach()
+        with torch.no_grad():
+            teacher_logits = self.teacher(hard)
+            features = self.taps[0].value if self.taps else None
+        step = Step(hard, targets, teacher_logits=teacher_logits, student=self.student, taps=self.taps,
+                    teacher_features=features)
+        hard_loss, hard_terms = weighted_sum(self.student_terms, step)
+        return loss + hard_loss, {**terms, **{f"hard_{k}": v for k, v in hard_terms.items()}}
+
     @torch.no_grad()
     def _fresh_batch(self):
         sample = self.generator.sample(self.schedule.batch_size, self.rng).to(self.device)
         images = self.generator(sample)
-        step = Step(images, sample.targets, teacher=self.teacher)
-        return images, step.targets, step.teacher_logits
+        step = Step(images, sample.targets, teacher=self.teacher, taps=self.taps)
+        return images, step.targets, step.teacher_logits, step.teacher_features if self.taps else None
 
     def _checked(self, loss: torch.Tensor, terms: dict, phase: str, epoch: int, it: int) -> float:
         value = float(loss.detach())
@@ -260,7 +287,8 @@ class Trainer:
     def _state(self, epochs_done: int) -> dict:
         return {"format": 1, "fingerprint": self.fingerprint, "epoch": epochs_done,
                 "student": self.student.state_dict(), "generator": self.generator.state_dict(),
-                "opt_student": self.opt_s.state_dict(), "opt_generator": self.opt_g.state_dict(),
+                "opt_student": self.opt_s.state_dict(),
+                "opt_generator": self.opt_g.state_dict() if self.opt_g else None,
                 "observer": self.observer.state_dict(), "rng": ckpt.rng_state(self.rng), "best": self.best}
 
     def _resume(self) -> int | None:
@@ -274,7 +302,8 @@ class Trainer:
         self.student.load_state_dict(state["student"])
         self.generator.load_state_dict(state["generator"])
         self.opt_s.load_state_dict(state["opt_student"])
-        self.opt_g.load_state_dict(state["opt_generator"])
+        if self.opt_g:
+            self.opt_g.load_state_dict(state["opt_generator"])
         self.observer.load_state_dict(state["observer"])
         ckpt.set_rng_state(self.rng, state["rng"])
         self.best, self.start_epoch = state["best"], int(state["epoch"])
@@ -289,3 +318,7 @@ class Trainer:
         for q in self.student.modules():
             if isinstance(q, ActQuantizer) and q.enabled and q.calibrated:
                 q.set_range(q.lo.detach().clone(), q.hi.detach().clone())
+
+
+def _detached(t: torch.Tensor | None) -> torch.Tensor | None:
+    return None if t is None else t.detach()

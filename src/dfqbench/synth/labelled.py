@@ -1,0 +1,188 @@
+"""Labelled synthetic sets for fixed-set fine-tuning: IntraQ (Zhong et al., CVPR 2022) and HAST (Li et al.,
+CVPR 2023), settings as collected in shared/docs/methods.md.
+
+Both optimize batches of images, initialized ~ N(0, 1) in the teacher's normalized input space, with Adam
+(lr 0.5, ReduceLROnPlateau patience 50) against the teacher:
+  BN loss: mean over the teacher's BN layers of MSE(batch mean, running mean) + MSE(biased batch var, running
+           var) at the BN inputs (GDFQ's BNS), plus a label term:
+  intraq:  MSE(softmax(logits), soft target), where a random half of the batch gets target probability
+           ~ U[target_prob, 1] on its label (the rest spread evenly over the other classes) and the other half a
+           one-hot target; plus the intra-class cosine margin: each image's penultimate feature keeps a cosine
+           distance from its class centroid (the mean feature of that class over the finished batches) between
+           `margin_lower` and `margin_upper` (squared hinge outside; no term while a class has no centroid);
+  hast:    beta * mean((1 - p_y)^gamma * CE(logits, y)): hard samples (low p_y) weigh more.
+Every step, each image is randomly resized-cropped (scale 0.5-1) and flipped with probability `augment_prob`.
+Labels are balanced: image i of a batch has class i mod C, so every class has a centroid after the first batch.
+Decisions where the papers leave room: IntraQ updates its centroids per group of 5 batches; here after every
+batch. The paper's 4 x 5 x 256 = 5,120 images at 1,000 steps are the `paper` schedule; the `cpu` schedule makes
+fewer images with fewer steps (conf/schedule/cpu.yaml).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm.auto import tqdm
+
+from ..errors import UnsupportedModel
+from .augment import crop_flip
+from .calib_data import _split, cached
+
+LABEL_LOSSES = ("intraq", "hast")
+
+
+@dataclass
+class LabelledSettings:
+    label_loss: str = "intraq"  # intraq | hast
+    batch_size: int = 256
+    iterations: int = 1000
+    lr: float = 0.5
+    patience: int = 50
+    augment_prob: float = 0.5
+    target_prob: float = 0.95  # intraq (CIFAR-10; CIFAR-100 0.6, ImageNet 1.0)
+    margin_lower: float = 0.05  # intraq cosine-distance band (CIFAR-10; CIFAR-100 0.02-1.0, ImageNet 0-2)
+    margin_upper: float = 0.8
+    beta: float = 10.0  # hast (CIFAR; ImageNet 0.1)
+    gamma: float = 2.0  # hast (CIFAR; ImageNet 0.5)
+
+    def validate(self, prefix: str = "method.generator.source_settings.") -> "LabelledSettings":
+        if self.label_loss not in LABEL_LOSSES:
+            raise ValueError(f"{prefix}label_loss={self.label_loss!r} is not valid; choose one of: "
+                             f"{', '.join(LABEL_LOSSES)}")
+        for key in ("batch_size", "iterations"):
+            value = getattr(self, key)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{prefix}{key}={value!r} must be a positive integer")
+        if not 0.0 <= self.augment_prob <= 1.0 or not 0.0 <= self.target_prob <= 1.0:
+            raise ValueError(f"{prefix}augment_prob and target_prob must be in [0, 1]")
+        if not 0.0 <= self.margin_lower <= self.margin_upper:
+            raise ValueError(f"{prefix}margin_lower={self.margin_lower} must be in [0, margin_upper]")
+        return self
+
+
+class _Taps:
+    """Inputs of the teacher's BN layers (for the BN loss) and of its classifier (the penultimate feature)."""
+
+    def __init__(self, model: nn.Module):
+        self.bns = [m for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
+        linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
+        if not self.bns or not linears:
+            raise UnsupportedModel("labelled synthesis (intraq, hast) needs a teacher with BatchNorm2d layers and "
+                                   "an nn.Linear classifier")
+        self.bn_inputs: dict[nn.Module, torch.Tensor] = {}
+        self.feature = None
+        self.handles = [bn.register_forward_pre_hook(self._bn) for bn in self.bns]
+        self.handles.append(linears[-1].register_forward_pre_hook(self._fc))
+
+    def _bn(self, module, inputs):
+        self.bn_inputs[module] = inputs[0]
+
+    def _fc(self, module, inputs):
+        self.feature = inputs[0]
+
+    def bn_loss(self) -> torch.Tensor:
+        total = 0.0
+        for bn in self.bns:
+            var, mean = torch.var_mean(self.bn_inputs[bn], dim=(0, 2, 3), unbiased=False)
+            total = total + F.mse_loss(mean, bn.running_mean) + F.mse_loss(var, bn.running_var)
+        return total / len(self.bns)
+
+    def close(self) -> None:
+        for h in self.handles:
+            h.remove()
+
+
+def _soft_targets(labels: torch.Tensor, num_classes: int, target_prob: float, rng: torch.Generator) -> torch.Tensor:
+    n = labels.shape[0]
+    p = torch.empty(n).uniform_(target_prob, 1.0, generator=rng)
+    p = torch.where(torch.rand(n, generator=rng) < 0.5, p, torch.ones(n))
+    rest = ((1.0 - p) / max(num_classes - 1, 1)).unsqueeze(1)
+    targets = rest.expand(n, num_classes).clone()
+    targets.scatter_(1, labels.unsqueeze(1), p.unsqueeze(1))
+    return targets
+
+
+def _cosine_band(features, labels, centroids, lower, upper) -> torch.Tensor:
+    known = centroids[labels].norm(dim=1) > 0
+    if not bool(known.any()):
+        return features.new_zeros(())
+    dist = 1.0 - F.cosine_similarity(features[known], centroids[labels[known]], dim=1)
+    return (F.relu(lower - dist) ** 2 + F.relu(dist - upper) ** 2).mean()
+
+
+def synthesize(model: nn.Module, num_images: int, image_shape, num_classes: int, settings: LabelledSettings,
+               rng: torch.Generator, device: torch.device, progress: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """(images [N, C, H, W] normalized, labels [N]) made by `settings.label_loss`."""
+    settings.validate()
+    model = model.eval().to(device)
+    params = list(model.parameters())
+    flags = [p.requires_grad for p in params]
+    for p in params:
+        p.requires_grad_(False)
+    taps = _Taps(model)
+    images, labels = [], []
+    feat_sum, feat_count = None, torch.zeros(num_classes, device=device)
+    try:
+        done = 0
+        while done < num_images:
+            n = min(settings.batch_size, num_images - done)
+            y = (torch.arange(n) + done) % num_classes
+            targets = _soft_targets(y, num_classes, settings.target_prob, rng).to(device)
+            y = y.to(device)
+            x = torch.randn((n, *image_shape), generator=rng).to(device).requires_grad_(True)
+            opt = torch.optim.Adam([x], lr=settings.lr)
+            sched = torch.optim.lr_scheduler.ReduceLROnPlateau(opt, patience=settings.patience)
+            centroids = (feat_sum / feat_count.clamp_min(1).unsqueeze(1)) if feat_sum is not None else None
+            steps = tqdm(range(settings.iterations), desc=f"{settings.label_loss} images {done}/{num_images}",
+                         disable=not progress, leave=False)
+            for _ in steps:
+                opt.zero_grad(set_to_none=True)
+                logits = model(crop_flip(x, rng, prob=settings.augment_prob))
+                loss = taps.bn_loss()
+                if settings.label_loss == "intraq":
+                    loss = loss + F.mse_loss(F.softmax(logits, dim=1), targets)
+                    if centroids is not None:
+                        loss = loss + _cosine_band(taps.feature.flatten(1), y, centroids, settings.margin_lower,
+                                                   settings.margin_upper)
+                else:
+                    ce = F.cross_entropy(logits, y, reduction="none")
+                    p_y = F.softmax(logits, dim=1).gather(1, y.unsqueeze(1)).squeeze(1)
+                    loss = loss + settings.beta * ((1.0 - p_y).pow(settings.gamma) * ce).mean()
+                loss.backward()
+                opt.step()
+                sched.step(loss.item())
+                steps.set_postfix(loss=f"{loss.item():.4f}")
+            with torch.no_grad():
+                model(x)
+                f = taps.feature.flatten(1)
+                if feat_sum is None:
+                    feat_sum = torch.zeros(num_classes, f.shape[1], device=device)
+                feat_sum.index_add_(0, y, f)
+                feat_count += torch.bincount(y, minlength=num_classes).float()
+            images.append(x.detach())
+            labels.append(y)
+            done += n
+    finally:
+        taps.close()
+        for p, flag in zip(params, flags):
+            p.requires_grad_(flag)
+    return torch.cat(images), torch.cat(labels)
+
+
+def _source(label_loss: str):
+    def source(model, ctx, num_images: int, batch_size: int, **overrides) -> list[torch.Tensor]:
+        settings = LabelledSettings(label_loss=label_loss, **overrides).validate()
+        key = {**asdict(settings), "num_images": num_images}
+        batches = cached(ctx, label_loss, key, lambda: [synthesize(
+            model, num_images, tuple(ctx.input_shape), ctx.num_classes, settings, ctx.generator(), ctx.device,
+            ctx.progress)[0]])
+        return _split(torch.cat(batches).to(ctx.device), batch_size)
+    source.__doc__ = f"The `{label_loss}` source: labelled synthesis (see dfqbench.synth.labelled), cached."
+    return source
+
+
+intraq_source = _source("intraq")
+hast_source = _source("hast")
