@@ -76,7 +76,7 @@ def test_committed_reported_files_load():
 
 def test_drops_beside_papers_lists_every_teacher_a_paper_used():
     summary = pd.DataFrame([{"model": "resnet20_cifar10", "dataset": "cifar10", "method": "squant", "quant": q,
-                             "wbit": 4, "abit": 4, "n_test": 10000, "seeds": 1, "fp32_top1": 87.66,
+                             "schedule": "", "wbit": 4, "abit": 4, "n_test": 10000, "seeds": 1, "fp32_top1": 87.66,
                              "top1_mean": 87.66 - d, "top1_std": float("nan"), "drop_mean": d,
                              "drop_std": float("nan")} for q, d in (("squant", 1.25), ("gdfq", 2.5))])
     reported = pd.DataFrame([{"model": m, "method": "squant", "wbit": 4, "abit": 4, "fp32_top1": fp, "top1": q,
@@ -87,3 +87,18 @@ def test_drops_beside_papers_lists_every_teacher_a_paper_used():
         "Method": "squant", "W": "4", "A": "4", "Our model": "resnet20_cifar10",
         "Drop (ours, by convention)": "gdfq 2.50, squant 1.25",
         "Drop (papers, their teacher)": "resnet18 5.33; resnet50 6.94 (re-run by X)"}]
+
+
+def test_the_schedule_and_best_epoch_on_test_are_named():
+    assert tables.schedule_label({"info": {}}) == ""
+    assert tables.schedule_label({"info": {"schedule": "cpu"}}) == "cpu"
+    assert tables.schedule_label({"info": {"schedule": "paper", "best_epoch_on_test": True}}) == \
+        "paper (best epoch on TEST)"
+    summary = pd.DataFrame([{"model": "resnet20_cifar10", "dataset": "cifar10", "method": "gdfq", "quant": "gdfq",
+                             "schedule": "cpu", "wbit": 4, "abit": 4, "n_test": 10000, "seeds": 1,
+                             "fp32_top1": 87.66, "top1_mean": 85.0, "top1_std": float("nan"), "drop_mean": 2.66,
+                             "drop_std": float("nan")}])
+    reported = pd.DataFrame([{"model": "resnet20_cifar10", "method": "gdfq", "wbit": 4, "abit": 4,
+                              "fp32_top1": 93.11, "top1": 90.25, "notes": ""}])
+    row = tables.drops_beside_papers(summary, reported).to_dict("records")[0]
+    assert row["Drop (ours, by convention)"] == "gdfq [cpu schedule] 2.66"

@@ -20,10 +20,11 @@ import pandas as pd
 from .plots import plot_all
 from .reported import load_reported
 
-RUN_COLUMNS = ["model", "dataset", "method", "quant", "wbit", "abit", "seed", "fp32_top1", "top1", "top5", "drop",
-               "n_test", "checkpoint_sha256", "config_hash", "wall_time_s", "quantize_time_s", "git_commit",
+RUN_COLUMNS = ["model", "dataset", "method", "quant", "schedule", "wbit", "abit", "seed", "fp32_top1", "top1", "top5",
+               "drop", "n_test", "checkpoint_sha256", "config_hash", "wall_time_s", "quantize_time_s", "git_commit",
                "record"]
-_GROUP = ["model", "dataset", "method", "quant", "wbit", "abit", "n_test"]  # a test slice never mixes with the full set
+# a test slice never mixes with the full set, nor a schedule with another
+_GROUP = ["model", "dataset", "method", "quant", "schedule", "wbit", "abit", "n_test"]
 
 
 def collect_runs(roots: list[Path]) -> pd.DataFrame:
@@ -36,10 +37,20 @@ def collect_runs(roots: list[Path]) -> pd.DataFrame:
                 continue
             if record.get("status") != "done":
                 continue
-            rows.append({**{k: record.get(k) for k in RUN_COLUMNS}, "record": str(path)})
+            rows.append({**{k: record.get(k) for k in RUN_COLUMNS}, "schedule": schedule_label(record),
+                         "record": str(path)})
     df = pd.DataFrame(rows, columns=RUN_COLUMNS)
     # the same config computed twice (e.g. in two sweep roots) counts once
     return df.drop_duplicates(subset=["config_hash", "checkpoint_sha256", "n_test"], keep="last")
+
+
+def schedule_label(record: dict) -> str:
+    """The training schedule of a training method's run ("" for the others), and the best-epoch-on-test label."""
+    info = record.get("info") or {}
+    label = str(info.get("schedule") or "")
+    if info.get("best_epoch_on_test"):
+        label += " (best epoch on TEST)"
+    return label
 
 
 def summarize(runs: pd.DataFrame) -> pd.DataFrame:
@@ -59,7 +70,7 @@ def _fmt(value, digits=2) -> str:
 def _ours(row) -> dict:
     spread = f" ± {row.top1_std:.2f}" if row.seeds > 1 else ""
     drop_spread = f" ± {row.drop_std:.2f}" if row.seeds > 1 else ""
-    return {"Convention": row.quant, "FP32 (ours)": _fmt(row.fp32_top1),
+    return {"Convention": row.quant, "Schedule": row.schedule, "FP32 (ours)": _fmt(row.fp32_top1),
             "Quantized (ours)": _fmt(row.top1_mean) + spread, "Drop (ours)": _fmt(row.drop_mean) + drop_spread,
             "Seeds": str(int(row.seeds))}
 
@@ -72,7 +83,7 @@ def _paper(row) -> dict:
             "Notes": notes}
 
 
-_HEADER = ["Method", "W", "A", "Convention", "FP32 (ours)", "Quantized (ours)", "Drop (ours)", "Seeds",
+_HEADER = ["Method", "W", "A", "Convention", "Schedule", "FP32 (ours)", "Quantized (ours)", "Drop (ours)", "Seeds",
            "FP32 (paper)", "Quantized (paper)", "Drop (paper)", "Paper", "Notes"]
 
 
@@ -107,7 +118,8 @@ def drops_beside_papers(summary: pd.DataFrame, reported: pd.DataFrame) -> pd.Dat
         p = reported[(reported.method == method) & (reported.wbit == wbit) & (reported.abit == abit)]
         if p.empty:
             continue
-        mine = ", ".join(f"{r.quant} {_fmt(r.drop_mean)}" + (f" ± {r.drop_std:.2f}" if r.seeds > 1 else "")
+        mine = ", ".join(f"{r.quant}{f' [{r.schedule} schedule]' if r.schedule else ''} {_fmt(r.drop_mean)}"
+                         + (f" ± {r.drop_std:.2f}" if r.seeds > 1 else "")
                          for r in cell.sort_values("quant").itertuples())
         theirs = "; ".join(  # notes only where a row is not the paper's own (a re-run by another paper)
             f"{r.model} {_fmt(r.fp32_top1 - r.top1)}" + (f" ({r.notes})" if "re-run" in str(r.notes) else "")
