@@ -6,7 +6,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 ARGS ?=
 
-.PHONY: setup run test test-slow tables reported bench bench-ptq bench-qat baselines baselines-ptq reproduce-cifar10 clean
+.PHONY: setup run test test-slow tables reported bench bench-ptq bench-qat baselines baselines-ptq baselines-qat reproduce-cifar10 clean
 
 setup: $(VENV)/.installed
 
@@ -41,6 +41,10 @@ bench-qat: setup  ## trainer iterations/s beside a plain FP32 forward+backward o
 
 baselines-ptq: setup  ## recompute the post-training family's records (skips finished runs), then the tables
 	PY=$(PY) scripts/run_ptq_baselines.sh
+	$(PY) -m dfqbench.tables
+
+baselines-qat: setup  ## recompute the training family's records, cpu schedule, two lanes (skips finished runs)
+	PY=$(PY) scripts/run_qat_baselines.sh
 	$(PY) -m dfqbench.tables
 
 baselines: setup  ## recompute the committed foundation baselines (skips finished runs), then the tables
