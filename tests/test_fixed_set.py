@@ -118,6 +118,6 @@ def test_smoke_run_on_the_shared_teacher(tmp_path, cache_dir, cifar10_root, teac
 def test_smoke_run_on_an_unseen_random_teacher(tmp_path, cache_dir, cifar10_root, method):
     cfg = _cfg("model=pytorchcv", "model.arch=preresnet20_cifar10", "model.pretrained=false",
                f"dataset.root={cifar10_root}", "dataset.max_samples=100", f"paths.cache_dir={cache_dir}", *SMOKE,
-               f"method={method}", "wbit=4", "abit=4", "schedule.batch_size=8", "method.student_optim.lr=1e-4")
+               f"method={method}", "wbit=4", "abit=4", "schedule.batch_size=8")
     record = run(cfg, tmp_path)
     assert record["status"] == "done" and record["weights"] == "random"
