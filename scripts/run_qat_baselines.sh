@@ -2,8 +2,8 @@
 # Regenerate the training family's records on the ResNet-20 CIFAR-10 teacher (full test set, convention gdfq,
 # schedule cpu) into results/sweeps/...: two lanes run side by side with threads=1 each (a 2-core machine).
 #   lane main:  gdfq, qimera, ait at W4A4, seeds 0, 1, 2 (the 3-seed check), seed 0 of each first
-#   lane other: intraq, hast at W4A4, then gdfq, qimera, ait at W5A5, then qimera_ait at W4A4, intraq, hast,
-#               qimera_ait at W5A5, zaq at W4A4 and W5A5 (seed 0; zaq's 5 student steps cost ~3x an iteration)
+#   lane other: intraq, hast at W4A4 and W5A5, then gdfq, qimera, ait, qimera_ait at W5A5, then qimera_ait and
+#               zaq at W4A4, zaq at W5A5 (seed 0; zaq's 5 student steps per iteration cost ~3x an iteration)
 # Finished runs (same config hash) are skipped on a rerun; a killed run resumes from its last epoch checkpoint.
 # LANES="main" picks lanes (default: both); arguments are passed to every sweep (e.g. schedule=paper).
 set -euo pipefail
