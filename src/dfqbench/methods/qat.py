@@ -34,7 +34,8 @@ class GeneratorQAT(Method):
                  student_optim: dict | None = None, generator_optim: dict | None = None, lr_decay: float = 0.1,
                  generator_steps: int = 1, student_steps: int = 1, ema_beta: float = 0.9,
                  inundation: dict | None = None, perturb_epsilon: float = 0.0, best_epoch_on_test: bool = False,
-                 stop_after_epoch: int | None = None, keep_checkpoint: bool = False, **kwargs):
+                 stop_after_epoch: int | None = None, keep_checkpoint: bool = False,
+                 warmup_generator: dict | None = None, warmup_generator_losses: dict | None = None, **kwargs):
         super().__init__(name, **kwargs)
         if not schedule:
             raise ValueError("method.schedule is missing: the method yaml needs `schedule: ${schedule}`")
@@ -47,33 +48,40 @@ class GeneratorQAT(Method):
                              f"method.generator_losses must be empty, not {sorted(generator_losses)}")
         self.generator_terms = build_terms(generator_losses, GENERATOR_LOSSES, "method.generator_losses",
                                            allow_empty=fixed)
+        self.warmup_spec = dict(warmup_generator) if warmup_generator else None
+        self.warmup_terms = []
+        if self.warmup_spec:
+            self._check_generator(self.warmup_spec, "method.warmup_generator")
+            self.warmup_terms = build_terms(warmup_generator_losses, GENERATOR_LOSSES,
+                                            "method.warmup_generator_losses")
+        elif warmup_generator_losses:
+            raise ValueError("method.warmup_generator_losses needs method.warmup_generator")
         self.student_terms = build_terms(student_losses, STUDENT_LOSSES, "method.student_losses")
         self.settings = _train_settings(student_optim or {}, generator_optim or {}, lr_decay, generator_steps,
                                         student_steps, ema_beta, inundation or {}, perturb_epsilon,
                                         best_epoch_on_test, stop_after_epoch, keep_checkpoint)
         self.spec = {"generator": self.generator_spec, "generator_losses": generator_losses,
+                     "warmup_generator": self.warmup_spec, "warmup_generator_losses": warmup_generator_losses,
                      "student_losses": student_losses, "schedule": self.schedule.to_dict(),
                      "settings": {k: v for k, v in vars(self.settings).items() if k not in _DEBUG_KEYS}}
 
-    def _check_generator(self) -> None:
+    def _check_generator(self, spec: dict | None = None, key: str = "method.generator") -> None:
         """Build the generator once on a tiny stand-in problem: bad names and settings fail before any work."""
-        spec = dict(self.generator_spec)
+        spec = dict(self.generator_spec if spec is None else spec)
         name = spec.pop("name", None)
         width = spec.get("latent_dim")
         width = width if isinstance(width, int) and not isinstance(width, bool) and width > 0 else 8
         try:
-            build(GENERATORS, name, "method.generator.name", spec, num_classes=4, image_shape=(3, 8, 8),
+            build(GENERATORS, name, f"{key}.name", spec, num_classes=4, image_shape=(3, 8, 8),
                   teacher_fc=torch.zeros(4, width))
         except (TypeError, ValueError) as exc:
             msg = str(exc)
-            raise ValueError(msg if msg.startswith("method.generator") else f"method.generator: {msg}") from None
+            raise ValueError(msg if msg.startswith(key) else f"{key}: {msg}") from None
 
     def quantize(self, model: nn.Module, ctx):
         teacher = copy.deepcopy(model).eval()
-        spec = dict(self.generator_spec)
-        name = spec.pop("name")
-        generator = build(GENERATORS, name, "method.generator.name", spec, num_classes=ctx.num_classes,
-                          image_shape=tuple(ctx.input_shape), teacher_fc=_classifier_weight(teacher))
+        generator = self._build_generator(self.generator_spec, teacher, ctx)
+        warmup = self._build_generator(self.warmup_spec, teacher, ctx) if self.warmup_spec else None
         if hasattr(generator, "prepare"):  # a fixed synthetic set: made (or loaded from the cache) once
             generator.prepare(teacher, ctx, self.schedule.fixed_set_images, self.schedule.fixed_set_iterations)
         student = quantize_model(model, ctx.convention, ctx.wbit, ctx.abit)
@@ -82,13 +90,21 @@ class GeneratorQAT(Method):
         trainer = Trainer(teacher, student, generator, self.generator_terms, self.student_terms, self.schedule,
                           self.settings, ctx.device, ctx.seed, run_dir=getattr(ctx, "run_dir", None),
                           fingerprint=self.fingerprint(ctx), progress=ctx.progress,
-                          test_eval=getattr(ctx, "test_eval", None) if self.settings.best_epoch_on_test else None)
+                          test_eval=getattr(ctx, "test_eval", None) if self.settings.best_epoch_on_test else None,
+                          warmup_generator=warmup, warmup_terms=self.warmup_terms)
         info = trainer.fit()
         ctx.info["schedule"] = self.schedule.name
         ctx.info["training"] = info
         if info.get("best_epoch_on_test"):
             ctx.info["best_epoch_on_test"] = True
         return student
+
+    @staticmethod
+    def _build_generator(spec: dict, teacher: nn.Module, ctx) -> nn.Module:
+        spec = dict(spec)
+        name = spec.pop("name")
+        return build(GENERATORS, name, "method.generator.name", spec, num_classes=ctx.num_classes,
+                     image_shape=tuple(ctx.input_shape), teacher_fc=_classifier_weight(teacher))
 
     def fingerprint(self, ctx) -> str:
         """What a checkpoint must match to be resumed: the method's settings and the run's problem."""

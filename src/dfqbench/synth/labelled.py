@@ -5,16 +5,17 @@ Both optimize batches of images, initialized ~ N(0, 1) in the teacher's normaliz
 (lr 0.5, ReduceLROnPlateau patience 50) against the teacher:
   BN loss: mean over the teacher's BN layers of MSE(batch mean, running mean) + MSE(biased batch var, running
            var) at the BN inputs (GDFQ's BNS), plus a label term:
-  intraq:  MSE(softmax(logits), soft target), where a random half of the batch gets target probability
-           ~ U[target_prob, 1] on its label (the rest spread evenly over the other classes) and the other half a
-           one-hot target; plus the intra-class cosine margin: each image's penultimate feature keeps a cosine
-           distance from its class centroid (the mean feature of that class over the finished batches) between
-           `margin_lower` and `margin_upper` (squared hinge outside; no term while a class has no centroid);
+  intraq:  (softmax(logits)_y - p_y)^2 on the label entry only, averaged over the batch, where a random half
+           of the batch has p_y ~ U[target_prob, 1] and the other half p_y = 1; plus the intra-class cosine
+           margin: each image's penultimate feature keeps a cosine distance from its class centroid (the mean
+           feature of that class over the finished batches) between `margin_lower` and `margin_upper` (linear
+           hinges outside, averaged over the images whose class has a centroid);
   hast:    beta * mean((1 - p_y)^gamma * CE(logits, y)): hard samples (low p_y) weigh more.
-Every step, each image is randomly resized-cropped (scale 0.5-1) and flipped with probability `augment_prob`.
-Labels are balanced: image i of a batch has class i mod C, so every class has a centroid after the first batch.
-Decisions where the papers leave room: IntraQ updates its centroids per group of 5 batches; here after every
-batch. The paper's 4 x 5 x 256 = 5,120 images at 1,000 steps are the `paper` schedule; the `cpu` schedule makes
+Each step, with probability `augment_prob` the batch is augmented (every image randomly resized-cropped, scale
+0.5-1, and flipped with probability 0.5), as IntraQ's code does. Adam's plateau scheduler stops at lr 1e-4.
+Decisions where the papers leave room: labels are balanced (image i of a batch has class i mod C, so every class
+has a centroid after the first batch; the code draws them at random); IntraQ updates its centroids per group of
+5 batches, here after every batch. The paper's 4 x 5 x 256 = 5,120 images at 1,000 steps are the `paper` schedule; the `cpu` schedule makes
 fewer images with fewer steps (conf/schedule/cpu.yaml).
 """
 
@@ -32,6 +33,7 @@ from .augment import crop_flip
 from .calib_data import _split, cached
 
 LABEL_LOSSES = ("intraq", "hast")
+_VERSION = 2  # part of the cache key: bump when the synthesis changes what it computes
 
 
 @dataclass
@@ -95,14 +97,10 @@ class _Taps:
             h.remove()
 
 
-def _soft_targets(labels: torch.Tensor, num_classes: int, target_prob: float, rng: torch.Generator) -> torch.Tensor:
-    n = labels.shape[0]
+def _target_probs(n: int, target_prob: float, rng: torch.Generator) -> torch.Tensor:
+    """IntraQ's label-entry targets: U[target_prob, 1] for a random half of the batch, 1 for the rest."""
     p = torch.empty(n).uniform_(target_prob, 1.0, generator=rng)
-    p = torch.where(torch.rand(n, generator=rng) < 0.5, p, torch.ones(n))
-    rest = ((1.0 - p) / max(num_classes - 1, 1)).unsqueeze(1)
-    targets = rest.expand(n, num_classes).clone()
-    targets.scatter_(1, labels.unsqueeze(1), p.unsqueeze(1))
-    return targets
+    return torch.where(torch.rand(n, generator=rng) < 0.5, p, torch.ones(n))
 
 
 def _cosine_band(features, labels, centroids, lower, upper) -> torch.Tensor:
@@ -110,7 +108,7 @@ def _cosine_band(features, labels, centroids, lower, upper) -> torch.Tensor:
     if not bool(known.any()):
         return features.new_zeros(())
     dist = 1.0 - F.cosine_similarity(features[known], centroids[labels[known]], dim=1)
-    return (F.relu(lower - dist) ** 2 + F.relu(dist - upper) ** 2).mean()
+    return (F.relu(lower - dist) + F.relu(dist - upper)).mean()
 
 
 def synthesize(model: nn.Module, num_images: int, image_shape, num_classes: int, settings: LabelledSettings,
@@ -130,20 +128,22 @@ def synthesize(model: nn.Module, num_images: int, image_shape, num_classes: int,
         while done < num_images:
             n = min(settings.batch_size, num_images - done)
             y = (torch.arange(n) + done) % num_classes
-            targets = _soft_targets(y, num_classes, settings.target_prob, rng).to(device)
+            targets = _target_probs(n, settings.target_prob, rng).to(device)
             y = y.to(device)
             x = torch.randn((n, *image_shape), generator=rng).to(device).requires_grad_(True)
             opt = torch.optim.Adam([x], lr=settings.lr)
-            sched = torch.optim.lr_scheduler.ReduceLROnPlateau(opt, patience=settings.patience)
+            sched = torch.optim.lr_scheduler.ReduceLROnPlateau(opt, patience=settings.patience, min_lr=1e-4)
             centroids = (feat_sum / feat_count.clamp_min(1).unsqueeze(1)) if feat_sum is not None else None
             steps = tqdm(range(settings.iterations), desc=f"{settings.label_loss} images {done}/{num_images}",
                          disable=not progress, leave=False)
             for _ in steps:
                 opt.zero_grad(set_to_none=True)
-                logits = model(crop_flip(x, rng, prob=settings.augment_prob))
+                augment = float(torch.rand((), generator=rng)) < settings.augment_prob
+                logits = model(crop_flip(x, rng, prob=0.5) if augment else x)
                 loss = taps.bn_loss()
                 if settings.label_loss == "intraq":
-                    loss = loss + F.mse_loss(F.softmax(logits, dim=1), targets)
+                    p_y = F.softmax(logits, dim=1).gather(1, y.unsqueeze(1)).squeeze(1)
+                    loss = loss + (p_y - targets).pow(2).mean()
                     if centroids is not None:
                         loss = loss + _cosine_band(taps.feature.flatten(1), y, centroids, settings.margin_lower,
                                                    settings.margin_upper)
@@ -175,7 +175,7 @@ def synthesize(model: nn.Module, num_images: int, image_shape, num_classes: int,
 def _source(label_loss: str):
     def source(model, ctx, num_images: int, batch_size: int, **overrides) -> list[torch.Tensor]:
         settings = LabelledSettings(label_loss=label_loss, **overrides).validate()
-        key = {**asdict(settings), "num_images": num_images}
+        key = {**asdict(settings), "num_images": num_images, "version": _VERSION}
         batches = cached(ctx, label_loss, key, lambda: [synthesize(
             model, num_images, tuple(ctx.input_shape), ctx.num_classes, settings, ctx.generator(), ctx.device,
             ctx.progress)[0]])

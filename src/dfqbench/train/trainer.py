@@ -8,7 +8,8 @@ Per epoch, `iters_per_epoch` iterations of:
      logits, as GDFQ does; further ones draw fresh images), student losses, SGD step, optionally AIT's gradient
      inundation. During the `warmup_epochs` the student is not stepped.
 A fixed synthetic set (IntraQ, HAST: generator `fixed_set`, no generator loss) skips step 1: every student
-step draws a fresh augmented batch. HAST's `perturb_epsilon` adds the same student loss on x + eps * sign(grad_x).
+step draws a fresh augmented batch. A `warmup_generator` (IntraQ/HAST: GDFQ's) replaces the generator during
+the warm-up epochs: it is trained with its own losses and feeds the EMA range calibration. HAST's `perturb_epsilon` adds the same student loss on x + eps * sign(grad_x).
 Activation ranges follow an EMA of the batch ranges during the first `calib_epochs` epochs, then stay frozen.
 Learning rates are a function of the epoch (multi-step decay at the schedule's milestones), so resuming needs no
 scheduler state. After every epoch the student, generator, optimizers, EMA state, RNG states and the epoch go
@@ -94,7 +95,8 @@ class Trainer:
                  generator_terms: list[tuple[str, LossTerm]], student_terms: list[tuple[str, LossTerm]],
                  schedule: Schedule, settings: TrainSettings, device: torch.device, seed: int,
                  run_dir: Path | None = None, fingerprint: str = "", progress: bool = False,
-                 test_eval: Callable[[nn.Module], float] | None = None):
+                 test_eval: Callable[[nn.Module], float] | None = None, warmup_generator: nn.Module | None = None,
+                 warmup_terms: list[tuple[str, LossTerm]] = ()):
         self.teacher, self.student = teacher.eval(), student.eval()
         # channels_last: the generator's convolutions cost most of an iteration, and are faster in it on CPU too
         self.generator = generator.to(device).to(memory_format=torch.channels_last).train()
@@ -113,11 +115,18 @@ class Trainer:
         # a fixed set (no trainable generator, no generator loss) skips the generator step
         self.opt_g = (torch.optim.Adam(trainable, lr=settings.generator_lr, betas=tuple(settings.generator_betas))
                       if trainable and generator_terms else None)
+        # IntraQ/HAST: during the warm-up a separate generator is trained and feeds the EMA range calibration
+        self.warmup_gen, self.warmup_terms, self.opt_wg = None, list(warmup_terms), None
+        if warmup_generator is not None:
+            self.warmup_gen = warmup_generator.to(device).to(memory_format=torch.channels_last).train()
+            self.opt_wg = torch.optim.Adam(self.warmup_gen.parameters(), lr=settings.generator_lr,
+                                           betas=tuple(settings.generator_betas))
         self.observer = EMARangeObserver(self.student, settings.ema_beta, self.rng)
         self.observer.active = False
-        needs_bn = any(term.needs_bn_stats for _, term in generator_terms)
+        needs_bn = any(term.needs_bn_stats for _, term in (*generator_terms, *self.warmup_terms))
         self.bn = BNRecorder(self.teacher) if needs_bn else None
-        needs_features = any(term.needs_features for _, term in (*generator_terms, *student_terms))
+        needs_features = any(term.needs_features for _, term in (*generator_terms, *self.warmup_terms,
+                                                                 *student_terms))
         self.taps = (PenultimateTap(self.teacher), PenultimateTap(self.student)) if needs_features else None
         self.gi = (GradientInundation(self.student, settings.inundation_threshold, settings.inundation_bisection_steps)
                    if settings.inundation_threshold else None)
@@ -175,24 +184,28 @@ class Trainer:
         factor = self.schedule.decay_factor(epoch, self.settings.lr_decay)
         for group in self.opt_s.param_groups:
             group["lr"] = self.settings.student_lr * factor
-        for group in self.opt_g.param_groups if self.opt_g else ():
-            group["lr"] = self.settings.generator_lr * factor
+        for opt in (self.opt_g, self.opt_wg):
+            for group in opt.param_groups if opt else ():
+                group["lr"] = self.settings.generator_lr * factor
         if self.gi:  # AIT decays its passing threshold with the learning rate
             self.gi.threshold = self.settings.inundation_threshold * factor
 
     def _iteration(self, epoch: int, it: int) -> None:
         s, cfg = self.schedule, self.settings
         batch = None
-        for _ in range(cfg.generator_steps if self.opt_g else 0):
-            sample = self.generator.sample(s.batch_size, self.rng).to(self.device)
-            images = self.generator(sample)
+        generator, gen_terms, opt_g = self.generator, self.generator_terms, self.opt_g
+        if self.warmup_gen is not None and epoch < s.warmup_epochs:
+            generator, gen_terms, opt_g = self.warmup_gen, self.warmup_terms, self.opt_wg
+        for _ in range(cfg.generator_steps if opt_g else 0):
+            sample = generator.sample(s.batch_size, self.rng).to(self.device)
+            images = generator(sample)
             step = Step(images, sample.targets, teacher=self._teacher_forward, student=self.student,
                         bn_stats=(lambda: self.bn.stats) if self.bn else None, taps=self.taps)
-            loss, terms = weighted_sum(self.generator_terms, step)
+            loss, terms = weighted_sum(gen_terms, step)
             self.last["G"] = self._checked(loss, terms, "generator", epoch, it)
-            self.opt_g.zero_grad(set_to_none=True)
+            opt_g.zero_grad(set_to_none=True)
             loss.backward()
-            self.opt_g.step()
+            opt_g.step()
             batch = (images.detach(), step.targets.detach(), step.teacher_logits.detach(),
                      _detached(step.teacher_features) if self.taps else None)
         train_student = epoch >= s.warmup_epochs
@@ -200,7 +213,7 @@ class Trainer:
         try:
             for j in range(cfg.student_steps):
                 if batch is None or j > 0:
-                    batch = self._fresh_batch()
+                    batch = self._fresh_batch(generator)
                 images, targets, teacher_logits, teacher_features = batch
                 if not train_student:  # warm-up: the student only observes ranges (when calibrating)
                     if self.observer.active:
@@ -240,9 +253,9 @@ class Trainer:
         return loss + hard_loss, {**terms, **{f"hard_{k}": v for k, v in hard_terms.items()}}
 
     @torch.no_grad()
-    def _fresh_batch(self):
-        sample = self.generator.sample(self.schedule.batch_size, self.rng).to(self.device)
-        images = self.generator(sample)
+    def _fresh_batch(self, generator: nn.Module):
+        sample = generator.sample(self.schedule.batch_size, self.rng).to(self.device)
+        images = generator(sample)
         step = Step(images, sample.targets, teacher=self.teacher, taps=self.taps)
         return images, step.targets, step.teacher_logits, step.teacher_features if self.taps else None
 
@@ -265,7 +278,10 @@ class Trainer:
 
     # ------------------------------------------------------------------ epochs, checkpoints
     def _check_params(self, when: str) -> None:
-        for name, model in (("student", self.student), ("generator", self.generator)):
+        for name, model in (("student", self.student), ("generator", self.generator),
+                            ("warm-up generator", self.warmup_gen)):
+            if model is None:
+                continue
             if not all(bool(torch.isfinite(p).all()) for p in model.parameters()):
                 self._diverged(f"{name} parameters are not finite {when}")
 
@@ -289,6 +305,8 @@ class Trainer:
                 "student": self.student.state_dict(), "generator": self.generator.state_dict(),
                 "opt_student": self.opt_s.state_dict(),
                 "opt_generator": self.opt_g.state_dict() if self.opt_g else None,
+                "warmup_generator": self.warmup_gen.state_dict() if self.warmup_gen else None,
+                "opt_warmup_generator": self.opt_wg.state_dict() if self.opt_wg else None,
                 "observer": self.observer.state_dict(), "rng": ckpt.rng_state(self.rng), "best": self.best}
 
     def _resume(self) -> int | None:
@@ -304,6 +322,9 @@ class Trainer:
         self.opt_s.load_state_dict(state["opt_student"])
         if self.opt_g:
             self.opt_g.load_state_dict(state["opt_generator"])
+        if self.warmup_gen is not None:
+            self.warmup_gen.load_state_dict(state["warmup_generator"])
+            self.opt_wg.load_state_dict(state["opt_warmup_generator"])
         self.observer.load_state_dict(state["observer"])
         ckpt.set_rng_state(self.rng, state["rng"])
         self.best, self.start_epoch = state["best"], int(state["epoch"])
