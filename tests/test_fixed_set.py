@@ -119,3 +119,18 @@ def test_smoke_run_on_an_unseen_random_teacher(tmp_path, cache_dir, cifar10_root
                f"method={method}", "wbit=4", "abit=4", "schedule.batch_size=8")
     record = run(cfg, tmp_path)
     assert record["status"] == "done" and record["weights"] == "random"
+
+
+def test_intraq_calibrates_on_a_warmup_generator_and_resumes_with_it(tmp_path, cache_dir, cifar10_root, teacher):
+    args = ["method=intraq", "dataset.max_samples=200", "schedule.warmup_epochs=1", "schedule.calib_epochs=1"]
+    with pytest.raises(KeyboardInterrupt, match="stopped after epoch 1"):
+        run(_real(cache_dir, cifar10_root, teacher, *args, "method.stop_after_epoch=1"), tmp_path)
+    state = torch.load(tmp_path / "checkpoint.pt", weights_only=False)
+    assert state["warmup_generator"] and state["opt_warmup_generator"]  # trained during the warm-up epoch
+    record = run(_real(cache_dir, cifar10_root, teacher, *args), tmp_path)
+    training = record["info"]["training"]
+    assert record["status"] == "done" and training["resumed_from_epoch"] == 1
+    assert set(training["final_losses"]) == {"S"}  # after the warm-up only the student trains
+    with pytest.raises(ValueError, match="method.warmup_generator_losses needs method.warmup_generator"):
+        GeneratorQAT(schedule=SCHEDULE, generator={"name": "fixed_set"}, generator_losses=None,
+                     student_losses={"kd": {}}, warmup_generator_losses={"ce": {}})
