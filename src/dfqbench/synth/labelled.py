@@ -29,6 +29,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..errors import UnsupportedModel
+from ..train.losses import PenultimateTap
 from .augment import crop_flip
 from .calib_data import _split, cached
 
@@ -70,20 +71,19 @@ class _Taps:
 
     def __init__(self, model: nn.Module):
         self.bns = [m for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
-        linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
-        if not self.bns or not linears:
+        if not self.bns or not any(isinstance(m, nn.Linear) for m in model.modules()):
             raise UnsupportedModel("labelled synthesis (intraq, hast) needs a teacher with BatchNorm2d layers and "
                                    "an nn.Linear classifier")
         self.bn_inputs: dict[nn.Module, torch.Tensor] = {}
-        self.feature = None
         self.handles = [bn.register_forward_pre_hook(self._bn) for bn in self.bns]
-        self.handles.append(linears[-1].register_forward_pre_hook(self._fc))
+        self.classifier_input = PenultimateTap(model)
+
+    @property
+    def feature(self) -> torch.Tensor:
+        return self.classifier_input.value
 
     def _bn(self, module, inputs):
         self.bn_inputs[module] = inputs[0]
-
-    def _fc(self, module, inputs):
-        self.feature = inputs[0]
 
     def bn_loss(self) -> torch.Tensor:
         total = 0.0
@@ -95,6 +95,7 @@ class _Taps:
     def close(self) -> None:
         for h in self.handles:
             h.remove()
+        self.classifier_input.close()
 
 
 def _target_probs(n: int, target_prob: float, rng: torch.Generator) -> torch.Tensor:
