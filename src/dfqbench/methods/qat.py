@@ -93,6 +93,8 @@ class GeneratorQAT(Method):
                           test_eval=getattr(ctx, "test_eval", None) if self.settings.best_epoch_on_test else None,
                           warmup_generator=warmup, warmup_terms=self.warmup_terms)
         info = trainer.fit()
+        if getattr(generator, "record_info", None):  # e.g. the searched generator's genotype
+            ctx.info["generator"] = generator.record_info
         ctx.info["schedule"] = self.schedule.name
         ctx.info["training"] = info
         if info.get("best_epoch_on_test"):

@@ -217,3 +217,6 @@ class FixedSet(nn.Module):
 def _with_targets(z, labels, weights, num_classes) -> Sample:
     targets = torch.zeros(labels.shape[0], num_classes).scatter_add_(1, labels, weights)
     return Sample(z, labels, weights, targets)
+
+
+from . import arc_generator  # noqa: E402,F401  (registers "arc"; it builds on the classes above)

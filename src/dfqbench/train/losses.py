@@ -154,6 +154,54 @@ class FeatureActivation(LossTerm):
         return -step.teacher_features.abs().mean()
 
 
+@register(GENERATOR_LOSSES, "disagreement_ce")
+class DisagreementCE(LossTerm):
+    """AdaSG/AdaDFQ's "disagreement sample" term: CE of the logit difference (teacher - student) against the
+    label, so that the generated image is one the student gets less right than the teacher."""
+
+    def __call__(self, step):
+        return soft_cross_entropy(step.teacher_logits - step.student_logits, step.targets)
+
+
+@register(GENERATOR_LOSSES, "agreement_ce")
+class AgreementCE(LossTerm):
+    """AdaSG/AdaDFQ's "agreement sample" term: CE of the logit sum (teacher + student) against the label."""
+
+    def __call__(self, step):
+        return soft_cross_entropy(step.teacher_logits + step.student_logits, step.targets)
+
+
+def difference_entropy(teacher_logits: torch.Tensor, student_logits: torch.Tensor, temperature: float = 1.0):
+    """Per-sample entropy of softmax((teacher - student) / T): log(#classes) when the student's logits equal the
+    teacher's up to a constant, small when they disagree sharply on one class."""
+    log_p = F.log_softmax((teacher_logits - student_logits) / temperature, dim=1)
+    return -(log_p.exp() * log_p).sum(dim=1)
+
+
+@register(GENERATOR_LOSSES, "adaptability_margin")
+class AdaptabilityMargin(LossTerm):
+    """AdaSG/AdaDFQ's margin on sample adaptability: h = entropy of softmax(teacher - student) per sample,
+    rescaled over the batch to h' = (h - min h) / (log C - min h), is kept inside [lower, upper] by the hinge
+    mean(relu(lower - h')) + mean(relu(h' - upper)) (AdaSG: 0.3 / 0.8, AdaDFQ CIFAR: 0.1 / 0.8). The gradient
+    flows through the batch minimum too, as in the official code."""
+
+    def __init__(self, weight: float = 1.0, lower: float = 0.3, upper: float = 0.8):
+        super().__init__(weight)
+        for key, v in (("lower", lower), ("upper", upper)):
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0.0 <= v <= 1.0:
+                raise ValueError(f"{key}={v!r} must be a number in [0, 1]")
+        if lower > upper:
+            raise ValueError(f"lower={lower!r} must not exceed upper={upper!r}")
+        self.lower, self.upper = float(lower), float(upper)
+
+    def __call__(self, step):
+        h = difference_entropy(step.teacher_logits, step.student_logits)
+        h_min = h.min()
+        # (guarded against 0/0 when every sample is at the maximum entropy log C)
+        scaled = (h - h_min) / (math.log(step.teacher_logits.shape[1]) - h_min).clamp_min(1e-12)
+        return F.relu(self.lower - scaled).mean() + F.relu(scaled - self.upper).mean()
+
+
 KD_REDUCTIONS = ("mean", "batchmean")
 
 
@@ -195,6 +243,22 @@ class LogitL1(LossTerm):
 
     def __call__(self, step):
         return (step.student_logits - step.teacher_logits.detach()).abs().mean()
+
+
+@register(STUDENT_LOSSES, "difference_entropy")
+class DifferenceEntropy(LossTerm):
+    """AdaSG/AdaDFQ's student loss: -T^2 * mean entropy of softmax((teacher - student) / T), T = 20; minimal
+    (-T^2 log C) when the student's logits equal the teacher's up to a per-sample constant."""
+
+    def __init__(self, weight: float = 1.0, temperature: float = 20.0):
+        super().__init__(weight)
+        if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not temperature > 0:
+            raise ValueError(f"temperature={temperature!r} must be > 0")
+        self.temperature = float(temperature)
+
+    def __call__(self, step):
+        t = self.temperature
+        return -t * t * difference_entropy(step.teacher_logits.detach(), step.student_logits, t).mean()
 
 
 @register(STUDENT_LOSSES, "feature_mse")
