@@ -9,6 +9,7 @@ from hydra import compose, initialize_config_dir
 
 from dfqbench.__main__ import CONF_DIR
 from dfqbench.runner import build_method, run
+from dfqbench.train.generators import ConditionalBN, ConditionalGenerator, SuperposedGenerator
 from dfqbench.train.arc_generator import GENOTYPES, SearchedGenerator, auto_genotype, resolve_genotype
 from dfqbench.train.losses import (AdaptabilityMargin, AgreementCE, DifferenceEntropy, DisagreementCE, Step,
                                    difference_entropy)
@@ -148,3 +149,38 @@ def test_smoke_run_on_an_unseen_random_teacher(tmp_path, cache_dir, cifar10_root
                f"method={method}", "wbit=4", "abit=4", "schedule.batch_size=8")
     record = run(cfg, tmp_path)
     assert record["status"] == "done" and record["weights"] == "random"
+
+
+# ---------------------------------------------------------------------------------------------- ImageNet generators
+def test_conditional_bn_mixes_superposed_labels_with_a_mean_over_components():
+    cbn = ConditionalBN(3, 2)
+    with torch.no_grad():
+        cbn.scale.weight.copy_(torch.tensor([[1.0, 2.0], [3.0, 4.0], [5.0, 6.0]]))
+        cbn.shift.weight.zero_()
+    cbn.bn.eval()  # running stats 0 / 1: the BN is the identity up to eps
+    x = torch.ones(1, 2, 1, 1)
+    out = cbn(x, torch.tensor([[0, 2]]), torch.tensor([[0.25, 0.75]]))
+    expected = torch.tensor([(0.25 * 1 + 0.75 * 5) / 2, (0.25 * 2 + 0.75 * 6) / 2]) / math.sqrt(1 + 1e-5)
+    assert torch.allclose(out.flatten(), expected, rtol=1e-6)
+    assert torch.allclose(cbn(x, torch.tensor([1])).flatten(), torch.tensor([3.0, 4.0]) / math.sqrt(1 + 1e-5))
+
+
+def test_imagenet_sized_inputs_get_the_lineages_conditional_bn_generators():
+    gdfq = ConditionalGenerator(10, (3, 96, 96), latent_dim=8)
+    assert gdfq.conditional_bn and not hasattr(gdfq, "embedding")  # GDFQ ImageNet: labels only through the BNs
+    assert not ConditionalGenerator(10, (3, 32, 32), latent_dim=8).conditional_bn
+    qimera = SuperposedGenerator(10, (3, 16, 16), latent_dim=8, conditional_bn=True, mix_prob=1.0)
+    rng = torch.Generator().manual_seed(0)
+    for g in (gdfq, qimera):
+        sample = g.sample(6, rng)
+        images = g(sample)
+        assert images.shape == ((6, 3, 96, 96) if g is gdfq else (6, 3, 16, 16))
+        g.eval()
+        with torch.no_grad():  # per-sample BN in eval mode: one class's scale changes only images with that class
+            before = g(sample)
+            label = int(sample.labels[0, 0])
+            g.trunk.norm2.scale.weight[label] *= 2.0
+            changed = (g(sample) - before).abs().flatten(1).amax(1) > 1e-6
+        assert torch.equal(changed, (sample.labels == label).any(dim=1))
+    with pytest.raises(ValueError, match="conditional_bn='yes' is not valid; choose one of: auto, true, false"):
+        ConditionalGenerator(10, (3, 32, 32), conditional_bn="yes")

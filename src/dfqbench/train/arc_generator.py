@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .generators import GENERATORS, Sample, _positive_int, _with_targets
+from .generators import GENERATORS, ConditionalBN, Sample, _positive_int, _with_targets
 from .registry import register
 
 UPS = ("nearest", "bilinear")
@@ -85,21 +85,6 @@ def resolve_genotype(genotype) -> dict[str, list[str]]:
             raise ValueError(f"genotype.{key} must list {count} of: {', '.join(names)} (got {values})")
         out[key] = values
     return out
-
-
-class ConditionalBN(nn.Module):
-    """Affine-free BatchNorm followed by a per-class scale (init 1) and shift (init 0)."""
-
-    def __init__(self, num_classes: int, channels: int, eps: float):
-        super().__init__()
-        self.bn = nn.BatchNorm2d(channels, eps=eps, affine=False)
-        self.scale = nn.Embedding(num_classes, channels)
-        self.shift = nn.Embedding(num_classes, channels)
-        nn.init.ones_(self.scale.weight)
-        nn.init.zeros_(self.shift.weight)
-
-    def forward(self, x: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        return self.bn(x) * self.scale(labels)[:, :, None, None] + self.shift(labels)[:, :, None, None]
 
 
 class Edge(nn.Module):

@@ -68,17 +68,77 @@ class Trunk(nn.Module):
         return self.body(out)
 
 
+class ConditionalBN(nn.Module):
+    """Class-conditional BatchNorm: affine-free BN, then a per-class scale (init 1) and shift (init 0). With
+    superposed labels [B, K] and mixing weights [B, K], the scale and shift are mean_k(weight_k * embedding(label_k))
+    (Qimera's ImageNet generator: a mean over the K components, not a sum)."""
+
+    def __init__(self, num_classes: int, channels: int, eps: float = 1e-5):
+        super().__init__()
+        self.bn = nn.BatchNorm2d(channels, eps=eps, affine=False)
+        self.scale = nn.Embedding(num_classes, channels)
+        self.shift = nn.Embedding(num_classes, channels)
+        nn.init.ones_(self.scale.weight)
+        nn.init.zeros_(self.shift.weight)
+
+    def forward(self, x: torch.Tensor, labels: torch.Tensor, weights: torch.Tensor | None = None) -> torch.Tensor:
+        if labels.dim() == 1:
+            labels = labels[:, None]
+        w = torch.ones(labels.shape, device=x.device) if weights is None else weights
+        scale = (self.scale(labels) * w.unsqueeze(2)).mean(dim=1)
+        shift = (self.shift(labels) * w.unsqueeze(2)).mean(dim=1)
+        return self.bn(x) * scale[:, :, None, None] + shift[:, :, None, None]
+
+
+class ConditionalTrunk(nn.Module):
+    """The GDFQ lineage's ImageNet decoder: Trunk's layers with its three BatchNorms class-conditional
+    (the first with eps 1e-5, the other two with `bn_eps`)."""
+
+    def __init__(self, latent_dim: int, channels: int, size: int, num_classes: int, bn_eps: float = 0.8,
+                 width: int = 128):
+        super().__init__()
+        self.init_size, self.width = size // 4, width
+        self.fc = nn.Linear(latent_dim, width * self.init_size ** 2)
+        self.norm0 = ConditionalBN(num_classes, width)
+        self.conv1, self.norm1 = nn.Conv2d(width, width, 3, padding=1), ConditionalBN(num_classes, width, bn_eps)
+        self.conv2 = nn.Conv2d(width, width // 2, 3, padding=1)
+        self.norm2 = ConditionalBN(num_classes, width // 2, bn_eps)
+        self.to_image = nn.Sequential(nn.Conv2d(width // 2, channels, 3, padding=1), nn.Tanh(),
+                                      nn.BatchNorm2d(channels, affine=False))
+
+    def forward(self, h: torch.Tensor, labels: torch.Tensor, weights: torch.Tensor | None = None) -> torch.Tensor:
+        x = self.norm0(self.fc(h).view(h.shape[0], self.width, self.init_size, self.init_size), labels, weights)
+        x = F.leaky_relu(self.norm1(self.conv1(F.interpolate(x, scale_factor=2)), labels, weights), 0.2)
+        x = F.leaky_relu(self.norm2(self.conv2(F.interpolate(x, scale_factor=2)), labels, weights), 0.2)
+        return self.to_image(x)
+
+
+def _conditional_bn(value, size: int) -> bool:
+    """`auto`: the lineage's ImageNet generator (conditional BNs) for inputs larger than 64 px, else the CIFAR one."""
+    if value == "auto":
+        return size > 64
+    if not isinstance(value, bool):
+        raise ValueError(f"conditional_bn={value!r} is not valid; choose one of: auto, true, false")
+    return value
+
+
 @register(GENERATORS, "gdfq")
 class ConditionalGenerator(nn.Module):
-    """GDFQ (Xu et al., ECCV 2020): input = label embedding * noise (element-wise), uniform random labels."""
+    """GDFQ (Xu et al., ECCV 2020): input = label embedding * noise (element-wise), uniform random labels. On
+    ImageNet (`conditional_bn`, auto: inputs > 64 px) the labels enter through conditional BatchNorms instead, and
+    the input is the noise alone."""
 
     def __init__(self, num_classes: int, image_shape, teacher_fc: torch.Tensor | None = None,
-                 latent_dim: int = 100, bn_eps: float = 0.8):
+                 latent_dim: int = 100, bn_eps: float = 0.8, conditional_bn="auto"):
         super().__init__()
         channels, size = _check_shape(image_shape)
         self.num_classes, self.latent_dim = num_classes, _positive_int("latent_dim", latent_dim)
-        self.embedding = nn.Embedding(num_classes, latent_dim)
-        self.trunk = Trunk(latent_dim, channels, size, bn_eps)
+        self.conditional_bn = _conditional_bn(conditional_bn, size)
+        if self.conditional_bn:
+            self.trunk = ConditionalTrunk(latent_dim, channels, size, num_classes, bn_eps)
+        else:
+            self.embedding = nn.Embedding(num_classes, latent_dim)
+            self.trunk = Trunk(latent_dim, channels, size, bn_eps)
 
     def sample(self, batch_size: int, rng: torch.Generator) -> Sample:
         z = torch.randn(batch_size, 1, self.latent_dim, generator=rng)
@@ -86,6 +146,8 @@ class ConditionalGenerator(nn.Module):
         return _with_targets(z, labels, torch.ones(batch_size, 1), self.num_classes)
 
     def forward(self, s: Sample) -> torch.Tensor:
+        if self.conditional_bn:
+            return self.trunk(s.z[:, 0], s.labels)
         return self.trunk(self.embedding(s.labels[:, 0]) * s.z[:, 0])
 
 
@@ -95,12 +157,13 @@ class SuperposedGenerator(nn.Module):
     summed over K superposed components with mixing weights. With probability `mix_prob` a whole batch is made of
     boundary samples: K = `mix_classes` uniform random labels per image, weights softmax(randn), soft target =
     the same mixture; otherwise K = 1. `embedding_init: teacher_fc` starts the embeddings from the teacher's
-    classifier weights (then latent_dim must be the classifier's input width; null takes it)."""
+    classifier weights (then latent_dim must be the classifier's input width; null takes it). On ImageNet
+    (`conditional_bn`, auto: inputs > 64 px) the superposed labels also drive conditional BatchNorms."""
 
     def __init__(self, num_classes: int, image_shape, teacher_fc: torch.Tensor | None = None,
                  latent_dim: int | None = None, mix_prob: float = 0.4, mix_classes: int = 2,
                  noise_scale: float = 1.0, embedding_init: str = "random", freeze_embedding: bool = False,
-                 bn_eps: float = 0.8):
+                 bn_eps: float = 0.8, conditional_bn="auto"):
         super().__init__()
         channels, size = _check_shape(image_shape)
         if embedding_init not in ("random", "teacher_fc"):
@@ -121,7 +184,9 @@ class SuperposedGenerator(nn.Module):
                                  f"({num_classes}, {latent_dim})")
             self.embedding.weight.data.copy_(teacher_fc)
         self.embedding.weight.requires_grad_(not freeze_embedding)
-        self.trunk = Trunk(latent_dim, channels, size, bn_eps)
+        self.conditional_bn = _conditional_bn(conditional_bn, size)
+        self.trunk = (ConditionalTrunk(latent_dim, channels, size, num_classes, bn_eps) if self.conditional_bn
+                      else Trunk(latent_dim, channels, size, bn_eps))
 
     def sample(self, batch_size: int, rng: torch.Generator) -> Sample:
         k = self.mix_classes if float(torch.rand((), generator=rng)) < self.mix_prob else 1
@@ -133,7 +198,8 @@ class SuperposedGenerator(nn.Module):
     def forward(self, s: Sample) -> torch.Tensor:
         h = self.embedding(s.labels) + self.noise_scale * s.z  # [B, K, D]
         h = F.layer_norm(h, h.shape[-1:])  # Qimera's affine-free normalizer: each vector over its D features
-        return self.trunk((h * s.weights.unsqueeze(2)).sum(dim=1))
+        h = (h * s.weights.unsqueeze(2)).sum(dim=1)
+        return self.trunk(h, s.labels, s.weights) if self.conditional_bn else self.trunk(h)
 
 
 @register(GENERATORS, "unconditional")
