@@ -1,0 +1,148 @@
+"""Train an FP32 CIFAR teacher of your own (a pytorchcv architecture) on an ImageFolder copy of the data set.
+
+    python scripts/train_teacher.py --arch preresnet20_cifar10 --data ../shared/data/cifar10-jpeg \
+        --epochs 40 --out my_models/
+
+Writes <out>/<arch>.pt (the state_dict: load it with model=pytorchcv model.arch=<arch> model.checkpoint=...) and
+<out>/<arch>.json (test top-1, normalization, epochs, sha256), both atomically. The recipe is the shared
+teacher's (shared/models/README.md): SGD Nesterov 0.9, weight decay 5e-4, batch 128, one-cycle learning rate
+(peak 0.2), random crop (pad 4) and horizontal flip, channels_last; normalization with the GDFQ lineage's
+CIFAR-10 constants (CIFAR-100: pass --mean/--std).
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+MEAN, STD = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
+
+
+def load_split(folder: Path) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
+    """All images of an ImageFolder split as one uint8 tensor [N, 3, H, W] (CIFAR fits in memory)."""
+    classes = sorted(p.name for p in folder.iterdir() if p.is_dir())
+    if not classes:
+        raise SystemExit(f"train_teacher: error: no class folders under {folder}")
+    images, labels = [], []
+    for index, name in enumerate(classes):
+        for path in sorted((folder / name).iterdir()):
+            with Image.open(path) as img:
+                images.append(torch.frombuffer(bytearray(img.convert("RGB").tobytes()), dtype=torch.uint8)
+                              .view(img.height, img.width, 3).permute(2, 0, 1))
+            labels.append(index)
+    return torch.stack(images), torch.tensor(labels), classes
+
+
+def normalize(x: torch.Tensor, mean, std) -> torch.Tensor:
+    x = x.float().div_(255)
+    return (x - torch.tensor(mean).view(1, 3, 1, 1)) / torch.tensor(std).view(1, 3, 1, 1)
+
+
+def augment(x: torch.Tensor, rng: torch.Generator) -> torch.Tensor:
+    """Random crop with 4 pixels of zero padding and a horizontal flip, per image."""
+    n, _, h, w = x.shape
+    padded = F.pad(x, (4, 4, 4, 4))
+    dy, dx = torch.randint(0, 9, (2, n), generator=rng)
+    rows = (dy[:, None] + torch.arange(h))[:, None, :, None].expand(n, 3, h, w + 8)
+    out = padded.gather(2, rows)
+    cols = (dx[:, None] + torch.arange(w))[:, None, None, :].expand(n, 3, h, w)
+    out = out.gather(3, cols)
+    flip = torch.rand(n, generator=rng) < 0.5
+    out[flip] = out[flip].flip(3)
+    return out
+
+
+@torch.inference_mode()
+def accuracy(model, x: torch.Tensor, y: torch.Tensor, mean, std, batch: int = 500) -> float:
+    model.eval()
+    correct = 0
+    for i in range(0, len(x), batch):
+        logits = model(normalize(x[i:i + batch], mean, std).contiguous(memory_format=torch.channels_last))
+        correct += int((logits.argmax(1) == y[i:i + batch]).sum())
+    return 100.0 * correct / len(x)
+
+
+def write_atomic(path: Path, write) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--arch", default="preresnet20_cifar10", help="a pytorchcv CIFAR architecture")
+    ap.add_argument("--data", type=Path, required=True, help="folder with train/ and test/ ImageFolder splits")
+    ap.add_argument("--out", type=Path, required=True)
+    ap.add_argument("--epochs", type=int, default=40)
+    ap.add_argument("--batch-size", type=int, default=128)
+    ap.add_argument("--lr", type=float, default=0.2, help="one-cycle peak learning rate")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--mean", type=float, nargs=3, default=MEAN)
+    ap.add_argument("--std", type=float, nargs=3, default=STD)
+    args = ap.parse_args(argv)
+    if args.epochs < 1:
+        raise SystemExit(f"train_teacher: error: --epochs={args.epochs} must be at least 1")
+    from pytorchcv.model_provider import _models, get_model
+
+    if args.arch not in _models:
+        raise SystemExit(f"train_teacher: error: unknown pytorchcv architecture {args.arch!r}")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    torch.manual_seed(args.seed)
+    rng = torch.Generator().manual_seed(args.seed)
+    x_train, y_train, classes = load_split(args.data / "train")
+    x_test, y_test, test_classes = load_split(args.data / "test")
+    if classes != test_classes:
+        raise SystemExit("train_teacher: error: train/ and test/ have different class folders")
+    model = get_model(args.arch, pretrained=False).to(memory_format=torch.channels_last)
+    steps_per_epoch = len(x_train) // args.batch_size
+    opt = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=0.9, nesterov=True, weight_decay=5e-4)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, args.lr, total_steps=args.epochs * steps_per_epoch)
+    t0 = time.perf_counter()
+    for epoch in range(args.epochs):
+        model.train()
+        order = torch.randperm(len(x_train), generator=rng)
+        for i in range(steps_per_epoch):
+            idx = order[i * args.batch_size:(i + 1) * args.batch_size]
+            x = normalize(augment(x_train[idx], rng), args.mean, args.std).contiguous(memory_format=torch.channels_last)
+            loss = F.cross_entropy(model(x), y_train[idx])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+        print(f"epoch {epoch + 1}/{args.epochs}: loss {loss.detach().item():.3f} ({time.perf_counter() - t0:.0f} s)",
+              file=sys.stderr)
+    seconds = time.perf_counter() - t0
+    top1 = accuracy(model, x_test, y_test, args.mean, args.std)
+    args.out.mkdir(parents=True, exist_ok=True)
+    weights = args.out / f"{args.arch}.pt"
+    state = {k: v.contiguous() for k, v in model.state_dict().items()}
+    write_atomic(weights, lambda tmp: torch.save(state, tmp))
+    sha = hashlib.sha256(weights.read_bytes()).hexdigest()
+    facts = {"arch": args.arch, "source": "pytorchcv layout, trained from scratch by scripts/train_teacher.py",
+             "epochs": args.epochs, "test_top1": round(top1, 2), "normalize_mean": list(args.mean),
+             "normalize_std": list(args.std), "sha256": sha, "train_seconds": round(seconds, 1),
+             "seed": args.seed, "data": str(args.data)}
+    write_atomic(args.out / f"{args.arch}.json", lambda tmp: Path(tmp).write_text(json.dumps(facts, indent=1)))
+    print(f"{args.arch}: test top-1 {top1:.2f} after {args.epochs} epochs ({seconds:.0f} s) -> {weights}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

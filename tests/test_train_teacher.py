@@ -1,0 +1,55 @@
+"""scripts/train_teacher.py: its augmentation by hand, then a one-epoch run on a generated ImageFolder."""
+
+import importlib.util
+import json
+import hashlib
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+_SPEC = importlib.util.spec_from_file_location(
+    "train_teacher", Path(__file__).resolve().parents[1] / "scripts" / "train_teacher.py")
+train_teacher = importlib.util.module_from_spec(_SPEC)
+_SPEC.loader.exec_module(train_teacher)
+
+
+def test_augment_is_a_padded_crop_or_its_mirror():
+    x = torch.arange(2 * 3 * 6 * 6, dtype=torch.float32).view(2, 3, 6, 6) + 1
+    out = train_teacher.augment(x, torch.Generator().manual_seed(0))
+    padded = torch.nn.functional.pad(x, (4, 4, 4, 4))
+    for i in range(2):
+        windows = [padded[i, :, dy:dy + 6, dx:dx + 6] for dy in range(9) for dx in range(9)]
+        assert any(torch.equal(out[i], w) or torch.equal(out[i], w.flip(2)) for w in windows)
+
+
+def _image_folder(root: Path, classes=("a", "b"), per_class=6):
+    rng = torch.Generator().manual_seed(0)
+    for split in ("train", "test"):
+        for c, name in enumerate(classes):
+            (root / split / name).mkdir(parents=True)
+            for k in range(per_class):
+                pixels = (torch.rand(32, 32, 3, generator=rng) * 80 + 150 * c).to(torch.uint8).numpy()
+                Image.fromarray(pixels).save(root / split / name / f"{k}.png")
+
+
+def test_one_epoch_writes_weights_and_facts_atomically(tmp_path):
+    _image_folder(tmp_path / "data")
+    out = tmp_path / "models"
+    assert train_teacher.main(["--arch", "preresnet20_cifar10", "--data", str(tmp_path / "data"), "--out", str(out),
+                               "--epochs", "1", "--batch-size", "4", "--threads", "1"]) == 0
+    facts = json.loads((out / "preresnet20_cifar10.json").read_text())
+    weights = out / "preresnet20_cifar10.pt"
+    assert facts["sha256"] == hashlib.sha256(weights.read_bytes()).hexdigest() and facts["epochs"] == 1
+    assert 0.0 <= facts["test_top1"] <= 100.0
+    assert sorted(p.name for p in out.iterdir()) == ["preresnet20_cifar10.json", "preresnet20_cifar10.pt"]
+    state = torch.load(weights, weights_only=True)
+    assert "output.weight" in state
+
+
+def test_bad_arch_and_epochs_are_one_line_errors(tmp_path):
+    with pytest.raises(SystemExit, match="unknown pytorchcv architecture 'nope'"):
+        train_teacher.main(["--arch", "nope", "--data", str(tmp_path), "--out", str(tmp_path)])
+    with pytest.raises(SystemExit, match="--epochs=0 must be at least 1"):
+        train_teacher.main(["--data", str(tmp_path), "--out", str(tmp_path), "--epochs", "0"])
