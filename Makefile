@@ -6,7 +6,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 ARGS ?=
 
-.PHONY: setup run test test-slow tables reported bench bench-ptq bench-qat baselines baselines-ptq baselines-qat reproduce-cifar10 clean
+.PHONY: setup run test test-slow tables reported bench bench-ptq bench-qat baselines baselines-ptq baselines-qat unseen-teacher reproduce-cifar10 clean
 
 setup: $(VENV)/.installed
 
@@ -46,6 +46,9 @@ baselines-ptq: setup  ## recompute the post-training family's records (skips fin
 baselines-qat: setup  ## recompute the training family's records, cpu schedule, two lanes (skips finished runs)
 	PY=$(PY) scripts/run_qat_baselines.sh
 	$(PY) -m dfqbench.tables
+
+unseen-teacher: setup  ## every training method on a preresnet20 teacher trained here (results/explore/unseen-teacher)
+	PY=$(PY) scripts/check_unseen_teacher.sh
 
 baselines: setup  ## recompute the committed foundation baselines (skips finished runs), then the tables
 	PY=$(PY) scripts/run_baselines.sh
