@@ -184,3 +184,17 @@ def test_imagenet_sized_inputs_get_the_lineages_conditional_bn_generators():
         assert torch.equal(changed, (sample.labels == label).any(dim=1))
     with pytest.raises(ValueError, match="conditional_bn='yes' is not valid; choose one of: auto, true, false"):
         ConditionalGenerator(10, (3, 32, 32), conditional_bn="yes")
+
+
+def test_for_small_differences_the_zero_sum_student_loss_is_c_times_gdfqs_kd():
+    # -T^2 H(softmax(d / T)) = -T^2 log C + Var_c(d) / 2 + O(d^3): a centred-logit MSE, while GDFQ's KD
+    # (element-mean KL * T^2) is Var_c(d) / (2 C): the two pull the student C times apart
+    from dfqbench.train.losses import DistillationKL
+
+    teacher = torch.tensor([[0.3, -0.2, 0.1, 0.0, -0.4, 0.2, 0.05, -0.1, 0.15, -0.05]], dtype=torch.float64)
+    student = torch.zeros(1, 10, dtype=torch.float64)  # float64: the entropy term is a small difference of ~921
+    var = (teacher - student).var(unbiased=False).item()
+    step = _step(teacher, student)
+    entropy_term = DifferenceEntropy(temperature=20)(step).item() + 400 * math.log(10)
+    assert entropy_term == pytest.approx(var / 2, rel=1e-2)
+    assert DistillationKL(temperature=20, reduction="mean")(step).item() == pytest.approx(var / 20, rel=1e-2)
