@@ -233,7 +233,7 @@ def test_smoke_run_on_the_shared_teacher(tmp_path, cache_dir, cifar10_root, teac
 
 
 @pytest.mark.parametrize("method,quant", [("gdfq", "brecq"), ("qimera", "dfq"), ("ait", "brecq"),
-                                          ("qimera_ait", "gdfq")])
+                                          ("qimera_ait", "gdfq"), ("adadfq", "gdfq"), ("arc_ait", "gdfq")])
 def test_smoke_run_on_an_unseen_random_teacher(tmp_path, cache_dir, cifar10_root, method, quant):
     cfg = _cfg("model=pytorchcv", "model.arch=preresnet20_cifar10", "model.pretrained=false",
                f"dataset.root={cifar10_root}", "dataset.max_samples=100", f"paths.cache_dir={cache_dir}", *SMOKE,

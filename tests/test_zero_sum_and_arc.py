@@ -142,15 +142,6 @@ def test_smoke_run_on_the_shared_teacher(tmp_path, cache_dir, cifar10_root, teac
     assert record["top1"] > 30.0  # a working W4A4 student after 4 iterations (chance: 10 %)
 
 
-@pytest.mark.parametrize("method", ["adadfq", "arc_ait"])
-def test_smoke_run_on_an_unseen_random_teacher(tmp_path, cache_dir, cifar10_root, method):
-    cfg = _cfg("model=pytorchcv", "model.arch=preresnet20_cifar10", "model.pretrained=false",
-               f"dataset.root={cifar10_root}", "dataset.max_samples=100", f"paths.cache_dir={cache_dir}", *SMOKE,
-               f"method={method}", "wbit=4", "abit=4", "schedule.batch_size=8")
-    record = run(cfg, tmp_path)
-    assert record["status"] == "done" and record["weights"] == "random"
-
-
 # ---------------------------------------------------------------------------------------------- ImageNet generators
 def test_conditional_bn_mixes_superposed_labels_with_a_mean_over_components():
     cbn = ConditionalBN(3, 2)
