@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from ..quant import quantize_model, weight_quantizers
+from ..train.ema import MODES
 from ..train.generators import GENERATORS
 from ..train.losses import GENERATOR_LOSSES, STUDENT_LOSSES, build_terms
 from ..train.registry import build
@@ -35,11 +36,14 @@ class GeneratorQAT(Method):
                  generator_steps: int = 1, student_steps: int = 1, ema_beta: float = 0.9,
                  inundation: dict | None = None, perturb_epsilon: float = 0.0, best_epoch_on_test: bool = False,
                  stop_after_epoch: int | None = None, keep_checkpoint: bool = False,
-                 warmup_generator: dict | None = None, warmup_generator_losses: dict | None = None, **kwargs):
+                 warmup_generator: dict | None = None, warmup_generator_losses: dict | None = None,
+                 student_mode: str = "eval", range_tracking: str = "ema", schedule_overrides: dict | None = None,
+                 **kwargs):
         super().__init__(name, **kwargs)
         if not schedule:
             raise ValueError("method.schedule is missing: the method yaml needs `schedule: ${schedule}`")
-        self.schedule = Schedule.from_dict(schedule)
+        self.schedule_overrides = dict(schedule_overrides or {})
+        self.schedule = _schedule(schedule, self.schedule_overrides)
         self.generator_spec = dict(generator or {"name": "gdfq"})
         fixed = not getattr(GENERATORS.get(self.generator_spec.get("name")), "trainable", True)
         self._check_generator()
@@ -59,7 +63,8 @@ class GeneratorQAT(Method):
         self.student_terms = build_terms(student_losses, STUDENT_LOSSES, "method.student_losses")
         self.settings = _train_settings(student_optim or {}, generator_optim or {}, lr_decay, generator_steps,
                                         student_steps, ema_beta, inundation or {}, perturb_epsilon,
-                                        best_epoch_on_test, stop_after_epoch, keep_checkpoint)
+                                        best_epoch_on_test, stop_after_epoch, keep_checkpoint, student_mode,
+                                        range_tracking)
         self.spec = {"generator": self.generator_spec, "generator_losses": generator_losses,
                      "warmup_generator": self.warmup_spec, "warmup_generator_losses": warmup_generator_losses,
                      "student_losses": student_losses, "schedule": self.schedule.to_dict(),
@@ -96,6 +101,8 @@ class GeneratorQAT(Method):
         if getattr(generator, "record_info", None):  # e.g. the searched generator's genotype
             ctx.info["generator"] = generator.record_info
         ctx.info["schedule"] = self.schedule.name
+        if self.schedule_overrides:
+            ctx.info["schedule_overrides"] = self.schedule_overrides
         ctx.info["training"] = info
         if info.get("best_epoch_on_test"):
             ctx.info["best_epoch_on_test"] = True
@@ -114,6 +121,15 @@ class GeneratorQAT(Method):
                 "convention": ctx.convention.to_dict(), "teacher": ctx.model_sha256,
                 "input_shape": list(ctx.input_shape), "num_classes": ctx.num_classes}
         return hashlib.sha256(json.dumps(blob, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def _schedule(schedule: dict, overrides: dict) -> Schedule:
+    """The schedule group, with a method's own fields over it (ZAQ: no warm-up, ranges tracked in every epoch)."""
+    known = set(Schedule.__dataclass_fields__) - {"name"}
+    unknown = sorted(set(overrides) - known)
+    if unknown:
+        raise ValueError(f"method.schedule_overrides: unknown field(s) {unknown}; valid: {sorted(known)}")
+    return Schedule.from_dict({**schedule, **overrides})
 
 
 def _classifier_weight(model: nn.Module) -> torch.Tensor | None:
@@ -142,11 +158,15 @@ def _keys(key: str, given: dict, valid: tuple[str, ...]) -> None:
 
 def _train_settings(student_optim, generator_optim, lr_decay, generator_steps, student_steps, ema_beta,
                     inundation, perturb_epsilon, best_epoch_on_test, stop_after_epoch,
-                    keep_checkpoint) -> TrainSettings:
+                    keep_checkpoint, student_mode="eval", range_tracking="ema") -> TrainSettings:
     _keys("method.student_optim", student_optim, ("lr", "momentum", "nesterov", "weight_decay"))
     _keys("method.generator_optim", generator_optim, ("lr", "betas"))
     _keys("method.inundation", inundation, ("enabled", "threshold", "bisection_steps"))
     d = TrainSettings()
+    for key, value, valid in (("method.student_mode", student_mode, ("eval", "train")),
+                              ("method.range_tracking", range_tracking, MODES)):
+        if value not in valid:
+            raise ValueError(f"{key}={value!r} is not valid; valid: {list(valid)}")
     for key, value in (("method.generator_steps", generator_steps), ("method.student_steps", student_steps)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ValueError(f"{key}={value!r} must be a positive integer")
@@ -181,5 +201,5 @@ def _train_settings(student_optim, generator_optim, lr_decay, generator_steps, s
         inundation_bisection_steps=int(inundation.get("bisection_steps", d.inundation_bisection_steps)),
         perturb_epsilon=_number("method.perturb_epsilon", perturb_epsilon, 0.0),
         best_epoch_on_test=bool(best_epoch_on_test), stop_after_epoch=stop_after_epoch,
-        keep_checkpoint=bool(keep_checkpoint),
+        keep_checkpoint=bool(keep_checkpoint), student_mode=student_mode, range_tracking=range_tracking,
     )

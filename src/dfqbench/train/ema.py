@@ -6,6 +6,8 @@ min/max of the tensor, per channel for per-channel quantizers; for another range
 (percentile, mse) it is that estimator on a random subsample of the batch. The observer drives
 `ActQuantizer.set_range` from a forward pre-hook while `active`, so the forward that observes a batch already
 quantizes with the updated range (as GDFQ's QuantAct does); `close()` leaves the last range frozen.
+With `mode="running_minmax"` the range is instead the running min of the batch minima and max of the maxima
+(ZAQ's QuantAct, which never freezes it during training).
 """
 
 from __future__ import annotations
@@ -19,11 +21,17 @@ from ..quant.ranges import estimate_range
 _SUBSAMPLE = 1 << 14  # values per batch for the searched estimators (mse: 100 candidate ranges each)
 
 
+MODES = ("ema", "running_minmax")
+
+
 class EMARangeObserver:
-    def __init__(self, model: nn.Module, beta: float = 0.9, generator: torch.Generator | None = None):
+    def __init__(self, model: nn.Module, beta: float = 0.9, generator: torch.Generator | None = None,
+                 mode: str = "ema"):
         if not 0.0 <= beta < 1.0:
             raise ValueError(f"ema_beta={beta!r} must be in [0, 1)")
-        self.beta, self.active, self._rng = beta, True, generator
+        if mode not in MODES:
+            raise ValueError(f"range tracking mode {mode!r} is not valid; valid: {list(MODES)}")
+        self.beta, self.mode, self.active, self._rng = beta, mode, True, generator
         self.quantizers = [m for m in model.modules() if isinstance(m, ActQuantizer) and m.enabled]
         self.state: list[dict] = [{"t": 0, "lo": None, "hi": None} for _ in self.quantizers]
         self._handles = [q.register_forward_pre_hook(self._hook(i)) for i, q in enumerate(self.quantizers)]
@@ -39,6 +47,11 @@ class EMARangeObserver:
         q, s = self.quantizers[index], self.state[index]
         lo, hi = batch_range(q, x, self._rng)
         s["t"] += 1
+        if self.mode == "running_minmax":
+            s["lo"] = lo.clone() if s["lo"] is None else torch.minimum(s["lo"], lo)
+            s["hi"] = hi.clone() if s["hi"] is None else torch.maximum(s["hi"], hi)
+            q.set_range(s["lo"].clone(), s["hi"].clone())
+            return
         if s["lo"] is None:
             s["lo"], s["hi"] = torch.zeros_like(lo), torch.zeros_like(hi)
         s["lo"].mul_(self.beta).add_(lo, alpha=1 - self.beta)

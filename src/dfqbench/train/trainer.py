@@ -10,7 +10,9 @@ Per epoch, `iters_per_epoch` iterations of:
 A fixed synthetic set (IntraQ, HAST: generator `fixed_set`, no generator loss) skips step 1: every student
 step draws a fresh augmented batch. A `warmup_generator` (IntraQ/HAST: GDFQ's) replaces the generator during
 the warm-up epochs: it is trained with its own losses and feeds the EMA range calibration. HAST's `perturb_epsilon` adds the same student loss on x + eps * sign(grad_x).
-Activation ranges follow an EMA of the batch ranges during the first `calib_epochs` epochs, then stay frozen.
+Activation ranges follow an EMA of the batch ranges during the first `calib_epochs` epochs, then stay frozen
+(`range_tracking: running_minmax`: a running min/max instead). `student_mode: train` runs the student's
+BatchNorm on batch statistics while training, as ZAQ's code does; the returned student is in eval mode.
 Learning rates are a function of the epoch (multi-step decay at the schedule's milestones), so resuming needs no
 scheduler state. After every epoch the student, generator, optimizers, EMA state, RNG states and the epoch go
 into `<run_dir>/checkpoint.pt` (atomic write); a rerun resumes from it when its fingerprint (the method's
@@ -57,6 +59,8 @@ class TrainSettings:
     generator_steps: int = 1
     student_steps: int = 1
     ema_beta: float = 0.9
+    range_tracking: str = "ema"  # "running_minmax": ZAQ's running min/max (EMARangeObserver modes)
+    student_mode: str = "eval"  # "train": BatchNorm on batch statistics while training (ZAQ); eval at the end
     inundation_threshold: float | None = None  # AIT's passing threshold; None = plain SGD steps
     inundation_bisection_steps: int = 5
     perturb_epsilon: float = 0.0  # HAST: also train on x + eps * sign(grad_x student loss); 0 = off
@@ -121,7 +125,7 @@ class Trainer:
             self.warmup_gen = warmup_generator.to(device).to(memory_format=torch.channels_last).train()
             self.opt_wg = torch.optim.Adam(self.warmup_gen.parameters(), lr=settings.generator_lr,
                                            betas=tuple(settings.generator_betas))
-        self.observer = EMARangeObserver(self.student, settings.ema_beta, self.rng)
+        self.observer = EMARangeObserver(self.student, settings.ema_beta, self.rng, mode=settings.range_tracking)
         self.observer.active = False
         needs_bn = any(term.needs_bn_stats for _, term in (*generator_terms, *self.warmup_terms))
         self.bn = BNRecorder(self.teacher) if needs_bn else None
@@ -137,6 +141,7 @@ class Trainer:
         s = self.schedule
         resumed = self._resume()
         t0 = time.perf_counter()
+        self.student.train(self.settings.student_mode == "train")
         total = s.epochs * s.iters_per_epoch
         bar = tqdm(total=total, initial=self.start_epoch * s.iters_per_epoch, desc="qat", disable=not self.progress,
                    dynamic_ncols=True, file=sys.stderr)
@@ -159,6 +164,7 @@ class Trainer:
                 self._end_epoch(epoch)
         finally:
             bar.close()
+            self.student.eval()
         self.observer.close()
         if self.bn:
             self.bn.close()
@@ -289,7 +295,7 @@ class Trainer:
         self._check_params(f"after epoch {epoch + 1}/{self.schedule.epochs}")  # never checkpoint a broken model
         if self.settings.best_epoch_on_test and epoch >= self.schedule.warmup_epochs:
             top1 = float(self.test_eval(self.student))
-            self.student.eval()
+            self.student.train(self.settings.student_mode == "train")
             self._refresh_act_grids()
             if self.best is None or top1 > self.best["top1"]:
                 self.best = {"epoch": epoch + 1, "top1": top1, "student": copy.deepcopy(self.student.state_dict())}
