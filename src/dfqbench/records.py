@@ -75,14 +75,15 @@ def package_versions() -> dict:
 
 @functools.cache
 def git_commit() -> str | None:
-    """The commit of the code this process runs (read once, at the first record)."""
+    """The commit of the code this process runs (read once, at the first record); in a copy of the working tree
+    without git (scripts/gpu_session.sh on a lent machine) $DFQ_GIT_COMMIT, set by whoever made the copy."""
     here = Path(__file__).resolve().parent
     try:
         out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, timeout=5)
         dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=here,
                                capture_output=True, text=True, timeout=5)
     except (OSError, subprocess.SubprocessError):
-        return None
+        return os.environ.get("DFQ_GIT_COMMIT") or None
     if out.returncode != 0:
-        return None
+        return os.environ.get("DFQ_GIT_COMMIT") or None
     return out.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")

@@ -1,0 +1,98 @@
+#!/usr/bin/env bash
+# One prepared GPU session: what dfqbench checks and measures when a GPU is lent for a few minutes.
+#   OUT=DIR DEADLINE_S=420 scripts/gpu_session.sh        (from the repository root; PY=python3 by default)
+# 0. optional set-up for a bare machine: wheels in .gpu/wheels (hydra-core, omegaconf, antlr4, pytorchcv) are
+#    installed to /tmp/site; the test split and teacher in .gpu/cifar10-jpeg and .gpu/models are used when present
+# 1. benchmarks, alone on the GPU (the timings): scripts/bench_qat.py (trainer iteration and W4A4 fwd+bwd vs FP32,
+#    batch 200) and scripts/bench_fakequant.py -> $OUT/bench_qat_gpu.md, $OUT/fakequant_gpu.md
+# 2. side by side until DEADLINE_S seconds after the start: the Triton kernel tests compiled natively
+#    ($OUT/kernel_tests.log), and training lanes, each a list of runs (full test set, convention gdfq):
+#    lanes long*: GDFQ and Qimera W4A4 on schedule paper_first20; lanes seeds*: seeds 1 and 2 of the
+#    single-seed cells of the cpu schedule. Runs still going at the deadline are stopped (their checkpoints stay).
+# 3. every record finished in this session, with its .hydra folder and the lane logs -> $OUT/records.tgz
+# DRY=1 runs the same plumbing on tiny settings (CPU, smoke schedules, 200 test images): a check of the script.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+PY=${PY:-python3}
+OUT=${OUT:-/tmp/dfqbench-gpu}
+DEADLINE_S=${DEADLINE_S:-420}
+mkdir -p "$OUT"
+t0=$(date +%s)
+log() { echo "[gpu_session +$(( $(date +%s) - t0 ))s] $*" | tee -a "$OUT/session.log"; }
+
+if compgen -G ".gpu/wheels/*.whl" > /dev/null; then
+  "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .gpu/wheels/*.whl \
+    && export PYTHONPATH=/tmp/site
+fi
+export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
+[[ -d .gpu/cifar10-jpeg ]] && export DFQ_CIFAR10_ROOT="$PWD/.gpu/cifar10-jpeg"
+[[ -d .gpu/models ]] && export DFQ_MODELS_DIR="$PWD/.gpu/models"
+RESULTS=results
+if [[ -n "${DRY:-}" ]]; then
+  RESULTS="$OUT/dry-results"; device=cpu; long=smoke; short=smoke; extra=(dataset.max_samples=200); bench=(--device cpu --batch 8 --iters 1)
+  fq=(--device cpu --max-elements 2100000 --repeats 1 --e2e-batches 1)
+else
+  device=cuda; long=paper_first20; short=cpu; extra=(); bench=(--device cuda --batch 200 --iters 10 --warmup 3)
+  fq=(--max-elements 67108864 --repeats 10)
+fi
+"$PY" -c "import torch, sys; print('torch', torch.__version__, 'cuda', torch.cuda.is_available(),
+  torch.cuda.get_device_name(0) if torch.cuda.is_available() else '', 'python', sys.version.split()[0])" 2>&1 \
+  | tee -a "$OUT/session.log"
+stamp=$(mktemp); touch "$stamp"
+
+log "bench_qat"
+"$PY" scripts/bench_qat.py "${bench[@]}" --methods gdfq,ait,adadfq,arc --out "$OUT/bench_qat_gpu.md" \
+  > "$OUT/bench.log" 2>&1 || log "bench_qat failed (see bench.log)"
+log "bench_fakequant"
+"$PY" scripts/bench_fakequant.py "${fq[@]}" --out "$OUT/fakequant_gpu.md" >> "$OUT/bench.log" 2>&1 \
+  || log "bench_fakequant failed (see bench.log)"
+
+log "kernel tests and training lanes"
+mkdir -p "$RESULTS/logs"
+( unset TRITON_INTERPRET; "$PY" -m pytest -q -p no:cacheprovider tests/test_triton_backend.py tests/test_quantizers.py \
+    > "$OUT/kernel_tests.log" 2>&1; echo "exit $?" >> "$OUT/kernel_tests.log" ) &
+test_pid=$!
+
+base=(model=resnet20_cifar10 dataset=cifar10 quant=gdfq "paths.output_dir=$RESULTS" progress=false threads=1
+      device=$device "${extra[@]}")
+run() { "$PY" -m dfqbench -m "${base[@]}" "$@"; }
+seeds() { run schedule=$short seed=1,2 "$@"; }
+declare -A lanes=(
+  [long_gdfq]="run schedule=$long method=gdfq wbit=4 abit=4 seed=0"
+  [long_qimera]="run schedule=$long method=qimera wbit=4 abit=4 seed=0"
+  [seeds_arc]="seeds method=arc wbit=4,5 'abit=\${wbit}'"
+  [seeds_arc_ait]="seeds method=arc_ait wbit=4,5 'abit=\${wbit}'"
+  [seeds_a]="seeds method=qimera_ait,intraq wbit=4 abit=4"
+  [seeds_b]="seeds method=hast wbit=4 abit=4; seeds method=gdfq wbit=5 abit=5"
+  [seeds_c]="seeds method=qimera,ait wbit=5 abit=5"
+  [seeds_d]="seeds method=adasg,adadfq wbit=5 abit=5"
+  [seeds_e]="seeds method=intraq,hast,qimera_ait wbit=5 abit=5"
+)
+pids=()
+for name in "${!lanes[@]}"; do
+  setsid bash -c "$(declare -p base PY short); $(declare -f run seeds); ${lanes[$name]}" \
+    > "$RESULTS/logs/gpu-$name.log" 2>&1 &
+  pids+=($!)
+done
+while (( $(date +%s) - t0 < DEADLINE_S )); do
+  running=0
+  for pid in "${pids[@]}" "$test_pid"; do kill -0 "$pid" 2>/dev/null && running=1; done
+  (( running )) || break
+  sleep 5
+done
+for pid in "${pids[@]}"; do kill -TERM -- "-$pid" 2>/dev/null; done
+kill "$test_pid" 2>/dev/null
+sleep 3
+log "lanes stopped"
+
+find "$RESULTS" -name record.json -newer "$stamp" | sort > "$OUT/records.txt"
+while read -r rec; do
+  d=$(dirname "$rec")
+  echo "$rec"; [[ -d "$d/.hydra" ]] && echo "$d/.hydra"
+done < "$OUT/records.txt" > "$stamp.paths"
+ls "$RESULTS"/logs/gpu-*.log >> "$stamp.paths"
+tar czf "$OUT/records.tgz" -T "$stamp.paths"
+log "$(wc -l < "$OUT/records.txt") records -> records.tgz"
+grep -h '"top1"\|"status"' $(cat "$OUT/records.txt") /dev/null | tr -d ' ' | paste -sd' ' | fold -w 2000 | head -c 4000
+echo
+tail -3 "$OUT/kernel_tests.log" 2>/dev/null
