@@ -1,7 +1,8 @@
 """Benchmark: iterations/s of the generator-QAT trainer on ResNet-20 (CIFAR-10), beside FP32 in the same run.
 
     python scripts/bench_qat.py [--batch 200] [--iters 5] [--threads T] [--device cpu|cuda] [--bits 4]
-                                [--methods gdfq,ait] [--memory-format channels_last|contiguous] [--out FILE]
+                                [--methods gdfq,ait] [--memory-format channels_last|contiguous]
+                                [--backend auto|torch|triton] [--out FILE]
 
 Rows (all on the same batch size, measured in this process one after another):
 - FP32 fwd+bwd: the float ResNet-20 in eval mode, forward + backward of a cross-entropy loss: the baseline.
@@ -32,6 +33,7 @@ sys.path.insert(0, str(REPO / "src"))
 from dfqbench.methods.qat import GeneratorQAT  # noqa: E402
 from dfqbench.models import load_model  # noqa: E402
 from dfqbench.quant import Convention, quantize_model, weight_quantizers  # noqa: E402
+from dfqbench.quant.backend import resolve_backend_name, use_backend  # noqa: E402
 from dfqbench.quant.calibrate import calibrate_on_batches  # noqa: E402
 from dfqbench.runner import build_method  # noqa: E402
 from dfqbench.train.generators import GENERATORS  # noqa: E402
@@ -85,8 +87,20 @@ def main() -> None:
     parser.add_argument("--bits", type=int, default=4)
     parser.add_argument("--methods", default="gdfq,ait")
     parser.add_argument("--memory-format", default="channels_last", choices=("channels_last", "contiguous"))
+    parser.add_argument("--backend", default="auto", help="fake-quant kernels (quant.backend): auto, torch, triton")
     parser.add_argument("--out", default=None, help="also write the markdown table here")
     args = parser.parse_args()
+    backend = resolve_backend_name(args.backend, torch.device(args.device))
+    with use_backend(backend):
+        report = measure(args)
+    report[0] += f", backend {backend}"
+    print("\n".join(report))
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text("\n".join(report) + "\n")
+
+
+def measure(args) -> list[str]:
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
@@ -133,10 +147,7 @@ def main() -> None:
     ratio = t_quant[key] / t_fp32[key]
     lines += ["", f"quantized / FP32 fwd+bwd = {ratio:.2f} ({'CPU' if key else 'wall'} time; target <= 1.5: "
                   f"{'met' if ratio <= 1.5 else 'NOT met'})"]
-    print("\n".join(lines))
-    if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text("\n".join(lines) + "\n")
+    return lines
 
 
 if __name__ == "__main__":

@@ -1,13 +1,15 @@
 #!/usr/bin/env bash
 # One prepared GPU session: what dfqbench checks and measures when a GPU is lent for a few minutes.
 #   OUT=DIR DEADLINE_S=420 scripts/gpu_session.sh        (from the repository root; PY=python3 by default)
+#   LANES="long_gdfq long_qimera" picks lanes (default: all); BACKENDS="torch triton" runs bench_qat once per
+#   fake-quant backend (default: auto); FAKEQUANT=0 skips bench_fakequant.
 # 0. optional set-up for a bare machine: wheels in .gpu/wheels (hydra-core, omegaconf, antlr4, pytorchcv) are
 #    installed to /tmp/site; the test split and teacher in .gpu/cifar10-jpeg and .gpu/models are used when present
 # 1. benchmarks, alone on the GPU (the timings): scripts/bench_qat.py (trainer iteration and W4A4 fwd+bwd vs FP32,
 #    batch 200) and scripts/bench_fakequant.py -> $OUT/bench_qat_gpu.md, $OUT/fakequant_gpu.md
 # 2. side by side until DEADLINE_S seconds after the start: the Triton kernel tests compiled natively
 #    ($OUT/kernel_tests.log), and training lanes, each a list of runs (full test set, convention gdfq):
-#    lanes long*: GDFQ and Qimera W4A4 on schedule paper_first20; lanes seeds*: seeds 1 and 2 of the
+#    lanes long*: GDFQ and Qimera W4A4 on schedule paper_first10; lanes seeds*: seeds 1 and 2 of the
 #    single-seed cells of the cpu schedule. Runs still going at the deadline are stopped (their checkpoints stay).
 # 3. every record finished in this session, with its .hydra folder and the lane logs -> $OUT/records.tgz
 # DRY=1 runs the same plumbing on tiny settings (CPU, smoke schedules, 200 test images): a check of the script.
@@ -32,7 +34,7 @@ if [[ -n "${DRY:-}" ]]; then
   RESULTS="$OUT/dry-results"; device=cpu; long=smoke; short=smoke; extra=(dataset.max_samples=200); bench=(--device cpu --batch 8 --iters 1)
   fq=(--device cpu --max-elements 2100000 --repeats 1 --e2e-batches 1)
 else
-  device=cuda; long=paper_first20; short=cpu; extra=(); bench=(--device cuda --batch 200 --iters 10 --warmup 3)
+  device=cuda; long=paper_first10; short=cpu; extra=(); bench=(--device cuda --batch 200 --iters 10 --warmup 3)
   fq=(--max-elements 67108864 --repeats 10)
 fi
 "$PY" -c "import torch, sys; print('torch', torch.__version__, 'cuda', torch.cuda.is_available(),
@@ -40,18 +42,25 @@ fi
   | tee -a "$OUT/session.log"
 stamp=$(mktemp); touch "$stamp"
 
-log "bench_qat"
-"$PY" scripts/bench_qat.py "${bench[@]}" --methods gdfq,ait,adadfq,arc --out "$OUT/bench_qat_gpu.md" \
-  > "$OUT/bench.log" 2>&1 || log "bench_qat failed (see bench.log)"
-log "bench_fakequant"
-"$PY" scripts/bench_fakequant.py "${fq[@]}" --out "$OUT/fakequant_gpu.md" >> "$OUT/bench.log" 2>&1 \
-  || log "bench_fakequant failed (see bench.log)"
+for backend in ${BACKENDS:-auto}; do
+  log "bench_qat ($backend)"
+  "$PY" scripts/bench_qat.py "${bench[@]}" --backend "$backend" --methods "${BENCH_METHODS:-gdfq,ait,adadfq,arc}" \
+    --out "$OUT/bench_qat_gpu_$backend.md" >> "$OUT/bench.log" 2>&1 || log "bench_qat failed (see bench.log)"
+done
+if [[ "${FAKEQUANT:-1}" != 0 ]]; then
+  log "bench_fakequant"
+  "$PY" scripts/bench_fakequant.py "${fq[@]}" --out "$OUT/fakequant_gpu.md" >> "$OUT/bench.log" 2>&1 \
+    || log "bench_fakequant failed (see bench.log)"
+fi
 
 log "kernel tests and training lanes"
 mkdir -p "$RESULTS/logs"
-( unset TRITON_INTERPRET; "$PY" -m pytest -q -p no:cacheprovider tests/test_triton_backend.py tests/test_quantizers.py \
-    > "$OUT/kernel_tests.log" 2>&1; echo "exit $?" >> "$OUT/kernel_tests.log" ) &
-test_pid=$!
+test_pid=
+if [[ "${KERNEL_TESTS:-1}" != 0 ]]; then
+  ( unset TRITON_INTERPRET; "$PY" -m pytest -q -p no:cacheprovider tests/test_triton_backend.py tests/test_quantizers.py \
+      > "$OUT/kernel_tests.log" 2>&1; echo "exit $?" >> "$OUT/kernel_tests.log" ) &
+  test_pid=$!
+fi
 
 base=(model=resnet20_cifar10 dataset=cifar10 quant=gdfq "paths.output_dir=$RESULTS" progress=false threads=1
       device=$device "${extra[@]}")
@@ -69,7 +78,8 @@ declare -A lanes=(
   [seeds_e]="seeds method=intraq,hast,qimera_ait wbit=5 abit=5"
 )
 pids=()
-for name in "${!lanes[@]}"; do
+for name in ${LANES:-${!lanes[@]}}; do
+  [[ -n "${lanes[$name]:-}" ]] || { log "unknown lane $name; lanes: ${!lanes[*]}"; continue; }
   setsid bash -c "$(declare -p base PY short); $(declare -f run seeds); ${lanes[$name]}" \
     > "$RESULTS/logs/gpu-$name.log" 2>&1 &
   pids+=($!)
@@ -81,7 +91,7 @@ while (( $(date +%s) - t0 < DEADLINE_S )); do
   sleep 5
 done
 for pid in "${pids[@]}"; do kill -TERM -- "-$pid" 2>/dev/null; done
-kill "$test_pid" 2>/dev/null
+[[ -n "$test_pid" ]] && kill "$test_pid" 2>/dev/null
 sleep 3
 log "lanes stopped"
 

@@ -75,15 +75,17 @@ def package_versions() -> dict:
 
 @functools.cache
 def git_commit() -> str | None:
-    """The commit of the code this process runs (read once, at the first record); in a copy of the working tree
-    without git (scripts/gpu_session.sh on a lent machine) $DFQ_GIT_COMMIT, set by whoever made the copy."""
+    """The commit of the code this process runs (read once, at the first record). $DFQ_GIT_COMMIT, when set, wins:
+    a copy of the working tree on another machine (scripts/gpu_session.sh) may carry no git, or a stale one."""
+    if os.environ.get("DFQ_GIT_COMMIT"):
+        return os.environ["DFQ_GIT_COMMIT"]
     here = Path(__file__).resolve().parent
     try:
         out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, timeout=5)
         dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=here,
                                capture_output=True, text=True, timeout=5)
     except (OSError, subprocess.SubprocessError):
-        return os.environ.get("DFQ_GIT_COMMIT") or None
+        return None
     if out.returncode != 0:
-        return os.environ.get("DFQ_GIT_COMMIT") or None
+        return None
     return out.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
