@@ -230,3 +230,16 @@ def test_bad_input_in_a_parallel_sweep_is_refused_job_by_job(tmp_path, cache_dir
                            f"dataset.root={tmp_path / 'none'}")
     assert proc.returncode == 2 and "0 failed, 4 refused (bad input)" in summary
     assert proc.stderr.count("dfqbench: refused: ") == 4 and not _records(tmp_path)
+
+
+@pytest.mark.parametrize("overrides,folder", [
+    (["method=gdfq"], "gdfq/w4a4-s0"),                                  # the default schedule: no suffix
+    (["method=gdfq", "schedule=paper"], "gdfq/w4a4-s0-paper"),          # another one keeps its own record
+    (["method=adasg", "schedule=smoke", "seed=2"], "adasg/w4a4-s2-smoke"),
+    (["method=rtn", "schedule=paper"], "rtn/w4a4-s0"),                  # methods that do not train ignore it
+])
+def test_run_folders_name_a_training_methods_schedule_unless_it_is_the_default(overrides, folder):
+    with initialize_config_dir(version_base="1.3", config_dir=str(CONF_DIR)):
+        cfg = compose(config_name="config", overrides=overrides, return_hydra_config=True)
+    assert cfg.hydra.sweep.subdir == f"resnet20_cifar10-cifar10/gdfq/{folder}"
+    assert cfg.hydra.run.dir.endswith(f"/runs/resnet20_cifar10-cifar10/gdfq/{folder}")

@@ -10,7 +10,7 @@ from pathlib import Path
 import hydra
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from . import sweep
 from .errors import ConfigError, UnsupportedModel
@@ -19,6 +19,17 @@ from .train.errors import TrainingDiverged
 CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
 GROUPS = ("method", "model", "dataset", "quant", "schedule", "paths", "logger", "experiment")
 _SWEEP_FUNCTIONS = ("range(", "glob(", "choice(", "interval(", "tag(", "sort(", "shuffle(")
+DEFAULT_SCHEDULE = "cpu"
+
+
+def schedule_tag(name: str | None) -> str:
+    """Run-folder suffix of a training method's schedule (conf/config.yaml's hydra dirs): none for the default
+    schedule, `-<name>` for any other, so that a cell run on two schedules keeps two records. Methods that do
+    not train pass no name (their folders never change with `schedule=`)."""
+    return "" if not name or name == DEFAULT_SCHEDULE else f"-{name}"
+
+
+OmegaConf.register_new_resolver("dfq_schedule_tag", schedule_tag, replace=True)
 
 
 def group_options(group: str) -> list[str]:
