@@ -243,3 +243,14 @@ def test_run_folders_name_a_training_methods_schedule_unless_it_is_the_default(o
         cfg = compose(config_name="config", overrides=overrides, return_hydra_config=True)
     assert cfg.hydra.sweep.subdir == f"resnet20_cifar10-cifar10/gdfq/{folder}"
     assert cfg.hydra.run.dir.endswith(f"/runs/resnet20_cifar10-cifar10/gdfq/{folder}")
+
+
+def test_dfq_git_commit_names_the_commit_of_a_copy_without_git(monkeypatch):
+    from dfqbench import records
+
+    records.git_commit.cache_clear()
+    monkeypatch.setenv("DFQ_GIT_COMMIT", "0123abc")
+    try:
+        assert records.git_commit() == "0123abc"
+    finally:
+        records.git_commit.cache_clear()
