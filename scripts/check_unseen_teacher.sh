@@ -27,9 +27,10 @@ from pathlib import Path
 work, out, arch = Path(sys.argv[1]), Path(sys.argv[2]), sys.argv[3]
 teacher = json.loads((out / f"{arch}.json").read_text())
 rows = []
-for path in sorted(work.rglob("record.json")):
+for path in sorted(work.rglob("record.json")):  # METHODS=... reruns some: the table lists every method's record
+    shutil.copy(path, out / f"{json.loads(path.read_text())['method']}.record.json")
+for path in sorted(out.glob("*.record.json")):
     r = json.loads(path.read_text())
-    shutil.copy(path, out / f"{r['method']}.record.json")
     seconds = (r.get("info", {}).get("training") or {}).get("train_time_s")
     rows.append(f"| {r['method']} | {r['fp32_top1']:.2f} | {r['top1']:.2f} | {r['fp32_top1'] - r['top1']:.2f} | "
                 f"{'' if seconds is None else f'{seconds:.0f}'} |")
