@@ -5,7 +5,10 @@
 #   lane other: intraq, hast at W4A4 and W5A5, then gdfq, qimera, ait, qimera_ait at W5A5, then qimera_ait and
 #               zaq at W4A4, zaq at W5A5 (seed 0; zaq's 5 student steps per iteration cost ~3x an iteration)
 #   both lanes, after the above: adasg, adadfq (main) and arc, arc_ait (other) at W4A4 and W5A5, seed 0 (ARC's
-#               searched generator costs about 8x GDFQ's per step on CPU)
+#               searched generator costs about 8x GDFQ's per step on CPU); then seeds 1 and 2 of every other
+#               cell (main: adasg, adadfq, arc, arc_ait; other: qimera_ait, intraq, hast, zaq, and gdfq, qimera,
+#               ait at W5A5). Some committed seeds were made on a GPU by scripts/gpu_session.sh's lanes (their
+#               config says device=cuda, another hash: this script recomputes those cells on CPU).
 # Finished runs (same config hash) are skipped on a rerun; a killed run resumes from its last epoch checkpoint.
 # LANES="main" picks lanes (default: both); arguments are passed to every sweep (e.g. schedule=paper).
 set -euo pipefail
@@ -19,7 +22,9 @@ if lane main; then
   ( for seed in 0 1 2; do
       "$PY" -m dfqbench -m method=gdfq,qimera,ait wbit=4 abit=4 seed=$seed "${base[@]}"
     done
-    "$PY" -m dfqbench -m method=adasg,adadfq wbit=4,5 'abit=${wbit}' seed=0 "${base[@]}" ) > results/logs/qat-main.log 2>&1 &
+    "$PY" -m dfqbench -m method=adasg,adadfq wbit=4,5 'abit=${wbit}' seed=0 "${base[@]}"
+    "$PY" -m dfqbench -m method=adasg,adadfq,arc,arc_ait wbit=4,5 'abit=${wbit}' seed=1,2 "${base[@]}"
+  ) > results/logs/qat-main.log 2>&1 &
   pids+=($!)
 fi
 if lane other; then
@@ -27,7 +32,10 @@ if lane other; then
     "$PY" -m dfqbench -m method=gdfq,qimera,ait,qimera_ait wbit=5 abit=5 seed=0 "${base[@]}"
     "$PY" -m dfqbench -m method=qimera_ait,zaq wbit=4 abit=4 seed=0 "${base[@]}"
     "$PY" -m dfqbench -m method=zaq wbit=5 abit=5 seed=0 "${base[@]}"
-    "$PY" -m dfqbench -m method=arc,arc_ait wbit=4,5 'abit=${wbit}' seed=0 "${base[@]}" ) > results/logs/qat-other.log 2>&1 &
+    "$PY" -m dfqbench -m method=arc,arc_ait wbit=4,5 'abit=${wbit}' seed=0 "${base[@]}"
+    "$PY" -m dfqbench -m method=qimera_ait,intraq,hast,zaq wbit=4,5 'abit=${wbit}' seed=1,2 "${base[@]}"
+    "$PY" -m dfqbench -m method=gdfq,qimera,ait wbit=5 abit=5 seed=1,2 "${base[@]}"
+  ) > results/logs/qat-other.log 2>&1 &
   pids+=($!)
 fi
 status=0
