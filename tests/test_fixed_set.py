@@ -12,7 +12,8 @@ from dfqbench.runner import build_method, run
 from dfqbench.synth.augment import crop_flip
 from dfqbench.synth.labelled import LabelledSettings, _cosine_band, _target_probs, synthesize
 from dfqbench.train.generators import FixedSet
-from dfqbench.train.losses import FeatureActivation, FeatureMSE, PenultimateTap, Step
+from dfqbench.train.features import FeatureTap
+from dfqbench.train.losses import FeatureActivation, FeatureMSE, Step
 
 SCHEDULE = {"name": "smoke", "epochs": 2, "iters_per_epoch": 2, "batch_size": 4}
 
@@ -69,7 +70,7 @@ def test_labelled_synthesis_fits_the_labels_and_restores_the_model(label_loss, i
 def test_feature_terms_read_the_penultimate_features_of_the_same_forward():
     torch.manual_seed(0)
     teacher, student = _Tiny().eval(), _Tiny().eval()
-    taps = (PenultimateTap(teacher), PenultimateTap(student))
+    taps = (FeatureTap(teacher, {"penultimate"}), FeatureTap(student, {"penultimate"}))
     x = torch.randn(5, 3, 8, 8)
     step = Step(x, None, teacher=teacher, student=student, taps=taps)
     expected = F.mse_loss(student.body(x), teacher.body(x))

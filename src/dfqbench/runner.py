@@ -54,6 +54,7 @@ def build_convention(cfg: DictConfig, method: Method) -> Convention:
         conv = Convention.from_dict(OmegaConf.to_container(cfg.quant, resolve=True))
         if method.convention_overrides:
             conv = conv.with_overrides(method.convention_overrides)
+        method.check_convention(conv)
         resolve_backend_name(conv.backend)
     except (TypeError, ValueError) as exc:
         raise ConfigError(str(exc).splitlines()[0]) from None

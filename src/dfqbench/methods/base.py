@@ -54,5 +54,8 @@ class Method:
         if params:
             raise TypeError(f"method {name!r} got unknown settings: {sorted(params)}")
 
+    def check_convention(self, convention: Convention) -> None:
+        """Raise ValueError (one line) when the method cannot run under this convention; checked before any work."""
+
     def quantize(self, model: nn.Module, ctx: QuantContext) -> nn.Module:
         raise NotImplementedError

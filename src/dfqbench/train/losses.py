@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import UnsupportedModel
+from .features import PenultimateTap  # noqa: F401  (re-exported: synth.labelled imports it from here)
 from .registry import build, register
 
 GENERATOR_LOSSES: dict[str, type] = {}
@@ -23,12 +24,13 @@ STUDENT_LOSSES: dict[str, type] = {}
 class Step:
     """What a loss term may read for one batch. `targets` are soft labels [B, classes] (one-hot for plain labels,
     mixtures for Qimera's superposed samples; None for an unconditional generator, which then uses the teacher's
-    own prediction as a pseudo-label). Teacher and student logits are computed when a term first asks."""
+    own prediction as a pseudo-label). Teacher and student logits are computed when a term first asks. `taps` is
+    (teacher, student) FeatureTaps; `teacher_features` their kind -> feature dict, when the logits are given."""
 
     def __init__(self, images: torch.Tensor, targets: torch.Tensor | None, teacher: Callable | None = None,
                  student: Callable | None = None, teacher_logits: torch.Tensor | None = None,
                  bn_stats: Callable[[], list] | None = None, taps: tuple | None = None,
-                 teacher_features: torch.Tensor | None = None):
+                 teacher_features: dict | None = None):
         self.images = images
         self._targets, self._teacher, self._student = targets, teacher, student
         self._teacher_logits, self._student_logits, self._bn_stats = teacher_logits, None, bn_stats
@@ -51,15 +53,32 @@ class Step:
         return self._student_logits
 
     @property
-    def teacher_features(self) -> torch.Tensor:
-        """The teacher's penultimate feature (the input of its classifier), from the same forward as its logits."""
+    def teacher_feature_set(self) -> dict:
+        """Every tapped teacher feature (kind -> tensor or list), from the same forward as its logits."""
         self.teacher_logits
         return self._teacher_features
 
     @property
+    def teacher_features(self) -> torch.Tensor:
+        """The teacher's penultimate feature (the input of its classifier), from the same forward as its logits."""
+        self.teacher_logits
+        return self._teacher_features["penultimate"]
+
+    @property
     def student_features(self) -> torch.Tensor:
         self.student_logits
-        return self._student_features
+        return self._student_features["penultimate"]
+
+    @property
+    def teacher_stages(self) -> list[torch.Tensor]:
+        """The teacher's stage outputs (see train.features), from the same forward as its logits."""
+        self.teacher_logits
+        return self._teacher_features["stages"]
+
+    @property
+    def student_stages(self) -> list[torch.Tensor]:
+        self.student_logits
+        return self._student_features["stages"]
 
     @property
     def targets(self) -> torch.Tensor:
@@ -75,26 +94,9 @@ class Step:
         return self._bn_stats()
 
 
-class PenultimateTap:
-    """Keeps the input of a model's last nn.Linear (its penultimate feature) from the latest forward."""
-
-    def __init__(self, model: torch.nn.Module):
-        linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
-        if not linears:
-            raise UnsupportedModel("a feature loss needs a model whose classifier is an nn.Linear")
-        self.value = None
-        self.handle = linears[-1].register_forward_pre_hook(self._keep)
-
-    def _keep(self, module, inputs):
-        self.value = inputs[0]
-
-    def close(self) -> None:
-        self.handle.remove()
-
-
 class LossTerm:
     needs_bn_stats = False  # the trainer records the teacher's BN-input statistics only when a term needs them
-    needs_features = False  # ... and taps the penultimate features only when a term needs them
+    features: frozenset[str] = frozenset()  # ... and taps the features (train.features kinds) terms name here
 
     def __init__(self, weight: float = 1.0):
         if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not math.isfinite(weight) \
@@ -148,10 +150,58 @@ class FeatureActivation(LossTerm):
     """DAFL's activation term as ZAQ uses it: the generator maximizes the mean absolute value of the teacher's
     penultimate feature (returns its negative)."""
 
-    needs_features = True
+    features = frozenset({"penultimate"})
 
     def __call__(self, step):
         return -step.teacher_features.abs().mean()
+
+
+def _entropy(p: torch.Tensor) -> torch.Tensor:
+    return -(p * torch.log(p.clamp_min(1e-12))).sum(dim=-1)
+
+
+@register(GENERATOR_LOSSES, "class_balance")
+class ClassBalance(LossTerm):
+    """DFQF's inception-score term on the teacher's softmax p: mean_b H(p_b) - marginal * H(mean_b p_b), i.e.
+    confident predictions per image and all classes equally often over the batch (DFQF: marginal 40)."""
+
+    def __init__(self, weight: float = 1.0, marginal: float = 40.0):
+        super().__init__(weight)
+        if isinstance(marginal, bool) or not isinstance(marginal, (int, float)) or not math.isfinite(marginal) \
+                or marginal < 0:
+            raise ValueError(f"marginal={marginal!r} must be a finite number >= 0")
+        self.marginal = float(marginal)
+
+    def __call__(self, step):
+        p = F.softmax(step.teacher_logits, dim=1)
+        return _entropy(p).mean() - self.marginal * _entropy(p.mean(dim=0))
+
+
+@register(GENERATOR_LOSSES, "bn_kl")
+class BNStatKL(LossTerm):
+    """DFQF's BN-statistics term: summed over the teacher's BN layers, the channel mean of
+    var - running_var * log(var) + (mean - running_mean)^2 (minimal at the running statistics; var floored at
+    1e-8). The batch variance is the biased one (DFQF's code: unbiased; n / (n - 1) ~ 1 at these sizes)."""
+
+    needs_bn_stats = True
+
+    def __call__(self, step):
+        stats = step.bn_stats
+        if not stats:
+            raise UnsupportedModel("generator loss 'bn_kl' needs a teacher with BatchNorm2d layers")
+        return sum((v.clamp_min(1e-8) - rv * torch.log(v.clamp_min(1e-8)) + (m - rm) ** 2).mean()
+                   for m, v, rm, rv in stats)
+
+
+@register(GENERATOR_LOSSES, "adversarial_kd")
+class AdversarialKD(LossTerm):
+    """DFQF's (and DFAD's) adversarial term: the generator maximizes KL(teacher || student) at T = 1, summed
+    over classes and averaged over the batch (returns its negative)."""
+
+    def __call__(self, step):
+        log_p = F.log_softmax(step.student_logits, dim=1)
+        q = F.softmax(step.teacher_logits, dim=1)
+        return -F.kl_div(log_p, q, reduction="batchmean")
 
 
 @register(GENERATOR_LOSSES, "disagreement_ce")
@@ -266,10 +316,63 @@ class FeatureMSE(LossTerm):
     """HAST's feature alignment: MSE between the student's and the teacher's penultimate features (decision: the
     paper aligns "features"; the classifier input is the one feature every classifier has)."""
 
-    needs_features = True
+    features = frozenset({"penultimate"})
 
     def __call__(self, step):
         return F.mse_loss(step.student_features.flatten(1), step.teacher_features.detach().flatten(1))
+
+
+def _spatial_relation(f: torch.Tensor, gamma: float) -> torch.Tensor:
+    """f [B, C, N] -> f + gamma * f @ softmax(f^T f)^T: each position mixed with the positions it resembles."""
+    attention = torch.softmax(f.transpose(1, 2) @ f, dim=-1)  # [B, N, N]
+    return f + gamma * (f @ attention.transpose(1, 2))
+
+
+def _channel_relation(f: torch.Tensor, gamma: float) -> torch.Tensor:
+    """f [B, C, N] -> f + gamma * softmax(max - f f^T) @ f: each channel mixed with the channels least like it
+    (the max-minus-energy form of the DANet channel attention ZAQ's code uses)."""
+    energy = f @ f.transpose(1, 2)  # [B, C, C]
+    attention = torch.softmax(energy.amax(dim=-1, keepdim=True) - energy, dim=-1)
+    return f + gamma * (attention @ f)
+
+
+def scrm_distance(student: list[torch.Tensor], teacher: list[torch.Tensor], gamma: float = 0.1) -> torch.Tensor:
+    """ZAQ's spatial and channel relation distance summed over stages: per stage, both feature maps are
+    L2-normalized along the channels, passed through the spatial and the channel relation maps, and compared by
+    mean absolute difference (spatial + channel)."""
+    total = 0.0
+    for s, t in zip(student, teacher, strict=True):
+        s, t = F.normalize(s.flatten(2), dim=1), F.normalize(t.flatten(2), dim=1)
+        total = total + F.l1_loss(_spatial_relation(s, gamma), _spatial_relation(t, gamma)) \
+            + F.l1_loss(_channel_relation(s, gamma), _channel_relation(t, gamma))
+    return total
+
+
+class _SCRMTerm(LossTerm):
+    features = frozenset({"stages"})
+
+    def __init__(self, weight: float = 1.0, gamma: float = 0.1):
+        super().__init__(weight)
+        if isinstance(gamma, bool) or not isinstance(gamma, (int, float)) or not math.isfinite(gamma) or gamma < 0:
+            raise ValueError(f"gamma={gamma!r} must be a finite number >= 0")
+        self.gamma = float(gamma)
+
+
+@register(STUDENT_LOSSES, "scrm")
+class StudentSCRM(_SCRMTerm):
+    """ZAQ's intermediate-feature term: the student matches the teacher's stage-wise spatial and channel
+    relations (scrm_distance, teacher side detached)."""
+
+    def __call__(self, step):
+        return scrm_distance(step.student_stages, [t.detach() for t in step.teacher_stages], self.gamma)
+
+
+@register(GENERATOR_LOSSES, "scrm")
+class AdversarialSCRM(_SCRMTerm):
+    """ZAQ's generator side of SCRM: the generator maximizes the same distance (returns its negative)."""
+
+    def __call__(self, step):
+        return -scrm_distance(step.student_stages, step.teacher_stages, self.gamma)
 
 
 def build_terms(specs: dict | None, registry: dict[str, type], what: str,

@@ -39,7 +39,8 @@ from . import checkpoint as ckpt
 from .ema import EMARangeObserver
 from .errors import TrainingDiverged
 from .inundation import GradientInundation
-from .losses import LossTerm, PenultimateTap, Step, weighted_sum
+from .features import FeatureTap, detach_features
+from .losses import LossTerm, Step, weighted_sum
 from .schedule import Schedule
 
 
@@ -64,6 +65,8 @@ class TrainSettings:
     inundation_threshold: float | None = None  # AIT's passing threshold; None = plain SGD steps
     inundation_bisection_steps: int = 5
     perturb_epsilon: float = 0.0  # HAST: also train on x + eps * sign(grad_x student loss); 0 = off
+    clip_lr_ratio: float = 0.1  # learned clipping values (parameters named `clip`, DFQF): lr ratio, plain SGD
+    decay_generator: bool = True  # the generator's lr follows the milestones too (DFQF's stage 1: it does not)
     best_epoch_on_test: bool = False
     stop_after_epoch: int | None = None
     keep_checkpoint: bool = False
@@ -113,8 +116,7 @@ class Trainer:
         if settings.best_epoch_on_test and test_eval is None:
             raise ValueError("best_epoch_on_test=true needs the test set (the runner provides it)")
         self.rng = torch.Generator().manual_seed(seed)
-        self.opt_s = torch.optim.SGD(self.student.parameters(), lr=settings.student_lr, momentum=settings.momentum,
-                                     nesterov=settings.nesterov, weight_decay=settings.weight_decay)
+        self.opt_s = _student_optimizer(self.student, settings)
         trainable = [p for p in self.generator.parameters() if p.requires_grad]
         # a fixed set (no trainable generator, no generator loss) skips the generator step
         self.opt_g = (torch.optim.Adam(trainable, lr=settings.generator_lr, betas=tuple(settings.generator_betas))
@@ -129,9 +131,9 @@ class Trainer:
         self.observer.active = False
         needs_bn = any(term.needs_bn_stats for _, term in (*generator_terms, *self.warmup_terms))
         self.bn = BNRecorder(self.teacher) if needs_bn else None
-        needs_features = any(term.needs_features for _, term in (*generator_terms, *self.warmup_terms,
-                                                                 *student_terms))
-        self.taps = (PenultimateTap(self.teacher), PenultimateTap(self.student)) if needs_features else None
+        kinds = frozenset().union(*(term.features for _, term in (*generator_terms, *self.warmup_terms,
+                                                                    *student_terms)))
+        self.taps = (FeatureTap(self.teacher, kinds), FeatureTap(self.student, kinds)) if kinds else None
         self.gi = (GradientInundation(self.student, settings.inundation_threshold, settings.inundation_bisection_steps)
                    if settings.inundation_threshold else None)
         self.start_epoch, self.best, self.last = 0, None, {}
@@ -189,10 +191,11 @@ class Trainer:
     def _set_rates(self, epoch: int) -> None:
         factor = self.schedule.decay_factor(epoch, self.settings.lr_decay)
         for group in self.opt_s.param_groups:
-            group["lr"] = self.settings.student_lr * factor
+            group["lr"] = group.get("base_lr", self.settings.student_lr) * factor  # (checkpoints before groups)
+        g_factor = factor if self.settings.decay_generator else 1.0
         for opt in (self.opt_g, self.opt_wg):
             for group in opt.param_groups if opt else ():
-                group["lr"] = self.settings.generator_lr * factor
+                group["lr"] = self.settings.generator_lr * g_factor
         if self.gi:  # AIT decays its passing threshold with the learning rate
             self.gi.threshold = self.settings.inundation_threshold * factor
 
@@ -213,7 +216,7 @@ class Trainer:
             loss.backward()
             opt_g.step()
             batch = (images.detach(), step.targets.detach(), step.teacher_logits.detach(),
-                     _detached(step.teacher_features) if self.taps else None)
+                     detach_features(step.teacher_feature_set) if self.taps else None)
         train_student = epoch >= s.warmup_epochs
         self.observer.active = epoch < s.calib_epochs
         try:
@@ -263,7 +266,7 @@ class Trainer:
         sample = generator.sample(self.schedule.batch_size, self.rng).to(self.device)
         images = generator(sample)
         step = Step(images, sample.targets, teacher=self.teacher, taps=self.taps)
-        return images, step.targets, step.teacher_logits, step.teacher_features if self.taps else None
+        return images, step.targets, step.teacher_logits, step.teacher_feature_set if self.taps else None
 
     def _checked(self, loss: torch.Tensor, terms: dict, phase: str, epoch: int, it: int) -> float:
         value = float(loss.detach())
@@ -347,5 +350,14 @@ class Trainer:
                 q.set_range(q.lo.detach().clone(), q.hi.detach().clone())
 
 
-def _detached(t: torch.Tensor | None) -> torch.Tensor | None:
-    return None if t is None else t.detach()
+def _student_optimizer(student: nn.Module, settings: TrainSettings) -> torch.optim.SGD:
+    """SGD over the student; learned clipping values (parameters named `clip`) get their own group: lr scaled by
+    `clip_lr_ratio`, no momentum, no weight decay (DFQF)."""
+    named = list(student.named_parameters())
+    clips = [p for n, p in named if n.rpartition(".")[2] == "clip"]
+    groups = [{"params": [p for n, p in named if n.rpartition(".")[2] != "clip"], "base_lr": settings.student_lr}]
+    if clips:
+        groups.append({"params": clips, "base_lr": settings.student_lr * settings.clip_lr_ratio, "momentum": 0.0,
+                       "nesterov": False, "weight_decay": 0.0})
+    return torch.optim.SGD(groups, lr=settings.student_lr, momentum=settings.momentum, nesterov=settings.nesterov,
+                           weight_decay=settings.weight_decay)
