@@ -12,7 +12,7 @@ PY=${PY:-.venv/bin/python}
 ARCH=${ARCH:-preresnet20_cifar10}
 OUT=results/explore/unseen-teacher
 DATA=${DFQ_CIFAR10_ROOT:?set DFQ_CIFAR10_ROOT to the CIFAR-10 ImageFolder copy}
-METHODS=${METHODS:-zeroq,gdfq,qimera,ait,qimera_ait,arc,arc_ait,adasg,adadfq,zaq,intraq,hast}
+METHODS=${METHODS:-zeroq,gdfq,qimera,ait,qimera_ait,arc,arc_ait,adasg,adadfq,zaq,intraq,hast,dfqf}
 [[ -f $OUT/$ARCH.pt ]] || "$PY" scripts/train_teacher.py --arch "$ARCH" --data "$DATA" --epochs "${EPOCHS:-4}" \
   --out "$OUT" --threads "${THREADS:-1}"
 sha=$("$PY" -c "import json,sys; print(json.load(open(sys.argv[1]))['sha256'])" "$OUT/$ARCH.json")

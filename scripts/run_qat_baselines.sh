@@ -9,12 +9,16 @@
 #               cell (main: adasg, adadfq, arc, arc_ait; other: qimera_ait, intraq, hast, zaq, and gdfq, qimera,
 #               ait at W5A5). Some committed seeds were made on a GPU by scripts/gpu_session.sh's lanes (their
 #               config says device=cuda, another hash: this script recomputes those cells on CPU).
+#   then W3A3 (where post-training quantization degrades on this teacher): ZeroQ (seeds 0-2) and RTN for
+#   reference, gdfq, qimera, ait (seeds 0-2), adasg, adadfq (seed 0) (main); and DFQF at W4A4/W5A5 under gdfq and
+#   its own preset dfqf (other; one stage-1 generator per teacher and seed, cached, serves every bit-width).
 # Finished runs (same config hash) are skipped on a rerun; a killed run resumes from its last epoch checkpoint.
 # LANES="main" picks lanes (default: both); arguments are passed to every sweep (e.g. schedule=paper).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}
-base=(model=resnet20_cifar10 dataset=cifar10 quant=gdfq paths.output_dir=results progress=false threads=1 "$@")
+common=(model=resnet20_cifar10 dataset=cifar10 paths.output_dir=results progress=false threads=1)
+base=(quant=gdfq "${common[@]}" "$@")
 lane() { [[ " ${LANES:-main other} " == *" $1 "* ]]; }
 mkdir -p results/logs
 pids=()
@@ -24,6 +28,11 @@ if lane main; then
     done
     "$PY" -m dfqbench -m method=adasg,adadfq wbit=4,5 'abit=${wbit}' seed=0 "${base[@]}"
     "$PY" -m dfqbench -m method=adasg,adadfq,arc,arc_ait wbit=4,5 'abit=${wbit}' seed=1,2 "${base[@]}"
+    "$PY" -m dfqbench -m method=zeroq wbit=3 abit=3 seed=0,1,2 "${base[@]}"
+    "$PY" -m dfqbench -m method=rtn wbit=3 abit=3 seed=0 "${base[@]}"
+    "$PY" -m dfqbench -m method=gdfq,qimera,ait wbit=3 abit=3 seed=0 "${base[@]}"
+    "$PY" -m dfqbench -m method=adasg,adadfq wbit=3 abit=3 seed=0 "${base[@]}"
+    "$PY" -m dfqbench -m method=gdfq,qimera,ait wbit=3 abit=3 seed=1,2 "${base[@]}"
   ) > results/logs/qat-main.log 2>&1 &
   pids+=($!)
 fi
@@ -35,6 +44,7 @@ if lane other; then
     "$PY" -m dfqbench -m method=arc,arc_ait wbit=4,5 'abit=${wbit}' seed=0 "${base[@]}"
     "$PY" -m dfqbench -m method=qimera_ait,intraq,hast,zaq wbit=4,5 'abit=${wbit}' seed=1,2 "${base[@]}"
     "$PY" -m dfqbench -m method=gdfq,qimera,ait wbit=5 abit=5 seed=1,2 "${base[@]}"
+    "$PY" -m dfqbench -m method=dfqf quant=gdfq,dfqf wbit=4,5 'abit=${wbit}' seed=0 "${common[@]}" "$@"
   ) > results/logs/qat-other.log 2>&1 &
   pids+=($!)
 fi
