@@ -128,3 +128,13 @@ def test_dfqf_on_an_unseen_random_teacher(tmp_path, cache_dir, cifar10_root):
                "method=dfqf", "wbit=4", "abit=4", "schedule.batch_size=8")
     record = run(cfg, tmp_path)
     assert record["status"] == "done" and record["weights"] == "random"
+
+
+def test_a_dfqf_run_killed_in_stage2_resumes_there_without_redoing_stage1(tmp_path, cache_dir, cifar10_root,
+                                                                          teacher):
+    args = ["method=dfqf", "quant=dfqf", "dataset.max_samples=200", "wbit=4", "abit=4", "seed=3"]
+    with pytest.raises(KeyboardInterrupt, match="stopped after epoch 1"):
+        run(_real(cache_dir, cifar10_root, teacher, *args, "method.stop_after_epoch=1"), tmp_path)
+    assert (tmp_path / "checkpoint.pt").exists() and not (tmp_path / "record.json").exists()
+    record = run(_real(cache_dir, cifar10_root, teacher, *args), tmp_path)
+    assert record["info"]["stage1"] == {"cached": True} and record["info"]["training"]["resumed_from_epoch"] == 1
