@@ -24,7 +24,7 @@ from torch import nn
 from ..quant import quantize_model
 from ..quant.clipped import attach_learned_clips
 from ..train.trainer import Trainer
-from .qat import _DEBUG_KEYS, GeneratorQAT, _number, _train_settings
+from .qat import GeneratorQAT, _number, _train_settings
 
 
 class DFQF(GeneratorQAT):
@@ -53,8 +53,7 @@ class DFQF(GeneratorQAT):
         self.stage2_schedule = dataclasses.replace(self.schedule, warmup_epochs=0, milestones=())
         self.stage1_spec = {"generator": self.generator_spec, "generator_losses": kwargs.get("generator_losses"),
                             "student_losses": kwargs.get("student_losses"),
-                            "settings": {k: v for k, v in dataclasses.asdict(self.stage1_settings).items()
-                                         if k not in _DEBUG_KEYS},
+                            "settings": dataclasses.asdict(self.stage1_settings),
                             "schedule": self.stage1_schedule.to_dict()}
         self.spec.update(stage1=self.stage1_spec, clip_lower_bound=self.clip_lower_bound,
                          clip_init_batches=clip_init_batches,
