@@ -105,6 +105,8 @@ class DFQF(GeneratorQAT):
                           self.stage1_schedule, self.stage1_settings, ctx.device, ctx.seed, run_dir=stage_dir,
                           fingerprint=key, progress=ctx.progress)
         ctx.info["stage1"] = trainer.fit()
+        if stage_dir is not None and not any(stage_dir.iterdir()):  # its checkpoint is removed once it finished
+            stage_dir.rmdir()
         if path is not None:
             path.parent.mkdir(parents=True, exist_ok=True)
             tmp = path.with_suffix(f".tmp{os.getpid()}")
