@@ -128,6 +128,9 @@ def test_redundant_cells_of_a_product():
     assert reason("fp32", 32, 0) is None and reason("rtn", 4, 0) is None and reason("zeroq", 4, 2) is None
     assert "W32A32" in reason("fp32", 8, 0) and "fp32 cell" in reason("dfq", 32, 0)
     assert "deterministic" in reason("rtn", 4, 1) and "deterministic" in reason("fp32", 32, 2)
+    assert reason("dfqf", 4, 0) is None  # under gdfq, the default convention
+    cfg = _compose("method=dfqf", "quant=brecq", "wbit=4", "abit=4")
+    assert "not applicable: method=dfqf" in redundant_reason(cfg, build_method(cfg))
 
 
 # ---- sweeps ----------------------------------------------------------------------------------------------------

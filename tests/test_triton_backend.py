@@ -16,7 +16,6 @@ import os
 import subprocess
 import sys
 from pathlib import Path
-from types import SimpleNamespace
 
 import pytest
 import torch
@@ -364,9 +363,10 @@ def test_config_accepts_triton_and_refuses_unknown_backends_in_one_line():
     from omegaconf import OmegaConf
 
     from dfqbench.errors import ConfigError
+    from dfqbench.methods.base import Method
     from dfqbench.runner import build_convention
 
-    method = SimpleNamespace(convention_overrides=None)
+    method = Method("stand-in")  # no convention requirements
     cfg = OmegaConf.create({"quant": OmegaConf.load(REPO / "conf" / "quant" / "gdfq.yaml")})
     assert cfg.quant.backend == "torch"  # the presets keep the ATen kernels
     for name in ("triton", "auto", "torch"):

@@ -88,7 +88,7 @@ def hydra_main(cfg: DictConfig) -> float | dict | None:
         if in_sweep and cfg.get("skip_redundant"):
             reason = sweep.redundant_reason(cfg, build_method(cfg))
             if reason:
-                print(f"dfqbench: not run, redundant cell ({reason}): {' '.join(hc.overrides.task)}",
+                print(f"dfqbench: not run ({reason}): {' '.join(hc.overrides.task)}",
                       file=sys.stderr)
                 sweep.discard_job_dir(run_dir)
                 return {"status": "redundant"}

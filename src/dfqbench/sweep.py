@@ -16,6 +16,7 @@ from pathlib import Path
 
 from hydra.core.utils import JobStatus
 from hydra.experimental.callback import Callback
+from omegaconf import OmegaConf
 
 from . import records
 
@@ -25,13 +26,21 @@ unfinished: list[dict] = []  # failed and refused jobs, set in the launching pro
 
 
 def redundant_reason(cfg, method) -> str | None:
-    """Why this cell of a preset's product would repeat another cell's computation (None: it would not)."""
+    """Why this cell of a preset's product is not run: it would repeat another cell's computation, or the method
+    cannot run under the cell's convention (None: it is run)."""
     if not method.quantizes and (cfg.wbit, cfg.abit) != (32, 32):
         return f"{method.name} is the float teacher, recorded once as W32A32"
     if method.quantizes and (cfg.wbit, cfg.abit) == (32, 32):
         return "W32A32 is the fp32 cell"
     if not method.stochastic and cfg.seed != 0:
         return f"{method.name} is deterministic: seed 0 stands for every seed"
+    from .quant import Convention  # torch: loaded only when a sweep job runs
+
+    try:
+        convention = Convention.from_dict(OmegaConf.to_container(cfg.quant, resolve=True))
+        method.check_convention(convention.with_overrides(method.convention_overrides))
+    except (TypeError, ValueError) as exc:
+        return f"not applicable: {str(exc).splitlines()[0]}"
     return None
 
 
