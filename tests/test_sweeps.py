@@ -131,6 +131,9 @@ def test_redundant_cells_of_a_product():
     assert reason("dfqf", 4, 0) is None  # under gdfq, the default convention
     cfg = _compose("method=dfqf", "quant=brecq", "wbit=4", "abit=4")
     assert "not applicable: method=dfqf" in redundant_reason(cfg, build_method(cfg))
+    cfg = _compose("method=dfqf", "quant.weight.granularity=per_row", "wbit=4", "abit=4")
+    with pytest.raises(ConfigError, match="per_row"):  # bad input is refused, not skipped as not applicable
+        redundant_reason(cfg, build_method(cfg))
 
 
 # ---- sweeps ----------------------------------------------------------------------------------------------------

@@ -49,12 +49,15 @@ def build_method(cfg: DictConfig) -> Method:
         raise ConfigError(f"method={cfg.method.name}: {str(cause).splitlines()[0]}") from None
 
 
-def build_convention(cfg: DictConfig, method: Method) -> Convention:
+def build_convention(cfg: DictConfig, method: Method, check_method: bool = True) -> Convention:
+    """The run's convention with the method's overrides; bad input (and, with `check_method`, a convention the
+    method cannot run under) is a one-line ConfigError."""
     try:
         conv = Convention.from_dict(OmegaConf.to_container(cfg.quant, resolve=True))
         if method.convention_overrides:
             conv = conv.with_overrides(method.convention_overrides)
-        method.check_convention(conv)
+        if check_method:
+            method.check_convention(conv)
         resolve_backend_name(conv.backend)
     except (TypeError, ValueError) as exc:
         raise ConfigError(str(exc).splitlines()[0]) from None

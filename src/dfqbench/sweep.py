@@ -16,7 +16,6 @@ from pathlib import Path
 
 from hydra.core.utils import JobStatus
 from hydra.experimental.callback import Callback
-from omegaconf import OmegaConf
 
 from . import records
 
@@ -34,12 +33,12 @@ def redundant_reason(cfg, method) -> str | None:
         return "W32A32 is the fp32 cell"
     if not method.stochastic and cfg.seed != 0:
         return f"{method.name} is deterministic: seed 0 stands for every seed"
-    from .quant import Convention  # torch: loaded only when a sweep job runs
+    from .runner import build_convention  # torch: loaded only when a sweep job runs
 
+    convention = build_convention(cfg, method, check_method=False)  # bad input: ConfigError, the job is refused
     try:
-        convention = Convention.from_dict(OmegaConf.to_container(cfg.quant, resolve=True))
-        method.check_convention(convention.with_overrides(method.convention_overrides))
-    except (TypeError, ValueError) as exc:
+        method.check_convention(convention)
+    except ValueError as exc:
         return f"not applicable: {str(exc).splitlines()[0]}"
     return None
 

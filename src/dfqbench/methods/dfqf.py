@@ -23,6 +23,7 @@ from torch import nn
 
 from ..quant import quantize_model
 from ..quant.clipped import attach_learned_clips
+from ..train.checkpoint import save_atomic
 from ..train.trainer import Trainer
 from .qat import GeneratorQAT, _number, _train_settings
 
@@ -108,10 +109,7 @@ class DFQF(GeneratorQAT):
         if stage_dir is not None and not any(stage_dir.iterdir()):  # its checkpoint is removed once it finished
             stage_dir.rmdir()
         if path is not None:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_suffix(f".tmp{os.getpid()}")
-            torch.save(generator.state_dict(), tmp)
-            os.replace(tmp, path)
+            save_atomic(path, generator.state_dict())
         return generator
 
     def _stage1_key(self, ctx) -> str:

@@ -11,6 +11,7 @@ ends in a function (a pre-activation ResNet's residual sum), from the input of t
 from __future__ import annotations
 
 import re
+from collections import Counter
 
 import torch
 from torch import fx, nn
@@ -65,10 +66,7 @@ def stage_output_points(model: nn.Module) -> list[tuple[nn.Module, str]]:
     if not isinstance(model, fx.GraphModule):
         return [(model.get_submodule(n), "output") for n in names]
     nodes = list(model.graph.nodes)
-    calls = {}
-    for n in nodes:
-        if n.op == "call_module":
-            calls[n.target] = calls.get(n.target, 0) + 1
+    calls = Counter(n.target for n in nodes if n.op == "call_module")
     points = []
     for name in names:
         inside = [n for n in nodes if name in _module_paths(n)
