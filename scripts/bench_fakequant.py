@@ -26,8 +26,8 @@ import time
 import torch
 
 from dfqbench.quant import Convention, act_quantizers, quantize_model, use_backend
-from dfqbench.quant.backend import get_backend, resolve_backend_name
-from dfqbench.quant.ranges import grid_from_range
+from dfqbench.quant.kernels.backend import get_backend, resolve_backend_name
+from dfqbench.quant.quantizers.ranges import grid_from_range
 
 SIZES = [2**21, 2**23, 2**25, 2**27, 2**28]  # 128x16x32x32 ... 256M elements
 BITS = 4
@@ -94,7 +94,7 @@ def kernel_rows(device: torch.device, sizes: list[int], repeats: int, triton_bac
         ops.append(("min/max range + per-channel, ATen (aminmax, grid, fake-quant)",
                     lambda: _builtin_minmax_fq(x2d, BITS)))
         if triton_backend is not None:
-            from dfqbench.quant.triton_backend import fused_minmax_fake_quant_per_channel
+            from dfqbench.quant.kernels.triton_kernels import fused_minmax_fake_quant_per_channel
 
             ops.append(("min/max range + per-channel, Triton fused",
                         lambda: fused_minmax_fake_quant_per_channel(x2d, BITS, 0)))

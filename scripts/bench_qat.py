@@ -33,8 +33,8 @@ sys.path.insert(0, str(REPO / "src"))
 from dfqbench.methods.qat import GeneratorQAT  # noqa: E402
 from dfqbench.models import load_model  # noqa: E402
 from dfqbench.quant import Convention, quantize_model, weight_quantizers  # noqa: E402
-from dfqbench.quant.backend import resolve_backend_name, use_backend  # noqa: E402
-from dfqbench.quant.calibrate import calibrate_on_batches  # noqa: E402
+from dfqbench.quant.kernels.backend import resolve_backend_name, use_backend  # noqa: E402
+from dfqbench.quant.calibration.calibrate import calibrate_on_batches  # noqa: E402
 from dfqbench.runner import build_method  # noqa: E402
 from dfqbench.train.generators import GENERATORS  # noqa: E402
 from dfqbench.train.registry import build  # noqa: E402

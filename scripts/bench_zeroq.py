@@ -20,7 +20,7 @@ from dfqbench.data import load_eval_set
 from dfqbench.evaluate import evaluate
 from dfqbench.models import load_model
 from dfqbench.quant import Convention, quantize_model
-from dfqbench.quant.calibrate import calibrate_on_batches
+from dfqbench.quant.calibration.calibrate import calibrate_on_batches
 from dfqbench.synth.bn_distill import DistillSettings, distill_bn_data
 
 CONF = os.path.join(os.path.dirname(__file__), "..", "conf")

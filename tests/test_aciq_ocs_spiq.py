@@ -15,9 +15,9 @@ from dfqbench.methods.aciq import (ACIQ, ChannelMoments, allocate_levels, clip_r
 from dfqbench.methods.ocs import OCS, OCSWeightQuantizer, expand, merge, split_channels
 from dfqbench.methods.spiq import SPIQ, FoldedInputWeightQuantizer, weight_column_scale
 from dfqbench.quant import ActQuantizer, Convention, WeightQuantizer, quantize_model
-from dfqbench.quant.calibrate import set_ranges_from_bn
-from dfqbench.quant.graph import trace
-from dfqbench.quant.ranges import grid_from_range
+from dfqbench.quant.calibration.calibrate import set_ranges_from_bn
+from dfqbench.quant.transforms.graph import trace
+from dfqbench.quant.quantizers.ranges import grid_from_range
 from dfqbench.runner import run
 
 SLICE = 1000

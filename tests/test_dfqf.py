@@ -9,7 +9,7 @@ from pytorchcv.model_provider import get_model
 
 from test_qat import SMOKE, _cfg, _real
 from dfqbench.quant import ActQuantizer, Convention, WeightQuantizer, quantize_model
-from dfqbench.quant.clipped import (ClippedActQuantizer, ClippedWeightQuantizer, attach_learned_clips,
+from dfqbench.quant.quantizers.clipped import (ClippedActQuantizer, ClippedWeightQuantizer, attach_learned_clips,
                                     clip_quantize, init_clip)
 from dfqbench.runner import build_method, run
 from dfqbench.train.losses import AdversarialKD, BNStatKL, ClassBalance, Step

@@ -12,7 +12,7 @@ from dfqbench.runner import build_method, run
 from dfqbench.synth.augment import crop_flip
 from dfqbench.synth.labelled import LabelledSettings, _cosine_band, _target_probs, synthesize
 from dfqbench.train.generators import FixedSet
-from dfqbench.train.features import FeatureTap
+from dfqbench.feature_taps import FeatureTap
 from dfqbench.train.losses import FeatureActivation, FeatureMSE, Step
 
 SCHEDULE = {"name": "smoke", "epochs": 2, "iters_per_epoch": 2, "batch_size": 4}

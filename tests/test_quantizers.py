@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from dfqbench.quant import ActQuantizer, WeightQuantizer
-from dfqbench.quant.ranges import estimate_range, fake_quant, grid_from_range
+from dfqbench.quant.quantizers.ranges import estimate_range, fake_quant, grid_from_range
 
 
 def test_asymmetric_grid_hand_computed():

@@ -9,11 +9,11 @@ from torch import nn
 from conftest import run_cli
 from dfqbench.methods.base import QuantContext
 from dfqbench.quant import ActQuantizer, Convention, WeightQuantizer, quantize_model
-from dfqbench.quant.backend import get_backend
-from dfqbench.quant.blocks import find_blocks
-from dfqbench.quant.learned import (AdaRoundWeight, HardenedWeightQuantizer, LsqAct, bernoulli_mask, float_mode,
+from dfqbench.quant.kernels.backend import get_backend
+from dfqbench.quant.calibration.blocks import find_blocks
+from dfqbench.quant.quantizers.learned import (AdaRoundWeight, HardenedWeightQuantizer, LsqAct, bernoulli_mask, float_mode,
                                     lsq_fake_quant)
-from dfqbench.quant.reconstruct import ReconstructSettings, qdrop_mix, reconstruct
+from dfqbench.quant.calibration.reconstruct import ReconstructSettings, qdrop_mix, reconstruct
 from dfqbench.synth import calib_data
 from dfqbench.synth.genie import GenieSettings, genie_source
 

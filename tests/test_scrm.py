@@ -11,7 +11,7 @@ from torch import nn
 from dfqbench.errors import UnsupportedModel
 from dfqbench.quant import Convention, WeightQuantizer, quantize_model
 from dfqbench.train.ema import EMARangeObserver
-from dfqbench.train.features import FeatureTap, StageTap
+from dfqbench.feature_taps import FeatureTap, StageTap
 from dfqbench.train.losses import GENERATOR_LOSSES, STUDENT_LOSSES, Step, build_terms, scrm_distance
 
 

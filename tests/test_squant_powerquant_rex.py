@@ -10,8 +10,8 @@ from conftest import run_cli
 from dfqbench.__main__ import CONF_DIR
 from dfqbench.methods.squant import sigma_for_bits, squant_clip, squant_round, SQuantWeightQuantizer
 from dfqbench.quant import WeightQuantizer
-from dfqbench.quant.expansion import ExpansionWeightQuantizer
-from dfqbench.quant.power import PowerWeightQuantizer, golden_section
+from dfqbench.quant.quantizers.expansion import ExpansionWeightQuantizer
+from dfqbench.quant.quantizers.power import PowerWeightQuantizer, golden_section
 from dfqbench.runner import run
 
 SLICE = 1000

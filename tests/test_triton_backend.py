@@ -44,7 +44,7 @@ with _interpreter_env():
     triton = pytest.importorskip("triton", reason="triton is not installed: the Triton backend is optional")
     # False when triton.language was imported earlier in this process without the interpreter
     IN_PROCESS = NATIVE or type(triton.language.standard.sum).__name__ == "InterpretedFunction"
-    import dfqbench.quant.triton_backend as tb
+    import dfqbench.quant.kernels.triton_kernels as tb
 
     if IN_PROCESS and tb.interpreted() == NATIVE:  # the backend was imported in the other mode: redefine kernels
         tb = importlib.reload(tb)
@@ -305,7 +305,7 @@ def _special_channels(x, axis):
 @pytest.mark.parametrize("split", [False, True], ids=["one-kernel", "split"])
 @pytest.mark.parametrize("axis", [0, 1])
 def test_fused_minmax_matches_grid_from_range_and_builtin(axis, split, monkeypatch):
-    from dfqbench.quant.ranges import grid_from_range
+    from dfqbench.quant.quantizers.ranges import grid_from_range
 
     if split:  # force the partial min/max + grid + quantize path on small channels
         monkeypatch.setattr(tb, "FUSED_SINGLE_MAX", 16)
@@ -338,7 +338,7 @@ def test_fused_minmax_matches_grid_from_range_and_builtin(axis, split, monkeypat
 
 def test_backend_selection_and_quantizers_agree():
     from dfqbench.quant import ActQuantizer, WeightQuantizer
-    from dfqbench.quant.backend import available_backends, resolve_backend_name, use_backend
+    from dfqbench.quant.kernels.backend import available_backends, resolve_backend_name, use_backend
 
     assert resolve_backend_name("triton") == "triton"
     assert "triton" in available_backends()

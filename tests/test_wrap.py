@@ -7,9 +7,9 @@ import torch
 from torch import nn
 
 from dfqbench.quant import Convention, act_quantizers, quantize_model, weight_quantizers
-from dfqbench.quant.bn_fold import fold_batchnorm
-from dfqbench.quant.bn_stats import Gaussian, relu_moments
-from dfqbench.quant.equalize import absorb_high_bias, equalize, find_pairs
+from dfqbench.quant.transforms.bn_fold import fold_batchnorm
+from dfqbench.quant.transforms.bn_stats import Gaussian, relu_moments
+from dfqbench.quant.transforms.equalize import absorb_high_bias, equalize, find_pairs
 
 GDFQ = {"name": "gdfq"}
 BRECQ = {"name": "brecq", "act": {"sites": "layer_inputs", "symmetric": True},

@@ -10,7 +10,7 @@ from hydra import compose, initialize_config_dir
 from dfqbench.__main__ import CONF_DIR
 from dfqbench.runner import build_method, run
 from dfqbench.train.generators import ConditionalBN, ConditionalGenerator, SuperposedGenerator
-from dfqbench.train.arc_generator import GENOTYPES, SearchedGenerator, auto_genotype, resolve_genotype
+from dfqbench.train.generators.arc import GENOTYPES, SearchedGenerator, auto_genotype, resolve_genotype
 from dfqbench.train.losses import (AdaptabilityMargin, AgreementCE, DifferenceEntropy, DisagreementCE, Step,
                                    difference_entropy)
 

@@ -8,7 +8,7 @@ min/max. Where the range contains 0 this is our asymmetric grid with step 1/s.
 import torch
 
 from dfqbench.quant import WeightQuantizer
-from dfqbench.quant.ranges import fake_quant, grid_from_range
+from dfqbench.quant.quantizers.ranges import fake_quant, grid_from_range
 
 
 def zeroq_reference(x: torch.Tensor, bits: int, lo: torch.Tensor, hi: torch.Tensor) -> torch.Tensor:

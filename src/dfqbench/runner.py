@@ -22,7 +22,7 @@ from .evaluate import evaluate
 from .methods.base import Method, QuantContext
 from .models import load_model
 from .quant import Convention, check_bits
-from .quant.backend import resolve_backend_name, use_backend
+from .quant.kernels.backend import resolve_backend_name, use_backend
 
 
 def validate(cfg: DictConfig) -> None:

@@ -9,7 +9,7 @@ rapid-deployment"): analytical clipping of activations, per-channel bit allocati
 * Bias correction: each output channel of the quantized weight gets the float channel's mean and std back.
 
 Data-free by default: (mu, sigma) come from the BatchNorm statistics feeding each quantized tensor
-(quant/bn_stats.py); `stats=calib` measures them on calibration images instead (the paper's offline statistics).
+(quant/transforms/bn_stats.py); `stats=calib` measures them on calibration images instead (the paper's offline statistics).
 """
 
 from __future__ import annotations
@@ -20,11 +20,11 @@ import torch
 from torch import fx, nn
 
 from ..quant import quantize_model
-from ..quant.bn_fold import fold_batchnorm
-from ..quant.bn_stats import BNStatistics
-from ..quant.graph import is_passthrough, module_of, relu_kind, trace
+from ..quant.transforms.bn_fold import fold_batchnorm
+from ..quant.transforms.bn_stats import BNStatistics
+from ..quant.transforms.graph import is_passthrough, module_of, relu_kind, trace
 from ..quant.quantizers import ActQuantizer, WeightQuantizer
-from ..quant.ranges import Grid, estimate_range, fake_quant, grid_from_range
+from ..quant.quantizers.ranges import Grid, estimate_range, fake_quant, grid_from_range
 from ..synth.calib_data import calibration_batches, check_source
 from .base import Method
 

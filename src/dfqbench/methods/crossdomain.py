@@ -7,7 +7,7 @@ calibration-based method takes the same `calib_data` option.
 """
 
 from ..quant import quantize_model
-from ..quant.calibrate import calibrate_on_batches
+from ..quant.calibration.calibrate import calibrate_on_batches
 from ..synth.calib_data import calibration_batches, check_source
 from .base import Method
 

@@ -7,10 +7,10 @@ correction, activation ranges from the (equalized) BatchNorm statistics. No imag
 from torch import nn
 
 from ..quant import quantize_model
-from ..quant.bias_correction import correct_bias
-from ..quant.bn_fold import fold_batchnorm
-from ..quant.calibrate import set_ranges_from_bn
-from ..quant.equalize import absorb_high_bias, equalize, find_pairs
+from ..quant.transforms.bias_correction import correct_bias
+from ..quant.transforms.bn_fold import fold_batchnorm
+from ..quant.calibration.calibrate import set_ranges_from_bn
+from ..quant.transforms.equalize import absorb_high_bias, equalize, find_pairs
 from .base import Method
 
 

@@ -4,7 +4,7 @@ Stage 1 trains a generator without the quantized model: DAFL's generator against
 BN-statistics terms) and, adversarially, against a full-precision student of the teacher's architecture trained
 from scratch by KD on the generated images (DFAD's game). The FP student is then discarded.
 Stage 2 freezes that generator and fine-tunes the quantized student (train mode) by KD on its images, with learned
-clipping values for every weight and activation quantizer (dfqbench.quant.clipped), initialized on 10 generated
+clipping values for every weight and activation quantizer (dfqbench.quant.quantizers.clipped), initialized on 10 generated
 batches. The stage-1 generator is cached per teacher, settings, schedule and seed (one stage 1 serves every
 bit-width), or kept in the run folder, so a run killed in stage 2 does not redo stage 1.
 """
@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from ..quant import quantize_model
-from ..quant.clipped import attach_learned_clips
+from ..quant.quantizers.clipped import attach_learned_clips
 from ..train.checkpoint import save_atomic
 from ..train.trainer import Trainer
 from .qat import GeneratorQAT, _number, _train_settings

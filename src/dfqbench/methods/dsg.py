@@ -10,9 +10,9 @@ import torch
 from torch import nn
 
 from ..quant import quantize_model
-from ..quant.calibrate import calibrate_on_batches
-from ..quant.ranges import ESTIMATORS
-from ..quant.wrap import act_quantizers
+from ..quant.calibration.calibrate import calibrate_on_batches
+from ..quant.quantizers.ranges import ESTIMATORS
+from ..quant.transforms.wrap import act_quantizers
 from ..synth.calib_data import calibration_batches, check_source
 from ..synth.dsg import DSGSettings, dsg_batches
 from .base import Method

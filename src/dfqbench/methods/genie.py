@@ -1,5 +1,5 @@
 """Genie (Jeon et al., CVPR 2023): zero-shot PTQ = distilled data from a generator with learnable latents
-(`dfqbench.synth.genie`), then BRECQ/QDrop-style block reconstruction (`dfqbench.quant.reconstruct`: AdaRound
+(`dfqbench.synth.genie`), then BRECQ/QDrop-style block reconstruction (`dfqbench.quant.calibration.reconstruct`: AdaRound
 rounding, learned weight and LSQ activation steps, QDrop). The reconstruction takes any calibration source
 (`calib_data`), so `calib_data=distill` is ZeroQ data + reconstruction (conf/method/zeroq_recon.yaml)."""
 
@@ -8,7 +8,7 @@ from __future__ import annotations
 import time
 
 from ..quant import quantize_model
-from ..quant.reconstruct import ReconstructSettings, reconstruct
+from ..quant.calibration.reconstruct import ReconstructSettings, reconstruct
 from ..synth.calib_data import calibration_batches, check_source
 from ..synth.genie import GenieSettings, genie_source
 from .base import Method

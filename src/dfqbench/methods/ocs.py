@@ -16,9 +16,9 @@ import math
 import torch
 
 from ..quant import quantize_model
-from ..quant.calibrate import calibrate_on_batches, set_ranges_from_bn
+from ..quant.calibration.calibrate import calibrate_on_batches, set_ranges_from_bn
 from ..quant.quantizers import WeightQuantizer
-from ..quant.ranges import estimate_range, fake_quant, grid_from_range
+from ..quant.quantizers.ranges import estimate_range, fake_quant, grid_from_range
 from ..synth.calib_data import calibration_batches, check_source
 from .aciq import clip_ratio
 from .base import Method

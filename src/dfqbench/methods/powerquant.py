@@ -1,7 +1,7 @@
 """PowerQuant (Yvinec et al., ICLR 2023): data-free non-uniform weight quantization with a power function.
 
 Each layer's weights are quantized as sign(w)|w|^a on the convention's uniform grid and mapped back with the
-power 1/a; a minimizes the layer's weight reconstruction error (golden-section search, dfqbench.quant.power).
+power 1/a; a minimizes the layer's weight reconstruction error (golden-section search, dfqbench.quant.quantizers.power).
 Activations stay uniform, with ranges from the BatchNorm statistics (as `rtn`). No images.
 """
 
@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import torch
 
-from ..quant import QuantConv2d, QuantLinear, quantize_model
-from ..quant.calibrate import set_ranges_from_bn
-from ..quant.power import PowerWeightQuantizer
+from ..quant import quantize_model
+from ..quant.quantizers import is_quant_layer
+from ..quant.calibration.calibrate import set_ranges_from_bn
+from ..quant.quantizers.power import PowerWeightQuantizer
 from .base import Method
 
 
@@ -43,7 +44,7 @@ class PowerQuant(Method):
         exponents = {}
         with torch.no_grad():
             for name, layer in qmodel.named_modules():
-                if not isinstance(layer, (QuantConv2d, QuantLinear)):
+                if not is_quant_layer(layer):
                     continue
                 wq = PowerWeightQuantizer.like(layer.weight_quantizer, exponent=self.exponent,
                                                exponent_range=self.exponent_range, tolerance=self.tolerance)

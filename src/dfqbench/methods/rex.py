@@ -1,7 +1,7 @@
 """REx (Yvinec et al., NeurIPS 2023): data-free residual quantization error expansion.
 
 Each layer's weight becomes a sum of `expansion_order` quantized terms at the layer's bit-width, W ~ Q(W) +
-Q(W - Q(W)) + ..., optionally sparse (dfqbench.quant.expansion): extra compute and memory for accuracy.
+Q(W - Q(W)) + ..., optionally sparse (dfqbench.quant.quantizers.expansion): extra compute and memory for accuracy.
 Activations are uniform with ranges from the BatchNorm statistics (as `rtn`). No images.
 """
 
@@ -10,8 +10,8 @@ from __future__ import annotations
 import torch
 
 from ..quant import quant_layers, quantize_model
-from ..quant.calibrate import set_ranges_from_bn
-from ..quant.expansion import ExpansionWeightQuantizer
+from ..quant.calibration.calibrate import set_ranges_from_bn
+from ..quant.quantizers.expansion import ExpansionWeightQuantizer
 from .base import Method
 
 

@@ -5,7 +5,7 @@ that feed each quantized tensor (mean +- k std, DFQ style); no image of any kind
 """
 
 from ..quant import quantize_model
-from ..quant.calibrate import set_ranges_from_bn
+from ..quant.calibration.calibrate import set_ranges_from_bn
 from .base import Method
 
 

@@ -14,10 +14,10 @@ import torch
 from torch import fx
 
 from ..quant import quantize_model
-from ..quant.bn_stats import BNStatistics
-from ..quant.graph import is_passthrough, layer_nodes, module_of
+from ..quant.transforms.bn_stats import BNStatistics
+from ..quant.transforms.graph import is_passthrough, layer_nodes, module_of
 from ..quant.quantizers import ActQuantizer, WeightQuantizer
-from ..quant.ranges import fake_quant
+from ..quant.quantizers.ranges import fake_quant
 from .aciq import clip_ratio
 from .base import Method
 

@@ -21,7 +21,7 @@ import time
 import torch
 
 from ..quant import act_quantizers, quant_layers, quantize_model
-from ..quant.precomputed import PrecomputedWeightQuantizer
+from ..quant.quantizers.precomputed import PrecomputedWeightQuantizer
 from .base import Method
 
 MODES = ("e", "ek", "ekc")

@@ -3,7 +3,7 @@
 import time
 
 from ..quant import quantize_model
-from ..quant.calibrate import calibrate_on_batches
+from ..quant.calibration.calibrate import calibrate_on_batches
 from ..synth.bn_distill import DistillSettings, distill_bn_data
 from ..synth.calib_data import cached, calibration_batches, check_source
 from .base import Method

@@ -1,9 +1,9 @@
 """Fake quantization: backends, quantizers, conventions and model wrapping."""
 
-from .backend import available_backends, get_backend, set_backend, use_backend
+from .kernels.backend import available_backends, get_backend, set_backend, use_backend
 from .convention import Convention, check_bits
 from .quantizers import ActQuantizer, QuantConv2d, QuantLinear, WeightQuantizer
-from .wrap import act_quantizers, quant_layers, quantize_model, weight_quantizers
+from .transforms.wrap import act_quantizers, quant_layers, quantize_model, weight_quantizers
 
 __all__ = [
     "ActQuantizer", "Convention", "QuantConv2d", "QuantLinear", "WeightQuantizer", "act_quantizers",

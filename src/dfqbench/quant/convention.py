@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field, fields
 
-from .ranges import ESTIMATORS
+from .quantizers.ranges import ESTIMATORS
 
 ACT_SITES = ("after_relu", "layer_inputs")
 GRANULARITIES = ("per_channel", "per_tensor")

@@ -29,7 +29,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..errors import UnsupportedModel
-from ..train.losses import PenultimateTap
+from ..feature_taps import PenultimateTap
 from .augment import crop_flip
 from .calib_data import _split, cached
 

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from ..quant.quantizers import ActQuantizer
-from ..quant.ranges import estimate_range
+from ..quant.quantizers.ranges import estimate_range
 
 _SUBSAMPLE = 1 << 14  # values per batch for the searched estimators (mse: 100 candidate ranges each)
 

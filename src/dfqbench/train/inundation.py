@@ -13,8 +13,8 @@ from __future__ import annotations
 
 import torch
 
-from ..quant.quantizers import QuantConv2d, QuantLinear
-from ..quant.ranges import estimate_range, grid_from_range
+from ..quant.quantizers import is_quant_layer
+from ..quant.quantizers.ranges import estimate_range, grid_from_range
 
 _MAX_DOUBLINGS = 40  # a zero update never reaches the threshold: stop at 2^40
 
@@ -35,7 +35,7 @@ def integer_codes(w: torch.Tensor, wq, grid=None) -> torch.Tensor:
 class GradientInundation:
     def __init__(self, model: torch.nn.Module, threshold: float, bisection_steps: int = 5):
         self.layers = [m for m in model.modules()
-                       if isinstance(m, (QuantConv2d, QuantLinear)) and m.weight_quantizer.enabled]
+                       if is_quant_layer(m) and m.weight_quantizer.enabled]
         self.threshold, self.bisection_steps = threshold, bisection_steps
         self.last_scales: list[float] = []
 

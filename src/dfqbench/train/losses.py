@@ -14,7 +14,6 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import UnsupportedModel
-from .features import PenultimateTap  # noqa: F401  (re-exported: synth.labelled imports it from here)
 from .registry import build, register
 
 GENERATOR_LOSSES: dict[str, type] = {}

@@ -39,7 +39,7 @@ from . import checkpoint as ckpt
 from .ema import EMARangeObserver
 from .errors import TrainingDiverged
 from .inundation import GradientInundation
-from .features import FeatureTap, detach_features
+from ..feature_taps import FeatureTap, detach_features
 from .losses import LossTerm, Step, weighted_sum
 from .schedule import Schedule
 

@@ -3,7 +3,7 @@
 Every quantizer in dfqbench calls its numeric kernel through the backend selected here (the AIMET v2 pattern:
 a small protocol, a name -> implementation table and a context manager to switch). `torch` uses the ATen
 built-ins (`torch.fake_quantize_*`), which run on CPU and CUDA and give a straight-through gradient with a
-clamp mask; `triton` (triton_backend.py) agrees with them bit for bit. It is imported lazily, the first time
+clamp mask (aten.py); `triton` (triton_kernels.py) agrees with them bit for bit. It is imported lazily, the first time
 `triton` or `auto` on CUDA is asked for (or the choices are listed), so that dfqbench never needs triton installed.
 """
 
@@ -13,6 +13,8 @@ import contextlib
 from typing import Protocol
 
 import torch
+
+from .aten import TorchBuiltinBackend
 
 
 class FakeQuantBackend(Protocol):
@@ -35,24 +37,6 @@ class FakeQuantBackend(Protocol):
         """LSQ-style, one learnable (scale, zero_point) per slice along `axis`."""
 
 
-class TorchBuiltinBackend:
-    """The ATen kernels; the reference every other backend is tested against."""
-
-    name = "torch"
-
-    def per_tensor(self, x, scale, zero_point, qmin, qmax):
-        return torch.fake_quantize_per_tensor_affine(x, scale.float(), zero_point.to(torch.int32), qmin, qmax)
-
-    def per_channel(self, x, scale, zero_point, axis, qmin, qmax):
-        return torch.fake_quantize_per_channel_affine(x, scale.float(), zero_point.to(torch.int32), axis, qmin, qmax)
-
-    def learnable_per_tensor(self, x, scale, zero_point, qmin, qmax, grad_factor=1.0):
-        return torch._fake_quantize_learnable_per_tensor_affine(x, scale, zero_point, qmin, qmax, grad_factor)
-
-    def learnable_per_channel(self, x, scale, zero_point, axis, qmin, qmax, grad_factor=1.0):
-        return torch._fake_quantize_learnable_per_channel_affine(x, scale, zero_point, axis, qmin, qmax, grad_factor)
-
-
 _BACKENDS: dict[str, FakeQuantBackend] = {"torch": TorchBuiltinBackend()}
 _active = "torch"
 _UNAVAILABLE: dict[str, str] = {}  # optional backend -> why it could not be imported
@@ -68,11 +52,11 @@ def _load_triton() -> None:
     if "triton" in _BACKENDS or "triton" in _UNAVAILABLE:
         return
     try:
-        from .triton_backend import register
+        from .triton_kernels import TritonBackend
     except ImportError as exc:
         _UNAVAILABLE["triton"] = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
         return
-    register()
+    add_backend("triton", TritonBackend())
 
 
 def available_backends() -> list[str]:

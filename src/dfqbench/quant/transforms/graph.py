@@ -8,10 +8,9 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
-from ..errors import UnsupportedModel
-from .quantizers import ActQuantizer
+from ...errors import UnsupportedModel
+from ..quantizers import ActQuantizer, float_layer_types
 
-LAYER_TYPES = (nn.Conv2d, nn.Linear)
 _PASS_MODULES = (nn.AvgPool2d, nn.MaxPool2d, nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d, nn.Flatten, nn.Dropout,
                  nn.Identity, ActQuantizer)
 _PASS_FUNCTIONS = {torch.flatten, F.adaptive_avg_pool2d, F.adaptive_max_pool2d, F.avg_pool2d, F.max_pool2d,
@@ -38,7 +37,7 @@ def module_of(gm: fx.GraphModule, node: fx.Node) -> nn.Module | None:
 
 
 def is_layer(gm: fx.GraphModule, node: fx.Node) -> bool:
-    return isinstance(module_of(gm, node), LAYER_TYPES)
+    return isinstance(module_of(gm, node), float_layer_types())
 
 
 def layer_nodes(gm: fx.GraphModule) -> list[fx.Node]:

@@ -7,7 +7,8 @@ the clamp) and ``y = (clamp(q, qmin, qmax) - zp) * scale``. Every kernel is comp
 
 Kernels run on CUDA tensors; on CPU tensors only under Triton's interpreter (TRITON_INTERPRET=1 set before this
 module is imported). Anywhere else, and for dtypes the kernels do not handle, the methods fall back to the ATen
-built-ins, which compute the same values. Importing this module needs `triton`; backend.py imports it lazily.
+built-ins, which compute the same values. Importing this module needs `triton`; backend.py imports it lazily
+and registers its TritonBackend.
 """
 
 from __future__ import annotations
@@ -17,7 +18,8 @@ import triton
 import triton.language as tl
 from triton.language.extra import libdevice
 
-from .backend import TorchBuiltinBackend, add_backend
+from .grid import grid_from_range
+from .aten import TorchBuiltinBackend
 
 BLOCK = 4096  # elements per program of the elementwise kernels
 NUM_WARPS = 8
@@ -417,7 +419,7 @@ class TritonBackend:
 
 def fused_minmax_fake_quant_per_channel(x: torch.Tensor, bits: int, axis: int = 0):
     """Range each channel along `axis` by its min/max (widened to contain 0), build the asymmetric
-    ``[0, 2^bits - 1]`` grid of ranges.grid_from_range and fake-quantize, in one kernel launch (channels larger
+    ``[0, 2^bits - 1]`` grid of grid.grid_from_range and fake-quantize, in one kernel launch (channels larger
     than FUSED_SINGLE_MAX take three launches and read x twice). Returns ``(y, scale[C] float32,
     zero_point[C] int32)``; y has the straight-through gradient of the fixed-grid op."""
     if not (_runs_here(x) and _reduction_fits(x, axis)):
@@ -426,9 +428,7 @@ def fused_minmax_fake_quant_per_channel(x: torch.Tensor, bits: int, axis: int = 
 
 
 def _torch_minmax_fake_quant_per_channel(x, bits, axis):
-    """The same with torch ops: amin/amax, ranges.grid_from_range, the ATen per-channel kernel."""
-    from .ranges import grid_from_range
-
+    """The same with torch ops: amin/amax, grid.grid_from_range, the ATen per-channel kernel."""
     axis = axis % x.dim()
     dims = [d for d in range(x.dim()) if d != axis]
     xd = x.detach()
@@ -436,8 +436,3 @@ def _torch_minmax_fake_quant_per_channel(x, bits, axis):
     grid = grid_from_range(lo, hi, bits, symmetric=False)
     y = torch.fake_quantize_per_channel_affine(x, grid.scale, grid.zero_point, axis, grid.qmin, grid.qmax)
     return y, grid.scale, grid.zero_point
-
-
-def register() -> None:
-    """Make `quant.backend=triton` available (backend.py calls this lazily when triton imports)."""
-    add_backend("triton", TritonBackend())

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .registry import register
+from ..registry import register
 
 GENERATORS: dict[str, type] = {}
 
@@ -238,7 +238,7 @@ class FixedSet(nn.Module):
                  source: str = "intraq", source_settings: dict | None = None, augment_prob: float = 0.5,
                  crop_scale: tuple[float, float] = (0.5, 1.0), synthesis_batch: int = 256):
         super().__init__()
-        from ..synth.calib_data import check_source
+        from ...synth.calib_data import check_source
 
         self.source = check_source(source, "method.generator.source")
         self.source_settings = dict(source_settings or {})
@@ -254,7 +254,7 @@ class FixedSet(nn.Module):
     def prepare(self, teacher: nn.Module, ctx, num_images: int, iterations: int) -> None:
         import inspect
 
-        from ..synth.calib_data import source_function
+        from ...synth.calib_data import source_function
 
         fn = source_function(self.source)
         settings = dict(self.source_settings)
@@ -268,7 +268,7 @@ class FixedSet(nn.Module):
         ctx.info["fixed_set"] = {"source": self.source, "images": len(self.images), **settings}
 
     def sample(self, batch_size: int, rng: torch.Generator) -> Sample:
-        from ..synth.augment import crop_flip
+        from ...synth.augment import crop_flip
 
         if not len(self.images):
             raise RuntimeError("FixedSet.prepare() must run before sampling")
@@ -283,6 +283,3 @@ class FixedSet(nn.Module):
 def _with_targets(z, labels, weights, num_classes) -> Sample:
     targets = torch.zeros(labels.shape[0], num_classes).scatter_add_(1, labels, weights)
     return Sample(z, labels, weights, targets)
-
-
-from . import arc_generator  # noqa: E402,F401  (registers "arc"; it builds on the classes above)

@@ -15,7 +15,8 @@ from __future__ import annotations
 import torch
 from torch import fx, nn
 
-from .quantizers import FULL_PRECISION_BITS, ActQuantizer, QuantConv2d, QuantLinear
+from .core import FULL_PRECISION_BITS, ActQuantizer
+from .layers import is_quant_layer
 
 CANDIDATES = torch.arange(1, 100, dtype=torch.float64) / 100  # clip candidates as fractions of max|x|
 
@@ -83,7 +84,7 @@ def attach_learned_clips(student: fx.GraphModule, batches: list[torch.Tensor], l
     initialized as DFQF does: activation clips as the mean over `batches` of each batch's init_clip at that site,
     measured with float weights and activations (DFQF collects them on the float model); weight clips from the
     weights (per output channel when the quantizer is per channel)."""
-    layers = [m for m in student.modules() if isinstance(m, (QuantConv2d, QuantLinear))]
+    layers = [m for m in student.modules() if is_quant_layer(m)]
     _calibrate_act_clips(student, layers, batches, lower_bound)
     for layer in layers:
         wq = layer.weight_quantizer

@@ -24,8 +24,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .generators import GENERATORS, ConditionalBN, Sample, _positive_int, _with_targets
-from .registry import register
+from .base import GENERATORS, ConditionalBN, Sample, _positive_int, _with_targets
+from ..registry import register
 
 UPS = ("nearest", "bilinear")
 OPS = ("none", "skip_connect", "conv_1x1", "conv_3x3", "conv_5x5", "dil_conv_3x3", "dil_conv_5x5")

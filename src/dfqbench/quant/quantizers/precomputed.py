@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from .quantizers import WeightQuantizer
+from .core import WeightQuantizer
 from .ranges import Grid, estimate_range, fake_quant, grid_from_range
 
 

@@ -16,8 +16,8 @@ from collections import Counter
 import torch
 from torch import fx, nn
 
-from ..errors import UnsupportedModel
-from ..quant.quantizers import ActQuantizer
+from .errors import UnsupportedModel
+from .quant.quantizers import ActQuantizer
 
 FEATURE_KINDS = ("penultimate", "stages")
 _STAGE = re.compile(r"(^|\.)(stage|layer)\d+$")

@@ -7,9 +7,9 @@ from collections.abc import Iterable
 import torch
 from torch import nn
 
-from .bn_stats import BNStatistics
-from .graph import module_of
-from .quantizers import ActQuantizer
+from ..transforms.bn_stats import BNStatistics
+from ..transforms.graph import module_of
+from ..quantizers import ActQuantizer
 
 
 @torch.no_grad()

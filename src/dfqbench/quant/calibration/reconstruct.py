@@ -24,7 +24,7 @@ from torch import fx
 from tqdm.auto import tqdm
 
 from .blocks import Block, block_act_quantizers, block_layers, block_module, find_blocks
-from .learned import AdaRoundWeight, HardenedWeightQuantizer, LsqAct, bernoulli_mask, float_mode
+from ..quantizers.learned import AdaRoundWeight, HardenedWeightQuantizer, LsqAct, bernoulli_mask, float_mode
 
 _CHUNK = 128  # images per forward when collecting block inputs/outputs
 

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
-from ..errors import UnsupportedModel
+from ...errors import UnsupportedModel
 from .graph import ADD_FUNCTIONS, is_passthrough, module_of, relu_kind
 
 _MIN_STD = 1e-8

@@ -12,7 +12,7 @@ from torch import fx, nn
 
 from .bn_stats import BNStatistics, UnknownStatistics, _expand
 from .graph import module_of
-from .quantizers import QuantConv2d, QuantLinear
+from ..quantizers import QuantLinear, is_quant_layer
 
 
 @torch.no_grad()
@@ -22,7 +22,7 @@ def correct_bias(gm: fx.GraphModule) -> int:
     corrected = 0
     for node in gm.graph.nodes:
         layer = module_of(gm, node)
-        if not isinstance(layer, (QuantConv2d, QuantLinear)) or not layer.weight_quantizer.enabled:
+        if not is_quant_layer(layer) or not layer.weight_quantizer.enabled:
             continue
         try:
             mean_in = stats.of(node.args[0]).mean

@@ -19,8 +19,8 @@ import functools
 import torch
 from torch import nn
 
-from .graph import LAYER_TYPES
-from .quantizers import ActQuantizer, QuantConv2d, QuantLinear, WeightQuantizer
+from .core import ActQuantizer, WeightQuantizer
+from .layers import QuantLayer
 from .ranges import Grid
 
 GAMMA, ZETA = -0.1, 1.1  # AdaRound's rectified-sigmoid stretch
@@ -216,11 +216,6 @@ class LsqAct(nn.Module):
         return self.quantizer
 
 
-def _float_forward(layer: nn.Module):
-    base = next(cls for cls in type(layer).__mro__ if cls in LAYER_TYPES)
-    return functools.partial(base.forward, layer)
-
-
 @contextlib.contextmanager
 def float_mode(model: nn.Module):
     """Bypass every activation quantizer and run every quantized layer with its float weight."""
@@ -229,9 +224,9 @@ def float_mode(model: nn.Module):
         if isinstance(mod, ActQuantizer):
             saved.append((mod, mod.__dict__.get("forward")))
             mod.forward = _identity
-        elif isinstance(mod, (QuantConv2d, QuantLinear)):
+        elif isinstance(mod, QuantLayer):
             saved.append((mod, mod.__dict__.get("forward")))
-            mod.forward = _float_forward(mod)
+            mod.forward = mod.float_forward
     try:
         yield model
     finally:

@@ -15,9 +15,9 @@ from dataclasses import dataclass
 
 from torch import fx, nn
 
-from ..errors import UnsupportedModel
-from .graph import is_layer, module_of
-from .quantizers import ActQuantizer
+from ...errors import UnsupportedModel
+from ..transforms.graph import is_layer, module_of
+from ..quantizers import ActQuantizer
 
 
 @dataclass

@@ -5,9 +5,9 @@ from __future__ import annotations
 from torch import fx, nn
 
 from .bn_fold import fold_batchnorm
-from .convention import Convention
+from ..convention import Convention
 from .graph import insert_after, is_passthrough, layer_nodes, layers_fed_by, module_of, relu_kind, trace
-from .quantizers import ActQuantizer, QuantConv2d, QuantLinear, WeightQuantizer
+from ..quantizers import ActQuantizer, WeightQuantizer, is_quant_layer, quant_class_for
 
 
 def quantize_model(model: nn.Module, convention: Convention, wbit: int, abit: int) -> fx.GraphModule:
@@ -50,7 +50,7 @@ def _weight_quantizer(convention: Convention, bits: int) -> WeightQuantizer:
 
 def _swap_layer(gm: fx.GraphModule, node: fx.Node, wq: WeightQuantizer) -> None:
     mod = module_of(gm, node)
-    qmod = (QuantConv2d if isinstance(mod, nn.Conv2d) else QuantLinear).from_float(mod, wq)
+    qmod = quant_class_for(mod).from_float(mod, wq)
     parent_name, _, child = node.target.rpartition(".")
     setattr(gm.get_submodule(parent_name) if parent_name else gm, child, qmod)
 
@@ -81,4 +81,4 @@ def weight_quantizers(model: nn.Module) -> list[WeightQuantizer]:
 
 
 def quant_layers(model: nn.Module) -> list[nn.Module]:
-    return [m for m in model.modules() if isinstance(m, (QuantConv2d, QuantLinear))]
+    return [m for m in model.modules() if is_quant_layer(m)]

@@ -1,0 +1,78 @@
+"""Quantized layers: a float layer whose weight goes through a WeightQuantizer.
+
+One table maps each float layer type to its quantized class (`register_layer`), so the wrapper, the graph helpers
+and the reconstruction code ask `quant_class_for(module)` / `is_quant_layer(module)` instead of branching on
+layer types; a new operation (a Conv1d, an attention matmul) is a new class registered here.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+from torch import nn
+
+from .core import WeightQuantizer
+
+_QUANT_CLASS: dict[type[nn.Module], type["QuantLayer"]] = {}
+
+
+def register_layer(float_type: type[nn.Module]):
+    """Class decorator: `cls` is the quantized form of `float_type` (and a subclass of it)."""
+    def decorate(cls):
+        _QUANT_CLASS[float_type] = cls
+        cls.float_type = float_type
+        return cls
+    return decorate
+
+
+class QuantLayer:
+    """Mixin for a quantized layer; `float_type.forward` with `quantized_weight()` in place of the weight."""
+
+    float_type: type[nn.Module]
+    weight_quantizer: WeightQuantizer
+
+    @classmethod
+    def from_float(cls, layer: nn.Module, weight_quantizer: WeightQuantizer):
+        """A quantized twin of `layer` that shares its parameters and buffers (nothing is copied)."""
+        new = cls.__new__(cls)
+        # the module's own tables are copied (not the tensors in them), so adding the quantizer leaves `layer` as is
+        new.__dict__.update({k: copy.copy(v) if isinstance(v, (dict, set)) else v for k, v in layer.__dict__.items()})
+        new.weight_quantizer = weight_quantizer
+        return new
+
+    def quantized_weight(self) -> torch.Tensor:
+        return self.weight_quantizer(self.weight)
+
+    def float_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The float layer's forward with the float weight (reconstruction compares against it)."""
+        return self.float_type.forward(self, x)
+
+
+@register_layer(nn.Conv2d)
+class QuantConv2d(QuantLayer, nn.Conv2d):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self._conv_forward(x, self.quantized_weight(), self.bias)
+
+
+@register_layer(nn.Linear)
+class QuantLinear(QuantLayer, nn.Linear):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return nn.functional.linear(x, self.quantized_weight(), self.bias)
+
+
+def float_layer_types() -> tuple[type[nn.Module], ...]:
+    """The float layer types dfqbench can quantize (the keys of the table)."""
+    return tuple(_QUANT_CLASS)
+
+
+def quant_class_for(layer: nn.Module) -> type[QuantLayer]:
+    for float_type, cls in _QUANT_CLASS.items():
+        if type(layer) is float_type or isinstance(layer, float_type) and not isinstance(layer, QuantLayer):
+            return cls
+    raise TypeError(f"no quantized form of {type(layer).__name__}; quantizable: "
+                    f"{', '.join(t.__name__ for t in _QUANT_CLASS)}")
+
+
+def is_quant_layer(module: nn.Module) -> bool:
+    return isinstance(module, QuantLayer)

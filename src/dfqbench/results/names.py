@@ -1,0 +1,58 @@
+"""Method and variant as separate fields, for dfqbench's run names and for the papers' reported rows.
+
+A variant is what a run or a paper row adds to, or changes in, a base method: AIT on top of Qimera is method
+`qimera`, variant `ait`; the calibration-source study is method `crossdomain`, variant `procedural`.
+"""
+
+from __future__ import annotations
+
+import re
+
+# Methods that are published as add-ons to another method: "<base>_<addon>" names the pair.
+ADDONS = ("ait", "aac_abn", "recon")
+# dfqbench names that are not "<base>_<addon>" or "<base>-<variant>" (conf/method/ait.yaml is GDFQ + AIT).
+_RUN_NAMES = {"ait": ("gdfq", "ait")}
+# Papers that name one method twice (AIT calls AutoReCon "ARC"; dfqbench's config is `arc`).
+_ALIASES = {"autorecon": "arc"}
+
+
+def key(label: str) -> str:
+    """'GDFQ' -> 'gdfq', 'AAC+ABN' -> 'aac_abn' (dfqbench.reported.method_key's rule)."""
+    return re.sub(r"[^a-z0-9]+", "_", label.lower()).strip("_")
+
+
+def split_run_method(name: str) -> tuple[str, str]:
+    """A record's `method` (the config's `name:`) -> (method, variant): 'qimera_ait' -> ('qimera', 'ait'),
+    'ait' -> ('gdfq', 'ait'), 'crossdomain-real' -> ('crossdomain', 'real'), 'zeroq' -> ('zeroq', '')."""
+    if name in _RUN_NAMES:
+        return _RUN_NAMES[name]
+    if "-" in name:
+        base, variant = name.split("-", 1)
+        return _ALIASES.get(base, base), variant
+    for addon in ADDONS:
+        if name.endswith("_" + addon) and len(name) > len(addon) + 1:
+            return _ALIASES.get(name[: -len(addon) - 1], name[: -len(addon) - 1]), addon
+    return _ALIASES.get(name, name), ""
+
+
+def split_reported(method: str, notes: str) -> tuple[str, str]:
+    """A reported row's (method, notes) -> (method, variant). The seed files AIT's "Qimera + AIT" rows under
+    `ait` and ACQ's "ACQ + AIT" under `acq`: a note "A + B" where A or B is the row's method (or A_B is) makes the
+    row method A, variant B. Notes such as "OCS + Best Clip" (B is no method) leave the row as it is."""
+    method = _ALIASES.get(method, method)
+    head = re.split(r"\s[(;]", str(notes), maxsplit=1)[0].strip()
+    parts = head.split(" + ")
+    if len(parts) == 2:
+        base, addon = (_ALIASES.get(key(p), key(p)) for p in parts)
+        if addon in ADDONS and method in (base, addon, f"{base}_{addon}"):
+            return base, addon
+    if method in _RUN_NAMES:  # a reported row named like one of our configs
+        return _RUN_NAMES[method]
+    return split_run_method(method)
+
+
+def display(method: str, variant: str) -> str:
+    """'qimera', 'ait' -> 'qimera + ait'; 'crossdomain', 'real' -> 'crossdomain-real'."""
+    if not variant:
+        return method
+    return f"{method} + {variant}" if variant in ADDONS else f"{method}-{variant}"
