@@ -24,8 +24,9 @@ test: setup  ## the default (fast) suite
 test-slow: setup  ## long end-to-end checks on the full test set
 	$(PY) -m pytest -q -m slow $(ARGS)
 
-tables: setup  ## aggregate results/**/record.json into results/{runs,summary}.csv and results/baselines.md
-	$(PY) -m dfqbench.tables $(ARGS)
+RESULTS ?= results
+tables: setup  ## RESULTS/**/record.json (default results/; RESULTS=dir for your own runs) + the papers' numbers in results/ -> RESULTS/{runs,summary}.csv, baselines.md, README.md, plots/
+	$(PY) -m dfqbench.tables $(RESULTS) --results $(RESULTS) --reported results $(ARGS)
 
 reported: setup  ## re-read the papers' numbers from the seed document
 	$(PY) -m dfqbench.reported ../shared/seeds/data-free-quantization-papers-and-baselines.md results/reported.csv

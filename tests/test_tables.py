@@ -1,6 +1,10 @@
-"""Reported numbers parsed from the seed document, and the aggregated markdown tables."""
+"""The results model behind `make tables`: reported numbers parsed from the seed document, method / variant
+names, and the tables built from a tiny results folder (computed values asserted)."""
 
 import json
+import re
+import shutil
+import subprocess
 from pathlib import Path
 
 import pandas as pd
@@ -8,6 +12,8 @@ import pytest
 
 from dfqbench import tables
 from dfqbench.reported import load_reported, method_key, parse_seed
+from dfqbench.results.names import split_reported, split_run_method
+from dfqbench.results.parity import agrees
 
 REPO = Path(__file__).resolve().parents[1]
 SEED = REPO.parent / "shared" / "seeds" / "data-free-quantization-papers-and-baselines.md"
@@ -37,68 +43,198 @@ def test_method_keys():
     assert [method_key(m) for m in ("GDFQ", "AAC+ABN", "AutoReCon")] == ["gdfq", "aac_abn", "autorecon"]
 
 
-def _record(root: Path, name: str, **fields):
-    base = {"status": "done", "model": "resnet20_cifar10", "dataset": "cifar10", "method": "zeroq",
-            "quant": "gdfq", "wbit": 4, "abit": 4, "seed": 0, "fp32_top1": 87.66, "top1": 80.0, "top5": 99.0,
-            "drop": 7.66, "n_test": 10000, "checkpoint_sha256": "abc", "config_hash": name}
-    base.update(fields)
-    path = root / name / "record.json"
-    path.parent.mkdir(parents=True)
-    path.write_text(json.dumps(base))
-
-
-def test_tables_aggregate_seeds_and_put_papers_beside_ours(tmp_path):
-    a, b = tmp_path / "sweep_a", tmp_path / "sweep_b"
-    _record(a, "s0", seed=0, top1=80.0, drop=7.66)
-    _record(b, "s1", seed=1, top1=82.0, drop=5.66)
-    _record(b, "failed", seed=2, top1=10.0, status="failed")
-    results = tmp_path / "results"
-    results.mkdir()
-    (results / "reported_extra.csv").write_text((REPO / "results" / "reported_extra.csv").read_text())
-    tables.main([str(a), str(b), "--results", str(results)])
-    summary = pd.read_csv(results / "summary.csv")
-    row = summary.iloc[0]
-    assert (row.seeds, row.top1_mean, row.drop_mean) == (2, 81.0, 6.66)
-    assert row.top1_std == pytest.approx(1.4142, abs=1e-3)
-    md = (results / "baselines.md").read_text()
-    # ours beside the paper's ZeroQ W4A4 row: 93.89 -> 79.30, drop 14.59
-    model_section = md[md.index("## ResNet-20 (CIFAR-10"):]
-    line = next(l for l in model_section.splitlines() if l.startswith("| zeroq") and "| 4 " in l)
-    for cell in ("gdfq", "87.66", "81.00 ± 1.41", "6.66 ± 1.41", "93.89", "79.30", "14.59"):
-        assert cell in line
-    assert len(pd.read_csv(results / "runs.csv")) == 2
-
-
 def test_committed_reported_files_load():
     df = load_reported(REPO / "results")
     assert {"zeroq", "gdfq", "qimera", "dfq"} <= set(df.method)
 
 
-def test_drops_beside_papers_lists_every_teacher_a_paper_used():
-    summary = pd.DataFrame([{"model": "resnet20_cifar10", "dataset": "cifar10", "method": "squant", "quant": q,
-                             "schedule": "", "wbit": 4, "abit": 4, "n_test": 10000, "seeds": 1, "fp32_top1": 87.66,
-                             "top1_mean": 87.66 - d, "top1_std": float("nan"), "drop_mean": d,
-                             "drop_std": float("nan")} for q, d in (("squant", 1.25), ("gdfq", 2.5))])
-    reported = pd.DataFrame([{"model": m, "method": "squant", "wbit": 4, "abit": 4, "fp32_top1": fp, "top1": q,
-                              "notes": n} for m, fp, q, n in (("resnet18", 71.47, 66.14, "Layer Reconstruction"),
-                                                            ("resnet50", 77.74, 70.80, "re-run by X"))])
-    table = tables.drops_beside_papers(summary, reported)
-    assert table.to_dict("records") == [{
-        "Method": "squant", "W": "4", "A": "4", "Our model": "resnet20_cifar10",
-        "Drop (ours, by convention)": "gdfq 2.50, squant 1.25",
-        "Drop (papers, their teacher)": "resnet18 5.33; resnet50 6.94 (re-run by X)"}]
+@pytest.mark.parametrize("name, split", [
+    ("qimera_ait", ("qimera", "ait")), ("arc_ait", ("arc", "ait")), ("ait", ("gdfq", "ait")),
+    ("crossdomain-other_domain", ("crossdomain", "other_domain")), ("zeroq_recon", ("zeroq", "recon")),
+    ("zeroq", ("zeroq", "")), ("fp32", ("fp32", ""))])
+def test_run_names_split_into_method_and_variant(name, split):
+    assert split_run_method(name) == split
 
 
-def test_the_schedule_and_best_epoch_on_test_are_named():
-    assert tables.schedule_label({"info": {}}) == ""
-    assert tables.schedule_label({"info": {"schedule": "cpu"}}) == "cpu"
-    assert tables.schedule_label({"info": {"schedule": "paper", "best_epoch_on_test": True}}) == \
-        "paper (best epoch on TEST)"
-    summary = pd.DataFrame([{"model": "resnet20_cifar10", "dataset": "cifar10", "method": "gdfq", "quant": "gdfq",
-                             "schedule": "cpu", "wbit": 4, "abit": 4, "n_test": 10000, "seeds": 1,
-                             "fp32_top1": 87.66, "top1_mean": 85.0, "top1_std": float("nan"), "drop_mean": 2.66,
-                             "drop_std": float("nan")}])
-    reported = pd.DataFrame([{"model": "resnet20_cifar10", "method": "gdfq", "wbit": 4, "abit": 4,
-                              "fp32_top1": 93.11, "top1": 90.25, "notes": ""}])
-    row = tables.drops_beside_papers(summary, reported).to_dict("records")[0]
-    assert row["Drop (ours, by convention)"] == "gdfq [cpu schedule] 2.66"
+@pytest.mark.parametrize("method, notes, split", [
+    ("ait", "GDFQ + AIT", ("gdfq", "ait")), ("ait", "Qimera + AIT", ("qimera", "ait")),
+    ("ait", "ARC + AIT", ("arc", "ait")), ("acq", "ACQ + AIT", ("acq", "ait")), ("acq", "", ("acq", "")),
+    ("aac_abn", "IntraQ + AAC+ABN", ("intraq", "aac_abn")),
+    ("qimera_ait", "Qimera + AIT (AIT's table; the seed lists it as ait)", ("qimera", "ait")),
+    ("ocs", "OCS + Best Clip, expand ratio = 0.05", ("ocs", "")), ("autorecon", "", ("arc", "")),
+    ("zeroq", "ZeroQ PTQ re-run by AIT", ("zeroq", ""))])
+def test_reported_rows_are_filed_under_their_own_method(method, notes, split):
+    assert split_reported(method, notes) == split
+
+
+def test_no_committed_reported_row_is_filed_under_ait_or_autorecon():
+    from dfqbench.results.entries import load_reported_rows, reported
+    entries = reported(load_reported_rows(REPO / "results"))
+    assert not {"ait", "autorecon", "qimera_ait", "arc_ait"} & set(entries.method)
+    acq = entries[(entries.model == "resnet20_cifar100") & (entries.method == "acq") & (entries.wbit == 4)]
+    assert sorted(zip(acq.variant, acq.top1_mean)) == [("", 65.61), ("ait", 65.93)]
+
+
+def test_agreement_band():
+    nan = float("nan")
+    assert agrees(85.3, 85.0, nan, nan)            # within the 0.3 floor
+    assert not agrees(85.31, 85.0, 0.0, 0.1)       # 0.31 > max(0.3, 0.2)
+    assert agrees(86.0, 85.0, 0.5, 0.2)            # 1.0 <= 2 x 0.5
+    assert not agrees(86.0, 85.0, 0.4, 0.2)
+
+
+# ---- a tiny results folder: 3 zeroq seeds (2 CPU, 1 CUDA), a variant, an FP32 run, a failed run ----
+
+FP32_OURS, FP32_PAPER = 90.5, 93.0  # not the committed teachers' numbers: the tables must read these
+
+
+def _record(root: Path, name: str, **fields):
+    base = {"status": "done", "model": "resnet20_cifar10", "dataset": "cifar10", "method": "zeroq",
+            "quant": "gdfq", "wbit": 4, "abit": 4, "seed": 0, "fp32_top1": FP32_OURS, "top1": 80.0,
+            "top5": 99.0, "n_test": 10000, "checkpoint_sha256": "abc", "config_hash": name, "device": "cpu",
+            "wall_time_s": 10.0, "quantize_time_s": 5.0, "info": {}}
+    base.update(fields)
+    base["drop"] = round(base["fp32_top1"] - base["top1"], 4)
+    path = root / name / "record.json"
+    path.parent.mkdir(parents=True)
+    path.write_text(json.dumps(base))
+
+
+REPORTED = """model,dataset,table,method,method_label,venue,wbit,abit,mixed_precision,fp32_top1,top1,notes,source
+resnet20_cifar10,cifar10,ResNet-20 (CIFAR-10 Classification),zeroq,ZeroQ,CVPR 2020,4,4,False,93.0,80.0,,seed:x.md
+resnet20_cifar10,cifar10,ResNet-20 (CIFAR-10 Classification),ait,AIT,CVPR 2022,4,4,False,93.0,91.0,Qimera + AIT,seed:x.md
+resnet20_cifar10,cifar10,ResNet-20 (CIFAR-10 Classification),acq,ACQ,arXiv,4,4,False,93.0,90.0,,seed:x.md
+resnet20_cifar10,cifar10,ResNet-20 (CIFAR-10 Classification),acq,ACQ,arXiv,4,4,False,93.0,89.0,,seed:x.md
+resnet18,imagenet,ResNet-18 (ImageNet Classification),zeroq,ZeroQ,CVPR 2020,4,4,True,70.0,60.0,UNVERIFIED recall,seed:x.md
+"""
+PARITY = """method,quant,schedule,wbit,abit,n_seeds,official_top1_mean,official_top1_std,dfqbench_top1_mean,\
+dfqbench_top1_std,official_s,dfqbench_s,official_repo,official_commit,note,model,dataset
+zeroq,gdfq,,4,4,3,81.2,0.2,81.0,1.41,100,10,amirgholami/ZeroQ,0123456789abcdef,,resnet20_cifar10,cifar10
+qimera_ait,gdfq,cpu,4,4,1,80.0,,82.0,,300,30,iamkanghyunchoi/ait,fedcba9876543210,lr differs,resnet20_cifar10,cifar10
+"""
+
+
+@pytest.fixture
+def built(tmp_path):
+    runs, ref, out = tmp_path / "runs", tmp_path / "ref", tmp_path / "out"
+    _record(runs, "fp32", method="fp32", wbit=32, abit=32, top1=FP32_OURS)
+    _record(runs, "z0", seed=0, top1=80.0)
+    _record(runs, "z1", seed=1, top1=82.0)
+    _record(runs, "z2", seed=2, top1=84.0, device="cuda", wall_time_s=2.0)
+    _record(runs, "qa0", method="qimera_ait", seed=0, top1=86.0, info={"schedule": "cpu"})
+    _record(runs, "failed", seed=3, top1=10.0, status="failed")
+    ref.mkdir()
+    (ref / "reported.csv").write_text(REPORTED)
+    (ref / "parity.csv").write_text(PARITY)
+    tables.main([str(runs), "--results", str(out), "--reported", str(ref)])
+    return out
+
+
+def _md_tables(md: str, heading: str) -> list[dict]:
+    """The rows of the first markdown table at or after the line starting with `heading`, as dicts."""
+    lines = md.split("\n")
+    start = next(i for i, l in enumerate(lines) if l.startswith(heading))
+    block = []
+    for line in lines[start:]:
+        if line.startswith("|"):
+            block.append(line)
+        elif block:
+            break
+    cells = [[c.strip() for c in l.strip("|").split("|")] for l in block]
+    return [dict(zip(cells[0], row)) for row in cells[2:]]
+
+
+def test_summary_keeps_devices_variants_and_schedules_apart(built):
+    s = pd.read_csv(built / "summary.csv", keep_default_na=False)
+    got = {(r.method, r.variant, r.config, r.schedule, r.device): (r.n_seeds, r.top1_mean, r.top1_std, r.drop_mean)
+           for r in s.itertuples()}  # top1_std: "" where one seed gives no std
+    assert got[("zeroq", "", "zeroq", "", "cpu")] == (2, 81.0, "1.4142", 9.5)
+    assert got[("zeroq", "", "zeroq", "", "cuda")] == (1, 84.0, "", 6.5)
+    assert got[("qimera", "ait", "qimera_ait", "cpu", "cpu")] == (1, 86.0, "", 4.5)
+    assert set(s.source) == {"reproduced"} and len(s) == 4  # fp32, zeroq cpu, zeroq cuda, qimera + ait
+    assert len(pd.read_csv(built / "runs.csv")) == 5  # the failed run is left out
+
+
+def test_baselines_rows_say_source_seeds_and_device(built):
+    md = (built / "baselines.md").read_text()
+    ptq = _md_tables(md, "### Reproduced: convention `gdfq`, post-training")
+    rows = {(r["Method"], r["Device"]): r for r in ptq}
+    assert set(rows) == {("fp32", "cpu"), ("zeroq", "cpu"), ("zeroq", "cuda")}
+    cpu = rows[("zeroq", "cpu")]
+    assert (cpu["Source"], cpu["Seeds"], cpu["FP32"], cpu["Top-1"], cpu["Drop"], cpu["W"], cpu["A"]) == \
+        ("reproduced", "2", "90.50", "81.00 ± 1.41", "9.50 ± 1.41", "4", "4")
+    assert cpu["Records"] == "[z0](../runs/z0/record.json) [z1](../runs/z1/record.json)"
+    assert (rows[("zeroq", "cuda")]["Top-1"], rows[("zeroq", "cuda")]["Seeds"]) == ("84.00", "1")
+    trained = _md_tables(md, "### Reproduced: convention `gdfq`, schedule `cpu`")
+    assert [(r["Method"], r["Variant"], r["Top-1"]) for r in trained] == [("qimera", "ait", "86.00")]
+
+
+def test_reported_rows_keep_their_notes_and_stay_apart(built):
+    md = (built / "baselines.md").read_text()
+    section = md[md.index("`resnet20_cifar10` / `cifar10`"):]
+    papers = _md_tables(section, "### Reported by the papers")
+    got = [(r["Source"], r["Method"], r["Variant"], r["Top-1"], r["Device"], r["Seeds"]) for r in papers]
+    assert got == [("reported", "acq", "", "90.00", "not stated", "not stated"),  # in the CSV's order
+                   ("reported", "acq", "", "89.00", "not stated", "not stated"),
+                   ("reported", "qimera", "ait", "91.00", "not stated", "not stated"),
+                   ("reported", "zeroq", "", "80.00", "not stated", "not stated")]
+    assert papers[2]["Notes"] == "Qimera + AIT" and papers[2]["Row"] == "reported.csv:3"
+    assert papers[0]["Notes"].startswith("one of 2 rows this paper gives for this cell with no note")
+    # no paper number in a reproduced table, no variant under `ait`
+    for table in re.findall(r"### Reproduced[^\n]*\n\n((?:\|[^\n]*\n)+)", md):
+        assert "reported" not in table
+    assert not re.search(r"^\| (reported \| )?ait ", md, re.M)  # no row's Method is `ait`
+    beside = _md_tables(md, "## Our drops beside the papers")
+    zeroq = [r for r in beside if r["Method"] == "zeroq"]
+    assert [(r["Paper's notes"], r["Paper's drop (their teacher)"]) for r in zeroq] == [
+        ("", "resnet20_cifar10 13.00"), ("mixed precision; UNVERIFIED recall", "resnet18 10.00")]
+    assert zeroq[0]["Our drop (convention [schedule] on device: mean ± std, seeds)"] == \
+        "gdfq on cpu: 9.50 ± 1.41 (2 seeds); gdfq on cuda: 6.50 (1 seed)"
+
+
+def test_fp32_comes_from_the_data(built):
+    md = (built / "baselines.md").read_text()
+    teachers = {r["Teacher"]: r for r in _md_tables(md, "| Teacher")}
+    assert teachers["resnet20_cifar10"]["FP32 top-1, our teacher (records)"] == "90.50"
+    assert teachers["resnet20_cifar10"]["FP32 top-1, the papers' teachers (reported rows)"] == "93.00"
+    assert teachers["resnet18"]["FP32 top-1, our teacher (records)"] == "no runs"
+    for constant in ("87.66", "93.89", "94.03"):
+        assert constant not in md
+    for path in [REPO / "src/dfqbench/tables.py", REPO / "src/dfqbench/plots.py",
+                 *(REPO / "src/dfqbench/results").glob("*.py")]:
+        assert not re.search(r"\b[5-9]\d\.\d\d\b", path.read_text()), f"an accuracy constant in {path.name}"
+
+
+def test_official_rows_and_parity_page(built):
+    parity = {r["Method"]: r for r in _md_tables((built / "parity.md").read_text(), "| Method")}
+    assert parity["zeroq"]["Agrees"] == "yes"  # |81.0 - 81.2| <= max(0.3, 2 x 1.41)
+    assert parity["qimera + ait"]["Agrees"] == "no: gap +2.00 (lr differs)"
+    assert parity["zeroq"]["Official top-1"] == "81.20 ± 0.20" and parity["zeroq"]["Seeds"] == "3"
+    md = (built / "baselines.md").read_text()
+    official = _md_tables(md, "### Official code run here")
+    assert [(r["Source"], r["Method"], r["Variant"], r["Top-1"], r["Code"]) for r in official] == [
+        ("official", "qimera", "ait", "80.00", "iamkanghyunchoi/ait@fedcba9876"),
+        ("official", "zeroq", "", "81.20 ± 0.20", "amirgholami/ZeroQ@0123456789")]
+
+
+def test_leaderboard_bolds_the_best_of_each_column(built):
+    readme = (built / "README.md").read_text()
+    grid = _md_tables(readme, "### Convention `gdfq`, post-training")
+    assert [(r["Method"], r["Device"], r["W4A4"]) for r in grid] == [
+        ("zeroq", "cpu", "81.00 ± 1.41 (2)"), ("zeroq", "cuda", "**84.00 (1)**")]
+    assert "](plots/resnet20_cifar10-cifar10.png)" in readme
+    assert "](plots/resnet20_cifar10-cifar10-time.png)" in readme
+    assert (built / "plots" / "resnet20_cifar10-cifar10-time.png").exists()
+
+
+def test_results_dir_of_ones_own_gets_the_paper_tables(tmp_path):
+    """`make tables RESULTS=dir`: records from dir, the papers' numbers from results/."""
+    if shutil.which("make") is None:
+        pytest.skip("no make")
+    out = subprocess.run(["make", "-n", "tables", f"RESULTS={tmp_path}"], cwd=REPO, capture_output=True, text=True)
+    assert f"-m dfqbench.tables {tmp_path} --results {tmp_path} --reported results" in out.stdout
+    _record(tmp_path, "mine", top1=85.0)
+    tables.main([str(tmp_path), "--results", str(tmp_path), "--reported", str(REPO / "results")])
+    md = (tmp_path / "baselines.md").read_text()
+    papers = _md_tables(md[md.index("`resnet20_cifar10` / `cifar10`"):], "### Reported by the papers")
+    assert any(r["Method"] == "qimera" and r["Variant"] == "ait" for r in papers)
