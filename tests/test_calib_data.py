@@ -97,3 +97,77 @@ def test_crossdomain_cli_procedural_w8a8_is_within_half_a_point_and_bad_source_i
     assert bad.returncode == 2 and not (tmp_path / "bad" / "record.json").exists()
     assert bad.stderr.strip().splitlines()[-1].startswith(
         "dfqbench: error: method=zeroq: method.calib_data='imagenet' is not a known calibration source; choose")
+
+
+# ---- the shared synthesis loop (dfqbench.synth.bn_loop) -------------------------------------------------------
+
+def _bn_model():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3, padding=1), torch.nn.BatchNorm2d(4), torch.nn.ReLU(),
+                                torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(4, 5))
+    model[1].running_mean.uniform_(-0.5, 0.5)
+    model[1].running_var.uniform_(0.5, 2.0)
+    return model
+
+
+def test_moment_distance_is_the_squared_l2_per_first_dimension():
+    from dfqbench.synth.bn_loop import moment_distance
+
+    x = torch.randn(3, 2, 4, 4)
+    mean, std = x.mean((2, 3)), x.std((2, 3))
+    expected = (mean - 0.5).pow(2).sum() / 3 + (std - 2.0).pow(2).sum() / 3
+    got = moment_distance([(x, (0.5, 2.0))], lambda a: (a.mean((2, 3)), a.std((2, 3))))
+    assert torch.allclose(got, expected)
+
+
+def test_the_shared_loop_freezes_the_teacher_runs_the_hooks_and_cleans_up():
+    from dfqbench.errors import UnsupportedModel
+    from dfqbench.synth.bn_distill import per_sample_moments
+    from dfqbench.synth.bn_loop import ImageBatch, Synthesis, moment_distance, synthesize_batches
+
+    class Probe(Synthesis):
+        what, name, num_batches, iterations = "the probe", "probe", 2, 30
+
+        def __init__(self):
+            self.frozen, self.extra_calls, self.start, self.end = [], 0, [], []
+
+        def prepare(self, model, taps):
+            self.model, self.taps = model, taps
+            return [model[2].register_forward_pre_hook(self._count)]
+
+        def _count(self, module, inputs):
+            self.extra_calls += 1
+
+        def new_batch(self, index):
+            x = torch.randn(3 + index, 3, 6, 6, generator=torch.Generator().manual_seed(index))
+            self.start.append(self._distance(x))
+            return ImageBatch(x, lr=0.1, patience=10, min_lr=1e-4)
+
+        def loss(self, batch, x, logits, taps):
+            self.frozen.append(not any(p.requires_grad for p in self.model.parameters()))
+            assert taps is self.taps and logits.shape == (x.shape[0], 5)
+            return moment_distance(taps.pairs(), per_sample_moments)
+
+        def finish(self, model, batch):
+            self.end.append(self._distance(batch.x))
+            return batch.result()
+
+        @torch.no_grad()
+        def _distance(self, x):
+            self.model(x)
+            return float(moment_distance(self.taps.pairs(), per_sample_moments))
+
+    model = _bn_model()
+    model[0].bias.requires_grad_(False)  # a mixed set of flags comes back as it was
+    probe = Probe()
+    batches = synthesize_batches(model, probe, torch.device("cpu"))
+    assert [tuple(b.shape) for b in batches] == [(3, 3, 6, 6), (4, 3, 6, 6)]
+    assert not any(b.requires_grad for b in batches)
+    assert all(probe.frozen) and len(probe.frozen) == 2 * 30
+    assert probe.extra_calls == 2 * 30 + 4  # the steps, and two no-grad forwards per batch in the probe
+    assert all(end < start for start, end in zip(probe.start, probe.end))  # closer to the BN statistics
+    assert [p.requires_grad for p in model.parameters()] == [True, False, True, True, True, True]
+    assert not any(m._forward_pre_hooks for m in model.modules())
+
+    with pytest.raises(UnsupportedModel, match="the probe needs a model with BatchNorm2d layers"):
+        synthesize_batches(torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3)), Probe(), torch.device("cpu"))

@@ -18,7 +18,7 @@ import torch
 from ..quant import quantize_model
 from ..quant.calibration.calibrate import calibrate_on_batches, set_ranges_from_bn
 from ..quant.quantizers import WeightQuantizer
-from ..quant.quantizers.ranges import estimate_range, fake_quant, grid_from_range
+from ..quant.quantizers.ranges import estimate_range, grid_from_range
 from ..synth.calib_data import calibration_batches, check_source
 from .aciq import clip_ratio
 from .base import Method
@@ -68,6 +68,9 @@ def clip_range(w: torch.Tensor, clip: str, bits: int, symmetric: bool, per_chann
 
 
 class OCSWeightQuantizer(WeightQuantizer):
+    """The shared weight quantizer on the channel-split weight: `calibrate` splits and sets the clipped grid,
+    `quantize_on_grid` rounds the expanded weight and merges it back; `forward` is WeightQuantizer's."""
+
     def __init__(self, base: WeightQuantizer, expand_ratio: float, clip: str):
         super().__init__(base.bits, base.per_channel, base.symmetric, base.estimator, base.lp, base.dynamic)
         self.expand_ratio, self.clip = expand_ratio, clip
@@ -85,13 +88,9 @@ class OCSWeightQuantizer(WeightQuantizer):
                             self.per_channel)
         self.grid = grid_from_range(lo, hi, self.bits, self.symmetric)
 
-    def forward(self, weight: torch.Tensor) -> torch.Tensor:
-        if not self.enabled:
-            return weight
-        if self.grid is None or self.dynamic or self.grid.scale.device != weight.device:
-            self.calibrate(weight)
-        q = fake_quant(expand(weight, self.index, self.factor), self.grid, axis=0 if self.per_channel else None)
-        return merge(q, self.index, weight.shape[1])
+    def quantize_on_grid(self, weight: torch.Tensor) -> torch.Tensor:
+        """The expanded weight on the shared quantizer's grid, its copies summed back per input channel."""
+        return merge(super().quantize_on_grid(expand(weight, self.index, self.factor)), self.index, weight.shape[1])
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, expand_ratio={self.expand_ratio}, clip={self.clip}, split={self.splits}"

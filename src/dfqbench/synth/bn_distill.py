@@ -3,6 +3,7 @@
 Optimizes a batch of images so that, at the input of every BatchNorm2d, the per-sample channel mean and std
 match the BN running mean and sqrt(running var + eps), plus a prior pulling each image's channels to mean 0 /
 std 1. Squared L2 distances divided by the batch size; no labels. Reusable by any calibration-based method.
+The loop is the shared one (`bn_loop`); this module holds ZeroQ's initialization and loss.
 """
 
 from __future__ import annotations
@@ -11,11 +12,8 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
-from ..errors import UnsupportedModel
-
-_EPS = 1e-6
+from .bn_loop import EPS, ImageBatch, Synthesis, moment_distance, synthesize_batches
 
 
 @dataclass
@@ -28,13 +26,10 @@ class DistillSettings:
     min_lr: float = 1e-4
 
 
-def _per_sample_moments(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def per_sample_moments(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each sample's channel mean and sqrt(unbiased var + eps), [N, C]."""
     flat = x.reshape(x.shape[0], x.shape[1], -1)
-    return flat.mean(dim=2), torch.sqrt(flat.var(dim=2) + _EPS)
-
-
-def _sq_l2_per_batch(target: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
-    return (value - target).pow(2).sum() / value.shape[0]
+    return flat.mean(dim=2), torch.sqrt(flat.var(dim=2) + EPS)
 
 
 def uniform_noise(shape, generator: torch.Generator) -> torch.Tensor:
@@ -42,48 +37,25 @@ def uniform_noise(shape, generator: torch.Generator) -> torch.Tensor:
     return (torch.randint(0, 255, shape, generator=generator).float() - 127.5) / 5418.75
 
 
+class ZeroQDistillation(Synthesis):
+    what = "BatchNorm-statistics distillation"
+    name = "distill"
+
+    def __init__(self, image_shape: tuple[int, int, int], settings: DistillSettings, generator: torch.Generator,
+                 device: torch.device):
+        self.image_shape, self.settings, self.generator, self.device = image_shape, settings, generator, device
+        self.num_batches, self.iterations = settings.num_batches, settings.iterations
+
+    def new_batch(self, index: int) -> ImageBatch:
+        s = self.settings
+        x = uniform_noise((s.batch_size, *self.image_shape), self.generator).to(self.device)
+        return ImageBatch(x, s.lr, s.patience, s.min_lr)
+
+    def loss(self, batch, x, logits, taps) -> torch.Tensor:
+        """Every BN input against its running statistics, then the input against mean 0 / std 1."""
+        return moment_distance([*taps.pairs(), (x, (0.0, 1.0))], per_sample_moments)
+
+
 def distill_bn_data(model: nn.Module, image_shape: tuple[int, int, int], settings: DistillSettings,
                     generator: torch.Generator, device: torch.device, progress: bool = False) -> list[torch.Tensor]:
-    model = model.eval().to(device)
-    bns = [m for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
-    if not bns:
-        raise UnsupportedModel("BatchNorm-statistics distillation needs a model with BatchNorm2d layers")
-    captured: dict[nn.Module, torch.Tensor] = {}
-    handles = [bn.register_forward_pre_hook(lambda mod, inp: captured.__setitem__(mod, inp[0])) for bn in bns]
-    targets = [(bn.running_mean.detach(), torch.sqrt(bn.running_var.detach() + _EPS)) for bn in bns]
-    params = [p for p in model.parameters()]
-    flags = [p.requires_grad for p in params]
-    for p in params:
-        p.requires_grad_(False)
-    batches = []
-    try:
-        for b in range(settings.num_batches):
-            x = uniform_noise((settings.batch_size, *image_shape), generator).to(device)
-            x = x.contiguous(memory_format=torch.channels_last).requires_grad_(True)
-            opt = torch.optim.Adam([x], lr=settings.lr)
-            sched = torch.optim.lr_scheduler.ReduceLROnPlateau(opt, patience=settings.patience,
-                                                               min_lr=settings.min_lr)
-            steps = tqdm(range(settings.iterations), desc=f"distill batch {b + 1}/{settings.num_batches}",
-                         disable=not progress, leave=False)
-            for _ in steps:
-                opt.zero_grad(set_to_none=True)
-                captured.clear()
-                model(x)
-                loss = x.new_zeros(())
-                for bn, (mean_t, std_t) in zip(bns, targets):
-                    mean, std = _per_sample_moments(captured[bn])
-                    loss = loss + _sq_l2_per_batch(mean_t, mean) + _sq_l2_per_batch(std_t, std)
-                mean, std = _per_sample_moments(x)
-                loss = loss + _sq_l2_per_batch(torch.zeros_like(mean[0]), mean)
-                loss = loss + _sq_l2_per_batch(torch.ones_like(std[0]), std)
-                loss.backward()
-                opt.step()
-                sched.step(loss.item())
-                steps.set_postfix(loss=f"{loss.item():.3f}")
-            batches.append(x.detach())
-    finally:
-        for h in handles:
-            h.remove()
-        for p, flag in zip(params, flags):
-            p.requires_grad_(flag)
-    return batches
+    return synthesize_batches(model, ZeroQDistillation(image_shape, settings, generator, device), device, progress)

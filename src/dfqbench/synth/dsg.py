@@ -1,6 +1,7 @@
 """Diverse Sample Generation, post-training variant (DSG: Zhang et al., CVPR 2021; arXiv 2109.00212).
 
-ZeroQ-style BatchNorm-statistics distillation (`bn_distill`) made less homogeneous in two ways:
+ZeroQ-style BatchNorm-statistics distillation (`bn_distill`, on the shared loop of `bn_loop`) made less
+homogeneous in two ways:
 
 * Slack distribution alignment: at the input of every BatchNorm2d, each sample's per-channel mean / std is
   penalized only by how far it lies *outside* a per-layer margin around the running statistics:
@@ -46,23 +47,20 @@ from dataclasses import asdict, dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
-from tqdm.auto import tqdm
 
-from ..errors import UnsupportedModel
-from .bn_distill import _EPS
+from .bn_distill import DistillSettings
+from .bn_loop import EPS, ImageBatch, Synthesis, bn_layers, synthesize_batches
 from .calib_data import _split, cached
 
 MARGIN_MODELS = ("gaussian", "none")
 
 
 @dataclass
-class DSGSettings:
+class DSGSettings(DistillSettings):
+    """ZeroQ's loop settings (same fields, same order) with DSG's defaults, and DSG's own terms."""
     batch_size: int = 40
-    num_batches: int = 1
-    iterations: int = 500
     lr: float = 0.9
     patience: int = 260
-    min_lr: float = 1e-4
     margins: str = "gaussian"  # gaussian | none
     margin_percentile: float = 90.0
     enhance_weight: float = 2.0
@@ -113,18 +111,11 @@ def gaussian_margins(bns: list[nn.BatchNorm2d], spatial_sizes: list[int],
     q = percentile / 100.0
     margins = []
     for bn, n in zip(bns, spatial_sizes):
-        sigma = torch.sqrt(bn.running_var.detach().double() + _EPS)
+        sigma = torch.sqrt(bn.running_var.detach().double() + EPS)
         m = _half_normal_mixture_quantile(sigma / math.sqrt(n), q)
         s = _half_normal_mixture_quantile(sigma / math.sqrt(2.0 * max(n - 1, 1)), q)
         margins.append((m, s))
     return margins
-
-
-def _bn_layers(model: nn.Module) -> list[nn.BatchNorm2d]:
-    bns = [m for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
-    if not bns:
-        raise UnsupportedModel("DSG data generation needs a model with BatchNorm2d layers")
-    return bns
 
 
 @torch.no_grad()
@@ -142,20 +133,20 @@ def bn_input_sizes(model: nn.Module, bns: list[nn.BatchNorm2d], image_shape, dev
 
 
 def layer_margins(model: nn.Module, image_shape, settings: DSGSettings, device) -> list[tuple[float, float]]:
-    bns = _bn_layers(model)
+    bns = bn_layers(model, DSGSynthesis.what)
     if settings.margins == "none":
         return [(0.0, 0.0)] * len(bns)
     return gaussian_margins(bns, bn_input_sizes(model, bns, image_shape, device), settings.margin_percentile)
 
 
 def channel_moments(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-sample channel mean and sqrt(unbiased var + eps), [N, C]: the same numbers as bn_distill's, about
+    """Per-sample channel mean and sqrt(unbiased var + eps), [N, C]: bn_distill's numbers (to rounding), about
     2.5x faster forward + backward on CPU for channels_last activations (an [N, HW, C] view, no copy)."""
     y = x.permute(0, 2, 3, 1).reshape(x.shape[0], -1, x.shape[1])
     mean = y.mean(dim=1)
     centred = y - mean.unsqueeze(1)
     var = centred.pow(2).sum(dim=1) / max(y.shape[1] - 1, 1)
-    return mean, torch.sqrt(var + _EPS)
+    return mean, torch.sqrt(var + EPS)
 
 
 def _tv_l2(x: torch.Tensor) -> torch.Tensor:
@@ -163,60 +154,55 @@ def _tv_l2(x: torch.Tensor) -> torch.Tensor:
             + (x[:, :, 1:, :-1] - x[:, :, :-1, 1:]).norm() + (x[:, :, :-1, :-1] - x[:, :, 1:, 1:]).norm())
 
 
+class _DSGBatch(ImageBatch):
+    def __init__(self, x: torch.Tensor, labels: torch.Tensor, enhanced: torch.Tensor, settings: DSGSettings):
+        super().__init__(x, settings.lr, settings.patience, settings.min_lr)
+        self.labels = labels  # random targets of the CE term
+        self.enhanced = enhanced  # sample i enhances BN layer enhanced[i]
+
+
+class DSGSynthesis(Synthesis):
+    what = "DSG data generation"
+    name = "dsg"
+
+    def __init__(self, image_shape: tuple[int, int, int], num_classes: int, settings: DSGSettings,
+                 generator: torch.Generator, device: torch.device):
+        self.image_shape, self.num_classes, self.settings = image_shape, num_classes, settings
+        self.generator, self.device = generator, device
+        self.num_batches, self.iterations = settings.num_batches, settings.iterations
+
+    def prepare(self, model, taps) -> list:
+        self.num_layers = len(taps.bns)
+        self.margins = layer_margins(model, self.image_shape, self.settings, self.device)
+        return []
+
+    def new_batch(self, index: int) -> _DSGBatch:
+        n, g = self.settings.batch_size, self.generator
+        x = torch.rand((n, *self.image_shape), generator=g).to(self.device)
+        labels = torch.randint(0, self.num_classes, (n,), generator=g).to(self.device)
+        order = torch.randperm(self.num_layers, generator=g)  # layers dealt to samples, each equally often
+        enhanced = order.repeat(math.ceil(n / self.num_layers))[:n].to(self.device)
+        return _DSGBatch(x, labels, enhanced, self.settings)
+
+    def loss(self, batch: _DSGBatch, x, logits, taps) -> torch.Tensor:
+        s, n = self.settings, x.shape[0]
+        per_sample = x.new_zeros(n)
+        for layer, ((activation, (mean_t, std_t)), (m, sd)) in enumerate(zip(taps.pairs(), self.margins)):
+            mean, std = channel_moments(activation)
+            loss_l = slack_hinge(mean, mean_t, m).pow(2).sum(1) + slack_hinge(std, std_t, sd).pow(2).sum(1)
+            per_sample = per_sample + torch.where(batch.enhanced == layer, s.enhance_weight, 1.0) * loss_l
+        mean, std = channel_moments(x)
+        prior = mean.pow(2).sum() + (std - 1.0).pow(2).sum()
+        loss = (per_sample.sum() + prior) / n
+        loss = loss + s.ce_weight * F.cross_entropy(logits, batch.labels)
+        return loss + s.tv_weight * _tv_l2(x) + s.l2_weight * x.flatten(1).norm(dim=1).mean()
+
+
 def generate_dsg(model: nn.Module, image_shape: tuple[int, int, int], num_classes: int, settings: DSGSettings,
                  generator: torch.Generator, device: torch.device, progress: bool = False) -> list[torch.Tensor]:
     """`settings.num_batches` batches of DSG images, normalized like the teacher's input."""
-    model = model.eval().to(device)
-    bns = _bn_layers(model)
-    margins = layer_margins(model, image_shape, settings, device)
-    targets = [(bn.running_mean.detach(), torch.sqrt(bn.running_var.detach() + _EPS)) for bn in bns]
-    captured: dict[nn.Module, torch.Tensor] = {}
-    handles = [bn.register_forward_pre_hook(lambda mod, inp: captured.__setitem__(mod, inp[0])) for bn in bns]
-    params = list(model.parameters())
-    flags = [p.requires_grad for p in params]
-    for p in params:
-        p.requires_grad_(False)
-    n, num_layers = settings.batch_size, len(bns)
-    batches = []
-    try:
-        for b in range(settings.num_batches):
-            x = torch.rand((n, *image_shape), generator=generator).to(device)
-            labels = torch.randint(0, num_classes, (n,), generator=generator).to(device)
-            order = torch.randperm(num_layers, generator=generator)
-            enhanced = order.repeat(math.ceil(n / num_layers))[:n].to(device)  # sample i enhances this layer
-            x = x.contiguous(memory_format=torch.channels_last).requires_grad_(True)
-            opt = torch.optim.Adam([x], lr=settings.lr)
-            sched = torch.optim.lr_scheduler.ReduceLROnPlateau(opt, patience=settings.patience,
-                                                               min_lr=settings.min_lr)
-            steps = tqdm(range(settings.iterations), desc=f"dsg batch {b + 1}/{settings.num_batches}",
-                         disable=not progress, leave=False)
-            for _ in steps:
-                opt.zero_grad(set_to_none=True)
-                captured.clear()
-                logits = model(x)
-                per_sample = x.new_zeros(n)
-                for layer, (bn, (mean_t, std_t), (m, s)) in enumerate(zip(bns, targets, margins)):
-                    mean, std = channel_moments(captured[bn])
-                    loss_l = (slack_hinge(mean, mean_t, m).pow(2).sum(1)
-                              + slack_hinge(std, std_t, s).pow(2).sum(1))
-                    weight = torch.where(enhanced == layer, settings.enhance_weight, 1.0)
-                    per_sample = per_sample + weight * loss_l
-                mean, std = channel_moments(x)
-                prior = mean.pow(2).sum() + (std - 1.0).pow(2).sum()
-                loss = (per_sample.sum() + prior) / n
-                loss = loss + settings.ce_weight * F.cross_entropy(logits, labels)
-                loss = loss + settings.tv_weight * _tv_l2(x) + settings.l2_weight * x.flatten(1).norm(dim=1).mean()
-                loss.backward()
-                opt.step()
-                sched.step(loss.item())
-                steps.set_postfix(loss=f"{loss.item():.3f}")
-            batches.append(x.detach())
-    finally:
-        for h in handles:
-            h.remove()
-        for p, flag in zip(params, flags):
-            p.requires_grad_(flag)
-    return batches
+    return synthesize_batches(model, DSGSynthesis(image_shape, num_classes, settings, generator, device), device,
+                              progress)
 
 
 def dsg_batches(model: nn.Module, ctx, settings: DSGSettings, num_images: int) -> list[torch.Tensor]:

@@ -8,6 +8,7 @@ per-channel mean and std at each BN input and (running_mean, sqrt(running_var + 
 channels, plus an input prior (each image's channel mean/std against 0/1, divided by the batch size). No labels.
 "Swing": every strided conv of the teacher sees its input shifted by a random -1..+1 pixels (reflect padding)
 at each step. The images are the generator's output at the last step, in the teacher's normalized input space.
+The loop is the shared one (`bn_loop`); this module holds the generator, its batch state, swing and the loss.
 """
 
 from __future__ import annotations
@@ -18,11 +19,8 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import nn
 from torch.nn import functional as F
-from tqdm.auto import tqdm
 
-from ..errors import UnsupportedModel
-
-_EPS = 1e-6
+from .bn_loop import Synthesis, moment_distance, synthesize_batches
 
 
 @dataclass
@@ -79,11 +77,6 @@ class Generator(nn.Module):
         return out[:, :, :self.size[0], :self.size[1]]  # sizes that are not multiples of 4
 
 
-def _l2(target: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
-    """Squared L2 distance divided by the first dimension of `value` (channels for BN, images for the prior)."""
-    return (value - target).pow(2).sum() / value.shape[0]
-
-
 def _swing_hook(generator: torch.Generator):
     def hook(module, inputs):
         x = inputs[0]
@@ -95,73 +88,85 @@ def _swing_hook(generator: torch.Generator):
     return hook
 
 
+def batch_moments(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-channel mean and (unbiased) std over the batch and positions, [C]."""
+    std, mean = torch.std_mean(x, dim=[0, 2, 3])
+    return mean, std
+
+
+def image_moments(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each image's per-channel mean and (unbiased) std, [N, C]."""
+    std, mean = torch.std_mean(x, dim=[2, 3])
+    return mean, std
+
+
+class GeneratorBatch:
+    """A batch drawn from a fresh generator G(z): z by Adam with ReduceLROnPlateau, G by Adam with its lr times
+    g_decay every 100 steps. The result is the last step's images (drawn before that step's update)."""
+
+    def __init__(self, gen: Generator, z: torch.Tensor, settings: GenieSettings):
+        self.gen, self.z = gen, z.requires_grad_(True)
+        self.opt_z = torch.optim.Adam([self.z], lr=settings.lr_z)
+        self.sched_z = torch.optim.lr_scheduler.ReduceLROnPlateau(self.opt_z, patience=settings.patience,
+                                                                  min_lr=settings.min_lr)
+        self.opt_g = torch.optim.Adam(gen.parameters(), lr=settings.lr_g)
+        self.sched_g = torch.optim.lr_scheduler.ExponentialLR(self.opt_g, gamma=settings.g_decay)
+        self.last: torch.Tensor | None = None
+
+    def images(self) -> torch.Tensor:
+        self.last = self.gen(self.z).contiguous(memory_format=torch.channels_last)
+        return self.last
+
+    def zero_grad(self) -> None:
+        self.opt_z.zero_grad(set_to_none=True)
+        self.opt_g.zero_grad(set_to_none=True)
+
+    def step(self, index: int, loss: float) -> None:
+        self.opt_z.step()
+        self.opt_g.step()
+        self.sched_z.step(loss)
+        if (index + 1) % 100 == 0:
+            self.sched_g.step()
+
+    def result(self) -> torch.Tensor:
+        return self.last.detach()
+
+
+class GenieSynthesis(Synthesis):
+    what = "Genie's distillation"
+    name = "genie"
+
+    def __init__(self, image_shape: tuple[int, int, int], num_images: int, batch_size: int, settings: GenieSettings,
+                 seed: int, device: torch.device):
+        self.image_shape, self.num_images, self.batch_size = image_shape, num_images, batch_size
+        self.settings, self.seed, self.device = settings, seed, device
+        self.rng = torch.Generator().manual_seed(seed)  # latents and swing shifts
+        self.num_batches, self.iterations = math.ceil(num_images / batch_size), settings.iterations
+
+    def prepare(self, model, taps) -> list:
+        if not self.settings.swing:
+            return []
+        return [m.register_forward_pre_hook(_swing_hook(self.rng)) for m in model.modules()
+                if isinstance(m, nn.Conv2d) and max(m.stride) > 1]
+
+    def new_batch(self, index: int) -> GeneratorBatch:
+        size = min(self.batch_size, self.num_images - index * self.batch_size)
+        with torch.random.fork_rng(devices=[]):  # G's initialization from the seed, the global RNG untouched
+            torch.manual_seed(self.seed * 1_000_003 + index)
+            gen = Generator(self.image_shape, self.settings.latent_dim).to(self.device).train()
+        z = torch.randn(size, self.settings.latent_dim, generator=self.rng).to(self.device)
+        return GeneratorBatch(gen, z, self.settings)
+
+    def loss(self, batch, x, logits, taps) -> torch.Tensor:
+        """Batch statistics at every BN input (divided by the channels), plus each image's against 0 / 1."""
+        return moment_distance(taps.pairs(), batch_moments) + moment_distance([(x, (0.0, 1.0))], image_moments)
+
+
 def distill_genie_data(model: nn.Module, image_shape: tuple[int, int, int], num_images: int, batch_size: int,
                        settings: GenieSettings, seed: int, device: torch.device,
                        progress: bool = False) -> list[torch.Tensor]:
-    model = model.eval().to(device)
-    bns = [m for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
-    if not bns:
-        raise UnsupportedModel("Genie's distillation needs a model with BatchNorm2d layers")
-    rng = torch.Generator().manual_seed(seed)
-    captured: dict[nn.Module, torch.Tensor] = {}
-    handles = [bn.register_forward_pre_hook(lambda mod, inp: captured.__setitem__(mod, inp[0])) for bn in bns]
-    if settings.swing:
-        handles += [m.register_forward_pre_hook(_swing_hook(rng)) for m in model.modules()
-                    if isinstance(m, nn.Conv2d) and max(m.stride) > 1]
-    targets = [(bn.running_mean.detach(), torch.sqrt(bn.running_var.detach() + _EPS)) for bn in bns]
-    params = list(model.parameters())
-    flags = [p.requires_grad for p in params]
-    for p in params:
-        p.requires_grad_(False)
-    batches = []
-    try:
-        for b, start in enumerate(range(0, num_images, batch_size)):
-            size = min(batch_size, num_images - start)
-            with torch.random.fork_rng(devices=[]):  # G's initialization from the seed, the global RNG untouched
-                torch.manual_seed(seed * 1_000_003 + b)
-                gen = Generator(image_shape, settings.latent_dim).to(device).train()
-            z = torch.randn(size, settings.latent_dim, generator=rng).to(device).requires_grad_(True)
-            opt_z = torch.optim.Adam([z], lr=settings.lr_z)
-            sched_z = torch.optim.lr_scheduler.ReduceLROnPlateau(opt_z, patience=settings.patience,
-                                                                 min_lr=settings.min_lr)
-            opt_g = torch.optim.Adam(gen.parameters(), lr=settings.lr_g)
-            sched_g = torch.optim.lr_scheduler.ExponentialLR(opt_g, gamma=settings.g_decay)
-            steps = tqdm(range(settings.iterations), desc=f"genie batch {b + 1}/{math.ceil(num_images / batch_size)}",
-                         disable=not progress, leave=False)
-            for it in steps:
-                opt_z.zero_grad(set_to_none=True)
-                opt_g.zero_grad(set_to_none=True)
-                captured.clear()
-                x = gen(z).contiguous(memory_format=torch.channels_last)
-                model(x)
-                loss = bn_loss(captured, bns, targets) + prior_loss(x)
-                loss.backward()
-                opt_z.step()
-                opt_g.step()
-                sched_z.step(loss.item())
-                if (it + 1) % 100 == 0:
-                    sched_g.step()
-                    steps.set_postfix(loss=f"{loss.item():.3f}")
-            batches.append(x.detach())
-    finally:
-        for h in handles:
-            h.remove()
-        for p, flag in zip(params, flags):
-            p.requires_grad_(flag)
-    return batches
-
-
-def bn_loss(captured, bns, targets) -> torch.Tensor:
-    loss = 0.0
-    for bn, (mean_t, std_t) in zip(bns, targets):
-        std, mean = torch.std_mean(captured[bn], dim=[0, 2, 3])
-        loss = loss + _l2(mean_t, mean) + _l2(std_t, std)
-    return loss
-
-
-def prior_loss(x: torch.Tensor) -> torch.Tensor:
-    std, mean = torch.std_mean(x, dim=[2, 3])
-    return _l2(torch.zeros_like(mean[0]), mean) + _l2(torch.ones_like(std[0]), std)
+    synthesis = GenieSynthesis(image_shape, num_images, batch_size, settings, seed, device)
+    return synthesize_batches(model, synthesis, device, progress)
 
 
 def genie_source(model, ctx, num_images: int, batch_size: int,

@@ -1,8 +1,8 @@
 """Labelled synthetic sets for fixed-set fine-tuning: IntraQ (Zhong et al., CVPR 2022) and HAST (Li et al.,
 CVPR 2023), settings as collected in shared/docs/methods.md.
 
-Both optimize batches of images, initialized ~ N(0, 1) in the teacher's normalized input space, with Adam
-(lr 0.5, ReduceLROnPlateau patience 50) against the teacher:
+Both optimize batches of images (the shared loop of `bn_loop`), initialized ~ N(0, 1) in the teacher's normalized
+input space, with Adam (lr 0.5, ReduceLROnPlateau patience 50) against the teacher:
   BN loss: mean over the teacher's BN layers of MSE(batch mean, running mean) + MSE(biased batch var, running
            var) at the BN inputs (GDFQ's BNS), plus a label term:
   intraq:  (softmax(logits)_y - p_y)^2 on the label entry only, averaged over the batch, where a random half
@@ -21,16 +21,17 @@ fewer images with fewer steps (conf/schedule/cpu.yaml).
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-from tqdm.auto import tqdm
 
 from ..errors import UnsupportedModel
 from ..feature_taps import PenultimateTap
 from .augment import crop_flip
+from .bn_loop import BNTaps, ImageBatch, Synthesis, synthesize_batches
 from .calib_data import _split, cached
 
 LABEL_LOSSES = ("intraq", "hast")
@@ -66,36 +67,13 @@ class LabelledSettings:
         return self
 
 
-class _Taps:
-    """Inputs of the teacher's BN layers (for the BN loss) and of its classifier (the penultimate feature)."""
-
-    def __init__(self, model: nn.Module):
-        self.bns = [m for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
-        if not self.bns or not any(isinstance(m, nn.Linear) for m in model.modules()):
-            raise UnsupportedModel("labelled synthesis (intraq, hast) needs a teacher with BatchNorm2d layers and "
-                                   "an nn.Linear classifier")
-        self.bn_inputs: dict[nn.Module, torch.Tensor] = {}
-        self.handles = [bn.register_forward_pre_hook(self._bn) for bn in self.bns]
-        self.classifier_input = PenultimateTap(model)
-
-    @property
-    def feature(self) -> torch.Tensor:
-        return self.classifier_input.value
-
-    def _bn(self, module, inputs):
-        self.bn_inputs[module] = inputs[0]
-
-    def bn_loss(self) -> torch.Tensor:
-        total = 0.0
-        for bn in self.bns:
-            var, mean = torch.var_mean(self.bn_inputs[bn], dim=(0, 2, 3), unbiased=False)
-            total = total + F.mse_loss(mean, bn.running_mean) + F.mse_loss(var, bn.running_var)
-        return total / len(self.bns)
-
-    def close(self) -> None:
-        for h in self.handles:
-            h.remove()
-        self.classifier_input.close()
+def bns_loss(taps: BNTaps) -> torch.Tensor:
+    """GDFQ's BNS loss: mean over the BN layers of MSE(batch mean, running mean) + MSE(biased var, running var)."""
+    total = 0.0
+    for bn, activation in zip(taps.bns, taps.inputs()):
+        var, mean = torch.var_mean(activation, dim=(0, 2, 3), unbiased=False)
+        total = total + F.mse_loss(mean, bn.running_mean) + F.mse_loss(var, bn.running_var)
+    return total / len(taps.bns)
 
 
 def _target_probs(n: int, target_prob: float, rng: torch.Generator) -> torch.Tensor:
@@ -112,65 +90,80 @@ def _cosine_band(features, labels, centroids, lower, upper) -> torch.Tensor:
     return (F.relu(lower - dist) + F.relu(dist - upper)).mean()
 
 
+class _LabelledBatch(ImageBatch):
+    """Images ~ N(0, 1) with their labels; each step they are augmented with probability `augment_prob`."""
+
+    def __init__(self, x: torch.Tensor, labels: torch.Tensor, targets: torch.Tensor, centroids: torch.Tensor | None,
+                 settings: LabelledSettings, rng: torch.Generator):
+        super().__init__(x, settings.lr, settings.patience, 1e-4, channels_last=False)
+        self.labels, self.targets, self.centroids = labels, targets, centroids
+        self.augment_prob, self.rng = settings.augment_prob, rng
+
+    def images(self) -> torch.Tensor:
+        augment = float(torch.rand((), generator=self.rng)) < self.augment_prob
+        return crop_flip(self.x, self.rng, prob=0.5) if augment else self.x
+
+
+class LabelledSynthesis(Synthesis):
+    what = "labelled synthesis (intraq, hast)"
+
+    def __init__(self, num_images: int, image_shape, num_classes: int, settings: LabelledSettings,
+                 rng: torch.Generator, device: torch.device):
+        self.num_images, self.image_shape, self.num_classes = num_images, image_shape, num_classes
+        self.settings, self.rng, self.device = settings, rng, device
+        self.name, self.iterations = settings.label_loss, settings.iterations
+        self.num_batches = math.ceil(num_images / settings.batch_size)
+        self.labels: list[torch.Tensor] = []
+        self.feat_sum, self.feat_count = None, torch.zeros(num_classes, device=device)  # per-class feature sums
+
+    def prepare(self, model, taps) -> list:
+        self.penultimate = PenultimateTap(model)
+        return [self.penultimate.handle]
+
+    def new_batch(self, index: int) -> _LabelledBatch:
+        done = index * self.settings.batch_size
+        n = min(self.settings.batch_size, self.num_images - done)
+        y = (torch.arange(n) + done) % self.num_classes
+        targets = _target_probs(n, self.settings.target_prob, self.rng).to(self.device)
+        x = torch.randn((n, *self.image_shape), generator=self.rng).to(self.device)
+        centroids = None if self.feat_sum is None else self.feat_sum / self.feat_count.clamp_min(1).unsqueeze(1)
+        return _LabelledBatch(x, y.to(self.device), targets, centroids, self.settings, self.rng)
+
+    def loss(self, batch: _LabelledBatch, x, logits, taps) -> torch.Tensor:
+        s, y = self.settings, batch.labels
+        loss = bns_loss(taps)
+        p_y = F.softmax(logits, dim=1).gather(1, y.unsqueeze(1)).squeeze(1)
+        if s.label_loss == "intraq":
+            loss = loss + (p_y - batch.targets).pow(2).mean()
+            if batch.centroids is not None:
+                loss = loss + _cosine_band(self.penultimate.value.flatten(1), y, batch.centroids, s.margin_lower,
+                                           s.margin_upper)
+            return loss
+        ce = F.cross_entropy(logits, y, reduction="none")
+        return loss + s.beta * ((1.0 - p_y).pow(s.gamma) * ce).mean()
+
+    @torch.no_grad()
+    def finish(self, model, batch: _LabelledBatch) -> torch.Tensor:
+        """Adds the finished images' penultimate features to their classes' centroids."""
+        model(batch.x)
+        f = self.penultimate.value.flatten(1)
+        if self.feat_sum is None:
+            self.feat_sum = torch.zeros(self.num_classes, f.shape[1], device=self.device)
+        self.feat_sum.index_add_(0, batch.labels, f)
+        self.feat_count += torch.bincount(batch.labels, minlength=self.num_classes).float()
+        self.labels.append(batch.labels)
+        return batch.result()
+
+
 def synthesize(model: nn.Module, num_images: int, image_shape, num_classes: int, settings: LabelledSettings,
                rng: torch.Generator, device: torch.device, progress: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """(images [N, C, H, W] normalized, labels [N]) made by `settings.label_loss`."""
     settings.validate()
-    model = model.eval().to(device)
-    params = list(model.parameters())
-    flags = [p.requires_grad for p in params]
-    for p in params:
-        p.requires_grad_(False)
-    taps = _Taps(model)
-    images, labels = [], []
-    feat_sum, feat_count = None, torch.zeros(num_classes, device=device)
-    try:
-        done = 0
-        while done < num_images:
-            n = min(settings.batch_size, num_images - done)
-            y = (torch.arange(n) + done) % num_classes
-            targets = _target_probs(n, settings.target_prob, rng).to(device)
-            y = y.to(device)
-            x = torch.randn((n, *image_shape), generator=rng).to(device).requires_grad_(True)
-            opt = torch.optim.Adam([x], lr=settings.lr)
-            sched = torch.optim.lr_scheduler.ReduceLROnPlateau(opt, patience=settings.patience, min_lr=1e-4)
-            centroids = (feat_sum / feat_count.clamp_min(1).unsqueeze(1)) if feat_sum is not None else None
-            steps = tqdm(range(settings.iterations), desc=f"{settings.label_loss} images {done}/{num_images}",
-                         disable=not progress, leave=False)
-            for _ in steps:
-                opt.zero_grad(set_to_none=True)
-                augment = float(torch.rand((), generator=rng)) < settings.augment_prob
-                logits = model(crop_flip(x, rng, prob=0.5) if augment else x)
-                loss = taps.bn_loss()
-                if settings.label_loss == "intraq":
-                    p_y = F.softmax(logits, dim=1).gather(1, y.unsqueeze(1)).squeeze(1)
-                    loss = loss + (p_y - targets).pow(2).mean()
-                    if centroids is not None:
-                        loss = loss + _cosine_band(taps.feature.flatten(1), y, centroids, settings.margin_lower,
-                                                   settings.margin_upper)
-                else:
-                    ce = F.cross_entropy(logits, y, reduction="none")
-                    p_y = F.softmax(logits, dim=1).gather(1, y.unsqueeze(1)).squeeze(1)
-                    loss = loss + settings.beta * ((1.0 - p_y).pow(settings.gamma) * ce).mean()
-                loss.backward()
-                opt.step()
-                sched.step(loss.item())
-                steps.set_postfix(loss=f"{loss.item():.4f}")
-            with torch.no_grad():
-                model(x)
-                f = taps.feature.flatten(1)
-                if feat_sum is None:
-                    feat_sum = torch.zeros(num_classes, f.shape[1], device=device)
-                feat_sum.index_add_(0, y, f)
-                feat_count += torch.bincount(y, minlength=num_classes).float()
-            images.append(x.detach())
-            labels.append(y)
-            done += n
-    finally:
-        taps.close()
-        for p, flag in zip(params, flags):
-            p.requires_grad_(flag)
-    return torch.cat(images), torch.cat(labels)
+    if not any(isinstance(m, nn.Linear) for m in model.modules()):
+        raise UnsupportedModel("labelled synthesis (intraq, hast) needs a teacher with an nn.Linear classifier")
+    synthesis = LabelledSynthesis(num_images, image_shape, num_classes, settings, rng, device)
+    images = synthesize_batches(model, synthesis, device, progress)
+    return torch.cat(images), torch.cat(synthesis.labels)
 
 
 def _source(label_loss: str):

@@ -41,6 +41,11 @@ class WeightQuantizer(nn.Module):
             return weight
         if self.grid is None or self.dynamic or self.grid.scale.device != weight.device:
             self.calibrate(weight)
+        return self.quantize_on_grid(weight)
+
+    def quantize_on_grid(self, weight: torch.Tensor) -> torch.Tensor:
+        """`weight` fake-quantized on the calibrated grid: the hook for quantizers that transform the weight
+        around the rounding (they override this and `calibrate`, and keep `forward`)."""
         return fake_quant(weight, self.grid, axis=0 if self.per_channel else None)
 
     def extra_repr(self) -> str:
