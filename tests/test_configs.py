@@ -5,6 +5,7 @@ from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
 from dfqbench.__main__ import CONF_DIR, GROUPS, group_options
+from dfqbench.models import model_datasets, models_for_dataset
 from dfqbench.runner import build_convention, build_method, validate
 
 
@@ -18,6 +19,11 @@ def test_every_group_option_composes(group, option):
     if option == "wandb":
         pytest.importorskip("wandb")
     extra = ["model.arch=resnet18"] if option in ("pytorchcv", "torchvision", "timm") else []
+    if group == "model":  # with its own data set: model and dataset must agree
+        datasets, _ = model_datasets(_compose(f"model={option}", *extra).model)
+        extra += [f"dataset={datasets[0]}"] if datasets else []
+    elif group == "dataset":
+        extra.append(f"model={models_for_dataset(option)[0]}")
     cfg = _compose(f"{group}={option}", *extra)
     validate(cfg)
     OmegaConf.to_container(cfg, resolve=True)

@@ -1,7 +1,13 @@
-"""Command line: ``python -m dfqbench method=M model=X dataset=D quant=C wbit=W abit=A [-m for sweeps]``."""
+"""Command line: ``python -m dfqbench method=M model=X dataset=D quant=C wbit=W abit=A [-m for sweeps]``.
+
+`--help` is dfqbench's page (conf/hydra/help/dfqbench.yaml), `--hydra-help` Hydra's. A run logs what it resolved
+(teacher, data, device, output folder) on stderr and into <run dir>/dfqbench.log; errors are one line on stderr
+and, with their traceback, in that log file.
+"""
 
 from __future__ import annotations
 
+import logging
 import signal
 import sys
 import traceback
@@ -20,6 +26,8 @@ CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
 GROUPS = ("method", "model", "dataset", "quant", "schedule", "paths", "logger", "experiment")
 _SWEEP_FUNCTIONS = ("range(", "glob(", "choice(", "interval(", "tag(", "sort(", "shuffle(")
 DEFAULT_SCHEDULE = "cpu"
+# the run's log file only (conf/hydra/job_logging/dfqbench.yaml): what the console already shows as one line
+_logfile = logging.getLogger("dfqbench.logfile")
 
 
 def schedule_tag(name: str | None) -> str:
@@ -84,6 +92,7 @@ def hydra_main(cfg: DictConfig) -> float | dict | None:
     hc = HydraConfig.get()
     run_dir = Path(hc.runtime.output_dir)
     in_sweep = hc.mode == RunMode.MULTIRUN
+    _logfile.info("command: python -m dfqbench %s", " ".join(hc.overrides.task))
     try:
         if in_sweep and cfg.get("skip_redundant"):
             reason = sweep.redundant_reason(cfg, build_method(cfg))
@@ -94,27 +103,36 @@ def hydra_main(cfg: DictConfig) -> float | dict | None:
                 return {"status": "redundant"}
         record = run(cfg, run_dir, overrides=list(hc.overrides.task))
     except ConfigError as exc:
-        print(f"dfqbench: error: {exc}", file=sys.stderr)
+        _error(exc)
         if in_sweep and hc.runtime.choices.get("hydra/launcher") != "basic":
             return {"status": "refused", "error": str(exc)}
         sys.exit(2)
     except (UnsupportedModel, TrainingDiverged) as exc:  # the run started; its record says "failed" with this
-        print(f"dfqbench: error: {exc}", file=sys.stderr)
+        _error(exc)
         if not in_sweep:
             sys.exit(1)
         return {"status": "failed", "error": f"{type(exc).__name__}: {exc}", "run_dir": str(run_dir)}
     except Exception as exc:  # likewise, with a traceback; in a sweep the other jobs go on
         if _interrupted:  # the interrupt surfaced as another exception
             raise KeyboardInterrupt(_interrupted[0]) from exc
+        _logfile.exception("the run failed: %s: %s", type(exc).__name__, exc)
         if not in_sweep:
             raise
         traceback.print_exc()
         return {"status": "failed", "error": f"{type(exc).__name__}: {exc}", "run_dir": str(run_dir)}
-    print(summary(record, run_dir / "record.json"))
+    text = summary(record, run_dir / "record.json")
+    print(text)
+    _logfile.info("%s", text)
     if in_sweep:
         return {"status": "skipped" if record.get("skipped") else "done", "top1": record.get("top1"),
                 "run_dir": str(run_dir)}
     return record.get("top1")
+
+
+def _error(exc: Exception) -> None:
+    """One line on stderr; the run's log file gets it with its traceback (where it was raised)."""
+    print(f"dfqbench: error: {exc}", file=sys.stderr)
+    _logfile.error("error: %s", exc, exc_info=exc)
 
 
 _interrupted: list[str] = []  # the signal's name once SIGTERM or SIGINT arrived

@@ -3,6 +3,9 @@
 Weights are looked up in this order: `model.checkpoint`, then `<paths.models_dir>/<arch>.pt`, then the zoo's
 pretrained download (`model.pretrained=true`), else random initialization. Every run records a sha256: of the
 checkpoint file when one is used, otherwise of the loaded state_dict's tensors.
+
+`resolve_weights` finds (and hashes) the weights without building the model, so that a run can check its input
+and decide whether a finished record matches before anything heavy loads; `load_model` then builds it.
 """
 
 from __future__ import annotations
@@ -19,6 +22,10 @@ from torch import nn
 from .errors import ConfigError
 
 SOURCES = ("pytorchcv", "torchvision", "timm")
+CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
+# pytorchcv names end in the data set their weights were trained on (resnet20_cifar100); no such tag: ImageNet-1k
+_PYTORCHCV_DATASET_TAGS = ("cifar10", "cifar100", "svhn", "cub", "voc", "ade20k", "cityscapes", "coco",
+                           "widerface")
 
 
 @dataclass
@@ -27,6 +34,68 @@ class LoadedModel:
     sha256: str
     weights: str  # "checkpoint", "pretrained" or "random"
     checkpoint: str | None
+
+
+@dataclass
+class Weights:
+    """Where a run's teacher weights come from, known before the model is built."""
+    source: str  # "checkpoint", "pretrained" or "random"
+    checkpoint: Path | None
+    sha256: str | None  # of the checkpoint file; None for zoo or random weights (known once built)
+
+    @property
+    def identity(self) -> str:
+        """What the run fingerprint records of the weights: the file's sha256, else where the weights come from."""
+        return self.sha256 or self.source
+
+    def describe(self, cfg) -> str:
+        if self.checkpoint is not None:
+            return f"checkpoint {self.checkpoint.resolve()} (sha256 {self.sha256})"
+        if self.source == "pretrained":
+            return f"{cfg.source}'s pretrained weights of {cfg.arch} (downloaded or cached by {cfg.source})"
+        return f"random initialization of {cfg.arch} (seeded by seed=)"
+
+
+def model_datasets(cfg) -> tuple[list[str] | None, str]:
+    """The data sets a teacher belongs to (None: not known) and where that comes from: `model.dataset` (set by
+    every preset of conf/model/), else a pytorchcv name's tag (resnet20_cifar10; no tag: imagenet)."""
+    declared = cfg.get("dataset")
+    if declared:
+        return ([str(declared)] if isinstance(declared, str) else [str(d) for d in declared]), "model.dataset"
+    if cfg.get("source") == "pytorchcv" and not _missing(cfg, "arch"):
+        tag = str(cfg.arch).rsplit("_", 1)[-1]
+        return [tag if tag in _PYTORCHCV_DATASET_TAGS else "imagenet"], f"the pytorchcv name {cfg.arch}"
+    return None, ""
+
+
+def models_for_dataset(dataset: str) -> list[str]:
+    """The model presets (conf/model/*.yaml) whose `dataset:` names this data set."""
+    from omegaconf import OmegaConf
+
+    names = []
+    for path in sorted(CONF_DIR.glob("model/*.yaml")):
+        declared = OmegaConf.load(path).get("dataset")
+        if declared and dataset in ([declared] if isinstance(declared, str) else list(declared)):
+            names.append(path.stem)
+    return names
+
+
+def check_model_dataset(model_cfg, dataset_name: str) -> None:
+    """ConfigError when the teacher was trained for another data set (model=resnet18 dataset=cifar10)."""
+    datasets_, why = model_datasets(model_cfg)
+    if datasets_ is None or dataset_name in datasets_:
+        return
+    others = models_for_dataset(dataset_name)
+    hint = f", or a {dataset_name} teacher: model={'|'.join(others)}" if others else ""
+    where = "" if why == "model.dataset" else f" (from {why}; model.dataset=NAME says otherwise)"
+    raise ConfigError(f"model={model_cfg.name} is a teacher for dataset={'|'.join(datasets_)}{where}, not "
+                      f"dataset={dataset_name}; use dataset={datasets_[0]}{hint}")
+
+
+def _missing(cfg, key: str) -> bool:
+    from omegaconf import OmegaConf
+
+    return OmegaConf.is_config(cfg) and OmegaConf.is_missing(cfg, key)
 
 
 def file_sha256(path: Path) -> str:
@@ -60,20 +129,40 @@ def find_checkpoint(cfg, models_dir: str | None) -> Path | None:
     return None
 
 
-def load_model(cfg, models_dir: str | None = None) -> LoadedModel:
-    """`cfg` is the `model` config node."""
+def resolve_weights(cfg, models_dir: str | None = None) -> Weights:
+    """Check the source and architecture, find the checkpoint and hash it (checked against `model.sha256`):
+    everything but building the model. Bad input is a ConfigError."""
     if cfg.source not in SOURCES:
         raise ConfigError(f"model.source={cfg.source!r} is not valid; choose one of: {', '.join(SOURCES)}")
+    _check_arch(str(cfg.arch), _known_archs(cfg.source), cfg.source)
     checkpoint = find_checkpoint(cfg, models_dir)
-    if checkpoint is not None:
+    if checkpoint is None:
+        return Weights("pretrained" if cfg.pretrained else "random", None, None)
+    try:
         digest = file_sha256(checkpoint)
-        if cfg.sha256 and digest != str(cfg.sha256).lower():
-            raise ConfigError(f"checkpoint {checkpoint} has sha256 {digest}, not model.sha256={cfg.sha256}; "
-                              f"refusing to run on unexpected weights")
+        with open(checkpoint, "rb") as f:
+            head = f.read(4)
+    except OSError as exc:
+        raise ConfigError(f"cannot read checkpoint {checkpoint}: {exc.strerror or exc}") from None
+    if not (head.startswith(b"PK\x03\x04") or head[:1] == b"\x80"):  # torch.save: a zip file, or a pickle (old)
+        raise ConfigError(f"cannot read checkpoint {checkpoint}: not a file written by torch.save "
+                          f"({_load_error(None, checkpoint) or 'it starts with ' + repr(head)}); give "
+                          f"model.checkpoint=PATH of an FP32 state_dict file")
+    if cfg.sha256 and digest != str(cfg.sha256).lower():
+        raise ConfigError(f"checkpoint {checkpoint} has sha256 {digest}, not model.sha256={cfg.sha256}; "
+                          f"refusing to run on unexpected weights")
+    return Weights("checkpoint", checkpoint, digest)
+
+
+def load_model(cfg, models_dir: str | None = None, weights: Weights | None = None) -> LoadedModel:
+    """`cfg` is the `model` config node; `weights` as `resolve_weights` found them (found here when None)."""
+    if weights is None:
+        weights = resolve_weights(cfg, models_dir)
+    if weights.checkpoint is not None:
         model = _build(cfg, pretrained=False)
-        _load_state_dict(model, checkpoint)
-        return LoadedModel(model, digest, "checkpoint", str(checkpoint))
-    if cfg.pretrained:
+        _load_state_dict(model, weights.checkpoint)
+        return LoadedModel(model, weights.sha256, "checkpoint", str(weights.checkpoint))
+    if weights.source == "pretrained":
         model = _build(cfg, pretrained=True)
         weights = "pretrained"
     else:
@@ -89,11 +178,17 @@ def load_model(cfg, models_dir: str | None = None) -> LoadedModel:
 def _load_state_dict(model: nn.Module, path: Path) -> None:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:
-        raise ConfigError(f"cannot read checkpoint {path}: {str(exc).splitlines()[0]}") from exc
+    except Exception as exc:  # a text file: KeyError(101); a pickled module: "Weights only load failed ..."
+        raise ConfigError(f"cannot read checkpoint {path}: not a state_dict saved by torch.save "
+                          f"({_load_error(exc, path)}); give model.checkpoint=PATH of an FP32 state_dict "
+                          f"file") from None
     for key in ("state_dict", "model", "net"):
         if isinstance(state, dict) and key in state and isinstance(state[key], dict):
             state = state[key]
+    if not isinstance(state, dict) or not state or not all(
+            isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()):
+        raise ConfigError(f"checkpoint {path} holds a {type(state).__name__}, not a state_dict (a dict of tensor "
+                          f"names to tensors); give model.checkpoint=PATH of an FP32 state_dict file")
     state = {k.removeprefix("module."): v for k, v in state.items()}
     try:
         model.load_state_dict(state)
@@ -102,24 +197,58 @@ def _load_state_dict(model: nn.Module, path: Path) -> None:
                           f"{str(exc).splitlines()[0]} ...") from exc
 
 
+def _load_error(exc: Exception | None, path: Path) -> str:
+    """Why torch.load failed (or would), in words: its own messages are a bare number (KeyError(101)) or a page
+    long. Without an exception: "" unless the file is text."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(512)
+        if not head:
+            return "it is empty"
+        head.decode("utf-8")
+        if b"\0" not in head:
+            return "it is a text file"
+    except (OSError, UnicodeDecodeError):
+        pass
+    if exc is None:
+        return ""
+    text = str(exc).strip()
+    if isinstance(exc, KeyError) or not text:
+        return f"{type(exc).__name__} {text}".strip()
+    if "Weights only load failed" in text:
+        return "it holds more than tensors, e.g. a whole pickled model; save model.state_dict() instead"
+    return text.splitlines()[0]
+
+
+def _known_archs(source: str) -> list[str]:
+    if source == "pytorchcv":
+        from pytorchcv.model_provider import _models
+
+        return list(_models)
+    if source == "torchvision":
+        import torchvision
+
+        return torchvision.models.list_models()
+    import timm
+
+    return timm.list_models()
+
+
 def _build(cfg, pretrained: bool) -> nn.Module:
     arch = str(cfg.arch)
     try:
         if cfg.source == "pytorchcv":
-            from pytorchcv.model_provider import _models, get_model
+            from pytorchcv.model_provider import get_model
 
-            _check_arch(arch, list(_models), "pytorchcv")
             return get_model(arch, pretrained=pretrained)
         if cfg.source == "torchvision":
             import torchvision
 
-            _check_arch(arch, torchvision.models.list_models(), "torchvision")
             if pretrained:
                 return torchvision.models.get_model(arch, weights="DEFAULT")
             return torchvision.models.get_model(arch, weights=None, num_classes=cfg.num_classes)
         import timm
 
-        _check_arch(arch, timm.list_models(), "timm")
         kwargs = {} if pretrained else {"num_classes": cfg.num_classes}
         return timm.create_model(arch, pretrained=pretrained, **kwargs)
     except ConfigError:

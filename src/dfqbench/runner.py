@@ -1,12 +1,18 @@
-"""One run: load teacher and data, evaluate FP32, quantize with the method, evaluate, write the record."""
+"""One run: load teacher and data, evaluate FP32, quantize with the method, evaluate, write the record.
+
+Before anything heavy loads, a run checks its input, resolves its teacher (checkpoint and sha256), test set
+(folder and identity) and device, logs them with the output folder, and reuses a finished record only when its
+run fingerprint (dfqbench.records) matches. Messages go through `logging` (logger `dfqbench.runner`): Hydra's job
+logging (conf/hydra/job_logging/dfqbench.yaml) shows them on stderr and writes them to the run's dfqbench.log.
+"""
 
 from __future__ import annotations
 
 import copy
 import json
+import logging
 import random
 import socket
-import sys
 import time
 from datetime import datetime, timezone
 from pathlib import Path
@@ -16,13 +22,15 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from . import loggers, records
-from .data import load_eval_set
+from .data import data_identity, describe_identity, load_eval_set
 from .errors import ConfigError
 from .evaluate import evaluate
 from .methods.base import Method, QuantContext
-from .models import load_model
+from .models import check_model_dataset, load_model, resolve_weights
 from .quant import Convention, check_bits
 from .quant.kernels.backend import resolve_backend_name, use_backend
+
+log = logging.getLogger(__name__)
 
 
 def validate(cfg: DictConfig) -> None:
@@ -38,6 +46,7 @@ def validate(cfg: DictConfig) -> None:
         raise ConfigError(f"model={cfg.model.source} needs the architecture: add model.arch=NAME")
     if cfg.device not in ("auto", "cpu", "cuda"):
         raise ConfigError(f"device={cfg.device!r} is not valid; choose one of: auto, cpu, cuda")
+    check_model_dataset(cfg.model, str(cfg.dataset.name))
     loggers.check_available(cfg)
 
 
@@ -72,15 +81,24 @@ def _device(name: str) -> torch.device:
     return torch.device(name)
 
 
+def device_label(device: torch.device) -> str:
+    """The device as the run fingerprint records it: cpu, or cuda with the GPU's name (numbers differ by GPU)."""
+    if device.type == "cuda":
+        return f"cuda:{torch.cuda.get_device_name(device)}"
+    return device.type
+
+
 def _seed_everything(seed: int) -> None:
     random.seed(seed)
     torch.manual_seed(seed)
 
 
-def _fp32_accuracy(model, data, cfg, sha: str, device) -> dict:
-    """FP32 accuracy, cached per (weights, data set, slice, normalization): every run of a sweep shares it."""
+def _fp32_accuracy(model, data, cfg, sha: str, device, fingerprint: dict) -> dict:
+    """FP32 accuracy, cached per (weights, data set and its identity, slice, normalization, device, code): every
+    run of a sweep shares it, and a changed test folder, device or code computes it again."""
     key = records.config_hash({"sha": sha, "dataset": OmegaConf.to_container(cfg.dataset, resolve=True),
-                               "norm": [data.mean.flatten().tolist(), data.std.flatten().tolist()]})
+                               "norm": [data.mean.flatten().tolist(), data.std.flatten().tolist()],
+                               **{k: fingerprint[k] for k in ("data", "device", "code", "packages")}})
     path = Path(str(cfg.paths.cache_dir)).expanduser() / "fp32" / f"{key}.json"
     cached = records.read_record(path)
     if cached:
@@ -96,27 +114,40 @@ def run(cfg: DictConfig, run_dir: Path, overrides: list[str] | None = None) -> d
     # the schedule group reaches the hash through the training methods' own `schedule: ${schedule}`; the others
     # ignore it, and their hash (and finished records) must not change with it
     chash = records.config_hash({k: v for k, v in resolved.items() if k != "schedule"})
-    if not cfg.force:
-        done = records.finished_record(run_dir, chash)
-        if done:
-            print(f"dfqbench: skipped, a finished record with config hash {chash} exists: "
-                  f"{run_dir / records.RECORD_NAME}", file=sys.stderr)
-            done["skipped"] = True  # not in the file: tells a sweep's summary this run computed nothing
-            return done
     method = build_method(cfg)
     convention = build_convention(cfg, method)
     device = _device(cfg.device)
+    # what the fingerprint needs, nothing heavier: the checkpoint's sha256 and the test folder's file list
+    weights = resolve_weights(cfg.model, cfg.paths.models_dir)
+    identity = data_identity(cfg.dataset)
+    fingerprint = records.fingerprint(resolved, chash, weights.identity, identity, device_label(device))
+    sliced = f", {cfg.dataset.max_samples} of them evaluated (dataset.max_samples)" if cfg.dataset.max_samples else ""
+    log.info("teacher: %s (%s) from %s", cfg.model.name, cfg.model.source, weights.describe(cfg.model))
+    log.info("data: %s test set %s%s", cfg.dataset.name, describe_identity(identity), sliced)
+    log.info("device: %s", fingerprint["device"])
+    log.info("output: %s", run_dir.resolve())
+    done, why = records.reusable_record(run_dir, fingerprint)
+    if done is not None and not cfg.force:
+        log.info(why)
+        done["skipped"] = True  # not in the file: tells a sweep's summary this run computed nothing
+        return done
+    if done is not None:
+        log.info("force=true: computing %s again", run_dir / records.RECORD_NAME)
+    elif why:
+        log.warning(why)
     if cfg.threads:
         torch.set_num_threads(int(cfg.threads))
-    loaded = load_model(cfg.model, cfg.paths.models_dir)
+    _seed_everything(cfg.seed)  # before building: random initialization (model.pretrained=false) is seeded too
+    loaded = load_model(cfg.model, cfg.paths.models_dir, weights)
     norm = cfg.model.normalize or cfg.dataset
-    data = load_eval_set(cfg.dataset, norm.mean, norm.std, cfg.paths.cache_dir)
+    data = load_eval_set(cfg.dataset, norm.mean, norm.std, cfg.paths.cache_dir, identity)
 
     started = time.perf_counter()
     record = {
         "status": "running", "method": method.name, "model": cfg.model.name, "dataset": cfg.dataset.name,
         "quant": convention.name, "wbit": cfg.wbit if method.quantizes else 32,
         "abit": cfg.abit if method.quantizes else 32, "seed": cfg.seed, "config_hash": chash,
+        "fingerprint": fingerprint,
         "checkpoint_sha256": loaded.sha256, "weights": loaded.weights, "checkpoint": loaded.checkpoint,
         "n_test": data.num_samples, "stochastic": method.stochastic, "convention": convention.to_dict(),
         "method_config": resolved["method"], "overrides": overrides or [], "config": resolved,
@@ -126,7 +157,7 @@ def run(cfg: DictConfig, run_dir: Path, overrides: list[str] | None = None) -> d
     }
     try:
         model = loaded.model.to(device).to(memory_format=torch.channels_last).eval()
-        fp32 = _fp32_accuracy(model, data, cfg, loaded.sha256, device)
+        fp32 = _fp32_accuracy(model, data, cfg, loaded.sha256, device, fingerprint)
         _seed_everything(cfg.seed)
         ctx = QuantContext(convention, cfg.wbit, cfg.abit, cfg.seed, device,
                            tuple(data_shape(data, cfg)), cfg.dataset.num_classes, cfg.progress,
@@ -140,6 +171,8 @@ def run(cfg: DictConfig, run_dir: Path, overrides: list[str] | None = None) -> d
             quantize_s = time.perf_counter() - t0
             result = evaluate(qmodel.to(memory_format=torch.channels_last), data, cfg.eval.batch_size, device,
                               cfg.progress, desc="quantized eval")
+    except ConfigError:  # bad input found while working (an undecodable test image, ...): no failed record
+        raise
     except Exception as exc:
         record.update(status="failed", error=f"{type(exc).__name__}: {exc}",
                       wall_time_s=round(time.perf_counter() - started, 3))
