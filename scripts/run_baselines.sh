@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Regenerate the foundation baselines on the ResNet-20 CIFAR-10 teacher (full test set):
 # fp32, rtn, dfq x {W8A8, W6A6, W5A5, W4A4} x {gdfq, brecq}; zeroq the same with seeds 0, 1, 2.
-# Records land in results/sweeps/...; finished runs (same config hash) are skipped on a rerun.
+# Records land in results/sweeps/...; finished runs (same run fingerprint: docs/running.md) are skipped on a rerun.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}

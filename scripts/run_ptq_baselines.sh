@@ -2,7 +2,7 @@
 # Regenerate the post-training family's records on the ResNet-20 CIFAR-10 teacher (full test set) into
 # results/sweeps/...: every method at W8A8/W6A6/W5A5/W4A4 under gdfq, brecq and its own preset; seeds 0,1,2 for
 # the stochastic ones; reconstruction (genie) under brecq at W4A4 (3 seeds), W5A5 and W8A8 (1 seed).
-# Finished runs (same config hash) are skipped on a rerun. STAGES="dsg genie" picks stages (default: all);
+# Finished runs (same run fingerprint: docs/running.md) are skipped on a rerun. STAGES="dsg genie" picks stages (default: all);
 # arguments are passed to every sweep (e.g. threads=1).
 set -euo pipefail
 cd "$(dirname "$0")/.."

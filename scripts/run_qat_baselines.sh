@@ -12,7 +12,7 @@
 #   then W3A3 (where post-training quantization degrades on this teacher): ZeroQ (seeds 0-2) and RTN for
 #   reference, gdfq, qimera, ait (seeds 0-2), adasg, adadfq (seed 0) (main); and DFQF at W4A4/W5A5 under gdfq and
 #   its own preset dfqf (other; one stage-1 generator per teacher and seed, cached, serves every bit-width).
-# Finished runs (same config hash) are skipped on a rerun; a killed run resumes from its last epoch checkpoint.
+# Finished runs (same run fingerprint: docs/running.md) are skipped on a rerun; a killed run resumes from its last epoch checkpoint.
 # LANES="main" picks lanes (default: both); arguments are passed to every sweep (e.g. schedule=paper).
 set -euo pipefail
 cd "$(dirname "$0")/.."
