@@ -5,11 +5,9 @@ import math
 
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
 from torch import nn
 
-from conftest import run_cli
-from dfqbench.__main__ import CONF_DIR
+from conftest import compose_cfg as _cfg, run_cli
 from dfqbench.methods.aciq import (ACIQ, ChannelMoments, allocate_levels, clip_ratio, level_grid,
                                    match_mean_std)
 from dfqbench.methods.ocs import OCS, OCSWeightQuantizer, expand, merge, split_channels
@@ -186,6 +184,18 @@ def test_ocs_quantizer_by_hand():
     assert torch.allclose(plain(w), torch.tensor([[4.0, -4 / 3, 8 / 3]]), atol=1e-6) and plain.splits == 0
 
 
+@pytest.mark.parametrize("per_channel,symmetric", [(False, True), (True, False)])
+def test_ocs_without_splits_is_the_shared_weight_quantizer(per_channel, symmetric):
+    assert OCSWeightQuantizer.forward is WeightQuantizer.forward  # only calibrate / quantize_on_grid differ
+    torch.manual_seed(0)
+    w = torch.randn(8, 16, 3, 3).requires_grad_(True)
+    base = WeightQuantizer(4, per_channel=per_channel, symmetric=symmetric)
+    ocs = OCSWeightQuantizer(base, expand_ratio=0.0, clip="max")
+    assert torch.equal(ocs(w), base(w))
+    ocs(w).sum().backward()
+    assert torch.equal(w.grad, torch.ones_like(w))  # straight-through, as the shared quantizer
+
+
 @pytest.mark.parametrize("kwargs,needle", [
     ({"expand_ratio": 0.6}, "expand_ratio=0.6"), ({"expand_ratio": -0.01}, "expand_ratio=-0.01"),
     ({"clip": "entropy"}, "clip='entropy'"), ({"stats": "data"}, "stats='data'"),
@@ -228,11 +238,6 @@ def test_input_scales_fold_into_the_weights_by_hand():
 
 
 # ---- whole methods -------------------------------------------------------------------------------------------
-
-def _cfg(*overrides):
-    with initialize_config_dir(version_base="1.3", config_dir=str(CONF_DIR)):
-        return compose(config_name="config", overrides=["progress=false", *overrides])
-
 
 @pytest.mark.parametrize("method,quant", [
     ("aciq", "gdfq"), ("aciq", "aciq"), ("ocs", "gdfq"), ("ocs", "ocs"), ("spiq", "gdfq"), ("spiq", "brecq"),

@@ -7,14 +7,14 @@ import torch
 import torch.nn.functional as F
 from pytorchcv.model_provider import get_model
 
-from test_qat import SMOKE, _cfg, _real
+from test_qat import SMOKE, _real
 from dfqbench.quant import ActQuantizer, Convention, WeightQuantizer, quantize_model
 from dfqbench.quant.quantizers.clipped import (ClippedActQuantizer, ClippedWeightQuantizer, attach_learned_clips,
                                     clip_quantize, init_clip)
 from dfqbench.runner import build_method, run
 from dfqbench.train.losses import AdversarialKD, BNStatKL, ClassBalance, Step
 from dfqbench.train.trainer import TrainSettings, _student_optimizer
-from conftest import run_cli
+from conftest import compose_cfg, run_cli
 
 
 def test_clip_quantize_by_hand_and_its_clip_gradient():
@@ -94,7 +94,7 @@ def test_stage1_generator_losses_by_hand():
 
 
 def test_dfqf_yaml_composes_two_stages():
-    dfqf = build_method(_cfg("method=dfqf", "schedule=cpu"))
+    dfqf = build_method(compose_cfg("method=dfqf", "schedule=cpu"))
     assert [n for n, _ in dfqf.generator_terms] == ["class_balance", "bn_kl", "adversarial_kd"]
     assert dfqf.stage1_schedule.milestones == (4, 8) and dfqf.stage2_schedule.milestones == ()
     assert (dfqf.stage1_settings.student_lr, dfqf.stage1_settings.decay_generator) == (0.1, False)
@@ -106,11 +106,13 @@ def test_dfqf_runs_both_stages_on_the_shared_teacher_and_reuses_stage1_across_bi
                                                                                        cifar10_root, teacher):
     args = ["method=dfqf", "quant=dfqf", "dataset.max_samples=200"]
     first = run(_real(cache_dir, cifar10_root, teacher, *args, "wbit=4", "abit=4"), tmp_path / "a")
-    assert first["status"] == "done" and first["top1"] > 30.0
+    # measured on these 200 images (FP32 82.5) after the smoke schedule: W4A4 77.0, 77.5, 79.0 and W5A5 80.5, 81.0,
+    # 80.5 at seeds 0, 1, 2; 5 points below the lowest (a clipped quantizer rounding with floor gives 9.5)
+    assert first["status"] == "done" and 72.0 <= first["top1"] <= first["fp32_top1"]
     assert set(first["info"]["stage1"]["final_losses"]) == {"G", "S"}
     assert first["convention"]["weight"]["symmetric"] and first["convention"]["layers"]["first_wbit"] == 8
     second = run(_real(cache_dir, cifar10_root, teacher, *args, "wbit=5", "abit=5"), tmp_path / "b")
-    assert second["info"]["stage1"] == {"cached": True} and second["top1"] > 30.0
+    assert second["info"]["stage1"] == {"cached": True} and 75.5 <= second["top1"] <= second["fp32_top1"]
 
 
 def test_dfqf_under_a_convention_it_cannot_run_is_a_one_line_error(tmp_path, cifar10_root, teacher):
@@ -123,11 +125,15 @@ def test_dfqf_under_a_convention_it_cannot_run_is_a_one_line_error(tmp_path, cif
 
 
 def test_dfqf_on_an_unseen_random_teacher(tmp_path, cache_dir, cifar10_root):
-    cfg = _cfg("model=pytorchcv", "model.arch=preresnet20_cifar10", "model.pretrained=false",
-               f"dataset.root={cifar10_root}", "dataset.max_samples=100", f"paths.cache_dir={cache_dir}", *SMOKE,
-               "method=dfqf", "wbit=4", "abit=4", "schedule.batch_size=8")
+    cfg = compose_cfg("model=pytorchcv", "model.arch=preresnet20_cifar10", "model.pretrained=false",
+                      f"dataset.root={cifar10_root}", "dataset.max_samples=100", f"paths.cache_dir={cache_dir}", *SMOKE,
+                      "method=dfqf", "wbit=4", "abit=4", "schedule.batch_size=8")
     record = run(cfg, tmp_path)
     assert record["status"] == "done" and record["weights"] == "random"
+    training = record["info"]["training"]  # a random teacher is at chance: check that the student trained
+    assert (training["epochs"], training["iters_per_epoch"]) == (2, 2) and "S" in training["final_losses"]
+    assert all(math.isfinite(v) for v in training["final_losses"].values())
+    assert set(record["info"]["stage1"]["final_losses"]) == {"G", "S"}  # stage 1 trained its generator
 
 
 def test_a_dfqf_run_killed_in_stage2_resumes_there_without_redoing_stage1(tmp_path, cache_dir, cifar10_root,

@@ -4,12 +4,10 @@ import math
 
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
 from pytorchcv.model_provider import get_model
 from torch import nn
 
-from conftest import run_cli
-from dfqbench.__main__ import CONF_DIR
+from conftest import compose_cfg, run_cli
 from dfqbench.methods.base import QuantContext
 from dfqbench.methods.dsg import DSG, calibrate_ema
 from dfqbench.quant import ActQuantizer, Convention
@@ -32,9 +30,7 @@ def _one_thread():
 
 
 def _cfg(*overrides):
-    with initialize_config_dir(version_base="1.3", config_dir=str(CONF_DIR)):
-        return compose(config_name="config", overrides=["progress=false", "threads=1", "method=dsg",
-                                                                  *overrides])
+    return compose_cfg("threads=1", "method=dsg", *overrides)
 
 
 def _teacher(path):

@@ -1,12 +1,15 @@
 """Fixed-set fine-tuning (IntraQ, HAST), ZAQ's terms, and the labelled synthesis behind them."""
 
+import math
+
 import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from conftest import compose_cfg
 from test_dsg import _teacher
-from test_qat import SMOKE, _cfg, _real
+from test_qat import SMOKE, _real
 from dfqbench.methods.qat import GeneratorQAT
 from dfqbench.runner import build_method, run
 from dfqbench.synth.augment import crop_flip
@@ -15,6 +18,9 @@ from dfqbench.train.generators import FixedSet
 from dfqbench.feature_taps import FeatureTap
 from dfqbench.train.losses import FeatureActivation, FeatureMSE, Step
 
+# W4A4 smoke runs on the first 200 test images, the lowest top-1 of seeds 0, 1, 2 (seed 0: 61.0, 76.5, 61.5). IntraQ
+# spreads widest (61.0, 39.5, 35.5: its activation ranges come from 16 synthetic images)
+SMOKE_TOP1 = {"intraq": 35.5, "hast": 67.0, "zaq": 61.5}
 SCHEDULE = {"name": "smoke", "epochs": 2, "iters_per_epoch": 2, "batch_size": 4}
 
 
@@ -93,14 +99,14 @@ def test_a_fixed_set_trains_no_generator_and_refuses_generator_losses():
 
 
 def test_yamls_compose_intraq_hast_and_zaq():
-    intraq, hast, zaq = (build_method(_cfg(f"method={m}")) for m in ("intraq", "hast", "zaq"))
+    intraq, hast, zaq = (build_method(compose_cfg(f"method={m}")) for m in ("intraq", "hast", "zaq"))
     assert intraq.generator_terms == [] and [n for n, _ in intraq.student_terms] == ["kd", "ce"]
     assert intraq.student_terms[0][1].reduction == "batchmean" and intraq.student_terms[0][1].weight == 20.0
     assert hast.generator_spec["source"] == "hast" and hast.settings.perturb_epsilon == 0.01
     assert [n for n, _ in hast.student_terms] == ["kd", "feature_mse"] and hast.settings.student_lr == 1e-5
     assert [n for n, _ in zaq.generator_terms] == ["adversarial_l1", "activation"]
     assert [n for n, _ in zaq.student_terms] == ["l1"] and zaq.settings.student_steps == 5
-    assert intraq.schedule.fixed_set_images == _cfg().schedule.fixed_set_images
+    assert intraq.schedule.fixed_set_images == compose_cfg().schedule.fixed_set_images
 
 
 @pytest.mark.parametrize("method", ["intraq", "hast", "zaq"])
@@ -108,18 +114,22 @@ def test_smoke_run_on_the_shared_teacher(tmp_path, cache_dir, cifar10_root, teac
     extra = ["method.student_optim.lr=1e-3"] if method == "zaq" else []  # the paper's 0.1 diverges at batch 4
     record = run(_real(cache_dir, cifar10_root, teacher, f"method={method}", "dataset.max_samples=200", *extra),
                  tmp_path)
-    assert record["status"] == "done" and record["top1"] > 30.0
+    # at most 5 points below the lowest seed measured (FP32 82.5, RTN W4A4 79.5); floor rounding gives 10.0
+    assert record["status"] == "done" and SMOKE_TOP1[method] - 5.0 <= record["top1"] <= record["fp32_top1"]
     if method != "zaq":
         assert record["info"]["fixed_set"]["images"] == 16 and record["info"]["fixed_set"]["source"] == method
 
 
 @pytest.mark.parametrize("method", ["intraq", "hast", "zaq"])
 def test_smoke_run_on_an_unseen_random_teacher(tmp_path, cache_dir, cifar10_root, method):
-    cfg = _cfg("model=pytorchcv", "model.arch=preresnet20_cifar10", "model.pretrained=false",
-               f"dataset.root={cifar10_root}", "dataset.max_samples=100", f"paths.cache_dir={cache_dir}", *SMOKE,
-               f"method={method}", "wbit=4", "abit=4", "schedule.batch_size=8")
+    cfg = compose_cfg("model=pytorchcv", "model.arch=preresnet20_cifar10", "model.pretrained=false",
+                      f"dataset.root={cifar10_root}", "dataset.max_samples=100", f"paths.cache_dir={cache_dir}", *SMOKE,
+                      f"method={method}", "wbit=4", "abit=4", "schedule.batch_size=8")
     record = run(cfg, tmp_path)
     assert record["status"] == "done" and record["weights"] == "random"
+    training = record["info"]["training"]  # a random teacher is at chance: check that the student trained
+    assert (training["epochs"], training["iters_per_epoch"]) == (2, 2) and "S" in training["final_losses"]
+    assert all(math.isfinite(v) for v in training["final_losses"].values())
 
 
 def test_intraq_calibrates_on_a_warmup_generator_and_resumes_with_it(tmp_path, cache_dir, cifar10_root, teacher):

@@ -1,22 +1,16 @@
 """logger=none (default) writes nothing but the record; logger=wandb mirrors it, offline without an account."""
 
 import pytest
-from hydra import compose, initialize_config_dir
 
+from conftest import compose_cfg
 from dfqbench import loggers
-from dfqbench.__main__ import CONF_DIR
 from dfqbench.errors import ConfigError
 from dfqbench.runner import run, validate
 
 
-def _cfg(*overrides):
-    with initialize_config_dir(version_base="1.3", config_dir=str(CONF_DIR)):
-        return compose(config_name="config", overrides=["progress=false", *overrides])
-
-
 def _rtn(cache_dir, cifar10_root, teacher, *overrides):
-    return _cfg("method=rtn", "wbit=8", "abit=8", f"model.checkpoint={teacher}", f"dataset.root={cifar10_root}",
-                "dataset.max_samples=200", f"paths.cache_dir={cache_dir}", *overrides)
+    return compose_cfg("method=rtn", "wbit=8", "abit=8", f"model.checkpoint={teacher}", f"dataset.root={cifar10_root}",
+                       "dataset.max_samples=200", f"paths.cache_dir={cache_dir}", *overrides)
 
 
 @pytest.fixture
@@ -56,8 +50,8 @@ def test_wandb_mode_defaults_to_disabled(tmp_path, cache_dir, cifar10_root, teac
 def test_missing_wandb_is_a_one_line_config_error(monkeypatch):
     monkeypatch.setattr(loggers.importlib.util, "find_spec", lambda name: None)
     with pytest.raises(ConfigError, match=r"logger=wandb needs the wandb package: pip install"):
-        validate(_cfg("logger=wandb"))
-    validate(_cfg())  # logger=none never needs it
+        validate(compose_cfg("logger=wandb"))
+    validate(compose_cfg())  # logger=none never needs it
 
 
 def test_logger_choice_does_not_change_the_config_hash(tmp_path, cache_dir, cifar10_root, teacher, wandb_home):

@@ -6,11 +6,9 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from hydra import compose, initialize_config_dir
 from torch import nn
 
-from conftest import run_cli
-from dfqbench.__main__ import CONF_DIR
+from conftest import compose_cfg, run_cli
 from dfqbench.methods.qat import GeneratorQAT
 from dfqbench.quant import ActQuantizer, WeightQuantizer
 from dfqbench.runner import build_method, run
@@ -24,14 +22,9 @@ from dfqbench.train.trainer import BNRecorder
 SMOKE = ["schedule=smoke", "threads=1", "progress=false"]
 
 
-def _cfg(*overrides):
-    with initialize_config_dir(version_base="1.3", config_dir=str(CONF_DIR)):
-        return compose(config_name="config", overrides=["progress=false", *overrides])
-
-
 def _real(cache_dir, cifar10_root, teacher, *overrides):
-    return _cfg(f"model.checkpoint={teacher}", f"dataset.root={cifar10_root}", "dataset.max_samples=500",
-                f"paths.cache_dir={cache_dir}", *SMOKE, *overrides)
+    return compose_cfg(f"model.checkpoint={teacher}", f"dataset.root={cifar10_root}", "dataset.max_samples=500",
+                       f"paths.cache_dir={cache_dir}", *SMOKE, *overrides)
 
 
 # ---------------------------------------------------------------------------------------------- losses
@@ -192,7 +185,7 @@ def test_bad_parts_and_schedules_are_value_errors(override, needle):
 
 
 def test_yamls_compose_the_papers_settings():
-    gdfq, qimera, ait, qimera_ait = (build_method(_cfg(f"method={m}")) for m in ("gdfq", "qimera", "ait",
+    gdfq, qimera, ait, qimera_ait = (build_method(compose_cfg(f"method={m}")) for m in ("gdfq", "qimera", "ait",
                                                                                    "qimera_ait"))
     assert gdfq.schedule.name == "cpu"  # the default schedule group
     assert [n for n, _ in gdfq.student_terms] == ["kd", "ce"] and gdfq.settings.inundation_threshold is None
@@ -200,7 +193,7 @@ def test_yamls_compose_the_papers_settings():
     assert [n for n, _ in ait.student_terms] == ["kd"] and ait.settings.weight_decay == 0.0
     assert ait.generator_spec["name"] == "gdfq" and ait.settings.inundation_threshold == 1e-3
     assert qimera_ait.generator_spec["name"] == "qimera" and [n for n, _ in qimera_ait.student_terms] == ["kd"]
-    paper = Schedule.from_dict(dict(_cfg("schedule=paper").schedule))
+    paper = Schedule.from_dict(dict(compose_cfg("schedule=paper").schedule))
     assert (paper.epochs, paper.iters_per_epoch, paper.batch_size, paper.milestones) == (400, 200, 200,
                                                                                           (100, 200, 300))
     assert paper.decay_factor(99, 0.1) == 1.0 and paper.decay_factor(300, 0.1) == pytest.approx(1e-3)
@@ -228,19 +221,24 @@ def test_smoke_run_on_the_shared_teacher(tmp_path, cache_dir, cifar10_root, teac
     assert record["method_config"]["schedule"]["name"] == "smoke"
     training = record["info"]["training"]
     assert (training["epochs"], training["iters_per_epoch"]) == (2, 2) and set(training["final_losses"]) == {"G", "S"}
-    assert record["top1"] > 30.0  # a working W4A4 student after 4 iterations (chance: 10 %)
+    # measured on these 500 images after the 4 iterations: 74.0 at seed 0 (62.4 and 69.4 at seeds 1 and 2; RTN
+    # W4A4 81.6, FP32 85.2). 5 points below the lowest: a quantizer that rounds with floor gives 10.4
+    assert 57.0 <= record["top1"] <= record["fp32_top1"]
     assert not (tmp_path / "checkpoint.pt").exists()  # removed once training finished
 
 
 @pytest.mark.parametrize("method,quant", [("gdfq", "brecq"), ("qimera", "dfq"), ("ait", "brecq"),
                                           ("qimera_ait", "gdfq"), ("adadfq", "gdfq"), ("arc_ait", "gdfq")])
 def test_smoke_run_on_an_unseen_random_teacher(tmp_path, cache_dir, cifar10_root, method, quant):
-    cfg = _cfg("model=pytorchcv", "model.arch=preresnet20_cifar10", "model.pretrained=false",
-               f"dataset.root={cifar10_root}", "dataset.max_samples=100", f"paths.cache_dir={cache_dir}", *SMOKE,
-               f"method={method}", f"quant={quant}", "wbit=4", "abit=4", "schedule.batch_size=8")
+    cfg = compose_cfg("model=pytorchcv", "model.arch=preresnet20_cifar10", "model.pretrained=false",
+                      f"dataset.root={cifar10_root}", "dataset.max_samples=100", f"paths.cache_dir={cache_dir}", *SMOKE,
+                      f"method={method}", f"quant={quant}", "wbit=4", "abit=4", "schedule.batch_size=8")
     record = run(cfg, tmp_path)
     assert record["status"] == "done" and record["weights"] == "random"
     assert record["info"]["schedule"] == "smoke" and record["quant"] == quant
+    training = record["info"]["training"]  # a random teacher is at chance: check that the student trained
+    assert (training["epochs"], training["iters_per_epoch"]) == (2, 2) and "S" in training["final_losses"]
+    assert all(math.isfinite(v) for v in training["final_losses"].values())
 
 
 def test_a_stopped_run_resumes_from_its_checkpoint_and_ends_like_an_uninterrupted_one(tmp_path, cache_dir,

@@ -312,7 +312,7 @@ def test_genie_cli_on_the_teacher(tmp_path, cache_dir, cifar10_root, teacher, qu
 
 def _run_preresnet(tmp_path, cache_dir, cifar10_root, method, *extra):
     from dfqbench.runner import run
-    from test_end_to_end import _cfg
+    from conftest import compose_cfg as _cfg
 
     record = run(_cfg("model=pytorchcv", "model.arch=preresnet20_cifar10", "model.pretrained=false",
                       f"dataset.root={cifar10_root}", "dataset.max_samples=100", f"paths.cache_dir={cache_dir}",

@@ -2,19 +2,13 @@
 
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
 from torch import nn
 
-from dfqbench.__main__ import CONF_DIR
+from conftest import compose_cfg
 from dfqbench.methods.qat import GeneratorQAT
 from dfqbench.quant import ActQuantizer
 from dfqbench.runner import build_method, run
 from dfqbench.train.ema import EMARangeObserver
-
-
-def _cfg(*overrides):
-    with initialize_config_dir(version_base="1.3", config_dir=str(CONF_DIR)):
-        return compose(config_name="config", overrides=["progress=false", *overrides])
 
 
 def test_running_minmax_keeps_the_widest_range_seen_and_freezes_on_close():
@@ -51,11 +45,11 @@ def test_bad_frame_settings_are_one_line_value_errors(override, needle):
 
 
 def test_zaq_yaml_runs_in_zaqs_frame_and_gdfq_keeps_its_own():
-    zaq = build_method(_cfg("method=zaq", "schedule=cpu"))
+    zaq = build_method(compose_cfg("method=zaq", "schedule=cpu"))
     assert (zaq.settings.student_mode, zaq.settings.range_tracking) == ("train", "running_minmax")
     assert (zaq.schedule.warmup_epochs, zaq.schedule.calib_epochs) == (0, zaq.schedule.epochs) == (0, 10)
     assert zaq.generator_spec["bn_eps"] == 1e-5 and zaq.settings.student_steps == 5
-    gdfq = build_method(_cfg("method=gdfq", "schedule=cpu"))
+    gdfq = build_method(compose_cfg("method=gdfq", "schedule=cpu"))
     assert (gdfq.settings.student_mode, gdfq.settings.range_tracking) == ("eval", "ema")
     assert (gdfq.schedule.warmup_epochs, gdfq.schedule.calib_epochs) == (4, 4)
 
@@ -77,9 +71,9 @@ def test_a_train_mode_student_updates_its_bn_statistics_and_ends_in_eval_mode(tm
         return student
 
     monkeypatch.setattr(GeneratorQAT, "quantize", spy)
-    cfg = _cfg(f"model.checkpoint={teacher}", f"dataset.root={cifar10_root}", "dataset.max_samples=100",
-               f"paths.cache_dir={cache_dir}", "schedule=smoke", "threads=1", "method=zaq", "wbit=4", "abit=4",
-               f"method.student_mode={mode}")
+    cfg = compose_cfg(f"model.checkpoint={teacher}", f"dataset.root={cifar10_root}", "dataset.max_samples=100",
+                      f"paths.cache_dir={cache_dir}", "schedule=smoke", "threads=1", "method=zaq", "wbit=4", "abit=4",
+                      f"method.student_mode={mode}")
     record = run(cfg, tmp_path)
     assert record["status"] == "done" and record["info"]["schedule_overrides"] == {"warmup_epochs": 0,
                                                                                  "calib_epochs": 2}

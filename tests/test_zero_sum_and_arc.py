@@ -5,9 +5,8 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from hydra import compose, initialize_config_dir
 
-from dfqbench.__main__ import CONF_DIR
+from conftest import compose_cfg
 from dfqbench.runner import build_method, run
 from dfqbench.train.generators import ConditionalBN, ConditionalGenerator, SuperposedGenerator
 from dfqbench.train.generators.arc import GENOTYPES, SearchedGenerator, auto_genotype, resolve_genotype
@@ -15,11 +14,8 @@ from dfqbench.train.losses import (AdaptabilityMargin, AgreementCE, DifferenceEn
                                    difference_entropy)
 
 SMOKE = ["schedule=smoke", "threads=1", "progress=false"]
-
-
-def _cfg(*overrides):
-    with initialize_config_dir(version_base="1.3", config_dir=str(CONF_DIR)):
-        return compose(config_name="config", overrides=["progress=false", *overrides])
+# W4A4 smoke runs on the first 200 test images, the lowest top-1 of seeds 0, 1, 2 (seed 0: 75.0, 77.5, 72.5, 79.5)
+SMOKE_TOP1 = {"adasg": 74.0, "adadfq": 67.5, "arc": 72.5, "arc_ait": 75.5}
 
 
 def _step(teacher, student, targets=None):
@@ -116,7 +112,8 @@ def test_arc_generator_output_is_normalized_and_label_conditioned():
 
 # ---------------------------------------------------------------------------------------------- methods
 def test_yamls_compose_adasg_adadfq_arc():
-    adasg, adadfq, arc, arc_ait = (build_method(_cfg(f"method={m}")) for m in ("adasg", "adadfq", "arc", "arc_ait"))
+    adasg, adadfq, arc, arc_ait = (build_method(compose_cfg(f"method={m}"))
+                                   for m in ("adasg", "adadfq", "arc", "arc_ait"))
     terms = dict(adasg.generator_terms)
     assert set(terms) == {"bns", "adaptability_margin", "disagreement_ce", "agreement_ce"}
     assert (terms["bns"].weight, terms["disagreement_ce"].weight, terms["adaptability_margin"].lower) == (1.0, 0.1, 0.3)
@@ -128,18 +125,19 @@ def test_yamls_compose_adasg_adadfq_arc():
     assert arc.generator_spec["model"] == "resnet20_cifar10"
     assert [n for n, _ in arc.student_terms] == ["kd", "ce"] and arc.settings.inundation_threshold is None
     assert [n for n, _ in arc_ait.student_terms] == ["kd"] and arc_ait.settings.inundation_threshold == 1e-3
-    assert _cfg("schedule=paper_adasg").schedule.batch_size == 16
+    assert compose_cfg("schedule=paper_adasg").schedule.batch_size == 16
 
 
 @pytest.mark.parametrize("method", ["adasg", "adadfq", "arc", "arc_ait"])
 def test_smoke_run_on_the_shared_teacher(tmp_path, cache_dir, cifar10_root, teacher, method):
-    cfg = _cfg(f"model.checkpoint={teacher}", f"dataset.root={cifar10_root}", "dataset.max_samples=200",
-               f"paths.cache_dir={cache_dir}", *SMOKE, f"method={method}", "wbit=4", "abit=4")
+    cfg = compose_cfg(f"model.checkpoint={teacher}", f"dataset.root={cifar10_root}", "dataset.max_samples=200",
+                      f"paths.cache_dir={cache_dir}", *SMOKE, f"method={method}", "wbit=4", "abit=4")
     record = run(cfg, tmp_path)
     assert record["status"] == "done" and set(record["info"]["training"]["final_losses"]) == {"G", "S"}
     if method.startswith("arc"):
         assert record["info"]["generator"] == {"genotype": "cifar10"}
-    assert record["top1"] > 30.0  # a working W4A4 student after 4 iterations (chance: 10 %)
+    # at most 5 points below the lowest seed measured (FP32 82.5, RTN W4A4 79.5); floor rounding gives 12.5
+    assert SMOKE_TOP1[method] - 5.0 <= record["top1"] <= record["fp32_top1"]
 
 
 # ---------------------------------------------------------------------------------------------- ImageNet generators
