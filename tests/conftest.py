@@ -88,6 +88,16 @@ def _threads():
     torch.set_num_threads(min(2, os.cpu_count() or 1))
 
 
+@pytest.fixture
+def one_thread():
+    """One torch thread for the test, then the previous count: the many small ops of synthesis and reconstruction
+    loops run ~10x slower when two OpenMP threads share two busy cores."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="session")
 def cifar10_root() -> Path:
     _require("cifar10_root")

@@ -20,13 +20,7 @@ SLICE = 1000
 Z90 = 1.6448536269514722  # the 95th percentile of N(0, 1): |N(0, 1)| has it as its 90th percentile
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """The many small ops of the generation loop crawl when two threads share two busy cores."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _cfg(*overrides):

@@ -17,13 +17,7 @@ from dfqbench.quant.calibration.reconstruct import ReconstructSettings, qdrop_mi
 from dfqbench.synth import calib_data
 from dfqbench.synth.genie import GenieSettings, genie_source
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Small tensors: one thread (two OpenMP threads on a busy 2-core machine run ~10x slower), then restore."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 BRECQ = Convention.from_dict({"name": "brecq", "weight": {"estimator": "mse", "lp": 2.4},
