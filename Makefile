@@ -59,5 +59,14 @@ reproduce-cifar10: setup  ## experiment=cifar10_resnet20 into results/ (finished
 	$(PY) -m dfqbench -m experiment=cifar10_resnet20 paths.output_dir=results progress=false $(ARGS); \
 	status=$$?; $(PY) -m dfqbench.tables; exit $$status
 
+.PHONY: parity
+OFFICIAL_SQUANT ?=
+OFFICIAL_ACIQ ?=
+PARITY_ARGS ?=
+parity: setup  ## official code beside dfqbench -> results/parity/, results/parity.csv (OFFICIAL_SQUANT=clone OFFICIAL_ACIQ=clone)
+	@test -n "$(OFFICIAL_SQUANT)$(OFFICIAL_ACIQ)" || { echo "make parity: set OFFICIAL_SQUANT=<clone of clevercool/SQuant> and/or OFFICIAL_ACIQ=<clone of submission2019/cnn-quantization>" >&2; exit 2; }
+	$(if $(OFFICIAL_SQUANT),$(PY) scripts/parity/squant.py --official $(OFFICIAL_SQUANT) --bits 4 6 8 --dfqbench --quant official_squant squant $(PARITY_ARGS))
+	$(if $(OFFICIAL_ACIQ),$(PY) scripts/parity/aciq.py --official $(OFFICIAL_ACIQ) --dfqbench --quant official_aciq aciq $(PARITY_ARGS))
+
 clean:
 	rm -rf outputs .cache .pytest_cache

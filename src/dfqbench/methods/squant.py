@@ -11,7 +11,9 @@ stage, no loop over kernels or elements.
 Activations: no data. Each quantizer's clip alpha = s * std of its input's positive values (all values, / 1.25,
 when the tensor is signed), measured in one forward pass of a batch of uniform-noise images through the
 already-quantized model (each quantizer is set when the pass first reaches it, so later layers see quantized
-inputs); s depends on the bit-width, and alpha is capped at the tensor's max below 6 bits.
+inputs); s depends on the run's activation bit-width (one s for every quantizer, the 8-bit FC input too, as the
+official code's single -s; sigma_from=quantizer takes each quantizer's own bits), and alpha is capped at the
+tensor's max below 6 bits (the quantizer's bits).
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from ..quant.quantizers.precomputed import PrecomputedWeightQuantizer
 from .base import Method
 
 MODES = ("e", "ek", "ekc")
+SIGMA_FROM = ("abit", "quantizer")  # the clip multiplier s of the run's abit (official), or of each quantizer's bits
 _NOT_A_CANDIDATE = -1.0
 
 
@@ -60,16 +63,23 @@ def _flip_stage(e: torch.Tensor, prio_up: torch.Tensor, prio_down: torch.Tensor)
 def squant_round(x: torch.Tensor, lo, hi, mode: str = "ekc") -> torch.Tensor:
     """Round x ([O, I, K]: output channel, input channel, kernel element; grid units) to integers in [lo, hi].
 
-    lo / hi are numbers or tensors broadcastable to x (per output channel: shape [O, 1, 1])."""
+    lo / hi are numbers or tensors broadcastable to x (per output channel: shape [O, 1, 1]). Elements within half
+    a step outside [lo, hi] keep their rounding error in the sums (they may not flip outward) and are clamped
+    after the flips, as in the official code; elements further out are clamped before (error 0)."""
     if mode not in MODES:
         raise ValueError(f"SQuant mode={mode!r} is not valid; choose one of: {', '.join(MODES)}")
-    x = torch.clamp(x, lo, hi) if isinstance(lo, torch.Tensor) else x.clamp(lo, hi)
-    r = torch.round(x)
-    if mode == "e":
-        return r
     o, i, k = x.shape
     lo_t = torch.as_tensor(lo, dtype=x.dtype, device=x.device).expand_as(x)
     hi_t = torch.as_tensor(hi, dtype=x.dtype, device=x.device).expand_as(x)
+    # the rounding error before the clamp, as the official code computes it (quant_modules.py adaptive_round:
+    # round, error, flips, then clamp): a min/max grid's rounded zero point puts a channel's extremes up to half a
+    # step outside [lo, hi], and their error counts in the sums. Elements further out (a clipping estimator cut
+    # them) are clamped first: their error is the clip's, not a rounding's.
+    near = (x >= lo_t - 0.5) & (x <= hi_t + 0.5)
+    x = torch.where(near, x, torch.minimum(torch.maximum(x, lo_t), hi_t))
+    r = torch.round(x)
+    if mode == "e":
+        return torch.minimum(torch.maximum(r, lo_t), hi_t)
     e = r - x
     prio_up = torch.where((e < 0) & (x < hi_t), -e, _NOT_A_CANDIDATE)  # rounded down, room to go up
     prio_down = torch.where((e > 0) & (x > lo_t), e, _NOT_A_CANDIDATE)
@@ -79,7 +89,7 @@ def squant_round(x: torch.Tensor, lo, hi, mode: str = "ekc") -> torch.Tensor:
         e_k = e.reshape(o, i * k) + delta.reshape(o, i * k)
         delta_c, _, _ = _flip_stage(e_k, prio_up.reshape(o, i * k), prio_down.reshape(o, i * k))
         delta = delta.reshape(o, i * k) + delta_c
-    return r + delta.reshape(o, i, k)
+    return torch.minimum(torch.maximum(r + delta.reshape(o, i, k), lo_t), hi_t)
 
 
 def sigma_for_bits(bits: int, sigmas: dict[int, float]) -> float:
@@ -104,10 +114,13 @@ def _std_of_positives(x: torch.Tensor) -> float:
 
 
 def squant_clip(x: torch.Tensor, bits: int, sigmas: dict[int, float], signed_divisor: float = 1.25,
-                cap_below_bits: int = 6) -> tuple[float, float]:
-    """SQuant's activation range for tensor x: (0, alpha) if x >= 0, else (-alpha, alpha)."""
+                cap_below_bits: int = 6, sigma_bits: int | None = None) -> tuple[float, float]:
+    """SQuant's activation range for tensor x: (0, alpha) if x >= 0, else (-alpha, alpha).
+
+    `bits` is the quantizer's bit-width (the cap below `cap_below_bits` uses it); the multiplier s is the one of
+    `sigma_bits` (default: `bits`)."""
     x = x.detach().float()
-    s = sigma_for_bits(bits, sigmas)
+    s = sigma_for_bits(bits if sigma_bits is None else sigma_bits, sigmas)
     x_min, x_max = (float(v) for v in torch.aminmax(x))
     signed = x_min < 0
     if signed:
@@ -157,7 +170,7 @@ def _check_sigmas(sigmas) -> dict[int, float]:
 class SQuant(Method):
     def __init__(self, name: str = "squant", mode: str = "ekc", clip_sigmas: dict | None = None,
                  signed_divisor: float = 1.25, cap_below_bits: int = 6, batch_size: int = 256, noise_seed: int = 0,
-                 **kwargs):
+                 sigma_from: str = "abit", **kwargs):
         super().__init__(name, **kwargs)
         if mode not in MODES:
             raise ValueError(f"method.mode={mode!r} is not valid; choose one of: {', '.join(MODES)}")
@@ -167,7 +180,9 @@ class SQuant(Method):
             raise ValueError(f"method.signed_divisor={signed_divisor!r} must be > 0")
         if isinstance(noise_seed, bool) or not isinstance(noise_seed, int) or noise_seed < 0:
             raise ValueError(f"method.noise_seed={noise_seed!r} must be a non-negative integer")
-        self.mode, self.batch_size, self.noise_seed = mode, batch_size, noise_seed
+        if sigma_from not in SIGMA_FROM:
+            raise ValueError(f"method.sigma_from={sigma_from!r} is not valid; choose one of: {', '.join(SIGMA_FROM)}")
+        self.mode, self.batch_size, self.noise_seed, self.sigma_from = mode, batch_size, noise_seed, sigma_from
         self.sigmas = _check_sigmas(clip_sigmas if clip_sigmas is not None else {4: 12.0, 6: 14.0, 8: 25.0})
         self.signed_divisor, self.cap_below_bits = signed_divisor, cap_below_bits
 
@@ -194,12 +209,15 @@ class SQuant(Method):
         gen = torch.Generator(device="cpu").manual_seed(self.noise_seed)
         noise = torch.rand((self.batch_size, *ctx.input_shape), generator=gen).to(ctx.device)
         done: set = set()
+        # the official code takes one multiplier per run (-s, run.sh: the run's bit-width) for every quantizer,
+        # the 8-bit FC input too
+        sigma_bits = ctx.abit if self.sigma_from == "abit" else None
 
         def set_on_first_call(quantizer, args):
             if quantizer not in done:
                 done.add(quantizer)
                 quantizer.set_range(*squant_clip(args[0], quantizer.bits, self.sigmas, self.signed_divisor,
-                                                 self.cap_below_bits))
+                                                 self.cap_below_bits, sigma_bits))
 
         handles = [q.register_forward_pre_hook(set_on_first_call) for q in act_quantizers(qmodel) if q.enabled]
         if not handles:  # float activations: nothing to measure

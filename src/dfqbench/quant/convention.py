@@ -10,7 +10,13 @@ from dataclasses import asdict, dataclass, field, fields
 
 from .quantizers.ranges import ESTIMATORS
 
-ACT_SITES = ("after_relu", "layer_inputs")
+# after_relu: every ReLU/ReLU6 output. layer_inputs: the tensor each conv/linear reads (before any pool/flatten),
+# one quantizer shared with every reader of it (a residual identity too). each_layer_input: a quantizer of its own
+# right at each conv/linear input (after any pool/flatten); other readers (residual identities) read the float
+# tensor (the ZeroQ/SQuant code's quant_input placement). layer_outputs: every conv/linear output (after its folded
+# BatchNorm), the logits too, one quantizer shared by every reader (the ACIQ code's Conv2dWithId/LinearWithId);
+# the first layer's output takes layers.second_abit (it is what the 2nd layer reads).
+ACT_SITES = ("after_relu", "layer_inputs", "each_layer_input", "layer_outputs")
 GRANULARITIES = ("per_channel", "per_tensor")
 
 
@@ -52,6 +58,9 @@ class Convention:
     fold_bn: bool = False
     backend: str = "torch"
     description: str = ""
+    # settings a method takes under this convention, by method name ({aciq: {stats: calib, ...}}): an official
+    # preset (quant=official_<method>) carries the official code's method settings; each method reads its own entry
+    method_settings: dict = field(default_factory=dict)
 
     @classmethod
     def from_dict(cls, data: dict) -> "Convention":
@@ -92,6 +101,10 @@ class Convention:
         for key, value in asdict(self.layers).items():
             if value is not None:
                 check_bits(f"quant.layers.{key}", value)
+        if not isinstance(self.method_settings, dict) or not all(
+                isinstance(k, str) and isinstance(v, dict) for k, v in self.method_settings.items()):
+            raise ValueError(f"quant.method_settings={self.method_settings!r} must map method names to settings, "
+                             f"e.g. {{aciq: {{stats: calib}}}}")
 
 
 def _choice(key, value, choices):

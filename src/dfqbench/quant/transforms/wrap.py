@@ -25,21 +25,45 @@ def quantize_model(model: nn.Module, convention: Convention, wbit: int, abit: in
         _swap_layer(gm, node, _weight_quantizer(convention, w_bits))
 
     second = layers[1] if len(layers) > 1 else None
-    for i, site in enumerate(_act_sites(gm, convention)):
+    # each_layer_input: the edges (producer -> layer) found before any quantizer is inserted
+    edges = [(node.args[0], node) for node in layers] if convention.act.sites == "each_layer_input" else []
+    sites = _act_sites(gm, convention)
+    for i, site in enumerate(sites):
         fed = layers_fed_by(gm, site)
         a_bits = abit
         if site.op == "placeholder":
             a_bits = bits.input_abit
-        elif second is not None and second in fed and bits.second_abit:
+        elif second is not None and bits.second_abit and (
+                second in fed or (convention.act.sites == "layer_outputs" and site is first)):
             a_bits = bits.second_abit
         if last in fed and bits.last_abit and site.op != "placeholder":
             a_bits = bits.last_abit
-        insert_after(gm, site, f"act_quant_{i}", ActQuantizer(
-            a_bits, symmetric=convention.act.symmetric, estimator=convention.act.estimator, lp=convention.act.lp,
-            percentile=convention.act.percentile, per_channel=convention.act.granularity == "per_channel"))
+        insert_after(gm, site, f"act_quant_{i}", _act_quantizer(convention, a_bits))
+    edges = [(src, node) for src, node in edges if src.op != "placeholder"]  # the image: input_abit alone
+    for i, (src, node) in enumerate(edges, start=len(sites)):
+        a_bits = abit
+        if node is second and bits.second_abit:
+            a_bits = bits.second_abit
+        if node is last and bits.last_abit:
+            a_bits = bits.last_abit
+        _insert_on_edge(gm, src, node, f"act_quant_{i}", _act_quantizer(convention, a_bits))
     gm.graph.lint()
     gm.recompile()
     return gm
+
+
+def _act_quantizer(convention: Convention, bits: int) -> ActQuantizer:
+    spec = convention.act
+    return ActQuantizer(bits, symmetric=spec.symmetric, estimator=spec.estimator, lp=spec.lp,
+                        percentile=spec.percentile, per_channel=spec.granularity == "per_channel")
+
+
+def _insert_on_edge(gm: fx.GraphModule, src: fx.Node, user: fx.Node, name: str, module: nn.Module) -> None:
+    """Insert `module` between `src` and one reader `user` only; the other readers keep `src`."""
+    gm.add_submodule(name, module)
+    with gm.graph.inserting_before(user):
+        new = gm.graph.call_module(name, (src,))
+    user.replace_input_with(src, new)
 
 
 def _weight_quantizer(convention: Convention, bits: int) -> WeightQuantizer:
@@ -60,8 +84,12 @@ def _act_sites(gm: fx.GraphModule, convention: Convention) -> list[fx.Node]:
     sites: list[fx.Node] = []
     if convention.layers.input_abit:
         sites += [n for n in gm.graph.nodes if n.op == "placeholder"]
+    if convention.act.sites == "each_layer_input":  # inserted per edge, not per tensor (quantize_model)
+        return sites
     if convention.act.sites == "after_relu":
         sites += [n for n in gm.graph.nodes if relu_kind(gm, n)]
+    elif convention.act.sites == "layer_outputs":
+        sites += layer_nodes(gm)
     else:  # layer_inputs: the tensor each layer reads, shared with every other reader (e.g. a residual identity)
         for node in layer_nodes(gm):
             src = node.args[0]

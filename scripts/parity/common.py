@@ -1,0 +1,203 @@
+"""What every parity driver shares (scripts/parity/<method>.py): the dfqbench teacher and test set handed to an
+official repository's code, the clone's identity, dfqbench runs of the same cell, the record and the
+results/parity.csv row.
+
+A driver runs an official repository from its own clone (`--official PATH`): nothing of it is copied here. What
+must change to run it on a dfqbench teacher and test set is patched at run time, in the driver's child process,
+and listed in the record ("patches").
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+import re
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+PARITY_CSV = REPO / "results" / "parity.csv"
+CSV_COLUMNS = ["method", "quant", "schedule", "wbit", "abit", "n_seeds", "official_top1_mean", "official_top1_std",
+               "dfqbench_top1_mean", "dfqbench_top1_std", "official_s", "dfqbench_s", "official_repo",
+               "official_commit", "note", "model", "dataset", "device"]
+_KEY = ("method", "quant", "schedule", "wbit", "abit", "model", "dataset", "device")
+
+
+def python() -> str:
+    venv = REPO / ".venv" / "bin" / "python"
+    return str(venv) if venv.exists() else sys.executable
+
+
+# --- the official clone ---------------------------------------------------------------------------------------
+
+def clone_identity(path: Path, default_repo: str, marker: str) -> tuple[str, str]:
+    """(owner/name, commit) of an official clone; `marker` is a file the repository must have."""
+    path = Path(path).expanduser().resolve()
+    if not (path / marker).is_file():
+        raise SystemExit(f"--official {path}: no {marker} there; point it at a clone of {default_repo}")
+    try:
+        commit = subprocess.run(["git", "-C", str(path), "rev-parse", "HEAD"], check=True, capture_output=True,
+                                text=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        commit = "unknown"
+    repo = default_repo
+    try:
+        url = subprocess.run(["git", "-C", str(path), "remote", "get-url", "origin"], check=True,
+                             capture_output=True, text=True).stdout.strip()
+        m = re.search(r"github\.com[:/]([^/]+)/([^/]+?)(?:\.git)?$", url) or re.search(r"([^/+]+)\+([^/]+)/repo$", url)
+        if m:
+            repo = f"{m.group(1)}/{m.group(2)}"
+    except (OSError, subprocess.CalledProcessError):
+        pass
+    return repo, commit
+
+
+# --- the dfqbench teacher and test set, for the official code -------------------------------------------------
+
+def compose(overrides: list[str]):
+    from hydra import compose as hydra_compose, initialize_config_dir
+
+    from dfqbench.__main__ import CONF_DIR
+    with initialize_config_dir(version_base="1.3", config_dir=str(CONF_DIR)):
+        return hydra_compose(config_name="config", overrides=list(overrides))
+
+
+def teacher_and_data(overrides: list[str]):
+    """(cfg, loaded model, EvalSet) exactly as a dfqbench run with these overrides loads them."""
+    from dfqbench.data import load_eval_set
+    from dfqbench.models import load_model, resolve_weights
+    cfg = compose(overrides)
+    weights = resolve_weights(cfg.model, cfg.paths.models_dir)
+    loaded = load_model(cfg.model, cfg.paths.models_dir, weights)
+    norm = cfg.model.normalize or cfg.dataset
+    data = load_eval_set(cfg.dataset, norm.mean, norm.std, cfg.paths.cache_dir)
+    return cfg, loaded, data
+
+
+class EvalLoader:
+    """A DataLoader stand-in over a dfqbench EvalSet: (normalized images, labels) batches, len() = batches."""
+
+    def __init__(self, data, batch_size: int, device="cpu", channels_last: bool = False):
+        self.data, self.batch_size, self.device, self.channels_last = data, batch_size, device, channels_last
+
+    def __len__(self) -> int:
+        return math.ceil(self.data.num_samples / self.batch_size)
+
+    def __iter__(self):
+        for x, y in self.data.batches(self.batch_size, self.device):
+            yield (x if self.channels_last else x.contiguous()), y
+
+
+def cpu_only_cuda_calls(device) -> None:
+    """Without a GPU, the official code's .cuda() calls move to `device` (cpu) instead."""
+    import torch
+    torch.Tensor.cuda = lambda self, *a, **k: self.to(device)
+    torch.nn.Module.cuda = lambda self, *a, **k: self.to(device)
+
+
+# --- dfqbench runs of the same cell ---------------------------------------------------------------------------
+
+def run_dfqbench(overrides: list[str], dest: Path, log: Path) -> dict:
+    """`python -m dfqbench <overrides>` (force=true) in a scratch run folder; its record is kept as
+    `<dest>.record.json` (not record.json: `make tables` does not count these runs twice beside the sweeps';
+    results/parity.csv holds their summary), its output appended to `log`."""
+    import shutil
+    import tempfile
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix="parity-dfqbench-") as tmp:
+        cmd = [python(), "-m", "dfqbench", *overrides, f"hydra.run.dir={tmp}", "force=true", "progress=false"]
+        with open(log, "a") as f:
+            f.write("$ " + " ".join(cmd) + "\n")
+            f.flush()
+            subprocess.run(cmd, check=True, cwd=REPO, stdout=f, stderr=subprocess.STDOUT)
+        record = json.loads((Path(tmp) / "record.json").read_text())
+        shutil.copy(Path(tmp) / "record.json", dest.with_name(dest.name + ".record.json"))
+    return record
+
+
+# --- the child process that runs the official code ------------------------------------------------------------
+
+def run_child(script: Path, args: list[str], log: Path, env: dict | None = None) -> dict:
+    """Run `script --child <args>` in a fresh process (the official code keeps global state: one run per
+    process); its stdout/stderr go to `log`; its last stdout line is a JSON result."""
+    log.parent.mkdir(parents=True, exist_ok=True)
+    cmd = [python(), str(script), "--child", *args]
+    t0 = time.perf_counter()
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, env={**os.environ, **(env or {})})
+    with open(log, "w") as f:
+        f.write("$ " + " ".join(cmd) + "\n" + proc.stderr + proc.stdout)
+    if proc.returncode != 0:
+        raise SystemExit(f"official run failed (exit {proc.returncode}); see {log}")
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    result["process_s"] = round(time.perf_counter() - t0, 3)
+    return result
+
+
+# --- records and results/parity.csv ---------------------------------------------------------------------------
+
+def reusable_official(path: Path, seeds: list[int], commit: str) -> dict | None:
+    """An earlier official record for the same seeds and commit (--reuse-official), else None."""
+    try:
+        old = json.loads(Path(path).read_text())
+    except (OSError, ValueError):
+        return None
+    if old.get("seeds") != list(seeds) or old.get("official_commit") != commit:
+        return None
+    return old
+
+
+def mean_std(values: list[float]) -> tuple[float, float]:
+    values = [float(v) for v in values]
+    if not values:
+        return float("nan"), float("nan")
+    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
+
+
+def write_json(path: Path, data: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(data, indent=1, sort_keys=True) + "\n")
+    tmp.replace(path)
+
+
+def upsert_parity_row(row: dict, path: Path = PARITY_CSV) -> None:
+    """Add or replace the row with the same (method, quant, schedule, wbit, abit, model, dataset, device)."""
+    row = {c: row.get(c, "") for c in CSV_COLUMNS}
+    rows = []
+    if path.exists():
+        with open(path, newline="") as f:
+            rows = list(csv.DictReader(f))
+    key = tuple(str(row[k]) for k in _KEY)
+    same = [i for i, r in enumerate(rows) if tuple(str(r.get(k, "")) for k in _KEY) == key]
+    if same:  # in place: the rows keep their order (and their line numbers in results/parity.md)
+        rows[same[0]] = row
+        rows = [r for i, r in enumerate(rows) if i not in same[1:]]
+    else:
+        rows.append(row)
+    columns = CSV_COLUMNS + [c for r in rows for c in r if c not in CSV_COLUMNS]
+    columns = list(dict.fromkeys(columns))
+    tmp = path.with_suffix(".csv.tmp")
+    with open(tmp, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=columns)
+        w.writeheader()
+        for r in rows:
+            w.writerow({c: r.get(c, "") for c in columns})
+    tmp.replace(path)
+
+
+def rel(path: Path) -> str:
+    """A path relative to the repository when it is inside it."""
+    path = Path(path).resolve()
+    try:
+        return str(path.relative_to(REPO))
+    except ValueError:
+        return str(path)
+
+
+def fmt(v: float, digits: int = 2) -> str:
+    return "" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.{digits}f}"
