@@ -14,39 +14,9 @@ from dfqbench.methods.base import QuantContext
 from dfqbench.methods.squant import SQuant, squant_clip, squant_round
 from dfqbench.quant import Convention, WeightQuantizer, act_quantizers, quantize_model
 from dfqbench.runner import build_convention, build_method
+from test_wrap import tiny_model
 
 SIGMAS = {4: 12.0, 6: 14.0, 8: 25.0}
-
-
-class TinyResNet(nn.Module):
-    """conv-bn-relu, one residual block (conv-bn-relu-conv-bn + identity, relu), pool, fc."""
-
-    def __init__(self):
-        super().__init__()
-        self.stem = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8), nn.ReLU())
-        self.conv1, self.bn1, self.relu1 = nn.Conv2d(8, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8), nn.ReLU()
-        self.conv2, self.bn2 = nn.Conv2d(8, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8)
-        self.relu2 = nn.ReLU()
-        self.pool = nn.AdaptiveAvgPool2d(1)
-        self.fc = nn.Linear(8, 4)
-
-    def forward(self, x):
-        x = self.stem(x)
-        y = self.bn2(self.conv2(self.relu1(self.bn1(self.conv1(x)))))
-        x = self.relu2(x + y)
-        return self.fc(torch.flatten(self.pool(x), 1))
-
-
-def tiny_model(seed=0):
-    torch.manual_seed(seed)
-    model = TinyResNet()
-    for m in model.modules():
-        if isinstance(m, nn.BatchNorm2d):
-            m.running_mean.uniform_(-0.5, 0.5)
-            m.running_var.uniform_(0.5, 2.0)
-            m.weight.data.uniform_(0.5, 1.5)
-            m.bias.data.uniform_(-0.5, 0.5)
-    return model.eval()
 
 
 # ---- SQuant --------------------------------------------------------------------------------------------------
