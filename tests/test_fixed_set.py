@@ -103,7 +103,7 @@ def test_yamls_compose_intraq_hast_and_zaq():
     assert intraq.generator_terms == [] and [n for n, _ in intraq.student_terms] == ["kd", "ce"]
     assert intraq.student_terms[0][1].reduction == "batchmean" and intraq.student_terms[0][1].weight == 20.0
     assert hast.generator_spec["source"] == "hast" and hast.settings.perturb_epsilon == 0.01
-    assert [n for n, _ in hast.student_terms] == ["kd", "feature_mse"] and hast.settings.student_lr == 1e-5
+    assert [n for n, _ in hast.student_terms] == ["kd", "attention_mse"] and hast.settings.student_lr == 1e-5
     assert [n for n, _ in zaq.generator_terms] == ["adversarial_l1", "activation"]
     assert [n for n, _ in zaq.student_terms] == ["l1"] and zaq.settings.student_steps == 5
     assert intraq.schedule.fixed_set_images == compose_cfg().schedule.fixed_set_images

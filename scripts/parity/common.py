@@ -166,8 +166,16 @@ def write_json(path: Path, data: dict) -> None:
 
 
 def upsert_parity_row(row: dict, path: Path = PARITY_CSV) -> None:
-    """Add or replace the row with the same (method, quant, schedule, wbit, abit, model, dataset, device)."""
-    row = {c: row.get(c, "") for c in CSV_COLUMNS}
+    """Add or replace the row with the same (method, quant, schedule, wbit, abit, model, dataset, device).
+    Drivers may run at once: the read-modify-write holds an exclusive lock on `<path>.lock`."""
+    import fcntl
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path.with_suffix(".csv.lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        _upsert_locked({c: row.get(c, "") for c in CSV_COLUMNS}, path)
+
+
+def _upsert_locked(row: dict, path: Path) -> None:
     rows = []
     if path.exists():
         with open(path, newline="") as f:

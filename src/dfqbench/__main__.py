@@ -85,6 +85,7 @@ def hydra_main(cfg: DictConfig) -> float | dict | None:
     """One run. In a sweep it returns the job's outcome (dfqbench.sweep): a run that fails leaves its failed
     record and the other jobs go on. Bad input (ConfigError) is a one-line error and exit status 2: at once with
     the serial launcher, at the end of the sweep with the parallel ones (their other jobs are already out)."""
+    from .method_overrides import apply_per_setting
     from .runner import build_method, run, summary  # torch loads here, after the argument checks
 
     if _interrupted:  # a library swallowed the KeyboardInterrupt (a finalizer, say): start no further job
@@ -94,6 +95,7 @@ def hydra_main(cfg: DictConfig) -> float | dict | None:
     in_sweep = hc.mode == RunMode.MULTIRUN
     _logfile.info("command: python -m dfqbench %s", " ".join(hc.overrides.task))
     try:
+        apply_per_setting(cfg, list(hc.overrides.task))  # the method's data-set/teacher/bit-width settings
         if in_sweep and cfg.get("skip_redundant"):
             reason = sweep.redundant_reason(cfg, build_method(cfg))
             if reason:

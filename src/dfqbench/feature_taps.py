@@ -1,7 +1,9 @@
 """Forward hooks that keep intermediate features of the latest forward for the feature loss terms.
 
-Two kinds: "penultimate" (the input of the last nn.Linear, one tensor) and "stages" (the output of every stage
-of a staged network, a list: pytorchcv's `features.stageN`, torchvision/timm's `layerN`). The quantized student
+Three kinds: "penultimate" (the input of the last nn.Linear, one tensor), "stages" (the output of every stage
+of a staged network, a list: pytorchcv's `features.stageN`, torchvision/timm's `layerN`) and
+"residual_branches" (per residual unit, its branch's output before the identity is added, a list: pytorchcv's
+`unitN.body`, torchvision's last BatchNorm of a BasicBlock/Bottleneck; HAST's feature alignment). The quantized student
 is an fx.GraphModule whose forward calls leaf modules directly, so a hook on a stage container never fires
 there: a stage's output is then taken from the last node inside the stage (the block's final ReLU in
 these ResNets) or the activation quantizer right after it (what the next stage reads), or, for a stage that
@@ -19,7 +21,7 @@ from torch import fx, nn
 from .errors import UnsupportedModel
 from .quant.quantizers import ActQuantizer
 
-FEATURE_KINDS = ("penultimate", "stages")
+FEATURE_KINDS = ("penultimate", "stages", "residual_branches")
 _STAGE = re.compile(r"(^|\.)(stage|layer)\d+$")
 
 
@@ -119,6 +121,50 @@ class StageTap:
             h.remove()
 
 
+def residual_branch_points(model: nn.Module) -> list[nn.Module]:
+    """Per residual unit, in forward order, the module whose output is the unit's branch before the identity
+    is added. On a float model: pytorchcv's `body` (ResUnit, PreResUnit) or the last BatchNorm child of a
+    torchvision/timm BasicBlock/Bottleneck. On a traced student: the module producing the first operand of each
+    unit's residual addition (the branch: pytorchcv and torchvision both write `branch + identity`)."""
+    if isinstance(model, fx.GraphModule):
+        points = []
+        for node in model.graph.nodes:
+            if node.op == "call_function" and getattr(node.target, "__name__", "") in ("add", "iadd") \
+                    and len(node.args) == 2 and all(isinstance(a, fx.Node) for a in node.args):
+                branch = node.args[0]
+                if branch.op != "call_module":
+                    raise UnsupportedModel(f"the branch of residual addition {node.name} is not a module output")
+                points.append(model.get_submodule(branch.target))
+    else:
+        points = []
+        for _, m in model.named_modules():
+            if isinstance(getattr(m, "body", None), nn.Module) and type(m).__name__.endswith("Unit"):
+                points.append(m.body)
+            elif type(m).__name__ in ("BasicBlock", "Bottleneck"):
+                bns = [c for c in m.children() if isinstance(c, nn.BatchNorm2d)]
+                if bns:
+                    points.append(bns[-1])
+    if not points:
+        raise UnsupportedModel("a residual-branch feature loss (e.g. 'attention_mse') needs a residual network: "
+                               "pytorchcv units with a `body`, or torchvision BasicBlock/Bottleneck blocks")
+    return points
+
+
+class ResidualBranchTap(StageTap):
+    """Keeps every residual unit's branch output (before the identity is added) from the latest forward; a
+    branch returning a tuple (pytorchcv's PreResBlock: output, pre-activation) gives its first element."""
+
+    def __init__(self, model: nn.Module):
+        points = residual_branch_points(model)
+        self._values = [None] * len(points)
+        self.handles = [m.register_forward_hook(self._keep_output(i)) for i, m in enumerate(points)]
+
+    def _keep_output(self, i: int):
+        def keep(module, inputs, output):
+            self._values[i] = output[0] if isinstance(output, tuple) else output
+        return keep
+
+
 class FeatureTap:
     """The taps a run's loss terms need on one model; `value` maps each kind to its latest feature(s)."""
 
@@ -131,6 +177,8 @@ class FeatureTap:
             self.taps["penultimate"] = PenultimateTap(model)
         if "stages" in kinds:
             self.taps["stages"] = StageTap(model)
+        if "residual_branches" in kinds:
+            self.taps["residual_branches"] = ResidualBranchTap(model)
 
     @property
     def value(self) -> dict:

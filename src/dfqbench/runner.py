@@ -24,6 +24,7 @@ from omegaconf import DictConfig, OmegaConf
 from . import loggers, records
 from .data import data_identity, describe_identity, load_eval_set
 from .errors import ConfigError
+from .method_overrides import apply_per_setting
 from .evaluate import evaluate
 from .methods.base import Method, QuantContext
 from .models import check_model_dataset, load_model, resolve_weights
@@ -51,6 +52,7 @@ def validate(cfg: DictConfig) -> None:
 
 
 def build_method(cfg: DictConfig) -> Method:
+    apply_per_setting(cfg)  # no-op when the run already applied them (with the command line's overrides)
     try:
         return instantiate(cfg.method, _convert_="all")
     except Exception as exc:  # Hydra wraps the constructor's TypeError/ValueError
@@ -110,6 +112,7 @@ def _fp32_accuracy(model, data, cfg, sha: str, device, fingerprint: dict) -> dic
 
 def run(cfg: DictConfig, run_dir: Path, overrides: list[str] | None = None) -> dict:
     validate(cfg)
+    apply_per_setting(cfg, overrides)
     resolved = OmegaConf.to_container(cfg, resolve=True)
     # the schedule group reaches the hash through the training methods' own `schedule: ${schedule}`; the others
     # ignore it, and their hash (and finished records) must not change with it

@@ -18,6 +18,9 @@ from .quantizers.ranges import ESTIMATORS
 # the first layer's output takes layers.second_abit (it is what the 2nd layer reads).
 ACT_SITES = ("after_relu", "layer_inputs", "each_layer_input", "layer_outputs")
 GRANULARITIES = ("per_channel", "per_tensor")
+# the activation quantizers' backward: "clipped" zeroes the gradient outside the range (torch.fake_quantize's
+# straight-through estimator), "identity" passes it everywhere (the GDFQ lineage's AsymmetricQuantFunction)
+ACT_STES = ("clipped", "identity")
 
 
 @dataclass
@@ -36,6 +39,7 @@ class ActSpec:
     estimator: str = "minmax"
     lp: float = 2.0
     percentile: float = 99.99
+    ste: str = "clipped"  # ACT_STES
 
 
 @dataclass
@@ -98,6 +102,7 @@ class Convention:
         _choice("quant.act.granularity", self.act.granularity, GRANULARITIES)
         _choice("quant.weight.estimator", self.weight.estimator, ESTIMATORS)
         _choice("quant.act.estimator", self.act.estimator, ESTIMATORS)
+        _choice("quant.act.ste", self.act.ste, ACT_STES)
         for key, value in asdict(self.layers).items():
             if value is not None:
                 check_bits(f"quant.layers.{key}", value)

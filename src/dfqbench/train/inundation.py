@@ -4,7 +4,9 @@ At low learning rates most SGD steps change no quantized weight at all. After th
 quantized weight tensor with update d = w_new - w_old, GI finds a scale a >= 1 such that at least `threshold`
 of the tensor's integer codes differ between quant(w_old) and quant(w_old + a * d): a = 1 if the plain step
 already does; otherwise a doubles until it does, then `bisection_steps` halvings of [a/2, a] (stopping early
-within threshold / 100) find a smaller a that still does. Each tensor is quantized on its own grid (the
+within threshold / 100) narrow it down; a is the last midpoint tried, as AIT's SGD_adalr returns it. In the
+first student epoch AIT's code stops doubling once a > 100 (`disable_adalr`): `cap` (the trainer sets it for
+that epoch) does the same. Each tensor is quantized on its own grid (the
 convention's weight quantizer, recomputed from the weights as in training; for searched ranges, mse or
 percentile, the candidates are read on the grid of w_old). Biases and BatchNorm parameters take the plain step.
 """
@@ -17,6 +19,7 @@ from ..quant.quantizers import is_quant_layer
 from ..quant.quantizers.ranges import estimate_range, grid_from_range
 
 _MAX_DOUBLINGS = 40  # a zero update never reaches the threshold: stop at 2^40
+FIRST_EPOCH_CAP = 100.0  # AIT's SGD_adalr while disable_adalr: the doubling stops once a > 100 (at 128)
 
 
 def weight_grid(w: torch.Tensor, wq):
@@ -37,6 +40,7 @@ class GradientInundation:
         self.layers = [m for m in model.modules()
                        if is_quant_layer(m) and m.weight_quantizer.enabled]
         self.threshold, self.bisection_steps = threshold, bisection_steps
+        self.cap: float | None = None  # doubling stops once a exceeds it (AIT's first student epoch)
         self.last_scales: list[float] = []
 
     def snapshot(self) -> list[torch.Tensor]:
@@ -67,16 +71,17 @@ class GradientInundation:
         a = 1.0
         for _ in range(_MAX_DOUBLINGS):
             a *= 2.0
-            if changed(a) >= self.threshold:
+            if changed(a) >= self.threshold or (self.cap is not None and a > self.cap):
                 break
-        lo, hi = a / 2.0, a  # changed(lo) < threshold <= changed(hi)
+        lo, hi = a / 2.0, a  # changed(lo) < threshold <= changed(hi) (unless capped)
+        mid = hi
         for _ in range(self.bisection_steps):
             mid = (lo + hi) / 2.0
             frac = changed(mid)
-            if frac >= self.threshold:
-                hi = mid
-                if frac - self.threshold < self.threshold / 100:
-                    break
-            else:
+            if abs(frac - self.threshold) < self.threshold / 100:
+                break
+            if frac < self.threshold:
                 lo = mid
-        return hi
+            else:
+                hi = mid
+        return mid

@@ -64,6 +64,12 @@ class Step:
         return self._teacher_features["penultimate"]
 
     @property
+    def student_feature_set(self) -> dict:
+        """Every tapped student feature (kind -> tensor or list), from the same forward as its logits."""
+        self.student_logits
+        return self._student_features
+
+    @property
     def student_features(self) -> torch.Tensor:
         self.student_logits
         return self._student_features["penultimate"]
@@ -312,13 +318,32 @@ class DifferenceEntropy(LossTerm):
 
 @register(STUDENT_LOSSES, "feature_mse")
 class FeatureMSE(LossTerm):
-    """HAST's feature alignment: MSE between the student's and the teacher's penultimate features (decision: the
-    paper aligns "features"; the classifier input is the one feature every classifier has)."""
+    """MSE between the student's and the teacher's penultimate features (the classifier's input): dfqbench's
+    first reading of HAST's "feature alignment", kept as an option (HAST's code: attention_mse)."""
 
     features = frozenset({"penultimate"})
 
     def __call__(self, step):
         return F.mse_loss(step.student_features.flatten(1), step.teacher_features.detach().flatten(1))
+
+
+def channel_attention(f: torch.Tensor) -> torch.Tensor:
+    """[B, C, H, W] -> [B, C]: the mean over positions of f^2 per channel, L2-normalized per sample."""
+    return F.normalize(f.pow(2).mean(dim=(2, 3)).flatten(1), dim=1)
+
+
+@register(STUDENT_LOSSES, "attention_mse")
+class ChannelAttentionMSE(LossTerm):
+    """HAST's feature alignment (its code's loss_fa): summed over the residual units, the MSE between the
+    student's and the teacher's channel attention (channel_attention) of each unit's branch output, taken
+    before the identity is added (pytorchcv's ResUnit.body)."""
+
+    features = frozenset({"residual_branches"})
+
+    def __call__(self, step):
+        student, teacher = step.student_feature_set["residual_branches"], step.teacher_feature_set["residual_branches"]
+        return sum(F.mse_loss(channel_attention(s), channel_attention(t.detach()))
+                   for s, t in zip(student, teacher, strict=True))
 
 
 def _spatial_relation(f: torch.Tensor, gamma: float) -> torch.Tensor:

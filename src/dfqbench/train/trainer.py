@@ -38,7 +38,7 @@ from ..quant.quantizers import ActQuantizer
 from . import checkpoint as ckpt
 from .ema import EMARangeObserver
 from .errors import TrainingDiverged
-from .inundation import GradientInundation
+from .inundation import FIRST_EPOCH_CAP, GradientInundation
 from ..feature_taps import FeatureTap, detach_features
 from .losses import LossTerm, Step, weighted_sum
 from .schedule import Schedule
@@ -196,8 +196,9 @@ class Trainer:
         for opt in (self.opt_g, self.opt_wg):
             for group in opt.param_groups if opt else ():
                 group["lr"] = self.settings.generator_lr * g_factor
-        if self.gi:  # AIT decays its passing threshold with the learning rate
+        if self.gi:  # AIT decays its passing threshold with the learning rate, caps the first student epoch
             self.gi.threshold = self.settings.inundation_threshold * factor
+            self.gi.cap = FIRST_EPOCH_CAP if epoch <= self.schedule.warmup_epochs else None
 
     def _iteration(self, epoch: int, it: int) -> None:
         s, cfg = self.schedule, self.settings

@@ -59,12 +59,16 @@ class ActQuantizer(nn.Module):
     States: uncalibrated (passes values through), observing (updates the range from each batch and quantizes
     with the range seen so far, as ZeroQ's calibration does), frozen. `set_range` fixes a range directly
     (data-free methods derive it from BatchNorm statistics). A per-channel quantizer holds `lo`/`hi` of shape [C]
-    once a per-channel range is set; given a single value it quantizes per tensor.
+    once a per-channel range is set; given a single value it quantizes per tensor. `ste` is the backward:
+    "clipped" (zero gradient outside the range) or "identity" (the gradient passes everywhere, as GDFQ's code).
     """
 
     def __init__(self, bits: int, symmetric: bool = False, estimator: str = "minmax", lp: float = 2.0,
-                 percentile: float = 99.99, per_channel: bool = False):
+                 percentile: float = 99.99, per_channel: bool = False, ste: str = "clipped"):
         super().__init__()
+        if ste not in ("clipped", "identity"):
+            raise ValueError(f"ste={ste!r} is not valid; choose one of: clipped, identity")
+        self.ste = ste
         self.bits, self.symmetric, self.estimator = bits, symmetric, estimator
         self.lp, self.percentile, self.per_channel = lp, percentile, per_channel
         self.observing = False
@@ -153,9 +157,13 @@ class ActQuantizer(nn.Module):
             if not self.calibrated:
                 return x
             self.grid = grid_from_range(self.lo.to(x.device), self.hi.to(x.device), self.bits, self.symmetric)
-        return fake_quant(x, self.grid, axis=1 if self.lo.numel() > 1 else None)
+        y = fake_quant(x, self.grid, axis=1 if self.lo.numel() > 1 else None)
+        if self.ste == "identity" and x.requires_grad:
+            return x + (y - x).detach()  # forward y, gradient 1 everywhere
+        return y
 
     def extra_repr(self) -> str:
         gran = f", per_channel({self.lo.numel()})" if self.per_channel else ""
-        return (f"bits={self.bits}, symmetric={self.symmetric}, estimator={self.estimator}{gran}, "
+        ste = "" if self.ste == "clipped" else f", ste={self.ste}"
+        return (f"bits={self.bits}, symmetric={self.symmetric}, estimator={self.estimator}{gran}{ste}, "
                 f"range=[{float(self.lo.min()):.4g}, {float(self.hi.max()):.4g}]")

@@ -55,7 +55,7 @@ def quantize_model(model: nn.Module, convention: Convention, wbit: int, abit: in
 def _act_quantizer(convention: Convention, bits: int) -> ActQuantizer:
     spec = convention.act
     return ActQuantizer(bits, symmetric=spec.symmetric, estimator=spec.estimator, lp=spec.lp,
-                        percentile=spec.percentile, per_channel=spec.granularity == "per_channel")
+                        percentile=spec.percentile, per_channel=spec.granularity == "per_channel", ste=spec.ste)
 
 
 def _insert_on_edge(gm: fx.GraphModule, src: fx.Node, user: fx.Node, name: str, module: nn.Module) -> None:

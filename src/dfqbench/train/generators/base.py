@@ -202,17 +202,33 @@ class SuperposedGenerator(nn.Module):
         return self.trunk(h, s.labels, s.weights) if self.conditional_bn else self.trunk(h)
 
 
+@torch.no_grad()
+def dcgan_init(module: nn.Module) -> None:
+    """DCGAN's initialization: conv weights ~ N(0, 0.02); affine BatchNorm weights ~ N(1, 0.02), biases 0."""
+    for m in module.modules():
+        if isinstance(m, nn.Conv2d):
+            m.weight.normal_(0.0, 0.02)
+        elif isinstance(m, nn.BatchNorm2d) and m.weight is not None:
+            m.weight.normal_(1.0, 0.02)
+            m.bias.zero_()
+
+
 @register(GENERATORS, "unconditional")
 class UnconditionalGenerator(nn.Module):
     """ZAQ-style (DAFL's generator): noise only, the same decoder; losses that need labels use the teacher's
-    prediction. ZAQ: latent 256, ngf 64 (width 2 * ngf = 128)."""
+    prediction. ZAQ: latent 256, ngf 64 (width 2 * ngf = 128). `init`: "default" (PyTorch's) or "dcgan" (DFQF's
+    generator.py: conv weights ~ N(0, 0.02), affine BatchNorm weights ~ N(1, 0.02) and biases 0)."""
 
     def __init__(self, num_classes: int, image_shape, teacher_fc: torch.Tensor | None = None,
-                 latent_dim: int = 256, width: int = 128, bn_eps: float = 0.8):
+                 latent_dim: int = 256, width: int = 128, bn_eps: float = 0.8, init: str = "default"):
         super().__init__()
         channels, size = _check_shape(image_shape)
+        if init not in ("default", "dcgan"):
+            raise ValueError(f"init={init!r} is not valid; choose one of: default, dcgan")
         self.latent_dim = _positive_int("latent_dim", latent_dim)
         self.trunk = Trunk(latent_dim, channels, size, bn_eps, width=_positive_int("width", width))
+        if init == "dcgan":
+            dcgan_init(self)
 
     def sample(self, batch_size: int, rng: torch.Generator) -> Sample:
         return Sample(torch.randn(batch_size, 1, self.latent_dim, generator=rng), None, None, None)
@@ -226,7 +242,8 @@ class FixedSet(nn.Module):
     """No generator: a fixed synthetic set (IntraQ, HAST) made once before training by a calibration source of
     dfqbench.synth.calib_data (`source`: intraq, hast, or any other: distill, genie, dsg, real, ...) and cached per
     teacher, settings and seed. Each batch draws images uniformly with replacement and applies RandomResizedCrop
-    (scale `crop_scale`) and a horizontal flip, each with probability `augment_prob` (IntraQ's fine-tuning).
+    (scale `crop_scale`) with probability `crop_prob` and a horizontal flip with probability `flip_prob` (IntraQ's
+    and HAST's fine-tuning: torchvision's RandomResizedCrop on every image, then RandomHorizontalFlip: 1 and 0.5).
     Labels: none are stored; losses that need one use the teacher's prediction (for the intraq/hast sources
     it agrees with the synthesis label on the images the teacher fits). The set's size and the synthesis steps
     come from the schedule (`fixed_set_images`, `fixed_set_iterations`). Nothing is trained: the method's
@@ -235,19 +252,20 @@ class FixedSet(nn.Module):
     trainable = False
 
     def __init__(self, num_classes: int, image_shape, teacher_fc: torch.Tensor | None = None,
-                 source: str = "intraq", source_settings: dict | None = None, augment_prob: float = 0.5,
-                 crop_scale: tuple[float, float] = (0.5, 1.0), synthesis_batch: int = 256):
+                 source: str = "intraq", source_settings: dict | None = None, crop_prob: float = 1.0,
+                 flip_prob: float = 0.5, crop_scale: tuple[float, float] = (0.5, 1.0), synthesis_batch: int = 256):
         super().__init__()
         from ...synth.calib_data import check_source
 
         self.source = check_source(source, "method.generator.source")
         self.source_settings = dict(source_settings or {})
-        if not 0.0 <= augment_prob <= 1.0:
-            raise ValueError(f"augment_prob={augment_prob!r} must be in [0, 1]")
+        for key, value in (("crop_prob", crop_prob), ("flip_prob", flip_prob)):
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value <= 1.0:
+                raise ValueError(f"{key}={value!r} must be a number in [0, 1]")
         crop_scale = tuple(float(v) for v in crop_scale)
         if len(crop_scale) != 2 or not 0.0 < crop_scale[0] <= crop_scale[1] <= 1.0:
             raise ValueError(f"crop_scale={list(crop_scale)} must be [low, high] with 0 < low <= high <= 1")
-        self.augment_prob, self.crop_scale = float(augment_prob), crop_scale
+        self.crop_prob, self.flip_prob, self.crop_scale = float(crop_prob), float(flip_prob), crop_scale
         self.synthesis_batch = _positive_int("synthesis_batch", synthesis_batch)
         self.register_buffer("images", torch.zeros(0, *image_shape), persistent=False)  # rebuilt from the cache
 
@@ -273,7 +291,8 @@ class FixedSet(nn.Module):
         if not len(self.images):
             raise RuntimeError("FixedSet.prepare() must run before sampling")
         idx = torch.randint(len(self.images), (batch_size,), generator=rng).to(self.images.device)
-        images = crop_flip(self.images[idx], rng, scale=self.crop_scale, prob=self.augment_prob)
+        images = crop_flip(self.images[idx], rng, scale=self.crop_scale, prob=self.crop_prob,
+                           flip_prob=self.flip_prob)
         return Sample(torch.zeros(batch_size, 1, 0), None, None, None, images)
 
     def forward(self, s: Sample) -> torch.Tensor:

@@ -1,0 +1,219 @@
+"""The training family's deviations from its official code (issue 14), each pinned by a hand-computed value:
+GDFQ's identity straight-through estimator, HAST's channel-attention feature loss on the residual branches and
+its unaugmented CIFAR synthesis, IntraQ's crop of every fine-tuning image, ZAQ's learning rates and betas,
+Qimera+AIT's classifier embeddings, AIT's capped first student epoch, DFQF's DCGAN initialization, and the
+per-data-set settings (method.per_setting)."""
+
+from types import SimpleNamespace
+
+import pytest
+import torch
+from omegaconf import OmegaConf
+from torch import nn
+
+from conftest import compose_cfg
+from dfqbench.feature_taps import FeatureTap, residual_branch_points
+from dfqbench.method_overrides import apply_per_setting
+from dfqbench.errors import ConfigError
+from dfqbench.quant import Convention, act_quantizers, quantize_model
+from dfqbench.quant.quantizers import ActQuantizer, WeightQuantizer
+from dfqbench.runner import build_method
+from dfqbench.synth.augment import crop_flip
+from dfqbench.train.generators import FixedSet
+from dfqbench.train.generators.base import UnconditionalGenerator
+from dfqbench.train.inundation import FIRST_EPOCH_CAP, GradientInundation
+from dfqbench.train.losses import ChannelAttentionMSE, Step, channel_attention
+from dfqbench.train.schedule import Schedule
+from dfqbench.train.trainer import Trainer
+from test_wrap import tiny_model
+
+
+# ---------------------------------------------------------------------------------------------- STE
+@pytest.mark.parametrize("ste,grad", [("clipped", [0.0, 1.0, 0.0]), ("identity", [1.0, 1.0, 1.0])])
+def test_activation_ste_clipped_zeroes_gradients_outside_the_range_identity_passes_them(ste, grad):
+    q = ActQuantizer(4, ste=ste)
+    q.set_range(0.0, 1.5)  # 4-bit asymmetric: step 0.1
+    x = torch.tensor([-0.5, 0.42, 2.0], requires_grad=True)
+    y = q(x)
+    assert y.detach().tolist() == pytest.approx([0.0, 0.4, 1.5])  # the same forward either way
+    y.sum().backward()
+    assert x.grad.tolist() == grad
+
+
+def test_the_gdfq_preset_uses_the_identity_ste_and_others_keep_the_clipped_one():
+    gdfq = Convention.from_dict(OmegaConf.to_container(compose_cfg("quant=gdfq").quant, resolve=True))
+    brecq = Convention.from_dict(OmegaConf.to_container(compose_cfg("quant=brecq").quant, resolve=True))
+    assert gdfq.act.ste == "identity" and brecq.act.ste == "clipped"
+    assert {q.ste for q in act_quantizers(quantize_model(tiny_model(), gdfq, 4, 4))} == {"identity"}
+    with pytest.raises(ValueError, match="quant.act.ste='nope'.*clipped, identity"):
+        Convention.from_dict({"name": "x", "act": {"ste": "nope"}})
+
+
+# ---------------------------------------------------------------------------------------------- HAST
+def test_channel_attention_is_the_normalized_mean_square_per_channel():
+    f = torch.tensor([[[[1.0, 3.0]], [[0.0, 2.0]]]])  # [1, 2, 1, 2]: mean squares 5 and 2
+    assert channel_attention(f).tolist()[0] == pytest.approx([5 / 29 ** 0.5, 2 / 29 ** 0.5])
+
+
+def test_hast_feature_loss_sums_the_attention_mse_over_the_residual_branches():
+    t1, s1 = torch.tensor([[[[1.0, 3.0]], [[0.0, 2.0]]]]), torch.tensor([[[[1.0]], [[1.0]]]])
+    t2, s2 = torch.ones(1, 2, 1, 1), torch.ones(1, 2, 1, 1)
+    a = torch.tensor([5 / 29 ** 0.5, 2 / 29 ** 0.5])
+    b = torch.tensor([2 ** -0.5, 2 ** -0.5])
+    expected = float(((a - b) ** 2).mean())  # + 0 for the equal second branch
+    step = Step(torch.zeros(1), None, teacher_logits=torch.zeros(1, 3), student=lambda x: torch.zeros(1, 3),
+                teacher_features={"residual_branches": [t1, t2]})
+    step._taps = (None, SimpleNamespace(value={"residual_branches": [s1, s2]}))
+    assert float(ChannelAttentionMSE()(step)) == pytest.approx(expected)
+
+
+def _pytorchcv_resnet20():
+    from pytorchcv.model_provider import get_model
+    torch.manual_seed(0)
+    return get_model("resnet20_cifar10", pretrained=False).eval()
+
+
+def test_residual_branches_are_the_nine_unit_bodies_on_the_teacher_and_the_traced_student():
+    teacher = _pytorchcv_resnet20()
+    points = residual_branch_points(teacher)
+    units = [m for m in teacher.modules() if type(m).__name__ == "ResUnit"]
+    assert len(points) == len(units) == 9 and all(p is u.body for p, u in zip(points, units))
+    conv = Convention.from_dict(OmegaConf.to_container(compose_cfg("quant=gdfq").quant, resolve=True))
+    student = quantize_model(teacher, conv, 32, 32)  # a float "student": its branches equal the teacher's
+    taps = FeatureTap(teacher, {"residual_branches"}), FeatureTap(student, {"residual_branches"})
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        teacher(x), student(x)
+    t, s = taps[0].value["residual_branches"], taps[1].value["residual_branches"]
+    assert len(t) == len(s) == 9 and all(torch.allclose(a, b, atol=1e-5) for a, b in zip(t, s))
+    assert t[0].shape == (2, 16, 32, 32) and t[-1].shape == (2, 64, 8, 8)  # before the final ReLU: negatives
+    assert float(t[0].min()) < 0
+
+
+def test_hast_yaml_aligns_attention_and_synthesizes_without_augmentation_on_cifar():
+    hast = build_method(compose_cfg("method=hast"))
+    assert [n for n, _ in hast.student_terms] == ["kd", "attention_mse"]
+    assert dict(hast.student_terms)["attention_mse"].weight == 1000.0
+    assert hast.generator_spec["source_settings"]["augment_prob"] == 0.0
+
+
+# ---------------------------------------------------------------------------------------------- IntraQ
+def test_fixed_set_crops_every_image_and_flips_half_by_default():
+    fixed = FixedSet(3, (1, 8, 8), source="uniform_noise")
+    assert (fixed.crop_prob, fixed.flip_prob) == (1.0, 0.5)
+    x = torch.arange(64.0).reshape(1, 1, 8, 8).repeat(200, 1, 1, 1)
+    rng = torch.Generator().manual_seed(0)
+    # a crop of exactly half the area never returns the image or its mirror
+    out = crop_flip(x, rng, scale=(0.5, 0.5), ratio=(1.0, 1.0), prob=1.0, flip_prob=0.0)
+    assert all(not torch.allclose(o, x[0], atol=1e-3) and not torch.allclose(o, x[0].flip(-1), atol=1e-3) for o in out)
+    mirrored = crop_flip(x, rng, scale=(1.0, 1.0), ratio=(1.0, 1.0), prob=1.0, flip_prob=0.5)
+    flips = sum(bool(torch.allclose(o, x[0].flip(-1), atol=1e-4)) for o in mirrored)
+    assert 70 <= flips <= 130  # Binomial(200, 0.5): 100 +- 30 is > 4 sigma
+
+
+def test_intraq_yaml_crops_every_fine_tuning_image():
+    intraq = build_method(compose_cfg("method=intraq"))
+    assert (intraq.generator_spec["crop_prob"], intraq.generator_spec["flip_prob"]) == (1.0, 0.5)
+
+
+# ---------------------------------------------------------------------------------------------- ZAQ, Qimera+AIT
+def test_zaq_trains_at_its_codes_learning_rates_and_default_adam_betas():
+    zaq = build_method(compose_cfg("method=zaq"))
+    assert zaq.settings.student_lr == 0.1 and zaq.settings.generator_lr == 1e-3
+    assert tuple(zaq.settings.generator_betas) == (0.9, 0.999) and not zaq.settings.nesterov
+
+
+def test_qimera_ait_starts_its_embeddings_from_the_classifier_and_plain_qimera_at_random():
+    assert build_method(compose_cfg("method=qimera_ait")).generator_spec["embedding_init"] == "teacher_fc"
+    assert build_method(compose_cfg("method=qimera")).generator_spec["embedding_init"] == "random"
+
+
+# ---------------------------------------------------------------------------------------------- AIT
+def _one_code_needs(a_needed: float):
+    """A 1 x 16 weight 0..15 (4-bit per-channel min/max: step 1) whose element 7 must move by 0.5 to change code:
+    a step of 0.5 / a_needed there changes exactly 1/16 of the codes at a >= a_needed."""
+    w0 = torch.arange(16.0).reshape(1, 16)
+    delta = torch.zeros_like(w0)
+    delta[0, 7] = 0.5 / a_needed
+    return w0, delta
+
+
+def test_inundation_bisects_to_the_last_midpoint_as_aits_sgd_adalr():
+    wq, (w0, delta) = WeightQuantizer(4, per_channel=True), _one_code_needs(500.0)
+    gi = GradientInundation(nn.Module(), threshold=1 / 16, bisection_steps=5)
+    # doubling: 512 reaches it; bisection of [256, 512]: 384, 448, 480, 496 fall short, 504 reaches it (stop)
+    assert gi.scale_for(w0, delta, wq) == 504.0
+    # two steps end on a midpoint that falls short (448), which AIT's code returns (not the bracket's 512)
+    assert GradientInundation(nn.Module(), threshold=1 / 16, bisection_steps=2).scale_for(w0, delta, wq) == 448.0
+
+
+def test_inundation_is_capped_at_128_in_the_first_student_epoch():
+    wq, (w0, delta) = WeightQuantizer(4, per_channel=True), _one_code_needs(500.0)
+    gi = GradientInundation(nn.Module(), threshold=1 / 16, bisection_steps=5)
+    gi.cap = FIRST_EPOCH_CAP
+    # doubling stops at 128 (> 100) without reaching it; bisection of [64, 128] climbs to the last midpoint, 126
+    assert gi.scale_for(w0, delta, wq) == 126.0
+
+
+def test_the_trainer_caps_inundation_up_to_the_first_student_epoch_only():
+    sched = Schedule.from_dict({"name": "t", "epochs": 6, "iters_per_epoch": 1, "batch_size": 2,
+                                "warmup_epochs": 2, "calib_epochs": 2, "milestones": [5]})
+    gi = SimpleNamespace(threshold=None, cap=None)
+    fake = SimpleNamespace(schedule=sched, settings=SimpleNamespace(lr_decay=0.1, student_lr=1e-4,
+                                                                    decay_generator=True, generator_lr=1e-3,
+                                                                    inundation_threshold=1e-3),
+                           opt_s=SimpleNamespace(param_groups=[]), opt_g=None, opt_wg=None, gi=gi)
+    caps = []
+    for epoch in range(6):
+        Trainer._set_rates(fake, epoch)
+        caps.append(gi.cap)
+    assert caps == [FIRST_EPOCH_CAP] * 3 + [None] * 3 and gi.threshold == pytest.approx(1e-4)
+
+
+# ---------------------------------------------------------------------------------------------- DFQF
+def test_dcgan_init_draws_bn_weights_around_one_and_zeroes_their_biases():
+    torch.manual_seed(0)
+    g = UnconditionalGenerator(10, (3, 32, 32), latent_dim=16, init="dcgan")
+    bns = [m for m in g.modules() if isinstance(m, nn.BatchNorm2d) and m.weight is not None]
+    w = torch.cat([m.weight.detach() for m in bns])
+    assert abs(float(w.mean()) - 1.0) < 0.01 and 0.015 < float(w.std()) < 0.025
+    assert all(float(m.bias.detach().abs().max()) == 0.0 for m in bns)
+    convs = torch.cat([m.weight.detach().flatten() for m in g.modules() if isinstance(m, nn.Conv2d)])
+    assert 0.019 < float(convs.std()) < 0.021
+    plain = UnconditionalGenerator(10, (3, 32, 32), latent_dim=16)
+    assert all(bool((m.weight == 1).all()) for m in plain.modules() if isinstance(m, nn.BatchNorm2d)
+               and m.weight is not None)
+    assert build_method(compose_cfg("method=dfqf")).generator_spec["init"] == "dcgan"
+
+
+# ---------------------------------------------------------------------------------------------- per_setting
+def _applied(*overrides):
+    cfg = compose_cfg(*overrides)
+    names = apply_per_setting(cfg, list(overrides))
+    return cfg.method, names
+
+
+def test_per_setting_applies_the_cifar100_settings_and_the_command_line_wins():
+    c100 = ("model=resnet20_cifar100", "dataset=cifar100")
+    m, names = _applied("method=qimera", *c100, "wbit=4", "abit=4")
+    assert names == ["cifar100"] and m.generator.mix_classes == 10 and m.generator.embedding_init == "teacher_fc"
+    assert "per_setting" not in m
+    m, names = _applied("method=qimera", *c100, "wbit=5", "abit=5")
+    assert names == ["cifar100", "cifar100_w5"] and m.generator.mix_classes == 50
+    m, _ = _applied("method=qimera", *c100, "method.generator.mix_classes=3")
+    assert m.generator.mix_classes == 3 and m.generator.embedding_init == "teacher_fc"
+    m, names = _applied("method=qimera")  # CIFAR-10: the yaml's own K = 2
+    assert names == [] and m.generator.mix_classes == 2
+    m, _ = _applied("method=hast", *c100)
+    assert m.student_losses.attention_mse.weight == 2000.0 and m.perturb_epsilon == 0.02
+    m, _ = _applied("method=gdfq", "model=resnet18", "dataset=imagenet")
+    assert m.student_optim.lr == 1e-6
+    m, _ = _applied("method=ait", "model=resnet18", "dataset=imagenet")
+    assert m.student_optim.lr == 1e-4  # AIT's --lrs 0.0001 replaces GDFQ's ImageNet entry
+
+
+def test_per_setting_refuses_an_unknown_condition_in_one_line():
+    cfg = compose_cfg("method=gdfq")
+    cfg.method.per_setting = {"x": {"when": {"datset": "cifar100"}, "set": {"lr_decay": 0.5}}}
+    with pytest.raises(ConfigError, match=r"method.per_setting.x.when: unknown key\(s\) \['datset'\]; valid:"):
+        apply_per_setting(cfg)
