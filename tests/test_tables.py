@@ -238,3 +238,11 @@ def test_results_dir_of_ones_own_gets_the_paper_tables(tmp_path):
     md = (tmp_path / "baselines.md").read_text()
     papers = _md_tables(md[md.index("`resnet20_cifar10` / `cifar10`"):], "### Reported by the papers")
     assert any(r["Method"] == "qimera" and r["Variant"] == "ait" for r in papers)
+
+
+def test_superseded_records_are_left_out_of_the_tables(tmp_path):
+    from dfqbench.results.entries import collect_runs
+    _record(tmp_path, "kept", top1=81.0)
+    _record(tmp_path / "superseded" / "2026-12-03", "old", top1=42.0)
+    runs = collect_runs([tmp_path])
+    assert runs["top1"].tolist() == [81.0]

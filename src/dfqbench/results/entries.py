@@ -63,12 +63,17 @@ def schedule_label(record: dict) -> str:
     return label
 
 
+SUPERSEDED = "superseded"  # <root>/superseded/...: records kept for the record, made by code since fixed
+
+
 def collect_runs(roots: list[Path]) -> pd.DataFrame:
     """Every finished record.json under the roots, one row per run (a config computed twice, e.g. in two sweep
-    roots, counts once per device)."""
+    roots, counts once per device); records under a `superseded/` folder are left out."""
     rows = []
     for root in roots:
         for path in sorted(Path(root).rglob("record.json")):
+            if SUPERSEDED in path.relative_to(root).parts:
+                continue
             try:
                 record = json.loads(path.read_text())
             except (OSError, ValueError):
