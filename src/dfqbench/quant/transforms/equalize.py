@@ -73,14 +73,29 @@ def _scale_pair(pair: LayerPair, s: torch.Tensor) -> None:
     b.weight.data.mul_(s.reshape(shape))
 
 
+EQUALIZE_RANGES = ("absmax", "minmax")
+
+
+def _channel_range(rows: torch.Tensor, kind: str) -> torch.Tensor:
+    """Per row: max |w| (absmax, a symmetric grid's range / 2) or max - min (minmax: jakc4103/DFQ's unsigned range,
+    an asymmetric grid's)."""
+    if kind == "minmax":
+        return rows.amax(dim=1) - rows.amin(dim=1)
+    return rows.abs().amax(dim=1)
+
+
 @torch.no_grad()
-def equalize(pairs: list[LayerPair], max_iterations: int = 100, tol: float = 2e-7) -> int:
-    """Iterate s_i = sqrt(r1_i / r2_i) over all pairs until no scale moves by more than `tol`."""
+def equalize(pairs: list[LayerPair], max_iterations: int = 100, tol: float = 2e-7, channel_range: str = "absmax"
+             ) -> int:
+    """Iterate s_i = sqrt(r1_i / r2_i) over all pairs until no scale moves by more than `tol`; r is each channel's
+    range (`channel_range`: absmax | minmax)."""
+    if channel_range not in EQUALIZE_RANGES:
+        raise ValueError(f"channel_range={channel_range!r} is not valid; choose one of: {', '.join(EQUALIZE_RANGES)}")
     for iteration in range(1, max_iterations + 1):
         worst = 0.0
         for pair in pairs:
-            r1 = pair.first.weight.abs().reshape(pair.first.weight.shape[0], -1).amax(dim=1)
-            r2 = _input_channel_view(pair).abs().amax(dim=1)
+            r1 = _channel_range(pair.first.weight.reshape(pair.first.weight.shape[0], -1), channel_range)
+            r2 = _channel_range(_input_channel_view(pair), channel_range)
             ok = (r1 > 0) & (r2 > 0)
             s = torch.where(ok, torch.sqrt(r1 / r2.clamp_min(1e-12)), torch.ones_like(r1))
             _scale_pair(pair, s)

@@ -1,0 +1,358 @@
+"""Parity driver for DFQ against the UNOFFICIAL jakc4103/DFQ code (Nagel et al. published no code; this PyTorch
+re-implementation is the one the community uses), on a dfqbench teacher and test set, beside
+`python -m dfqbench method=dfq quant=official_dfq` on the same cell.
+
+    python scripts/parity/dfq.py --official /path/to/DFQ-clone [--bits 4] [--seeds 0 1 2] [--dfqbench]
+
+The clone needs its PyTransformer submodule (ricky40403/PyTransformer @ 8052a4f: `git submodule update --init`, or
+a clone of it at <clone>/PyTransformer) and graphviz, pydot (pip install --target --deps, on PYTHONPATH) and scipy.
+
+The official side runs the clone's own main_cls.py with the README's best data-free flow
+`--quantize --relu --equalize --absorption --correction` (ReLU + LE + BC; no --distill_range, no images) at
+`--bits_weight W --bits_activation A --bits_bias 16` (the README's Int8** rows: 16-bit bias) in a child process
+per seed, with these run-time patches and nothing else:
+  - mobilenet_v2(...) returns the dfqbench teacher (model=..., its checkpoint) (main_cls.py builds MobileNetV2 or,
+    with --resnet, torchvision's ResNet-18);
+  - the tracing input torch.ones((4, 3, 224, 224)) is drawn at the data set's image size;
+  - inference_all's ImageFolder/DataLoader (a hard-coded ImageNet path, 4 workers) read the dfqbench test set
+    (same images, normalization and order as a dfqbench run), batch 256 as in the code;
+  - the code is 8-bit oriented in two places the command line does not reach, patched to the run's bit-widths:
+    bias_correction measures the weight quantization error at 8 bits (`_quantize_error(weight, 8, ...)`) -> W bits;
+    the quantizers of the residual additions' operands are QuantMeasure(num_bits=8) -> A bits; set_layer_bits
+    builds QuantMeasure(bits_activation), whose first parameter is update_stat (the layer inputs stayed at 8 bits
+    and their ranges widened on the test batches) -> QuantMeasure(num_bits=A);
+  - set_quant_minmax gives the image quantizer ImageNet's normalized range [-2.1179, 2.64] (a constant of its
+    data preprocessing) -> the dfqbench data set's ((0 - mean) / std, (1 - mean) / std) over channels;
+  - environment: collections.Mapping (gone in Python 3.10; PyTransformer), pytorchcv's ConvBlock at its old import
+    path (ZeroQ/utils, imported by main_cls.py, unused here); without a GPU, .cuda() stays on the CPU.
+Ablations (--add-bits, --clip-inputs-at-zero, with --tag ablation-...) change the code once more at run time to
+measure the causes of a gap; their results go into the parity row's note.
+The flow is data-free and deterministic: the seed changes nothing on either side (both run 3 seeds to say so; no
+image of any split is read before the test).
+
+Writes results/parity/dfq/w<W>a<A>/official.json with one log per seed, and with --dfqbench the dfqbench runs
+(dfqbench-<quant>-s<seed>.record.json) and the results/parity.csv rows.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import runpy
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import common  # noqa: E402
+
+DEFAULT_REPO = "jakc4103/DFQ"
+OUT = common.REPO / "results" / "parity" / "dfq"
+FLAGS = ["--quantize", "--relu", "--equalize", "--absorption", "--correction"]
+QUANT_NOTES = {
+    "official_dfq": "dfqbench with the unofficial code's placement (every conv/linear input quantized on its own, "
+                    "the image too, per-tensor asymmetric weights, BN folded; the residual additions' operand "
+                    "quantizers are not modelled)",
+    "dfq": "dfqbench's DFQ preset (one layer-input quantizer shared with the identity, image float)",
+}
+
+
+def _teacher_overrides(a) -> list[str]:
+    over = [f"model={a.model}", f"dataset={a.dataset}", *a.teacher]
+    if a.max_samples:
+        over.append(f"dataset.max_samples={a.max_samples}")
+    return over
+
+
+# --- child: one official run ----------------------------------------------------------------------------------
+
+def child(a) -> None:
+    official = Path(a.official).resolve()
+    if not (official / "PyTransformer" / "transformers" / "torchTransformer.py").is_file():
+        raise SystemExit(f"{official}/PyTransformer is empty: `git submodule update --init` (ricky40403/PyTransformer)")
+    sys.path.insert(0, str(official))
+    import numpy as np
+    import torch
+    import torch.utils.data
+
+    from dfqbench.runner import data_shape
+    torch.set_num_threads(a.threads)
+    torch.manual_seed(a.seed)
+    np.random.seed(a.seed)
+    device = torch.device("cpu")
+    cfg, loaded, data = common.teacher_and_data(_teacher_overrides(a))
+    input_shape = tuple(data_shape(data, cfg))
+    teacher = loaded.model.eval()
+    patches = []
+    os.chdir(official)
+
+    import collections
+    import collections.abc
+    if not hasattr(collections, "Mapping"):  # PyTransformer's dict_merge (Python < 3.10)
+        collections.Mapping = collections.abc.Mapping
+        patches.append("collections.Mapping -> collections.abc.Mapping (removed in Python 3.10)")
+    import pytorchcv.models.common as pcv_common  # ZeroQ/ (imported, unused without --distill_range) reads
+    from pytorchcv.models.common.conv import ConvBlock  # pytorchcv < 0.0.68's flat module layout
+    if not hasattr(pcv_common, "ConvBlock"):
+        pcv_common.ConvBlock = ConvBlock
+        patches.append("pytorchcv.models.common.ConvBlock -> pytorchcv.models.common.conv.ConvBlock (ZeroQ/utils "
+                       "imports it from the old layout; ZeroQ is not used without --distill_range)")
+
+    import modeling.classification.MobileNetV2 as mnv2
+    mnv2.mobilenet_v2 = lambda *args, **kwargs: copy.deepcopy(teacher)
+    patches.append(f"mobilenet_v2(...) -> the dfqbench teacher {cfg.model.name} ({loaded.checkpoint or loaded.weights}"
+                   f", sha256 {loaded.sha256[:16]})")
+
+    ones = torch.ones
+
+    def ones_at_size(*size, **kwargs):
+        shape = list(size[0]) if len(size) == 1 and isinstance(size[0], (list, tuple)) else list(size)
+        if len(shape) == 4 and tuple(shape[1:]) == (3, 224, 224) and tuple(shape[1:]) != input_shape:
+            shape = [shape[0], *input_shape]
+        return ones(shape, **kwargs)
+
+    torch.ones = ones_at_size
+    patches.append(f"torch.ones((4, 3, 224, 224)) -> torch.ones((4, {', '.join(map(str, input_shape))}))")
+
+    import torchvision.datasets
+
+    class TestSet:
+        pass
+
+    torchvision.datasets.ImageFolder = lambda *args, **kwargs: TestSet()
+    real_loader = torch.utils.data.DataLoader
+
+    def loader(ds, *args, batch_size=1, **kwargs):
+        if isinstance(ds, TestSet):
+            return common.EvalLoader(data, batch_size, device)
+        return real_loader(ds, *args, batch_size=batch_size, **kwargs)
+
+    torch.utils.data.DataLoader = loader
+    patches.append(f"inference_all: ImageFolder + DataLoader -> the dfqbench {cfg.dataset.name} test set "
+                   f"({data.num_samples} images, the code's batch 256)")
+
+    import dfq
+    quantize_error = dfq._quantize_error
+
+    def quantize_error_at_w(param, num_bits=8, reduction="sum", signed=False):
+        return quantize_error(param, a.wbit, reduction, signed)
+
+    dfq._quantize_error = quantize_error_at_w
+    patches.append(f"dfq.bias_correction: _quantize_error(weight, 8, ...) -> {a.wbit} bits (the run's weight bits)")
+
+    import utils.layer_transform as lt
+    import utils.quantize as uq
+    measure = uq.QuantMeasure
+
+    add_bits = a.add_bits or a.abit
+
+    class QuantMeasureAtA(measure):
+        def __init__(self, update_stat=False, num_bits=8, momentum=0.1):
+            super().__init__(update_stat, add_bits if num_bits == 8 else num_bits, momentum)
+
+    set_layer_bits = uq.set_layer_bits
+
+    def set_layer_bits_at_a(graph, bits_weight=8, bits_activation=8, bits_bias=16, targ_type=None):
+        set_layer_bits(graph, bits_weight, bits_activation, bits_bias, targ_type)
+        for idx in graph:  # QuantMeasure(bits_activation) passed the bits as update_stat: num_bits stayed 8
+            if type(graph[idx]) in targ_type and hasattr(graph[idx], "quant"):
+                graph[idx].quant = measure(num_bits=bits_activation)
+
+    uq.set_layer_bits = set_layer_bits_at_a
+    patches.append(f"set_layer_bits: QuantMeasure(bits_activation) -> QuantMeasure(num_bits=bits_activation) (the "
+                   f"positional argument is update_stat: the layer inputs stayed at 8 bits and their ranges kept "
+                   f"growing on the test batches)")
+    lt.QuantMeasure = QuantMeasureAtA  # switch_layers' QuantMeasure(num_bits=8) for the tensor ops (additions)
+    patches.append(f"switch_layers: QuantMeasure(num_bits=8) of the tensor ops (residual additions) -> {add_bits} bits"
+                   + ("" if add_bits == a.abit else " (an ablation: not the run's abit)"))
+
+    norm = cfg.model.normalize or cfg.dataset
+    lo = min((0.0 - m) / s for m, s in zip(norm.mean, norm.std))
+    hi = max((1.0 - m) / s for m, s in zip(norm.mean, norm.std))
+    set_quant_minmax = lt.set_quant_minmax
+    image_quantizers = []
+
+    def set_quant_minmax_for_data(graph, bottoms, *args, **kwargs):
+        out = set_quant_minmax(graph, bottoms, *args, **kwargs)
+        for idx, layer in graph.items():
+            if bottoms.get(idx) == ["Data"] and hasattr(layer, "quant"):
+                layer.quant.running_min.fill_(lo)
+                layer.quant.running_max.fill_(hi)
+                image_quantizers.append(str(idx))
+            elif a.clip_inputs_at_zero and hasattr(layer, "quant") and float(layer.quant.running_min) < 0:
+                layer.quant.running_min.fill_(0.0)  # ablation: every non-image layer input reads a ReLU output
+        return out
+
+    lt.set_quant_minmax = set_quant_minmax_for_data
+    patches.append(f"set_quant_minmax: the image quantizer's ImageNet range [-2.11790393, 2.64] -> the "
+                   f"{cfg.dataset.name} normalization's [{lo:.6f}, {hi:.6f}]")
+    if a.clip_inputs_at_zero:
+        patches.append("ablation: every other layer-input range clipped at 0 (they all read ReLU outputs)")
+    common.cpu_only_cuda_calls(device)
+    torch.cuda.empty_cache = lambda: None
+    patches.append(".cuda() -> cpu")
+
+    import builtins
+    printed = []
+    real_print = builtins.print
+
+    def capture(*args, **kwargs):
+        printed.append((time.perf_counter(), " ".join(str(x) for x in args)))
+        real_print(*args, **kwargs)
+
+    builtins.print = capture
+    sys.argv = ["main_cls.py", *FLAGS, "--bits_weight", str(a.wbit), "--bits_activation", str(a.abit),
+                "--bits_bias", str(a.bits_bias)]
+    t0 = time.perf_counter()
+    g = runpy.run_path(str(official / "main_cls.py"), run_name="__not_main__")
+    model_box = {}
+    inference_all = g["inference_all"]
+
+    def timed_inference(model):
+        model_box["t_quantized"] = time.perf_counter()
+        model_box["model"] = model
+        return inference_all(model)
+
+    g["main"].__globals__["inference_all"] = timed_inference
+    g["main"]()
+    wall = time.perf_counter() - t0
+    builtins.print = real_print
+    acc = [m for _, m in printed if m.startswith("Acc: ")]
+    if not acc:
+        raise SystemExit("no 'Acc:' line from main_cls.py")
+    quantize_s = model_box["t_quantized"] - t0
+    result = {"top1": round(100.0 * float(acc[-1].split()[1]), 4), "quantize_s": round(quantize_s, 4),
+              "wall_s": round(wall, 3), "argv": sys.argv[1:], "patches": patches, "device": device.type,
+              "threads": torch.get_num_threads(), "n_test": data.num_samples, "model": str(cfg.model.name),
+              "dataset": str(cfg.dataset.name), "image_quantizers": image_quantizers,
+              "check": describe(model_box["model"], uq)}
+    print(json.dumps(result))
+
+
+def describe(model, uq) -> dict:
+    """What the official model quantizes: its QuantMeasure modules, their bits and ranges."""
+    measures = [(n, m) for n, m in model.named_modules() if isinstance(m, uq.QuantMeasure)]
+    return {"quant_measures": len(measures),
+            "bits": sorted({int(m.num_bits) for _, m in measures}),
+            "ranges": {n: [round(float(m.running_min), 5), round(float(m.running_max), 5)] for n, m in measures}}
+
+
+# --- parent: seeds, records, parity.csv -----------------------------------------------------------------------
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--official", required=True, help="a clone of jakc4103/DFQ with its PyTransformer submodule")
+    p.add_argument("--deps", default="/tmp/parity-deps-dfq",
+                   help="extra packages for the code (pip install --target DIR --no-deps graphviz pydot pyparsing), "
+                        "put on PYTHONPATH with /tmp/parity-deps (scipy)")
+    p.add_argument("--bits", type=int, nargs="+", default=[4], help="W=A bit-widths (default: 4)")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="seeds (the flow is data-free)")
+    p.add_argument("--bits-bias", type=int, default=16, help="--bits_bias (README Int8**: 16)")
+    p.add_argument("--model", default="resnet20_cifar10")
+    p.add_argument("--dataset", default="cifar10")
+    p.add_argument("--teacher", nargs="*", default=[], help="more dfqbench overrides for the teacher")
+    p.add_argument("--max-samples", type=int, default=None, help="dataset.max_samples (default: full test set)")
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--dfqbench", action="store_true", help="also run dfqbench on the same cells, write parity.csv")
+    p.add_argument("--quant", nargs="+", default=["official_dfq"], help="dfqbench presets for --dfqbench")
+    p.add_argument("--out", default=str(OUT))
+    p.add_argument("--csv", default=str(common.PARITY_CSV))
+    p.add_argument("--tag", default="", help="a name for this teacher's folder under --out (default: none)")
+    p.add_argument("--reuse-official", action="store_true",
+                   help="take the official side from an existing official.json with the same seeds and commit")
+    p.add_argument("--reuse-dfqbench", action="store_true",
+                   help="take the dfqbench side from the records already in the cell folder")
+    p.add_argument("--add-bits", type=int, default=None,
+                   help="bits of the residual additions' operand quantizers (default: the run's A; the code's "
+                        "hard-coded 8, or 32 = nearly float, are ablations; use with --tag)")
+    p.add_argument("--clip-inputs-at-zero", action="store_true",
+                   help="ablation: clip every conv/linear input range (not the image's) at 0 (the code leaves "
+                        "negative minima after add + ReLU); for networks whose layer inputs are ReLU outputs only")
+    p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--seed", type=int, default=0, help=argparse.SUPPRESS)
+    p.add_argument("--wbit", type=int, default=4, help=argparse.SUPPRESS)
+    p.add_argument("--abit", type=int, default=4, help=argparse.SUPPRESS)
+    a = p.parse_args(argv)
+    if a.child:
+        child(a)
+        return
+    repo, commit = common.clone_identity(Path(a.official), DEFAULT_REPO, "dfq.py")
+    out = Path(a.out) / a.tag if a.tag else Path(a.out)
+    env = {"PYTHONPATH": os.pathsep.join([a.deps, "/tmp/parity-deps", os.environ.get("PYTHONPATH", "")]).strip(
+        os.pathsep)}
+    for bits in a.bits:
+        cell = out / f"w{bits}a{bits}"
+        runs = []
+        old = common.reusable_official(cell / "official.json", a.seeds, commit) if a.reuse_official else None
+        for seed in ([] if old else a.seeds):
+            args = ["--official", str(Path(a.official).resolve()), "--model", a.model, "--dataset", a.dataset,
+                    "--seed", str(seed), "--wbit", str(bits), "--abit", str(bits), "--bits-bias", str(a.bits_bias),
+                    "--threads", str(a.threads)]
+            args += ["--add-bits", str(a.add_bits)] if a.add_bits else []
+            args += ["--clip-inputs-at-zero"] if a.clip_inputs_at_zero else []
+            args += ["--teacher", *a.teacher] if a.teacher else []
+            args += ["--max-samples", str(a.max_samples)] if a.max_samples else []
+            r = common.run_child(Path(__file__), args, cell / f"official-s{seed}.log.txt", env=env)
+            r["seed"] = seed
+            runs.append(r)
+            print(f"unofficial DFQ W{bits}A{bits} seed {seed}: top-1 {r['top1']:.2f}, quantize {r['quantize_s']} s, "
+                  f"wall {r['wall_s']:.0f} s", flush=True)
+        if old:
+            runs = old["runs"]
+        top1 = common.mean_std([r["top1"] for r in runs])
+        secs = common.mean_std([r["quantize_s"] for r in runs])
+        record = {"method": "dfq", "official_repo": repo, "official_commit": commit, "unofficial": True,
+                  "wbit": bits, "abit": bits, "seeds": a.seeds, "top1_mean": round(top1[0], 4),
+                  "top1_std": round(top1[1], 4), "quantize_s_mean": round(secs[0], 4), "runs": runs,
+                  "model": runs[0]["model"], "dataset": runs[0]["dataset"], "n_test": runs[0]["n_test"],
+                  "device": runs[0]["device"], "teacher_overrides": _teacher_overrides(a),
+                  "add_bits": a.add_bits or bits, "clip_inputs_at_zero": a.clip_inputs_at_zero,
+                  "created_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+        if not old:
+            common.write_json(cell / "official.json", record)
+        print(f"unofficial DFQ W{bits}A{bits}: top-1 {top1[0]:.2f} +- {top1[1]:.2f} over seeds {a.seeds}, "
+              f"quantize {secs[0]:.2f} s ({repo}@{commit[:10]}, unofficial)", flush=True)
+        if not a.dfqbench:
+            continue
+        for quant in a.quant:
+            ours = []
+            for seed in a.seeds:
+                over = ["method=dfq", f"quant={quant}", f"wbit={bits}", f"abit={bits}", f"seed={seed}",
+                        f"threads={a.threads}", *_teacher_overrides(a)]
+                dest = cell / f"dfqbench-{quant}-s{seed}"
+                kept = dest.with_name(dest.name + ".record.json")
+                if a.reuse_dfqbench and kept.exists():  # an earlier run of the same cell (same overrides)
+                    ours.append(json.loads(kept.read_text()))
+                    continue
+                ours.append(common.run_dfqbench(over, dest, cell / "dfqbench.log.txt"))
+            ablations = []  # the code's own ablation runs (--tag ablation-*), if any: the measured causes of a gap
+            for f in sorted(Path(a.out).glob(f"ablation-*/{cell.name}/official.json")):
+                ab = json.loads(f.read_text())
+                what = ("additions' operands at " + (f"{ab.get('add_bits')} bits" if ab.get("add_bits") != 32
+                                                     else "32 bits (float)"))
+                what += ", layer-input ranges clipped at 0" if ab.get("clip_inputs_at_zero") else ""
+                ablations.append(f"{what}: {ab['top1_mean']:.2f} ({common.rel(f.parent)})")
+            d_top1 = common.mean_std([r["top1"] for r in ours])
+            d_secs = common.mean_std([r["quantize_time_s"] for r in ours])
+            print(f"dfqbench method=dfq quant={quant} W{bits}A{bits}: top-1 {d_top1[0]:.2f} +- {d_top1[1]:.2f}, "
+                  f"quantize {d_secs[0]:.2f} s", flush=True)
+            common.upsert_parity_row({
+                "method": "dfq", "quant": quant, "schedule": "", "wbit": bits, "abit": bits,
+                "n_seeds": len(a.seeds), "official_top1_mean": common.fmt(top1[0]),
+                "official_top1_std": common.fmt(top1[1]), "dfqbench_top1_mean": common.fmt(d_top1[0]),
+                "dfqbench_top1_std": common.fmt(d_top1[1]), "official_s": common.fmt(secs[0]),
+                "dfqbench_s": common.fmt(d_secs[0]), "official_repo": repo, "official_commit": commit,
+                "note": f"UNOFFICIAL code (jakc4103/DFQ; the paper has none), flow {' '.join(FLAGS)}; "
+                        f"{QUANT_NOTES.get(quant, 'dfqbench quant=' + quant)}; data-free and deterministic: seeds "
+                        f"{' '.join(map(str, a.seeds))} change nothing; seconds = up to the test pass; "
+                        f"{runs[0]['n_test']} test images; records {common.rel(cell)}"
+                        + (f"; the gap measured on the code itself, changed at run time: {'; '.join(ablations)}"
+                           if ablations else ""),
+                "model": runs[0]["model"], "dataset": runs[0]["dataset"], "device": runs[0]["device"]},
+                Path(a.csv))
+
+
+if __name__ == "__main__":
+    main()

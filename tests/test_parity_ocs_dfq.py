@@ -1,0 +1,167 @@
+"""The fixes and official placements that parity with the official OCS code (cornell-zhang/dnn-quant-ocs) and the
+unofficial DFQ code (jakc4103/DFQ) exposed (scripts/parity/ocs.py, dfq.py; results/parity.csv), each pinned by a
+hand-computed value that the behaviour before the fix does not give."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from conftest import compose_cfg
+from dfqbench.methods.base import QuantContext
+from dfqbench.methods.ocs import (OCS, DynamicOutputQuant, OCSWeightQuantizer, expand_shifted, merge,
+                                  split_channels_shifted)
+from dfqbench.quant import Convention, WeightQuantizer, act_quantizers
+from dfqbench.runner import build_convention
+from test_wrap import tiny_model
+
+
+# ---- OCS: the grid-aware split -------------------------------------------------------------------------------
+
+def test_ocs_split_shifts_the_halves_by_a_quarter_step_by_hand():
+    w = torch.tensor([[4.0, -1.0, 2.0]])
+    index, factor, offset = split_channels_shifted(w, 1, 1.0)  # 4 -> 4/2 - 1/4 (in place), 4/2 + 1/4 (appended)
+    assert index.tolist() == [0, 1, 2, 0]
+    assert factor.tolist() == [0.5, 1.0, 1.0, 0.5] and offset.tolist() == [-0.25, 0.0, 0.0, 0.25]
+    assert expand_shifted(w, index, factor, offset, 1.0).tolist() == [[1.75, -1.0, 2.0, 2.25]]
+    assert torch.allclose(merge(expand_shifted(w, index, factor, offset, 1.0), index, 3), w)  # same function
+    zero = torch.tensor([[4.0, 0.0], [0.0, 1.0]])  # zero entries stay zero in both copies (the code's np.where)
+    i, f, o = split_channels_shifted(zero, 1, 1.0)
+    assert expand_shifted(zero, i, f, o, 1.0).tolist() == [[1.75, 0.0, 2.25], [0.0, 1.0, 0.0]]
+
+
+def test_ocs_quantizer_quarter_split_by_hand():
+    base = WeightQuantizer(3, per_channel=False, symmetric=True)
+    w = torch.tensor([[4.0, -0.9, 2.2]])
+    # the plain split [2, -0.9, 1.1, 2, 1.1] sets the grid: max 2, signed 3-bit (qmax 3), step 2/3. Split again
+    # with the shifts: 4 -> 11/6, 13/6; then 2.2 (now the largest) -> 1.1 -/+ 1/6. In steps: [2.75, -1.35, 1.4,
+    # 3.25, 1.9] -> [3, -1, 1, 3, 2]; summed back: [6, -1, 3] steps = [4, -2/3, 2]. Plain halving rounds 2.2 to
+    # 2 x round(1.65) = 4 steps = 8/3 (error 0.47 instead of 0.2).
+    q = OCSWeightQuantizer(base, expand_ratio=0.5, clip="max", split="quarter")
+    assert torch.allclose(q(w), torch.tensor([[4.0, -2 / 3, 2.0]]), atol=1e-6)
+    assert q.index.tolist() == [0, 1, 2, 0, 2] and q.splits == 2
+    assert torch.allclose(q.offset, torch.tensor([-0.25, 0.0, -0.25, 0.25, 0.25]))
+    half = OCSWeightQuantizer(base, expand_ratio=0.5, clip="max", split="half")
+    assert torch.allclose(half(w), torch.tensor([[4.0, -2 / 3, 8 / 3]]), atol=1e-6)
+
+
+def test_ocs_quarter_split_channel_rounds_like_the_unsplit_weight():
+    torch.manual_seed(0)
+    w = torch.randn(8, 16, 3, 3)
+    q = OCSWeightQuantizer(WeightQuantizer(4, per_channel=False, symmetric=True), 0.02, "max", "quarter")
+    out = q(w)
+    step = q.grid.scale
+    plain = torch.round(w / step) * step  # the same grid, no split (the split channel's max: 2 x 7 steps)
+    assert q.splits == 1 and torch.allclose(out, plain, atol=1e-6)  # the split channel loses nothing to rounding
+    half = OCSWeightQuantizer(WeightQuantizer(4, per_channel=False, symmetric=True), 0.02, "max", "half")
+    k = int(q.index[-1])
+    err_half = (half(w) - w)[:, k].abs().max() / step
+    err_quarter = (out - w)[:, k].abs().max() / step
+    assert err_quarter <= 0.5 + 1e-5 and err_half > 0.5  # plain halving: up to a whole step
+
+
+def test_ocs_method_defaults_to_the_quarter_split():
+    assert OCS().split == "quarter"
+    assert compose_cfg("method=ocs").method.split == "quarter"
+    with pytest.raises(ValueError, match="split='third'"):
+        OCS(split="third")
+
+
+# ---- OCS: the official placement ------------------------------------------------------------------------------
+
+def test_dynamic_output_quant_by_hand():
+    layer = DynamicOutputQuant(nn.Identity(), 3)
+    # signed 3-bit, max |y| 0.7: step 0.7 / 3; [0.1, -0.7, 0.4] / step = [0.43, -3, 1.71] -> [0, -3, 2]
+    y = layer(torch.tensor([0.1, -0.7, 0.4]))
+    assert torch.allclose(y, torch.tensor([0.0, -0.7, 2 * 0.7 / 3]), atol=1e-6)
+
+
+def _official_ocs() -> Convention:
+    return build_convention(compose_cfg("quant=official_ocs"), OCS())
+
+
+def test_official_ocs_preset_leaves_first_conv_and_fc_float():
+    conv = _official_ocs()
+    assert conv.act.sites == "each_layer_input" and not conv.fold_bn
+    assert conv.layers.first_wbit == 32 and conv.layers.last_wbit == 32 and conv.layers.last_abit == 32
+    st = conv.method_settings["ocs"]
+    assert (st["profile"], st["act_grid"], st["output_quant"], st["split"]) == ("float", "signed", "dynamic",
+                                                                                  "quarter")
+    assert (st["calib_data"], st["calib_images"], st["calib_batch_size"]) == ("real", 512, 512)
+
+
+def test_official_ocs_settings_profile_in_float_on_a_signed_grid(one_thread):
+    model = tiny_model()
+    conv = _official_ocs().with_overrides({"method_settings": {"ocs": {
+        **_official_ocs().method_settings["ocs"], "calib_data": "uniform_noise", "calib_images": 4,
+        "calib_batch_size": 4}}})
+    ctx = QuantContext(conv, 4, 4, 0, torch.device("cpu"), (3, 8, 8), 4, progress=False)
+    # the inputs the float model feeds conv1 and conv2 (the images of seed 0, as the method draws them)
+    from dfqbench.synth.calib_data import calibration_batches
+    x = calibration_batches("uniform_noise", model, ctx, 4, 4)[0]
+    with torch.no_grad():
+        a = model.stem(x)
+        b = model.relu1(model.bn1(model.conv1(a)))
+    qmodel = OCS().quantize(model, ctx)
+    qs = [q for q in act_quantizers(qmodel) if q.enabled]
+    assert len(qs) == 2  # conv1 and conv2 inputs; not the image, not the FC input
+    for q, t in zip(qs, (a, b)):
+        assert float(q.hi) == pytest.approx(float(t.abs().max()), rel=1e-6)
+        assert float(q.lo) == -float(q.hi)  # signed, though the tensor is >= 0 (after a ReLU)
+        assert q.grid.qmin == -8 and q.grid.qmax == 7
+    wrapped = [m for m in qmodel.modules() if isinstance(m, DynamicOutputQuant)]
+    assert len(wrapped) == 2 and ctx.info["ocs_dynamic_outputs"] == 2  # conv1, conv2; not the stem conv, not fc
+
+
+# ---- DFQ (the unofficial jakc4103/DFQ code) --------------------------------------------------------------------
+
+def _pair(w1, w2):
+    from dfqbench.quant.transforms.equalize import LayerPair
+    first, second = nn.Linear(2, 2, bias=False), nn.Linear(2, 2, bias=False)
+    first.weight.data, second.weight.data = torch.tensor(w1), torch.tensor(w2)
+    return LayerPair(first, second, through_relu=True)
+
+
+def test_equalization_with_the_codes_max_minus_min_range_by_hand():
+    from dfqbench.quant.transforms.equalize import equalize
+    # A rows (channels): [1, -3] (max-min 4, max|w| 3), [2, -2] (4, 2); B columns: [4, 0] (4, 4), [1, -1] (2, 1).
+    # max - min: channel 0 r1 = r2 = 4 -> s = 1; channel 1 s = sqrt(4 / 2): A row / sqrt 2, B column * sqrt 2.
+    pair = _pair([[1.0, -3.0], [2.0, -2.0]], [[4.0, 1.0], [0.0, -1.0]])
+    equalize([pair], channel_range="minmax")
+    r = 2 ** 0.5
+    assert torch.allclose(pair.first.weight, torch.tensor([[1.0, -3.0], [2 / r, -2 / r]]), atol=1e-6)
+    assert torch.allclose(pair.second.weight, torch.tensor([[4.0, r], [0.0, -r]]), atol=1e-6)
+    # max |w| (the default) moves channel 0 too: s = sqrt(3 / 4)
+    pair = _pair([[1.0, -3.0], [2.0, -2.0]], [[4.0, 1.0], [0.0, -1.0]])
+    equalize([pair])
+    s0 = (3 / 4) ** 0.5
+    assert torch.allclose(pair.first.weight[0], torch.tensor([1.0, -3.0]) / s0, atol=1e-6)
+
+
+def _official_dfq_convention():
+    from dfqbench.methods.dfq import DFQ
+    return build_convention(compose_cfg("method=dfq", "quant=official_dfq", "abit=4"), DFQ())
+
+
+def test_official_dfq_preset():
+    conv = _official_dfq_convention()
+    assert conv.fold_bn and conv.act.sites == "each_layer_input" and conv.layers.input_abit == 4
+    assert conv.weight.granularity == "per_tensor" and not conv.weight.symmetric
+    assert conv.method_settings["dfq"] == {"equalize_range": "minmax", "input_range": "normalization"}
+
+
+def test_dfq_quantized_image_takes_the_normalization_range(one_thread):
+    from dfqbench.methods.dfq import DFQ
+    conv = _official_dfq_convention()
+    ctx = QuantContext(conv, 4, 4, 0, torch.device("cpu"), (3, 8, 8), 4, progress=False,
+                       mean=torch.tensor([0.5, 0.4, 0.5]), std=torch.tensor([0.25, 0.2, 0.5]))
+    method = DFQ()
+    qmodel = method.quantize(tiny_model(), ctx)
+    assert method.equalize_range == "minmax"
+    # (0 - mean) / std = [-2, -2, -1] -> min -2; (1 - mean) / std = [2, 3, 1] -> max 3
+    image_q = act_quantizers(qmodel)[0]
+    assert (float(image_q.lo), float(image_q.hi)) == (-2.0, 3.0) and image_q.bits == 4
+    assert ctx.info["dfq_input_range"] == [-2.0, 3.0]
+    with pytest.raises(ValueError, match="input_range='data'"):
+        DFQ(input_range="data")
