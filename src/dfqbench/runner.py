@@ -21,7 +21,7 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from . import loggers, records
+from . import deploy, loggers, records
 from .data import data_identity, describe_identity, load_eval_set
 from .errors import ConfigError
 from .method_overrides import apply_per_setting
@@ -49,6 +49,10 @@ def validate(cfg: DictConfig) -> None:
         raise ConfigError(f"device={cfg.device!r} is not valid; choose one of: auto, cpu, cuda")
     check_model_dataset(cfg.model, str(cfg.dataset.name))
     loggers.check_available(cfg)
+    try:
+        deploy.check_export(cfg.get("export", "none"))
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
 
 
 def build_method(cfg: DictConfig) -> Method:
@@ -73,6 +77,14 @@ def build_convention(cfg: DictConfig, method: Method, check_method: bool = True)
     except (TypeError, ValueError) as exc:
         raise ConfigError(str(exc).splitlines()[0]) from None
     return conv
+
+
+def check_deployable(cfg: DictConfig, method: Method, conv: Convention) -> None:
+    """A backend preset (`deployable: true`) refuses, in one line, a run whose output its backend cannot express."""
+    try:
+        deploy.check_deployable(conv, method.name, cfg.wbit, cfg.abit)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
 
 
 def _device(name: str) -> torch.device:
@@ -119,6 +131,7 @@ def run(cfg: DictConfig, run_dir: Path, overrides: list[str] | None = None) -> d
     chash = records.config_hash({k: v for k, v in resolved.items() if k != "schedule"})
     method = build_method(cfg)
     convention = build_convention(cfg, method)
+    check_deployable(cfg, method, convention)
     device = _device(cfg.device)
     # what the fingerprint needs, nothing heavier: the checkpoint's sha256 and the test folder's file list
     weights = resolve_weights(cfg.model, cfg.paths.models_dir)
@@ -174,6 +187,8 @@ def run(cfg: DictConfig, run_dir: Path, overrides: list[str] | None = None) -> d
             quantize_s = time.perf_counter() - t0
             result = evaluate(qmodel.to(memory_format=torch.channels_last), data, cfg.eval.batch_size, device,
                               cfg.progress, desc="quantized eval")
+            deployed = {} if cfg.get("export", "none") == "none" else deploy.deploy_and_score(
+                qmodel, model, data, ctx.input_shape, cfg.eval.batch_size, cfg.threads, run_dir)
     except ConfigError:  # bad input found while working (an undecodable test image, ...): no failed record
         raise
     except Exception as exc:
@@ -186,7 +201,7 @@ def run(cfg: DictConfig, run_dir: Path, overrides: list[str] | None = None) -> d
         status="done", fp32_top1=round(fp32["top1"], 4), fp32_top5=round(fp32["top5"], 4),
         top1=round(result["top1"], 4), top5=round(result["top5"], 4),
         drop=round(fp32["top1"] - result["top1"], 4), quantize_time_s=round(quantize_s, 3),
-        eval_images_per_s=round(result["images_per_s"], 1), info=ctx.info,
+        eval_images_per_s=round(result["images_per_s"], 1), **deployed, info=ctx.info,
         wall_time_s=round(time.perf_counter() - started, 3),
     )
     records.write_json_atomic(run_dir / records.RECORD_NAME, record)

@@ -12,6 +12,7 @@ the paper tables too), and writes into --results:
     baselines.md  every number, by teacher x convention x schedule, papers' tables beside
     README.md     the leaderboard: figures, best top-1 per cell in bold
     parity.md     official code beside dfqbench (only with a parity.csv)
+    deployed.md   fake-quant beside deployed (ONNX Runtime) top-1 of the export=onnx runs (only when there are any)
     plots/<model>-<dataset>.png, plots/<model>-<dataset>-time.png   (dfqbench.plots)
 """
 
@@ -26,6 +27,7 @@ import pandas as pd
 from .plots import plot_all
 from .results import entries as model
 from .results.entries import collect_runs, schedule_label  # noqa: F401  (the public names of `make tables`)
+from .results.deployed import deployed_rows, render_deployed
 from .results.leaderboard import render_leaderboard
 from .results.markdown import drops_beside_papers, render_baselines  # noqa: F401
 from .results.parity import render_parity
@@ -74,6 +76,9 @@ def main(argv: list[str] | None = None) -> None:
     (out / "README.md").write_text(render_leaderboard(entries, teachers, titles, rel, len(runs)))
     if len(parity):
         (out / "parity.md").write_text(render_parity(parity))
+    deployed = [row for root in roots for row in deployed_rows(root)]
+    if deployed:
+        (out / "deployed.md").write_text(render_deployed(deployed, out))
     print(f"{len(runs)} runs, {len(summary)} table cells, {int((entries.source == 'reported').sum())} reported "
           f"rows, {len(parity)} parity rows -> {out / 'baselines.md'}, {out / 'README.md'}, "
           f"{sum(len(v) for v in figures.values())} figures in {out / 'plots'}")

@@ -65,6 +65,10 @@ class Convention:
     # settings a method takes under this convention, by method name ({aciq: {stats: calib, ...}}): an official
     # preset (quant=official_<method>) carries the official code's method settings; each method reads its own entry
     method_settings: dict = field(default_factory=dict)
+    # a backend preset (quant=onnxruntime, tensorrt): runs refuse, before any work, what the backend cannot express
+    # (dfqbench.deploy.check: non-uniform grids, per-channel activations, bit-widths outside deploy_bits)
+    deployable: bool = False
+    deploy_bits: list[int] | None = None  # the backend's integer bit-widths (null: any)
 
     @classmethod
     def from_dict(cls, data: dict) -> "Convention":
@@ -106,6 +110,10 @@ class Convention:
         for key, value in asdict(self.layers).items():
             if value is not None:
                 check_bits(f"quant.layers.{key}", value)
+        if not isinstance(self.deployable, bool):
+            raise ValueError(f"quant.deployable={self.deployable!r} is not valid; choose one of: true, false")
+        for value in self.deploy_bits or []:
+            check_bits("quant.deploy_bits", value)
         if not isinstance(self.method_settings, dict) or not all(
                 isinstance(k, str) and isinstance(v, dict) for k, v in self.method_settings.items()):
             raise ValueError(f"quant.method_settings={self.method_settings!r} must map method names to settings, "
