@@ -60,13 +60,20 @@ reproduce-cifar10: setup  ## experiment=cifar10_resnet20 into results/ (finished
 	status=$$?; $(PY) -m dfqbench.tables; exit $$status
 
 .PHONY: parity
-OFFICIAL_SQUANT ?=
-OFFICIAL_ACIQ ?=
+# make parity OFFICIAL_<METHOD>=<the user's clone of its official repository> ...: each driver runs that clone on the
+# shared teacher and test set beside dfqbench (scripts/parity/<method>.py, results/parity/, results/parity.csv)
 PARITY_ARGS ?=
-parity: setup  ## official code beside dfqbench -> results/parity/, results/parity.csv (OFFICIAL_SQUANT=clone OFFICIAL_ACIQ=clone)
-	@test -n "$(OFFICIAL_SQUANT)$(OFFICIAL_ACIQ)" || { echo "make parity: set OFFICIAL_SQUANT=<clone of clevercool/SQuant> and/or OFFICIAL_ACIQ=<clone of submission2019/cnn-quantization>" >&2; exit 2; }
-	$(if $(OFFICIAL_SQUANT),$(PY) scripts/parity/squant.py --official $(OFFICIAL_SQUANT) --bits 4 6 8 --dfqbench --quant official_squant squant $(PARITY_ARGS))
-	$(if $(OFFICIAL_ACIQ),$(PY) scripts/parity/aciq.py --official $(OFFICIAL_ACIQ) --dfqbench --quant official_aciq aciq $(PARITY_ARGS))
+PARITY_DRIVERS = SQUANT ACIQ OCS DFQ ZEROQ DSG GDFQ
+PARITY_CMD_SQUANT = squant.py --bits 4 6 8 --dfqbench --quant official_squant squant
+PARITY_CMD_ACIQ = aciq.py --dfqbench --quant official_aciq aciq
+PARITY_CMD_OCS = ocs.py --dfqbench --quant official_ocs ocs
+PARITY_CMD_DFQ = dfq.py --dfqbench --quant official_dfq dfq
+PARITY_CMD_ZEROQ = zeroq.py --dfqbench
+PARITY_CMD_DSG = dsg.py --dfqbench
+PARITY_CMD_GDFQ = gdfq.py --dfqbench
+parity: setup  ## official code beside dfqbench -> results/parity/, results/parity.csv (OFFICIAL_SQUANT=clone OFFICIAL_ACIQ=clone OFFICIAL_OCS= OFFICIAL_DFQ= OFFICIAL_ZEROQ= OFFICIAL_DSG= OFFICIAL_GDFQ=)
+	@test -n "$(strip $(foreach d,$(PARITY_DRIVERS),$(OFFICIAL_$(d))))" || { echo "make parity: set at least one of $(foreach d,$(PARITY_DRIVERS),OFFICIAL_$(d)=<clone>) (the repositories: results/parity/README.md)" >&2; exit 2; }
+	$(foreach d,$(PARITY_DRIVERS),$(if $(OFFICIAL_$(d)),$(PY) scripts/parity/$(word 1,$(PARITY_CMD_$(d))) --official $(OFFICIAL_$(d)) $(wordlist 2,99,$(PARITY_CMD_$(d))) $(PARITY_ARGS) &&)) true
 
 clean:
 	rm -rf outputs .cache .pytest_cache

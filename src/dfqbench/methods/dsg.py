@@ -27,7 +27,7 @@ class DSG(Method):
                  iterations: int = 500, lr: float = 0.9, patience: int = 260, min_lr: float = 1e-4,
                  margins: str = "gaussian", margin_percentile: float = 90.0, enhance_weight: float = 2.0,
                  ce_weight: float = 2.0, tv_weight: float = 0.01, l2_weight: float = 0.01, range: str = "ema",
-                 percentile: float = 99.999, **kwargs):
+                 percentile: float = 99.999, enhance: str = "official", enhance_layers: int = 20, **kwargs):
         super().__init__(name, **kwargs)
         self.calib_data = check_source(calib_data)
         if isinstance(num_images, bool) or not isinstance(num_images, int) or num_images < 1:
@@ -37,7 +37,7 @@ class DSG(Method):
         if not 0.0 < percentile <= 100.0:
             raise ValueError(f"method.percentile={percentile!r} must be in (0, 100]")
         self.settings = DSGSettings(batch_size, 1, iterations, lr, patience, min_lr, margins, margin_percentile,
-                                    enhance_weight, ce_weight, tv_weight, l2_weight)
+                                    enhance_weight, ce_weight, tv_weight, l2_weight, enhance, enhance_layers)
         self.settings.validate()
         self.num_images, self.range, self.percentile = num_images, range, percentile
 

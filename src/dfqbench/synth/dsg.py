@@ -7,10 +7,15 @@ homogeneous in two ways:
   penalized only by how far it lies *outside* a per-layer margin around the running statistics:
   ``max(0, |mu - mu_BN| - m_l)^2 + max(0, |sigma - sigma_BN| - n_l)^2`` summed over channels, divided by the
   batch size (ZeroQ's normalization).
-* Layer-wise sample enhancement: every sample has one BN layer whose loss is weighted `enhance_weight` (paper:
-  (1 + X) with a one-hot X, i.e. 2). Layers are dealt to samples as a random permutation of the layers,
-  repeated over the batch, so every layer is enhanced equally often (the official code enhances layer i for
-  sample i and none for samples beyond the layer count).
+* Layer-wise sample enhancement, as htqin/DSG's `main_loss(..., cnt, onehot)` does it (`enhance: official`):
+  sample i < min(batch, enhance_layers) (the code's `layer_num`, 20) has its hinge at BN layer i multiplied by
+  `enhance_weight` (2) *before* the square, i.e. that layer's term of that sample weighs 4; samples from
+  `enhance_layers` on and layers from `enhance_layers` on are never enhanced (with ResNet-20's 21 BN layers and
+  a batch of 40: samples 0-19 enhance layers 0-19, layer 20 and samples 20-39 none). The paper's (1 + X) with a
+  one-hot X reads as a weight of 2 on the squared term; the code squares it. `enhance: permutation` is
+  dfqbench's earlier rule, kept as an explicit switch: each sample's enhanced layer dealt from a random
+  permutation of the layers repeated over the batch (every layer equally often), `enhance_weight` on the
+  squared term.
 
 Plus the official code's terms: CE of the teacher's logits against random labels (`ce_weight`; the code adds
 the same CE twice, i.e. weight 2), 0.01 x TV-L2 (sum of the L2 norms of the four neighbour differences) and
@@ -53,6 +58,7 @@ from .bn_loop import EPS, ImageBatch, Synthesis, bn_layers, synthesize_batches
 from .calib_data import _split, cached
 
 MARGIN_MODELS = ("gaussian", "none")
+ENHANCE_RULES = ("official", "permutation")
 
 
 @dataclass
@@ -67,6 +73,8 @@ class DSGSettings(DistillSettings):
     ce_weight: float = 2.0
     tv_weight: float = 0.01
     l2_weight: float = 0.01
+    enhance: str = "official"  # official | permutation (see the module docstring)
+    enhance_layers: int = 20  # official: samples / layers below this are paired (the code's layer_num)
 
     def validate(self, prefix: str = "method.") -> None:
         for key in ("batch_size", "num_batches", "iterations", "patience"):
@@ -81,6 +89,12 @@ class DSGSettings(DistillSettings):
             raise ValueError(f"{prefix}margin_percentile={self.margin_percentile!r} must be in (0, 100)")
         if not self.lr > 0 or not 0 <= self.min_lr:
             raise ValueError(f"{prefix}lr={self.lr!r} must be > 0 and min_lr={self.min_lr!r} >= 0")
+        if self.enhance not in ENHANCE_RULES:
+            raise ValueError(f"{prefix}enhance={self.enhance!r} is not valid; choose one of: "
+                             f"{', '.join(ENHANCE_RULES)}")
+        if isinstance(self.enhance_layers, bool) or not isinstance(self.enhance_layers, int) or \
+                self.enhance_layers < 0:
+            raise ValueError(f"{prefix}enhance_layers={self.enhance_layers!r} must be an integer >= 0")
         if self.enhance_weight < 1.0:
             raise ValueError(f"{prefix}enhance_weight={self.enhance_weight!r} must be >= 1 (1 = no enhancement)")
         for key in ("ce_weight", "tv_weight", "l2_weight"):
@@ -154,11 +168,31 @@ def _tv_l2(x: torch.Tensor) -> torch.Tensor:
             + (x[:, :, 1:, :-1] - x[:, :, :-1, 1:]).norm() + (x[:, :, :-1, :-1] - x[:, :, 1:, 1:]).norm())
 
 
+def enhancement_weights(num_samples: int, num_layers: int, settings: DSGSettings,
+                        generator: torch.Generator | None = None) -> torch.Tensor:
+    """[num_samples, num_layers]: the factor on each sample's squared slack term at each BN layer.
+
+    official (htqin/DSG main_loss): sample i < min(num_samples, enhance_layers) has its hinge at layer i
+    multiplied by enhance_weight before the square (factor enhance_weight^2), every other entry 1.
+    permutation (dfqbench's earlier rule): sample i enhances layer order[i % num_layers] of a random permutation,
+    factor enhance_weight on the squared term."""
+    w = torch.ones(num_samples, num_layers)
+    if settings.enhance == "official":
+        k = min(num_samples, num_layers, settings.enhance_layers)
+        idx = torch.arange(k)
+        w[idx, idx] = settings.enhance_weight ** 2
+        return w
+    order = torch.randperm(num_layers, generator=generator)
+    enhanced = order.repeat(math.ceil(num_samples / num_layers))[:num_samples]
+    w[torch.arange(num_samples), enhanced] = settings.enhance_weight
+    return w
+
+
 class _DSGBatch(ImageBatch):
-    def __init__(self, x: torch.Tensor, labels: torch.Tensor, enhanced: torch.Tensor, settings: DSGSettings):
+    def __init__(self, x: torch.Tensor, labels: torch.Tensor, weights: torch.Tensor, settings: DSGSettings):
         super().__init__(x, settings.lr, settings.patience, settings.min_lr)
         self.labels = labels  # random targets of the CE term
-        self.enhanced = enhanced  # sample i enhances BN layer enhanced[i]
+        self.weights = weights  # [N, layers]: enhancement factor of each sample's squared term per layer
 
 
 class DSGSynthesis(Synthesis):
@@ -180,9 +214,8 @@ class DSGSynthesis(Synthesis):
         n, g = self.settings.batch_size, self.generator
         x = torch.rand((n, *self.image_shape), generator=g).to(self.device)
         labels = torch.randint(0, self.num_classes, (n,), generator=g).to(self.device)
-        order = torch.randperm(self.num_layers, generator=g)  # layers dealt to samples, each equally often
-        enhanced = order.repeat(math.ceil(n / self.num_layers))[:n].to(self.device)
-        return _DSGBatch(x, labels, enhanced, self.settings)
+        weights = enhancement_weights(n, self.num_layers, self.settings, g).to(self.device)
+        return _DSGBatch(x, labels, weights, self.settings)
 
     def loss(self, batch: _DSGBatch, x, logits, taps) -> torch.Tensor:
         s, n = self.settings, x.shape[0]
@@ -190,7 +223,7 @@ class DSGSynthesis(Synthesis):
         for layer, ((activation, (mean_t, std_t)), (m, sd)) in enumerate(zip(taps.pairs(), self.margins)):
             mean, std = channel_moments(activation)
             loss_l = slack_hinge(mean, mean_t, m).pow(2).sum(1) + slack_hinge(std, std_t, sd).pow(2).sum(1)
-            per_sample = per_sample + torch.where(batch.enhanced == layer, s.enhance_weight, 1.0) * loss_l
+            per_sample = per_sample + batch.weights[:, layer] * loss_l
         mean, std = channel_moments(x)
         prior = mean.pow(2).sum() + (std - 1.0).pow(2).sum()
         loss = (per_sample.sum() + prior) / n

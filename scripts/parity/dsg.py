@@ -1,0 +1,382 @@
+"""Parity driver for DSG (post-training): the official code (htqin/DSG, post_training_quantization/) on a dfqbench
+teacher and test set, beside `python -m dfqbench method=dsg method.margins=none quant=gdfq` on the same cell.
+
+    python scripts/parity/dsg.py --official /path/to/DSG-clone [--wbit 4 --abit 4] [--seeds 0 1 2] [--dfqbench]
+
+The official side runs the clone's own post_training_quantization/uniform_test.py (`--dataset cifar10 --model
+<arch> --batch_size 40 --w_bit W --a_bit A --seed S --test_batch_size 256`; act_q_method ema and onehot 1 are its
+defaults) in a child process per seed: getDistilData (one batch of 40 images, 500 Adam steps), quantize_model,
+update (one pass: the `ema` range of every QuantAct, quantizing as it goes), freeze_model, test.
+
+The slack margins. distill_data.py loads them every step from `./m_n_perc/m.npy` and `n.npy` (one scalar per BN
+layer, "Load percentile from local"), files that are not in the repository (htqin/DSG issue #2) and whose
+computation is not published either: the paper takes them as a percentile of real data's deviation from the BN
+statistics, i.e. they need real training images. The driver gives **zero margins** (np.load of those two paths
+returns zeros, one per BN layer): the official slack alignment becomes ZeroQ's plain alignment, every other term
+(layer-wise enhancement, CE on random labels, TV / L2 priors, the SCI term) stays the code's. The dfqbench side
+runs the same thing: `method.margins=none` (dfqbench's data-free `gaussian` margins have no official counterpart
+to compare with).
+
+Run-time patches, and nothing else:
+  - np.load('./m_n_perc/m.npy' | './m_n_perc/n.npy') -> zeros, one per BatchNorm2d of the teacher (above);
+  - pytorchcv's get_model returns the dfqbench teacher; uniform_test.py's --model choices do not hold
+    preresnet20_cifar10: for another teacher the argument stays resnet20_cifar10 and get_model returns that
+    teacher all the same (recorded);
+  - utils.getTestData returns the dfqbench test set (same images, normalization and order as a dfqbench run);
+  - torch.eig (removed in torch 2.x; compute_sci's eigen-decomposition) -> torch.linalg.eig, returned in
+    torch.eig's layout ([n, 2] real / imaginary eigenvalues, real eigenvectors); compute_sci wraps the result in
+    Variable(...), which detaches it: the term moves no image, it only enters the loss value the plateau
+    scheduler sees;
+  - ReduceLROnPlateau(..., verbose=False): torch >= 2.7 has no `verbose` (it only printed): dropped; the driver
+    also counts the scheduler's learning-rate cuts (recorded as lr_cuts, final_lr);
+  - pytorchcv >= 0.0.70 moved ConvBlock (imported, unused, by utils/quantize_model.py) to
+    pytorchcv.models.common.conv: it is put back under pytorchcv.models.common; distill_data.py imports cv2
+    (OpenCV), which it never uses: an empty module stands in when it is not installed;
+  - without a GPU, .cuda() stays on the CPU (nn.DataParallel then calls the model directly).
+The official code needs `progress` and `tensorboardX` (pip install --target DIR progress tensorboardX; the driver
+puts /tmp/parity-deps on PYTHONPATH when it exists).
+With --compare (default on) the child also quantizes the teacher with dfqbench (quant=gdfq), counts the weights
+that differ from the official ones by more than half a step, calibrates it with dfqbench's `ema` range
+(dfqbench.methods.dsg.calibrate) on the *official* generated batch, and compares the activation ranges (forward
+order) and the top-1: the quantizer side checked apart from the synthesis.
+
+Writes results/parity/dsg/[<tag>/]w<W>a<A>/official.json with one log per seed; with --dfqbench the dfqbench runs
+and the results/parity.csv row.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import runpy
+import sys
+import time
+import types
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import common  # noqa: E402
+
+DEFAULT_REPO = "htqin/DSG"
+DEPS = Path("/tmp/parity-deps")
+OUT = common.REPO / "results" / "parity" / "dsg"
+ARCHS = ("resnet18", "resnet50", "inceptionv3", "mobilenetv2_w1", "shufflenet_g1_w1", "resnet20_cifar10",
+         "sqnxt23_w2", "bn_vgg16")  # uniform_test.py's --model choices
+SAME_CELL = ["method.margins=none"]  # the dfqbench side of the official run with zero margins
+QUANT_NOTES = {
+    "gdfq": "dfqbench quant=gdfq (C1, DSG-PTQ's placement: ZeroQ's quantize_model) with method.margins=none (the "
+            "official run's m_n_perc margins are unpublished: zero on both sides)",
+}
+
+
+def _teacher_overrides(a) -> list[str]:
+    over = [f"model={a.model}", f"dataset={a.dataset}", *a.teacher]
+    if a.max_samples:
+        over.append(f"dataset.max_samples={a.max_samples}")
+    return over
+
+
+# --- child: one official run ----------------------------------------------------------------------------------
+
+def child(a) -> None:
+    official = Path(a.official).resolve() / "post_training_quantization"
+    sys.path.insert(0, str(official))
+    import numpy as np
+    import torch
+    from torch import nn
+    torch.set_num_threads(a.threads)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    cfg, loaded, data = common.teacher_and_data(_teacher_overrides(a))
+    teacher = loaded.model.eval()
+    arch = str(cfg.model.arch)
+    model_arg = arch if arch in ARCHS else "resnet20_cifar10"
+    patches = []
+
+    import pytorchcv.model_provider as provider
+
+    def get_model(name, pretrained=True, **kwargs):
+        if name != model_arg:
+            raise SystemExit(f"official uniform_test.py asked for {name!r}, expected {model_arg!r}")
+        return copy.deepcopy(teacher)
+
+    provider.get_model = get_model
+    patches.append(f"pytorchcv get_model({model_arg}) -> the dfqbench teacher {arch} "
+                   f"({loaded.checkpoint or loaded.weights}, sha256 {loaded.sha256[:16]})")
+
+    num_bn = sum(isinstance(m, nn.BatchNorm2d) for m in teacher.modules())
+    load = np.load
+
+    def np_load(path, *args, **kwargs):
+        if str(path).replace("\\", "/").endswith(("m_n_perc/m.npy", "m_n_perc/n.npy")):
+            return np.zeros(num_bn)
+        return load(path, *args, **kwargs)
+
+    np.load = np_load
+    patches.append(f"np.load('./m_n_perc/m.npy' | './m_n_perc/n.npy') -> zeros({num_bn}) (files not published: "
+                   "zero margins)")
+
+    def eig(A, eigenvectors=False):
+        w, v = torch.linalg.eig(A)
+        vals = torch.stack([w.real, w.imag], dim=1)
+        return vals, (v.real if eigenvectors else A.new_empty(0))
+
+    torch.eig = eig
+    patches.append("torch.eig(A, eigenvectors=True) -> torch.linalg.eig in torch.eig's layout (removed in torch 2)")
+
+    plateau_cls = torch.optim.lr_scheduler.ReduceLROnPlateau
+    lr_log = []
+
+    class Plateau(plateau_cls):
+        def __init__(self, optimizer, *args, verbose=False, **kwargs):  # `verbose` is gone in torch >= 2.7
+            super().__init__(optimizer, *args, **kwargs)
+            self.cuts = 0
+            lr_log.append(self)
+
+        def step(self, metrics, *args, **kwargs):
+            before = [g["lr"] for g in self.optimizer.param_groups]
+            super().step(metrics, *args, **kwargs)
+            self.cuts += int([g["lr"] for g in self.optimizer.param_groups] != before)
+
+    torch.optim.lr_scheduler.ReduceLROnPlateau = Plateau
+    patches.append("ReduceLROnPlateau(..., verbose=False): the argument dropped (removed in torch 2.7; it only "
+                   "printed)")
+
+    import pytorchcv.models.common as ptcv_common
+    if not hasattr(ptcv_common, "ConvBlock"):
+        from pytorchcv.models.common.conv import ConvBlock
+        ptcv_common.ConvBlock = ConvBlock
+        patches.append("pytorchcv.models.common.ConvBlock -> pytorchcv.models.common.conv.ConvBlock (imported by "
+                       "utils/quantize_model.py, unused on ResNets; moved in pytorchcv 0.0.70+)")
+    try:
+        import cv2  # noqa: F401
+    except ImportError:
+        sys.modules["cv2"] = types.ModuleType("cv2")
+        patches.append("cv2: an empty module (imported, unused, by distill_data.py)")
+
+    import utils  # the clone's post_training_quantization/utils
+    utils.getTestData = lambda dataset="imagenet", batch_size=1024, path="", shuffle=False, for_inception=False: \
+        common.EvalLoader(data, batch_size, device)
+    patches.append(f"utils.getTestData -> the dfqbench {cfg.dataset.name} test set ({data.num_samples} images)")
+    if device.type == "cpu":
+        common.cpu_only_cuda_calls(device)
+        patches.append(".cuda() -> cpu")
+
+    import distill_data
+    timings, captured = {}, {}
+    distil = distill_data.getDistilData
+
+    def get_distil_data(*args, **kwargs):
+        t0 = time.perf_counter()
+        out = distil(*args, **kwargs)
+        timings["distill_s"] = time.perf_counter() - t0
+        captured["batches"] = [b.detach().clone() for b in out]
+        return out
+
+    distill_data.getDistilData = get_distil_data
+    update = utils.update
+
+    def timed_update(model, batches):
+        t0 = time.perf_counter()
+        out = update(model, batches)
+        timings["update_s"] = time.perf_counter() - t0
+        captured["qmodel"] = model
+        return out
+
+    utils.update = distill_data.update = timed_update  # (distill_data star-imports utils: uniform_test reads both)
+    test = utils.test
+
+    def kept_test(model, loader):
+        acc = test(model, loader)
+        captured["acc"] = acc
+        return acc
+
+    utils.test = distill_data.test = kept_test
+
+    sys.argv = ["uniform_test.py", "--dataset", str(cfg.dataset.name), "--model", model_arg,
+                "--batch_size", str(a.batch_size), "--w_bit", str(a.wbit), "--a_bit", str(a.abit),
+                "--seed", str(a.seed), "--test_batch_size", str(a.test_batch_size)]
+    os.chdir(official)
+    t0 = time.perf_counter()
+    runpy.run_path(str(official / "uniform_test.py"), run_name="__main__")
+    wall = time.perf_counter() - t0
+    result = {"top1": round(100.0 * captured["acc"], 4), "distill_s": round(timings["distill_s"], 3),
+              "update_s": round(timings["update_s"], 3),
+              "quantize_s": round(timings["distill_s"] + timings["update_s"], 3), "wall_s": round(wall, 3),
+              "lr_cuts": [p.cuts for p in lr_log], "final_lr": [p.optimizer.param_groups[0]["lr"] for p in lr_log],
+              "argv": sys.argv[1:], "patches": patches, "device": device.type, "threads": torch.get_num_threads(),
+              "n_test": data.num_samples, "model": cfg.model.name, "arch": arch, "dataset": str(cfg.dataset.name),
+              "margins": "zero"}
+    if a.compare:
+        try:
+            result["check"] = compare(captured["qmodel"], captured["batches"], teacher, cfg, data, a, device)
+        except Exception as exc:  # the check must not cost the official number
+            result["check_error"] = repr(exc)
+    print(json.dumps(result))
+
+
+def compare(official_model, batches, teacher, cfg, data, a, device) -> dict:
+    """dfqbench's weights (quant=gdfq) beside the official ones, and dfqbench's `ema` calibration on the
+    official generated batch beside the official ranges and top-1."""
+    import torch
+    from omegaconf import OmegaConf
+
+    from dfqbench.evaluate import evaluate
+    from dfqbench.methods.dsg import calibrate
+    from dfqbench.quant import Convention, act_quantizers, quant_layers, quantize_model
+    from utils.quantization_utils.quant_modules import Quant_Conv2d, Quant_Linear, QuantAct
+
+    conv_cfg = common.compose([*_teacher_overrides(a), f"quant={a.check_quant}"]).quant
+    convention = Convention.from_dict(OmegaConf.to_container(conv_cfg, resolve=True))
+    ours = quantize_model(copy.deepcopy(teacher).to(device), convention, a.wbit, a.abit)
+    calibrate(ours, [b.to(device) for b in batches], "ema")
+    layers = quant_layers(ours)
+    theirs = [m for m in official_model.modules() if isinstance(m, (Quant_Conv2d, Quant_Linear))]
+    mismatched = total = 0
+    for m in theirs:
+        w = m.weight.detach()
+        layer = next(lay for lay in layers if lay.weight.shape == w.shape and torch.equal(lay.weight, w))
+        flat = w.reshape(w.shape[0], -1)
+        lo, hi = flat.min(1).values.clamp(max=0), flat.max(1).values.clamp(min=0)
+        step = ((hi - lo) / (2 ** a.wbit - 1)).reshape(-1, *[1] * (w.dim() - 1))
+        with torch.no_grad():
+            official_w = m.weight_function(m.weight, m.weight_bit, flat.min(1).values, flat.max(1).values)
+        mismatched += int(((official_w - layer.quantized_weight()).abs() / step > 0.5).sum())
+        total += w.numel()
+    acts_theirs = [m for m in official_model.modules() if isinstance(m, QuantAct)]
+    acts_ours = [q for q in act_quantizers(ours) if q.enabled]
+    rel = [abs(float(t.x_max) - float(o.hi)) / max(abs(float(t.x_max)), 1e-12)
+           for t, o in zip(acts_theirs, acts_ours)]
+    lo_diff = max((abs(float(t.x_min) - float(o.lo)) for t, o in zip(acts_theirs, acts_ours)), default=0.0)
+    top1 = evaluate(ours, data, batch_size=a.test_batch_size, device=device)["top1"]
+    return {"layers": len(theirs), "dfqbench_layers": len(layers), "weights": total, "weights_differing": mismatched,
+            "act_quantizers": len(acts_theirs), "dfqbench_act_quantizers": len(acts_ours),
+            "act_range_max_rel_diff": max(rel, default=0.0), "act_lo_max_abs_diff": lo_diff,
+            "act_range_rel_diff": [round(r, 6) for r in rel], "quant": a.check_quant,
+            "dfqbench_on_official_batch_top1": top1}
+
+
+# --- parent: seeds, records, parity.csv -----------------------------------------------------------------------
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--official", required=True, help="a clone of htqin/DSG")
+    p.add_argument("--wbit", type=int, default=4)
+    p.add_argument("--abit", type=int, default=4)
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="uniform_test.py --seed (default 0 1 2)")
+    p.add_argument("--model", default="resnet20_cifar10")
+    p.add_argument("--dataset", default="cifar10")
+    p.add_argument("--teacher", nargs="*", default=[], help="more dfqbench overrides for the teacher")
+    p.add_argument("--max-samples", type=int, default=None, help="dataset.max_samples (default: full test set)")
+    p.add_argument("--batch-size", type=int, default=40, help="uniform_test.py --batch_size (generated batch)")
+    p.add_argument("--test-batch-size", type=int, default=256, help="uniform_test.py --test_batch_size")
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--dfqbench", action="store_true", help="also run dfqbench on the same cell, write parity.csv")
+    p.add_argument("--quant", nargs="+", default=["gdfq"], help="dfqbench presets for --dfqbench")
+    p.add_argument("--method-overrides", nargs="*", default=SAME_CELL,
+                   help=f"dfqbench method overrides for --dfqbench (default: {' '.join(SAME_CELL)})")
+    p.add_argument("--check-quant", default="gdfq", help="the preset of the --compare check")
+    p.add_argument("--out", default=str(OUT))
+    p.add_argument("--tag", default="", help="a name for this teacher's folder under --out (default: none)")
+    p.add_argument("--csv", default=str(common.PARITY_CSV))
+    p.add_argument("--no-compare", dest="compare", action="store_false")
+    p.add_argument("--reuse-official", action="store_true",
+                   help="take the official side from an existing official.json with the same seeds and commit")
+    p.add_argument("--reuse-dfqbench", action="store_true",
+                   help="take a dfqbench seed from its kept record (same overrides) instead of running it again")
+    p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--seed", type=int, default=0, help=argparse.SUPPRESS)
+    a = p.parse_args(argv)
+    if a.child:
+        child(a)
+        return
+    repo, commit = common.clone_identity(Path(a.official), DEFAULT_REPO, "post_training_quantization/uniform_test.py")
+    out = Path(a.out) / a.tag if a.tag else Path(a.out)
+    cell = out / f"w{a.wbit}a{a.abit}"
+    env = {"PYTHONPATH": os.pathsep.join(filter(None, [str(DEPS) if DEPS.is_dir() else "",
+                                                       os.environ.get("PYTHONPATH", "")]))}
+    runs = []
+    old = common.reusable_official(cell / "official.json", a.seeds, commit) if a.reuse_official else None
+    earlier = {}  # --reuse-official: seeds already run (same commit and teacher) are kept, the others run
+    if a.reuse_official and not old and (cell / "official.json").exists():
+        prev = json.loads((cell / "official.json").read_text())
+        if prev.get("official_commit") == commit and prev.get("teacher_overrides") == _teacher_overrides(a):
+            earlier = {r["seed"]: r for r in prev["runs"]}
+    for seed in ([] if old else a.seeds):
+        if seed in earlier:
+            runs.append(earlier[seed])
+            print(f"official DSG W{a.wbit}A{a.abit} seed {seed}: reusing top-1 {earlier[seed]['top1']:.2f}", flush=True)
+            continue
+        args = ["--official", str(Path(a.official).resolve()), "--model", a.model, "--dataset", a.dataset,
+                "--seed", str(seed), "--wbit", str(a.wbit), "--abit", str(a.abit), "--batch-size", str(a.batch_size),
+                "--test-batch-size", str(a.test_batch_size), "--threads", str(a.threads),
+                "--check-quant", a.check_quant]
+        args += ["--teacher", *a.teacher] if a.teacher else []
+        args += ["--max-samples", str(a.max_samples)] if a.max_samples else []
+        args += [] if a.compare else ["--no-compare"]
+        r = common.run_child(Path(__file__), args, cell / f"official-s{seed}.log.txt", env)
+        r["seed"] = seed
+        runs.append(r)
+        chk = r.get("check", {})
+        print(f"official DSG W{a.wbit}A{a.abit} seed {seed}: top-1 {r['top1']:.2f}, quantize {r['quantize_s']:.0f} s, "
+              f"lr cuts {r['lr_cuts']}"
+              + (f"; dfqbench on the official batch {chk['dfqbench_on_official_batch_top1']:.2f}, weights differing "
+                 f"{chk['weights_differing']}/{chk['weights']}, act range max rel diff "
+                 f"{chk['act_range_max_rel_diff']:.2e}" if chk else ""), flush=True)
+    if old:
+        runs = old["runs"]
+        print(f"official DSG W{a.wbit}A{a.abit}: reusing {common.rel(cell / 'official.json')}", flush=True)
+    top1 = common.mean_std([r["top1"] for r in runs])
+    secs = common.mean_std([r["quantize_s"] for r in runs])
+    record = {"method": "dsg", "official_repo": repo, "official_commit": commit, "wbit": a.wbit, "abit": a.abit,
+              "seeds": a.seeds, "top1_mean": round(top1[0], 4), "top1_std": round(top1[1], 4),
+              "quantize_s_mean": round(secs[0], 3), "runs": runs, "model": runs[0]["model"],
+              "dataset": runs[0]["dataset"], "n_test": runs[0]["n_test"], "device": runs[0]["device"],
+              "margins": "zero (m_n_perc/*.npy not published)", "teacher_overrides": _teacher_overrides(a),
+              "created_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+    if all("check" in r for r in runs):
+        chk = common.mean_std([r["check"]["dfqbench_on_official_batch_top1"] for r in runs])
+        record.update(dfqbench_on_official_batch_top1_mean=round(chk[0], 4),
+                      dfqbench_on_official_batch_top1_std=round(chk[1], 4))
+    if not old:
+        common.write_json(cell / "official.json", record)
+    print(f"official DSG W{a.wbit}A{a.abit}: top-1 {top1[0]:.2f} +- {top1[1]:.2f} over seeds {a.seeds}, "
+          f"quantize {secs[0]:.1f} s ({repo}@{commit[:10]})", flush=True)
+    if not a.dfqbench:
+        return
+    for quant in a.quant:
+        ours = []
+        for seed in a.seeds:
+            over = ["method=dsg", f"quant={quant}", f"wbit={a.wbit}", f"abit={a.abit}", f"seed={seed}",
+                    f"method.batch_size={a.batch_size}", f"method.num_images={a.batch_size}", f"threads={a.threads}",
+                    *a.method_overrides, *_teacher_overrides(a)]
+            kept = cell / f"dfqbench-{quant}-s{seed}.record.json"
+            if a.reuse_dfqbench and kept.exists() and [o for o in json.loads(kept.read_text()).get("overrides", [])
+                                                       if o not in ("force=true", "progress=false")] == over:
+                ours.append(json.loads(kept.read_text()))
+                print(f"dfqbench {quant} seed {seed}: reusing {common.rel(kept)}", flush=True)
+                continue
+            ours.append(common.run_dfqbench(over, cell / f"dfqbench-{quant}-s{seed}", cell / "dfqbench.log.txt"))
+        d_top1 = common.mean_std([r["top1"] for r in ours])
+        # seconds of the runs that made their calibration images (a run whose images came from dfqbench's
+        # calibration cache took ~0 s for them)
+        fresh = [r for r in ours if not (r.get("info") or {}).get("calib_cached")]
+        d_secs = common.mean_std([r["quantize_time_s"] for r in fresh])
+        print(f"dfqbench method=dsg quant={quant} {' '.join(a.method_overrides)} W{a.wbit}A{a.abit}: top-1 "
+              f"{d_top1[0]:.2f} +- {d_top1[1]:.2f}, quantize {d_secs[0]:.1f} s", flush=True)
+        common.upsert_parity_row({
+            "method": "dsg", "quant": quant, "schedule": "", "wbit": a.wbit, "abit": a.abit,
+            "n_seeds": len(a.seeds), "official_top1_mean": common.fmt(top1[0]),
+            "official_top1_std": common.fmt(top1[1]), "dfqbench_top1_mean": common.fmt(d_top1[0]),
+            "dfqbench_top1_std": common.fmt(d_top1[1]), "official_s": common.fmt(secs[0]),
+            "dfqbench_s": common.fmt(d_secs[0]), "official_repo": repo, "official_commit": commit,
+            "note": f"{QUANT_NOTES.get(quant, 'dfqbench quant=' + quant)}; dfqbench overrides "
+                    f"{' '.join(a.method_overrides) or 'none'}; seeds {' '.join(map(str, a.seeds))}; seconds = "
+                    f"generation + calibration (dfqbench: the {len(fresh)} seed(s) not read from its cache); "
+                    f"{runs[0]['n_test']} test images; records {common.rel(cell)}",
+            "model": runs[0]["model"], "dataset": runs[0]["dataset"], "device": runs[0]["device"]}, Path(a.csv))
+
+
+if __name__ == "__main__":
+    main()
