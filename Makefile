@@ -70,7 +70,7 @@ PARITY_CMD_OCS = ocs.py --dfqbench --quant official_ocs ocs
 PARITY_CMD_DFQ = dfq.py --dfqbench --quant official_dfq dfq
 PARITY_CMD_ZEROQ = zeroq.py --dfqbench
 PARITY_CMD_DSG = dsg.py --dfqbench
-PARITY_CMD_GDFQ = gdfq.py --dfqbench
+PARITY_CMD_GDFQ = gdfq.py --dfqbench --resume
 parity: setup  ## official code beside dfqbench -> results/parity/, results/parity.csv (OFFICIAL_SQUANT=clone OFFICIAL_ACIQ=clone OFFICIAL_OCS= OFFICIAL_DFQ= OFFICIAL_ZEROQ= OFFICIAL_DSG= OFFICIAL_GDFQ=)
 	@test -n "$(strip $(foreach d,$(PARITY_DRIVERS),$(OFFICIAL_$(d))))" || { echo "make parity: set at least one of $(foreach d,$(PARITY_DRIVERS),OFFICIAL_$(d)=<clone>) (the repositories: results/parity/README.md)" >&2; exit 2; }
 	$(foreach d,$(PARITY_DRIVERS),$(if $(OFFICIAL_$(d)),$(PY) scripts/parity/$(word 1,$(PARITY_CMD_$(d))) --official $(OFFICIAL_$(d)) $(wordlist 2,99,$(PARITY_CMD_$(d))) $(PARITY_ARGS) &&)) true

@@ -1,0 +1,466 @@
+"""Parity driver for GDFQ (and, through gdfq_family.FAMILY, the forks of its code): the official trainer on a
+dfqbench teacher and test set at a dfqbench schedule's budget, beside `python -m dfqbench method=gdfq quant=gdfq
+schedule=<schedule>` on the same cell.
+
+    python scripts/parity/gdfq.py --official /path/to/GDFQ-clone [--schedule cpu] [--seeds 0 1 2] [--dfqbench]
+
+The official side runs the clone's own main() (`--conf_path <hocon> --id S`; main() sets manualSeed = S + 1) in a
+child process per seed, and changes at run time only:
+  - the hocon: the clone's cifar100_resnet20.hocon (its only CIFAR file) with the schedule's budget appended:
+    nEpochs, batchSize, warmup_epochs (epochs without a student step), step_S = step_G = the milestones,
+    qw/qa, nClasses = the teacher's, nThreads = 0, save_path = a scratch folder; lr_S 1e-4, lr_G 1e-3, betas,
+    temperature, alpha, momentum, weight decay stay the clone's. dataset stays "cifar100": it selects the code's
+    CIFAR branches (the 32x32 generator, a test after every epoch); Option.paramscheck then sets nClasses = 100
+    from that name, and the patched paramscheck puts back the teacher's class count;
+  - source rewrites (gdfq_family.SourceRewrite, each found exactly once): Trainer.train's `iters = 200` -> the
+    schedule's iters_per_epoch, ExperimentDesign.run's `if epoch < 4:` (activation-range calibration) -> the
+    schedule's calib_epochs, and without a GPU the GPU-id assert of _set_gpu;
+  - pytorchcv get_model('resnet20_cifar100', pretrained=True) -> the clone's own pytorchcv architecture of the
+    dfqbench teacher (its resnet_cifar has the `out_feature` argument the trainer calls), built as pretrained=True
+    builds it (same random-init draws), with the dfqbench checkpoint's state_dict (strict);
+  - DataLoader -> the dfqbench test set (batch 200 as the clone's CIFAR test loader, the teacher's normalization);
+  - without a GPU, .cuda() stays on the CPU and utils.data_parallel returns the model itself;
+  - the torch RNG is reset to its start-up state before main() (dfqbench's teacher loading drew from it): main()
+    builds the generator before it seeds anything, as in a fresh process.
+Its logger's test lines give every epoch's top-1; the record's `top1` is the FINAL epoch's (what dfqbench
+reports), `official_best_top1` the code's own "Best Result" (best epoch on the test set), labelled.
+The official code needs pyhocon and termcolor (requirements.txt; pip install --target DIR pyhocon termcolor and
+--deps DIR, default /tmp/parity-deps when it exists).
+
+Writes results/parity/<method>/[<tag>/]w<W>a<A>-<schedule>/official.json, one log per seed (driver output and the
+code's own train_test.log), and with --dfqbench the dfqbench runs and the results/parity.csv row.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import common  # noqa: E402
+import gdfq_family  # noqa: E402
+
+DEFAULT_DEPS = Path("/tmp/parity-deps")
+
+
+def _teacher_overrides(a) -> list[str]:
+    over = [f"model={a.model}", f"dataset={a.dataset}", *a.teacher]
+    if a.max_samples:
+        over.append(f"dataset.max_samples={a.max_samples}")
+    return over
+
+
+def schedule_of(name: str, extra: list[str]) -> dict:
+    from omegaconf import OmegaConf
+    cfg = common.compose([f"schedule={name}", *[f"schedule.{o}" for o in extra]])
+    return OmegaConf.to_container(cfg.schedule, resolve=True)
+
+
+# --- child: one official run ---------------------------------------------------------------------------------------
+
+def child(a) -> None:
+    entry = gdfq_family.FAMILY[a.method]
+    clone = Path(a.official).resolve()
+    root = clone / entry.subdir if entry.subdir else clone
+    import torch
+    torch.set_num_threads(a.threads)
+    cuda = torch.cuda.is_available() and not a.cpu
+    device = torch.device("cuda" if cuda else "cpu")
+    cfg, loaded, data = common.teacher_and_data(_teacher_overrides(a))
+    sched = json.loads(a.schedule_json)
+    teacher_state = {k: v.detach().cpu().clone() for k, v in loaded.model.state_dict().items()}
+    num_classes = int(cfg.model.num_classes)
+    arch = str(cfg.model.arch)
+    patches: list[str] = []
+
+    # the clone's own modules (its pytorchcv, utils, trainer) take precedence over the venv's
+    gdfq_family.purge_modules(("pytorchcv", "utils", "options", "dataloader", "trainer", "trainer_direct",
+                               "quantization_utils", "conditional_batchnorm"))
+    sys.path.insert(0, str(root))
+
+    import pytorchcv.model_provider as provider
+    clone_get_model = provider.get_model
+    asked = []
+
+    def get_model(name, pretrained=True, **kwargs):
+        asked.append(name)
+        net = clone_get_model(arch, pretrained=False, **kwargs)  # the same init draws as pretrained=True
+        net.load_state_dict(teacher_state, strict=True)
+        return net
+
+    provider.get_model = get_model
+    patches.append(f"pytorchcv get_model(<name>, pretrained=True) -> the clone's pytorchcv {arch} with the dfqbench "
+                   f"teacher's state_dict ({loaded.checkpoint or loaded.weights}, sha256 {loaded.sha256[:16]}), strict")
+
+    import dataloader
+    import options
+    import utils
+
+    class DataLoader:
+        def __init__(self, *args, **kwargs):
+            self.test = common.EvalLoader(data, 200, device)
+
+        def getloader(self):
+            return None, self.test
+
+    dataloader.DataLoader = DataLoader
+    patches.append(f"dataloader.DataLoader -> (None, the dfqbench {cfg.dataset.name} test set, "
+                   f"{data.num_samples} images, batch 200)")
+
+    paramscheck = options.Option.paramscheck
+
+    def paramscheck_keep_classes(self, logger):
+        paramscheck(self, logger)
+        self.nClasses = num_classes
+
+    options.Option.paramscheck = paramscheck_keep_classes
+    patches.append(f"Option.paramscheck: nClasses back to the teacher's {num_classes} (the code sets it from the "
+                   f"dataset name, {entry.dataset!r})")
+    if not cuda:
+        common.cpu_only_cuda_calls(device)
+        utils.data_parallel = lambda model, ngpus, gpu0=0: model.to(device)
+        patches.append(".cuda() -> cpu; utils.data_parallel -> the model itself")
+
+    scratch = Path(a.scratch)
+    scratch.mkdir(parents=True, exist_ok=True)
+    conf = scratch / "parity.hocon"
+    appended = {
+        "save_path": str(scratch / "save") + "/", "dataPath": "", "dataset": entry.dataset,
+        "nThreads": 0, "nEpochs": int(sched["epochs"]), "batchSize": int(sched["batch_size"]),
+        "warmup_epochs": int(sched["warmup_epochs"]), "step_S": list(sched["milestones"]),
+        "step_G": list(sched["milestones"]), "qw": a.wbit, "qa": a.abit, "nClasses": num_classes,
+        "experimentID": f"parity_{a.method}_w{a.wbit}a{a.abit}_",
+    }
+    block = gdfq_family.write_hocon(root / entry.conf, conf, appended)
+    patches.append(f"hocon: {entry.conf} with {json.dumps(appended, sort_keys=True)} appended")
+
+    main_mod = gdfq_family.import_file(root / entry.main, Path(entry.main).stem)
+    trainer_mod = sys.modules[entry.trainer]
+    patches += gdfq_family.apply_rewrites(entry, {"iters_per_epoch": int(sched["iters_per_epoch"]),
+                                           "calib_epochs": int(sched["calib_epochs"])}, cpu=not cuda)
+
+    # observe (not change): every epoch's test error and training seconds, the teacher's test error
+    Trainer = trainer_mod.Trainer
+    tests, teacher_tests, train_s = [], [], []
+    test, test_teacher, train = Trainer.test, Trainer.test_teacher, Trainer.train
+
+    def observed_test(self, epoch):
+        out = test(self, epoch)
+        tests.append((epoch, float(out[0]), float(out[2])))
+        return out
+
+    def observed_test_teacher(self, epoch):
+        out = test_teacher(self, epoch)
+        teacher_tests.append(float(out[0]))
+        return out
+
+    def observed_train(self, epoch):
+        t = time.perf_counter()
+        out = train(self, epoch)
+        train_s.append(time.perf_counter() - t)
+        return out
+
+    Trainer.test, Trainer.test_teacher, Trainer.train = observed_test, observed_test_teacher, observed_train
+    errors = []
+    logger_error = main_mod.logging.Logger.error
+
+    def record_error(self, msg, *args, **kwargs):  # run() catches every exception and only logs it
+        errors.append(str(msg))
+        return logger_error(self, msg, *args, **kwargs)
+
+    main_mod.logging.Logger.error = record_error
+
+    torch.manual_seed(torch.initial_seed())  # the RNG as a fresh process has it (main() seeds only later)
+    patches.append("torch RNG reset to its start-up state before main() (the driver's teacher loading drew from it)")
+    argv = ["--conf_path", str(conf), "--id", str(a.seed), *entry.extra_argv]
+    sys.argv = [entry.main, *argv]
+    os.chdir(scratch)
+    t0 = time.perf_counter()
+    main_mod.main()
+    wall = time.perf_counter() - t0
+    if errors or len(tests) != int(sched["epochs"]):
+        raise SystemExit(f"the official run did not finish: {len(tests)} of {sched['epochs']} epochs tested; "
+                         f"errors: {errors}")
+    logs = sorted(scratch.glob("save/**/train_test.log"))
+    final = tests[-1]
+    best = min(tests, key=lambda t: t[1])
+    result = {
+        "top1": round(100.0 - final[1], 4), "top5": round(100.0 - final[2], 4),
+        "official_best_top1": round(100.0 - best[1], 4), "official_best_epoch": best[0] + 1,
+        "epoch_top1": [round(100.0 - t[1], 4) for t in tests], "fp32_top1": round(100.0 - teacher_tests[0], 4),
+        "train_s": round(sum(train_s), 3), "wall_s": round(wall, 3), "argv": argv, "manual_seed": a.seed + 1,
+        "patches": patches, "hocon_appended": block, "teacher_names_asked": asked, "device": device.type,
+        "threads": torch.get_num_threads(), "official_log": str(logs[-1]) if logs else None,
+        "n_test": data.num_samples, "model": cfg.model.name, "dataset": str(cfg.dataset.name), "schedule": sched,
+    }
+    print(json.dumps(result))
+
+
+# --- child: the official quantizers beside dfqbench's (no training) -----------------------------------------------
+
+def check_quantizers(a) -> None:
+    """The clone's quantization_utils on the teacher and on synthetic tensors beside dfqbench's quant=<preset>:
+    weights (per channel, every conv/linear), an activation quantizer's forward and backward at a range that
+    clips, and the EMA range calibration over a stream of batches."""
+    entry = gdfq_family.FAMILY[a.method]
+    clone = Path(a.official).resolve()
+    root = clone / entry.subdir if entry.subdir else clone
+    import torch
+    from omegaconf import OmegaConf
+    from torch import nn
+
+    from dfqbench.quant import ActQuantizer, Convention, quant_layers, quantize_model
+    from dfqbench.train.ema import EMARangeObserver
+    torch.set_num_threads(a.threads)
+    cfg, loaded, data = common.teacher_and_data(_teacher_overrides(a))
+    conv = Convention.from_dict(OmegaConf.to_container(common.compose([*_teacher_overrides(a), f"quant={a.quant}"]).quant,
+                                                       resolve=True))
+    gdfq_family.purge_modules(("quantization_utils",))
+    sys.path.insert(0, str(root))
+    from quantization_utils.quant_modules import AsymmetricQuantFunction, QuantAct
+    out: dict = {"quant": a.quant, "act_ste": conv.act.ste, "wbit": a.wbit, "abit": a.abit}
+
+    # 1. weights: the official per-row min/max grid (Quant_Conv2d / Quant_Linear.forward) vs dfqbench's
+    teacher = loaded.model.eval()
+    student = quantize_model(__import__("copy").deepcopy(teacher), conv, a.wbit, a.abit)
+    layers, total, differ, worst = quant_layers(student), 0, 0, 0.0
+    for layer in layers:
+        w = layer.weight.detach()
+        flat = w.reshape(w.shape[0], -1)
+        lo, hi = flat.min(dim=1).values, flat.max(dim=1).values
+        theirs = AsymmetricQuantFunction.apply(w, a.wbit, lo, hi)
+        step = ((hi - lo) / (2 ** a.wbit - 1)).reshape(-1, *[1] * (w.dim() - 1))
+        diff = ((theirs - layer.quantized_weight().detach()).abs() / step)
+        differ += int((diff > 0.5).sum())
+        total += w.numel()
+        worst = max(worst, float(diff.max()))
+    same_sign = sum(int(((l.weight.reshape(l.weight.shape[0], -1).min(1).values > 0)
+                         | (l.weight.reshape(l.weight.shape[0], -1).max(1).values < 0)).sum()) for l in layers)
+    out["weights"] = {"layers": len(layers), "weights": total, "weights_differing": differ,
+                      "max_diff_in_steps": round(worst, 6), "channels_without_zero_in_range": same_sign}
+
+    # 2. one activation quantizer at a range that clips: forward and backward (straight-through estimator)
+    g = torch.Generator().manual_seed(0)
+    x = torch.relu(torch.randn(64, 16, 8, 8, generator=g) * 2.0)
+    hi = float(x.max()) * 0.6
+    theirs = QuantAct(activation_bit=a.abit)
+    theirs.x_min.fill_(0.0)
+    theirs.x_max.fill_(hi)
+    theirs.fix()
+    ours = ActQuantizer(a.abit, symmetric=conv.act.symmetric, estimator=conv.act.estimator, ste=conv.act.ste)
+    ours.set_range(0.0, hi)
+    weight = torch.randn(x.shape, generator=g)
+    grads = []
+    for q in (theirs, ours):
+        xi = x.clone().requires_grad_(True)
+        y = q(xi)
+        (y * weight).sum().backward()
+        grads.append((y.detach(), xi.grad.detach()))
+    above = x > hi
+    out["activation"] = {
+        "range": [0.0, round(hi, 6)], "elements": x.numel(), "above_range": int(above.sum()),
+        "forward_max_abs_diff": float((grads[0][0] - grads[1][0]).abs().max()),
+        "forward_differing": int(((grads[0][0] - grads[1][0]).abs() > 1e-6).sum()),
+        "grad_differing": int(((grads[0][1] - grads[1][1]).abs() > 1e-6).sum()),
+        "grad_differing_above_range": int((((grads[0][1] - grads[1][1]).abs() > 1e-6) & above).sum()),
+        "official_grad_zero_above_range": int((grads[0][1][above] == 0).sum()),
+        "dfqbench_grad_zero_above_range": int((grads[1][1][above] == 0).sum())}
+
+    # 3. EMA range calibration (beta 0.9) over a stream of batches with maxima ~1 +- 0.1
+    official_q = QuantAct(activation_bit=a.abit)
+    holder = nn.Sequential(ActQuantizer(a.abit, estimator="minmax", ste=conv.act.ste))
+    observer = EMARangeObserver(holder, 0.9)
+    trace, checkpoints = [], {1, 2, 5, 10, 20, 50, 100, 150, 200, 240, 400, 800}
+    for t in range(1, 801):
+        peak = 1.0 + 0.1 * float(torch.randn((), generator=g))
+        batch = torch.rand(8, 4, generator=g) * peak
+        batch[0, 0] = peak
+        with torch.no_grad():
+            official_q(batch)
+            holder(batch)
+        if t in checkpoints:
+            o, d = float(official_q.x_max), float(holder[0].hi)
+            trace.append({"t": t, "official_hi": round(o, 6), "dfqbench_hi": round(d, 6),
+                          "rel_diff": round(abs(o - d) / abs(d), 9)})
+    out["ema"] = {"beta": 0.9, "trace": trace,
+                  "note": "official: x_t = (beta x_{t-1} + (1-beta) r_t) / (1 - beta^t) on the stored, already "
+                          "corrected x_{t-1}; dfqbench: Adam's m_t / (1 - beta^t)"}
+    print(json.dumps(out))
+
+
+# --- parent ----------------------------------------------------------------------------------------------------------
+
+def _keep_seed(cell: Path, seed: int, r: dict, commit: str, wbit: int, abit: int) -> dict:
+    """One official seed's result, with the code's own log copied beside it, kept as official-s<seed>.json."""
+    log = r.get("official_log")
+    if log and Path(log).is_absolute():
+        if Path(log).exists():
+            (cell / f"official-s{seed}.train_test.log.txt").write_text(Path(log).read_text())
+        r["official_log"] = common.rel(cell / f"official-s{seed}.train_test.log.txt")
+    r.update(seed=seed, official_commit=commit, wbit=wbit, abit=abit)
+    common.write_json(cell / f"official-s{seed}.json", r)
+    return r
+
+
+def _finished_seed(cell: Path, seed: int, commit: str, sched: dict, wbit: int, abit: int) -> dict | None:
+    """A finished official seed (--resume): its official-s<seed>.json, or the result line that ends its driver log
+    (a driver stopped after that seed); None if there is none for this commit, schedule and bit-widths."""
+    path = cell / f"official-s{seed}.json"
+    if path.exists():
+        r = json.loads(path.read_text())
+    else:
+        log = cell / f"official-s{seed}.log.txt"
+        try:
+            r = json.loads(log.read_text().strip().splitlines()[-1])
+        except (OSError, ValueError, IndexError):
+            return None
+        if f"--seed {seed} " not in log.read_text().splitlines()[0] + " ":
+            return None
+        r = _keep_seed(cell, seed, r, commit, wbit, abit)
+    ok = (r.get("official_commit") == commit and r.get("schedule") == sched and r.get("wbit") == wbit
+          and r.get("abit") == abit and "top1" in r)
+    return r if ok else None
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--official", required=True, help="a clone of the method's repository (gdfq: xushoukai/GDFQ)")
+    p.add_argument("--method", default="gdfq", choices=sorted(gdfq_family.FAMILY),
+                   help="which entry of gdfq_family.FAMILY (only gdfq has been run)")
+    p.add_argument("--schedule", default="cpu", help="conf/schedule/<name>.yaml: the budget of both sides")
+    p.add_argument("--schedule-override", nargs="*", default=[],
+                   help="schedule keys for both sides, e.g. epochs=2 iters_per_epoch=3 (smoke checks)")
+    p.add_argument("--wbit", type=int, default=4)
+    p.add_argument("--abit", type=int, default=4)
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2],
+                   help="official --id S (manualSeed S+1) / dfqbench seed=S (default 0 1 2)")
+    p.add_argument("--model", default="resnet20_cifar10")
+    p.add_argument("--dataset", default="cifar10")
+    p.add_argument("--teacher", nargs="*", default=[], help="more dfqbench overrides for the teacher")
+    p.add_argument("--max-samples", type=int, default=None, help="dataset.max_samples (default: full test set)")
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--cpu", action="store_true", help="stay on the CPU even with a GPU")
+    p.add_argument("--deps", default=str(DEFAULT_DEPS) if DEFAULT_DEPS.is_dir() else "",
+                   help="a folder with the official code's extra packages (pyhocon, termcolor), put on PYTHONPATH")
+    p.add_argument("--dfqbench", action="store_true", help="also run dfqbench on the same cell, write parity.csv")
+    p.add_argument("--quant", default="gdfq", help="dfqbench preset for --dfqbench (default gdfq)")
+    p.add_argument("--method-overrides", nargs="*", default=[], help="more dfqbench overrides for --dfqbench")
+    p.add_argument("--out", default="")
+    p.add_argument("--tag", default="")
+    p.add_argument("--csv", default=str(common.PARITY_CSV))
+    p.add_argument("--official-seeds", type=int, nargs="*", default=None, help="official seeds (default --seeds)")
+    p.add_argument("--dfqbench-seeds", type=int, nargs="*", default=None, help="dfqbench seeds (default --seeds)")
+    p.add_argument("--resume", action="store_true",
+                   help="keep finished seeds: official-s<S>.json (same commit, schedule, bits) or the result line "
+                        "of a finished official-s<S>.log.txt; dfqbench-<quant>-s<S>.record.json")
+    p.add_argument("--check-quantizers", dest="check_only", action="store_true",
+                   help="only compare the clone's quantizers with dfqbench's quant=<--quant> (seconds, no training): "
+                        "<cell>/quantizer-check.json")
+    p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--check", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--seed", type=int, default=0, help=argparse.SUPPRESS)
+    p.add_argument("--scratch", default="", help=argparse.SUPPRESS)
+    p.add_argument("--schedule-json", default="{}", help=argparse.SUPPRESS)
+    a = p.parse_args(argv)
+    if a.child:
+        (check_quantizers if a.check else child)(a)
+        return
+    entry = gdfq_family.FAMILY[a.method]
+    marker = f"{entry.subdir}/{entry.trainer}.py" if entry.subdir else f"{entry.trainer}.py"
+    repo, commit = common.clone_identity(Path(a.official), entry.repo, marker)
+    sched = schedule_of(a.schedule, a.schedule_override)
+    out = Path(a.out) if a.out else common.REPO / "results" / "parity" / a.method
+    out = out / a.tag if a.tag else out
+    cell = out / f"w{a.wbit}a{a.abit}-{a.schedule}"
+    env = {"PYTHONPATH": os.pathsep.join(filter(None, [a.deps, os.environ.get("PYTHONPATH", "")]))}
+    env.update(OMP_NUM_THREADS=str(a.threads), MKL_NUM_THREADS=str(a.threads))
+    if a.check_only:
+        args = ["--official", str(Path(a.official).resolve()), "--method", a.method, "--model", a.model,
+                "--dataset", a.dataset, "--wbit", str(a.wbit), "--abit", str(a.abit), "--threads", str(a.threads),
+                "--quant", a.quant, "--check", *(["--teacher", *a.teacher] if a.teacher else [])]
+        r = common.run_child(Path(__file__), args, cell / "quantizer-check.log.txt", env=env)
+        r.update(official_repo=repo, official_commit=commit, created_at=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
+        common.write_json(cell / "quantizer-check.json", r)
+        print(json.dumps({k: r[k] for k in ("weights", "activation")}, indent=1))
+        return
+    official_seeds = a.seeds if a.official_seeds is None else a.official_seeds
+    dfqbench_seeds = a.seeds if a.dfqbench_seeds is None else a.dfqbench_seeds
+    runs = []
+    for seed in official_seeds:
+        done = _finished_seed(cell, seed, commit, sched, a.wbit, a.abit) if a.resume else None
+        if done is not None:
+            runs.append(done)
+            print(f"official {a.method} seed {seed}: reusing {common.rel(cell / f'official-s{seed}.json')}", flush=True)
+            continue
+        scratch = Path("/tmp") / f"parity-{a.method}-{os.getpid()}-s{seed}"
+        args = ["--official", str(Path(a.official).resolve()), "--method", a.method, "--model", a.model,
+                "--dataset", a.dataset, "--seed", str(seed), "--wbit", str(a.wbit), "--abit", str(a.abit),
+                "--threads", str(a.threads), "--scratch", str(scratch), "--schedule-json", json.dumps(sched)]
+        args += ["--teacher", *a.teacher] if a.teacher else []
+        args += ["--max-samples", str(a.max_samples)] if a.max_samples else []
+        args += ["--cpu"] if a.cpu else []
+        r = common.run_child(Path(__file__), args, cell / f"official-s{seed}.log.txt", env=env)
+        r = _keep_seed(cell, seed, r, commit, a.wbit, a.abit)
+        runs.append(r)
+        print(f"official {a.method} W{a.wbit}A{a.abit} [{a.schedule}] seed {seed}: final-epoch top-1 {r['top1']:.2f} "
+              f"(official best epoch {r['official_best_epoch']}: {r['official_best_top1']:.2f}), "
+              f"train {r['train_s']:.0f} s, wall {r['wall_s']:.0f} s", flush=True)
+    top1 = common.mean_std([r["top1"] for r in runs])
+    best = common.mean_std([r["official_best_top1"] for r in runs])
+    secs = common.mean_std([r["train_s"] for r in runs])
+    record = {"method": a.method, "official_repo": repo, "official_commit": commit, "wbit": a.wbit, "abit": a.abit,
+              "seeds": official_seeds, "schedule_name": a.schedule, "schedule": sched,
+              "top1_mean": round(top1[0], 4), "top1_std": round(top1[1], 4), "top1_is": "final epoch",
+              "official_best_top1_mean": round(best[0], 4), "official_best_top1_std": round(best[1], 4),
+              "official_best_top1_is": "the code's 'Best Result': best epoch on the test set (not comparable)",
+              "train_s_mean": round(secs[0], 3), "runs": runs, "model": runs[0]["model"],
+              "dataset": runs[0]["dataset"], "n_test": runs[0]["n_test"], "device": runs[0]["device"],
+              "teacher_overrides": _teacher_overrides(a), "created_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+    common.write_json(cell / "official.json", record)
+    print(f"official {a.method} W{a.wbit}A{a.abit} [{a.schedule}]: final-epoch top-1 {top1[0]:.2f} +- {top1[1]:.2f} "
+          f"(official best-epoch {best[0]:.2f} +- {best[1]:.2f}) over seeds {official_seeds}, train {secs[0]:.0f} s "
+          f"({repo}@{commit[:10]})", flush=True)
+    if not a.dfqbench:
+        return
+    ours = []
+    for seed in dfqbench_seeds:
+        dest = cell / f"dfqbench-{a.quant}-s{seed}"
+        kept = dest.with_name(dest.name + ".record.json")
+        if a.resume and kept.exists():
+            r = json.loads(kept.read_text())
+            ours.append(r)
+            print(f"dfqbench {a.method} seed {seed}: reusing {common.rel(kept)} (top-1 {r['top1']:.2f})", flush=True)
+            continue
+        over = [f"method={a.method}", f"quant={a.quant}", f"schedule={a.schedule}", f"wbit={a.wbit}",
+                f"abit={a.abit}", f"seed={seed}", f"threads={a.threads}",
+                *[f"schedule.{o}" for o in a.schedule_override], *a.method_overrides, *_teacher_overrides(a)]
+        r = common.run_dfqbench(over, dest, cell / "dfqbench.log.txt")
+        ours.append(r)
+        print(f"dfqbench {a.method} seed {seed}: top-1 {r['top1']:.2f}, quantize {r['quantize_time_s']:.0f} s",
+              flush=True)
+    d_top1 = common.mean_std([r["top1"] for r in ours])
+    d_secs = common.mean_std([r["quantize_time_s"] for r in ours])
+    print(f"dfqbench method={a.method} quant={a.quant} schedule={a.schedule} W{a.wbit}A{a.abit}: top-1 "
+          f"{d_top1[0]:.2f} +- {d_top1[1]:.2f}, quantize {d_secs[0]:.0f} s", flush=True)
+    common.upsert_parity_row({
+        "method": a.method, "quant": a.quant, "schedule": a.schedule, "wbit": a.wbit, "abit": a.abit,
+        "n_seeds": min(len(runs), len(ours)), "official_top1_mean": common.fmt(top1[0]), "official_top1_std": common.fmt(top1[1]),
+        "dfqbench_top1_mean": common.fmt(d_top1[0]), "dfqbench_top1_std": common.fmt(d_top1[1]),
+        "official_s": common.fmt(secs[0], 0), "dfqbench_s": common.fmt(d_secs[0], 0), "official_repo": repo,
+        "official_commit": commit,
+        "note": f"final epoch on both sides (the official code's own best-epoch-on-test number: {best[0]:.2f} +- "
+                f"{best[1]:.2f}); schedule {a.schedule} ({sched['epochs']} epochs x {sched['iters_per_epoch']} "
+                f"iterations, batch {sched['batch_size']}, warm-up {sched['warmup_epochs']}, calibration "
+                f"{sched['calib_epochs']}, milestones {sched['milestones']}); official seeds "
+                f"{' '.join(map(str, official_seeds))} (--id S, manualSeed S+1), dfqbench seeds "
+                f"{' '.join(map(str, dfqbench_seeds))}; seconds = training; {runs[0]['n_test']} test images; "
+                f"records {common.rel(cell)}",
+        "model": runs[0]["model"], "dataset": runs[0]["dataset"], "device": runs[0]["device"]}, Path(a.csv))
+
+
+if __name__ == "__main__":
+    main()
