@@ -56,13 +56,6 @@ QUANT_NOTES = {  # what the dfqbench side of a row is, per preset
 FLOW = ["-pcq_w", "-pcq_a", "-c", "laplace", "-baa", "-baw", "-bcw"]  # README: W4A4 + ACIQ + bit alloc + bias corr
 
 
-def _teacher_overrides(a) -> list[str]:
-    over = [f"model={a.model}", f"dataset={a.dataset}", *a.teacher]
-    if a.max_samples:
-        over.append(f"dataset.max_samples={a.max_samples}")
-    return over
-
-
 # --- child: one step of the official flow ---------------------------------------------------------------------
 
 def _stub_modules(patches: list[str]) -> None:
@@ -176,7 +169,7 @@ def child(a) -> None:
         common.cpu_only_cuda_calls(device)
         torch.cuda.FloatTensor = lambda *size: torch.zeros(*size)
         patches.append(".cuda() -> cpu; torch.cuda.FloatTensor (zero rounding noise) -> torch.zeros")
-    overrides = _teacher_overrides(a)
+    overrides = common.teacher_overrides(a)
     cfg, loaded, data = common.teacher_and_data(overrides)
     _INPUT_SHAPE = tuple(data_shape(data, cfg))
     arch = str(cfg.model.arch)
@@ -326,7 +319,7 @@ def main(argv=None) -> None:
               "seeds": a.seeds, "top1_mean": round(top1[0], 4), "top1_std": round(top1[1], 4),
               "statistics_s_mean": round(secs[0], 3), "runs": runs, "model": runs[0]["model"],
               "dataset": runs[0]["dataset"], "n_test": runs[0]["n_test"], "device": runs[0]["device"],
-              "teacher_overrides": _teacher_overrides(a), "calib_images": a.calib_images, "flags": a.flags,
+              "teacher_overrides": common.teacher_overrides(a), "calib_images": a.calib_images, "flags": a.flags,
               "created_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
     if not old:
         common.write_json(cell / "official.json", record)
@@ -339,7 +332,7 @@ def main(argv=None) -> None:
         for seed in a.seeds:
             over = ["method=aciq", f"quant={quant}", f"wbit={a.wbit}", f"abit={a.abit}", f"seed={seed}",
                     f"method.calib_images={a.calib_images}", f"threads={a.threads}", *a.method_overrides,
-                    *_teacher_overrides(a)]
+                    *common.teacher_overrides(a)]
             ours.append(common.run_dfqbench(over, cell / f"dfqbench-{quant}-s{seed}", cell / "dfqbench.log.txt"))
         d_top1 = common.mean_std([r["top1"] for r in ours])
         d_secs = common.mean_std([r["quantize_time_s"] for r in ours])

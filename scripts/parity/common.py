@@ -67,6 +67,14 @@ def compose(overrides: list[str]):
         return hydra_compose(config_name="config", overrides=list(overrides))
 
 
+def teacher_overrides(a) -> list[str]:
+    """The dfqbench overrides of a driver's teacher and test set (its --model, --dataset, --teacher, --max-samples)."""
+    over = [f"model={a.model}", f"dataset={a.dataset}", *a.teacher]
+    if a.max_samples:
+        over.append(f"dataset.max_samples={a.max_samples}")
+    return over
+
+
 def teacher_and_data(overrides: list[str]):
     """(cfg, loaded model, EvalSet) exactly as a dfqbench run with these overrides loads them."""
     from dfqbench.data import load_eval_set

@@ -59,13 +59,6 @@ QUANT_NOTES = {
 }
 
 
-def _teacher_overrides(a) -> list[str]:
-    over = [f"model={a.model}", f"dataset={a.dataset}", *a.teacher]
-    if a.max_samples:
-        over.append(f"dataset.max_samples={a.max_samples}")
-    return over
-
-
 # --- child: one official run ----------------------------------------------------------------------------------
 
 def child(a) -> None:
@@ -82,7 +75,7 @@ def child(a) -> None:
     torch.manual_seed(a.seed)
     np.random.seed(a.seed)
     device = torch.device("cpu")
-    cfg, loaded, data = common.teacher_and_data(_teacher_overrides(a))
+    cfg, loaded, data = common.teacher_and_data(common.teacher_overrides(a))
     input_shape = tuple(data_shape(data, cfg))
     teacher = loaded.model.eval()
     patches = []
@@ -307,7 +300,7 @@ def main(argv=None) -> None:
                   "wbit": bits, "abit": bits, "seeds": a.seeds, "top1_mean": round(top1[0], 4),
                   "top1_std": round(top1[1], 4), "quantize_s_mean": round(secs[0], 4), "runs": runs,
                   "model": runs[0]["model"], "dataset": runs[0]["dataset"], "n_test": runs[0]["n_test"],
-                  "device": runs[0]["device"], "teacher_overrides": _teacher_overrides(a),
+                  "device": runs[0]["device"], "teacher_overrides": common.teacher_overrides(a),
                   "add_bits": a.add_bits or bits, "clip_inputs_at_zero": a.clip_inputs_at_zero,
                   "created_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
         if not old:
@@ -320,7 +313,7 @@ def main(argv=None) -> None:
             ours = []
             for seed in a.seeds:
                 over = ["method=dfq", f"quant={quant}", f"wbit={bits}", f"abit={bits}", f"seed={seed}",
-                        f"threads={a.threads}", *_teacher_overrides(a)]
+                        f"threads={a.threads}", *common.teacher_overrides(a)]
                 dest = cell / f"dfqbench-{quant}-s{seed}"
                 kept = dest.with_name(dest.name + ".record.json")
                 if a.reuse_dfqbench and kept.exists():  # an earlier run of the same cell (same overrides)

@@ -71,13 +71,6 @@ QUANT_NOTES = {
 }
 
 
-def _teacher_overrides(a) -> list[str]:
-    over = [f"model={a.model}", f"dataset={a.dataset}", *a.teacher]
-    if a.max_samples:
-        over.append(f"dataset.max_samples={a.max_samples}")
-    return over
-
-
 # --- child: one official run ----------------------------------------------------------------------------------
 
 def child(a) -> None:
@@ -88,7 +81,7 @@ def child(a) -> None:
     from torch import nn
     torch.set_num_threads(a.threads)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    cfg, loaded, data = common.teacher_and_data(_teacher_overrides(a))
+    cfg, loaded, data = common.teacher_and_data(common.teacher_overrides(a))
     teacher = loaded.model.eval()
     arch = str(cfg.model.arch)
     model_arg = arch if arch in ARCHS else "resnet20_cifar10"
@@ -217,44 +210,12 @@ def child(a) -> None:
 
 
 def compare(official_model, batches, teacher, cfg, data, a, device) -> dict:
-    """dfqbench's weights (quant=gdfq) beside the official ones, and dfqbench's `ema` calibration on the
-    official generated batch beside the official ranges and top-1."""
-    import torch
-    from omegaconf import OmegaConf
-
-    from dfqbench.evaluate import evaluate
+    """ZeroQ's check (scripts/parity/zeroq.py: DSG's code is a fork of ZeroQ's) with DSG's `ema` calibration."""
     from dfqbench.methods.dsg import calibrate
-    from dfqbench.quant import Convention, act_quantizers, quant_layers, quantize_model
-    from utils.quantization_utils.quant_modules import Quant_Conv2d, Quant_Linear, QuantAct
 
-    conv_cfg = common.compose([*_teacher_overrides(a), f"quant={a.check_quant}"]).quant
-    convention = Convention.from_dict(OmegaConf.to_container(conv_cfg, resolve=True))
-    ours = quantize_model(copy.deepcopy(teacher).to(device), convention, a.wbit, a.abit)
-    calibrate(ours, [b.to(device) for b in batches], "ema")
-    layers = quant_layers(ours)
-    theirs = [m for m in official_model.modules() if isinstance(m, (Quant_Conv2d, Quant_Linear))]
-    mismatched = total = 0
-    for m in theirs:
-        w = m.weight.detach()
-        layer = next(lay for lay in layers if lay.weight.shape == w.shape and torch.equal(lay.weight, w))
-        flat = w.reshape(w.shape[0], -1)
-        lo, hi = flat.min(1).values.clamp(max=0), flat.max(1).values.clamp(min=0)
-        step = ((hi - lo) / (2 ** a.wbit - 1)).reshape(-1, *[1] * (w.dim() - 1))
-        with torch.no_grad():
-            official_w = m.weight_function(m.weight, m.weight_bit, flat.min(1).values, flat.max(1).values)
-        mismatched += int(((official_w - layer.quantized_weight()).abs() / step > 0.5).sum())
-        total += w.numel()
-    acts_theirs = [m for m in official_model.modules() if isinstance(m, QuantAct)]
-    acts_ours = [q for q in act_quantizers(ours) if q.enabled]
-    rel = [abs(float(t.x_max) - float(o.hi)) / max(abs(float(t.x_max)), 1e-12)
-           for t, o in zip(acts_theirs, acts_ours)]
-    lo_diff = max((abs(float(t.x_min) - float(o.lo)) for t, o in zip(acts_theirs, acts_ours)), default=0.0)
-    top1 = evaluate(ours, data, batch_size=a.test_batch_size, device=device)["top1"]
-    return {"layers": len(theirs), "dfqbench_layers": len(layers), "weights": total, "weights_differing": mismatched,
-            "act_quantizers": len(acts_theirs), "dfqbench_act_quantizers": len(acts_ours),
-            "act_range_max_rel_diff": max(rel, default=0.0), "act_lo_max_abs_diff": lo_diff,
-            "act_range_rel_diff": [round(r, 6) for r in rel], "quant": a.check_quant,
-            "dfqbench_on_official_batch_top1": top1}
+    from zeroq import compare as zeroq_compare
+    return zeroq_compare(official_model, batches, teacher, cfg, data, a, device,
+                         calibrate=lambda model, bs: calibrate(model, bs, "ema"))
 
 
 # --- parent: seeds, records, parity.csv -----------------------------------------------------------------------
@@ -301,7 +262,7 @@ def main(argv=None) -> None:
     earlier = {}  # --reuse-official: seeds already run (same commit and teacher) are kept, the others run
     if a.reuse_official and not old and (cell / "official.json").exists():
         prev = json.loads((cell / "official.json").read_text())
-        if prev.get("official_commit") == commit and prev.get("teacher_overrides") == _teacher_overrides(a):
+        if prev.get("official_commit") == commit and prev.get("teacher_overrides") == common.teacher_overrides(a):
             earlier = {r["seed"]: r for r in prev["runs"]}
     for seed in ([] if old else a.seeds):
         if seed in earlier:
@@ -333,7 +294,7 @@ def main(argv=None) -> None:
               "seeds": a.seeds, "top1_mean": round(top1[0], 4), "top1_std": round(top1[1], 4),
               "quantize_s_mean": round(secs[0], 3), "runs": runs, "model": runs[0]["model"],
               "dataset": runs[0]["dataset"], "n_test": runs[0]["n_test"], "device": runs[0]["device"],
-              "margins": "zero (m_n_perc/*.npy not published)", "teacher_overrides": _teacher_overrides(a),
+              "margins": "zero (m_n_perc/*.npy not published)", "teacher_overrides": common.teacher_overrides(a),
               "created_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
     if all("check" in r for r in runs):
         chk = common.mean_std([r["check"]["dfqbench_on_official_batch_top1"] for r in runs])
@@ -350,7 +311,7 @@ def main(argv=None) -> None:
         for seed in a.seeds:
             over = ["method=dsg", f"quant={quant}", f"wbit={a.wbit}", f"abit={a.abit}", f"seed={seed}",
                     f"method.batch_size={a.batch_size}", f"method.num_images={a.batch_size}", f"threads={a.threads}",
-                    *a.method_overrides, *_teacher_overrides(a)]
+                    *a.method_overrides, *common.teacher_overrides(a)]
             kept = cell / f"dfqbench-{quant}-s{seed}.record.json"
             if a.reuse_dfqbench and kept.exists() and [o for o in json.loads(kept.read_text()).get("overrides", [])
                                                        if o not in ("force=true", "progress=false")] == over:

@@ -47,13 +47,6 @@ import gdfq_family  # noqa: E402
 DEFAULT_DEPS = Path("/tmp/parity-deps")
 
 
-def _teacher_overrides(a) -> list[str]:
-    over = [f"model={a.model}", f"dataset={a.dataset}", *a.teacher]
-    if a.max_samples:
-        over.append(f"dataset.max_samples={a.max_samples}")
-    return over
-
-
 def schedule_of(name: str, extra: list[str]) -> dict:
     from omegaconf import OmegaConf
     cfg = common.compose([f"schedule={name}", *[f"schedule.{o}" for o in extra]])
@@ -70,7 +63,7 @@ def child(a) -> None:
     torch.set_num_threads(a.threads)
     cuda = torch.cuda.is_available() and not a.cpu
     device = torch.device("cuda" if cuda else "cpu")
-    cfg, loaded, data = common.teacher_and_data(_teacher_overrides(a))
+    cfg, loaded, data = common.teacher_and_data(common.teacher_overrides(a))
     sched = json.loads(a.schedule_json)
     teacher_state = {k: v.detach().cpu().clone() for k, v in loaded.model.state_dict().items()}
     num_classes = int(cfg.model.num_classes)
@@ -216,8 +209,8 @@ def check_quantizers(a) -> None:
     from dfqbench.quant import ActQuantizer, Convention, quant_layers, quantize_model
     from dfqbench.train.ema import EMARangeObserver
     torch.set_num_threads(a.threads)
-    cfg, loaded, data = common.teacher_and_data(_teacher_overrides(a))
-    conv = Convention.from_dict(OmegaConf.to_container(common.compose([*_teacher_overrides(a), f"quant={a.quant}"]).quant,
+    cfg, loaded, data = common.teacher_and_data(common.teacher_overrides(a))
+    conv = Convention.from_dict(OmegaConf.to_container(common.compose([*common.teacher_overrides(a), f"quant={a.quant}"]).quant,
                                                        resolve=True))
     gdfq_family.purge_modules(("quantization_utils",))
     sys.path.insert(0, str(root))
@@ -419,7 +412,7 @@ def main(argv=None) -> None:
               "official_best_top1_is": "the code's 'Best Result': best epoch on the test set (not comparable)",
               "train_s_mean": round(secs[0], 3), "runs": runs, "model": runs[0]["model"],
               "dataset": runs[0]["dataset"], "n_test": runs[0]["n_test"], "device": runs[0]["device"],
-              "teacher_overrides": _teacher_overrides(a), "created_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+              "teacher_overrides": common.teacher_overrides(a), "created_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
     common.write_json(cell / "official.json", record)
     print(f"official {a.method} W{a.wbit}A{a.abit} [{a.schedule}]: final-epoch top-1 {top1[0]:.2f} +- {top1[1]:.2f} "
           f"(official best-epoch {best[0]:.2f} +- {best[1]:.2f}) over seeds {official_seeds}, train {secs[0]:.0f} s "
@@ -437,7 +430,7 @@ def main(argv=None) -> None:
             continue
         over = [f"method={a.method}", f"quant={a.quant}", f"schedule={a.schedule}", f"wbit={a.wbit}",
                 f"abit={a.abit}", f"seed={seed}", f"threads={a.threads}",
-                *[f"schedule.{o}" for o in a.schedule_override], *a.method_overrides, *_teacher_overrides(a)]
+                *[f"schedule.{o}" for o in a.schedule_override], *a.method_overrides, *common.teacher_overrides(a)]
         r = common.run_dfqbench(over, dest, cell / "dfqbench.log.txt")
         ours.append(r)
         print(f"dfqbench {a.method} seed {seed}: top-1 {r['top1']:.2f}, quantize {r['quantize_time_s']:.0f} s",

@@ -58,13 +58,6 @@ QUANT_NOTES = {
 }
 
 
-def _teacher_overrides(a) -> list[str]:
-    over = [f"model={a.model}", f"dataset={a.dataset}", *a.teacher]
-    if a.max_samples:
-        over.append(f"dataset.max_samples={a.max_samples}")
-    return over
-
-
 # --- child: one official run ----------------------------------------------------------------------------------
 
 def child(a) -> None:
@@ -74,7 +67,7 @@ def child(a) -> None:
 
     torch.set_num_threads(a.threads)
     device = torch.device("cpu")  # the code moves weights through numpy on the CPU; its GPU path is .cuda()
-    cfg, loaded, data = common.teacher_and_data(_teacher_overrides(a))
+    cfg, loaded, data = common.teacher_and_data(common.teacher_overrides(a))
     teacher = loaded.model.eval()
     name = str(cfg.model.name)
     arch = OFFICIAL_ARCH.get(name)
@@ -219,7 +212,7 @@ def paired(holder, teacher, cfg, data, a, device) -> dict:
     from dfqbench.methods.base import QuantContext
     from dfqbench.quant import Convention, act_quantizers
     from distiller.quantization.ocs import OCSParamLayerWrapper
-    conv_cfg = common.compose([*_teacher_overrides(a), "quant=official_ocs", f"abit={a.abit}"]).quant
+    conv_cfg = common.compose([*common.teacher_overrides(a), "quant=official_ocs", f"abit={a.abit}"]).quant
     convention = Convention.from_dict(OmegaConf.to_container(conv_cfg, resolve=True))
     images = holder["profile_images"]
     ocs_module.calibration_batches = lambda *args, **kwargs: [images.to(device)]
@@ -357,7 +350,7 @@ def main(argv=None) -> None:
                   "wbit": bits, "abit": bits, "seeds": a.seeds, "top1_mean": round(top1[0], 4), "top1_std": round(top1[1], 4),
                   "quantize_s_mean": round(secs[0], 4), "runs": runs, "model": runs[0]["model"],
                   "dataset": runs[0]["dataset"], "n_test": runs[0]["n_test"], "device": runs[0]["device"],
-                  "teacher_overrides": _teacher_overrides(a), "created_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+                  "teacher_overrides": common.teacher_overrides(a), "created_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
         if not old:
             common.write_json(cell / "official.json", record)
         print(f"official OCS W{bits}A{bits}: top-1 {top1[0]:.2f} +- {top1[1]:.2f} over seeds {a.seeds}, "
@@ -368,7 +361,7 @@ def main(argv=None) -> None:
             ours = []
             for seed in a.seeds:
                 over = ["method=ocs", f"quant={quant}", f"wbit={bits}", f"abit={bits}", f"seed={seed}",
-                        f"threads={a.threads}", *_teacher_overrides(a)]
+                        f"threads={a.threads}", *common.teacher_overrides(a)]
                 if quant.startswith("official"):  # the code tests at -b 128; its output ranges are per batch
                     over.append(f"eval.batch_size={a.batch_size}")
                 dest = cell / f"dfqbench-{quant}-s{seed}"

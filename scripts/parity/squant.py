@@ -49,13 +49,6 @@ QUANT_NOTES = {  # what the dfqbench side of a row is, per preset
 }
 
 
-def _teacher_overrides(a) -> list[str]:
-    over = [f"model={a.model}", f"dataset={a.dataset}", *a.teacher]
-    if a.max_samples:
-        over.append(f"dataset.max_samples={a.max_samples}")
-    return over
-
-
 # --- child: one official run ----------------------------------------------------------------------------------
 
 def child(a) -> None:
@@ -66,7 +59,7 @@ def child(a) -> None:
     from dfqbench.runner import data_shape
     torch.set_num_threads(a.threads)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    cfg, loaded, data = common.teacher_and_data(_teacher_overrides(a))
+    cfg, loaded, data = common.teacher_and_data(common.teacher_overrides(a))
     input_shape = tuple(data_shape(data, cfg))
     teacher = loaded.model.eval()
     arch = str(cfg.model.arch)
@@ -156,7 +149,7 @@ def compare(official_model, teacher, cfg, a, input_shape, device) -> dict:
     from dfqbench.quant import ActQuantizer, Convention, act_quantizers, quant_layers
     from quant_modules import Conv2dQuantizer, LinearQuantizer
 
-    conv_cfg = common.compose([*_teacher_overrides(a), "quant=official_squant"]).quant
+    conv_cfg = common.compose([*common.teacher_overrides(a), "quant=official_squant"]).quant
     convention = Convention.from_dict(OmegaConf.to_container(conv_cfg, resolve=True))
     method_cfg = OmegaConf.to_container(common.compose(["method=squant"]).method, resolve=True)
     method_cfg.pop("_target_")
@@ -267,7 +260,7 @@ def main(argv=None) -> None:
                   "seeds": a.seeds, "top1_mean": round(top1[0], 4), "top1_std": round(top1[1], 4),
                   "quantize_s_mean": round(secs[0], 4), "runs": runs, "model": runs[0]["model"],
                   "dataset": runs[0]["dataset"], "n_test": runs[0]["n_test"], "device": runs[0]["device"],
-                  "teacher_overrides": _teacher_overrides(a), "created_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+                  "teacher_overrides": common.teacher_overrides(a), "created_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
         if not old:
             common.write_json(cell / "official.json", record)
         print(f"official SQuant W{bits}A{bits}: top-1 {top1[0]:.2f} +- {top1[1]:.2f} over seeds {a.seeds}, "
@@ -278,7 +271,7 @@ def main(argv=None) -> None:
             ours = []
             for seed in a.seeds:
                 over = ["method=squant", f"quant={quant}", f"wbit={bits}", f"abit={bits}", f"method.noise_seed={seed}",
-                        f"method.batch_size={a.batch_size}", f"threads={a.threads}", *_teacher_overrides(a)]
+                        f"method.batch_size={a.batch_size}", f"threads={a.threads}", *common.teacher_overrides(a)]
                 ours.append(common.run_dfqbench(over, cell / f"dfqbench-{quant}-s{seed}", cell / "dfqbench.log.txt"))
             d_top1 = common.mean_std([r["top1"] for r in ours])
             d_secs = common.mean_std([r["quantize_time_s"] for r in ours])

@@ -60,13 +60,6 @@ QUANT_NOTES = {
 }
 
 
-def _teacher_overrides(a) -> list[str]:
-    over = [f"model={a.model}", f"dataset={a.dataset}", *a.teacher]
-    if a.max_samples:
-        over.append(f"dataset.max_samples={a.max_samples}")
-    return over
-
-
 # --- child: one official run ----------------------------------------------------------------------------------
 
 def child(a) -> None:
@@ -75,7 +68,7 @@ def child(a) -> None:
     import torch
     torch.set_num_threads(a.threads)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    cfg, loaded, data = common.teacher_and_data(_teacher_overrides(a))
+    cfg, loaded, data = common.teacher_and_data(common.teacher_overrides(a))
     teacher = loaded.model.eval()
     arch = str(cfg.model.arch)
     model_arg = arch if arch in ARCHS else "resnet20_cifar10"
@@ -197,9 +190,10 @@ def child(a) -> None:
     print(json.dumps(result))
 
 
-def compare(official_model, batches, teacher, cfg, data, a, device) -> dict:
-    """dfqbench's weights (quant=gdfq) beside the official ones, and dfqbench's calibration on the official
-    distilled batch beside the official ranges and top-1."""
+def compare(official_model, batches, teacher, cfg, data, a, device, calibrate=None) -> dict:
+    """dfqbench's weights (quant=gdfq) beside the official ones, and dfqbench's calibration (`calibrate(model,
+    batches)`, default ZeroQ's calibrate_on_batches) on the official batch beside the official ranges and top-1.
+    DSG's code is a fork of ZeroQ's (the same quant_modules): scripts/parity/dsg.py calls this too."""
     import torch
     from omegaconf import OmegaConf
 
@@ -208,10 +202,12 @@ def compare(official_model, batches, teacher, cfg, data, a, device) -> dict:
     from dfqbench.quant.calibration.calibrate import calibrate_on_batches
     from utils.quantization_utils.quant_modules import Quant_Conv2d, Quant_Linear, QuantAct
 
-    conv_cfg = common.compose([*_teacher_overrides(a), f"quant={a.check_quant}"]).quant
+    calibrate = calibrate or calibrate_on_batches
+
+    conv_cfg = common.compose([*common.teacher_overrides(a), f"quant={a.check_quant}"]).quant
     convention = Convention.from_dict(OmegaConf.to_container(conv_cfg, resolve=True))
     ours = quantize_model(copy.deepcopy(teacher).to(device), convention, a.wbit, a.abit)
-    calibrate_on_batches(ours, [b.to(device) for b in batches])
+    calibrate(ours, [b.to(device) for b in batches])
     layers = quant_layers(ours)
     theirs = [m for m in official_model.modules() if isinstance(m, (Quant_Conv2d, Quant_Linear))]
     mismatched = total = 0
@@ -302,7 +298,7 @@ def main(argv=None) -> None:
               "seeds": a.seeds, "top1_mean": round(top1[0], 4), "top1_std": round(top1[1], 4),
               "quantize_s_mean": round(secs[0], 3), "runs": runs, "model": runs[0]["model"],
               "dataset": runs[0]["dataset"], "n_test": runs[0]["n_test"], "device": runs[0]["device"],
-              "teacher_overrides": _teacher_overrides(a), "created_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+              "teacher_overrides": common.teacher_overrides(a), "created_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
     if all("check" in r for r in runs):
         chk = common.mean_std([r["check"]["dfqbench_on_official_batch_top1"] for r in runs])
         record.update(dfqbench_on_official_batch_top1_mean=round(chk[0], 4),
@@ -317,7 +313,7 @@ def main(argv=None) -> None:
         ours = []
         for seed in a.seeds:
             over = ["method=zeroq", f"quant={quant}", f"wbit={a.wbit}", f"abit={a.abit}", f"seed={seed}",
-                    f"method.batch_size={a.batch_size}", f"threads={a.threads}", *_teacher_overrides(a)]
+                    f"method.batch_size={a.batch_size}", f"threads={a.threads}", *common.teacher_overrides(a)]
             kept = cell / f"dfqbench-{quant}-s{seed}.record.json"
             if a.reuse_dfqbench and kept.exists() and [o for o in json.loads(kept.read_text()).get("overrides", [])
                                                        if o not in ("force=true", "progress=false")] == over:
