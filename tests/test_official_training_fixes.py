@@ -167,7 +167,7 @@ def test_the_trainer_caps_inundation_up_to_the_first_student_epoch_only():
     for epoch in range(6):
         Trainer._set_rates(fake, epoch)
         caps.append(gi.cap)
-    assert caps == [FIRST_EPOCH_CAP] * 3 + [None] * 3 and gi.threshold == pytest.approx(1e-4)
+    assert caps == [100.0] * 3 + [None] * 3 and gi.threshold == pytest.approx(1e-4)
 
 
 # ---------------------------------------------------------------------------------------------- DFQF
