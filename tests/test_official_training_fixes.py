@@ -17,7 +17,7 @@ from dfqbench.method_overrides import apply_per_setting
 from dfqbench.errors import ConfigError
 from dfqbench.quant import Convention, act_quantizers, quantize_model
 from dfqbench.quant.quantizers import ActQuantizer, WeightQuantizer
-from dfqbench.runner import build_method
+from dfqbench.runner import build_convention, build_method
 from dfqbench.synth.augment import crop_flip
 from dfqbench.train.generators import FixedSet
 from dfqbench.train.generators.base import UnconditionalGenerator
@@ -40,11 +40,15 @@ def test_activation_ste_clipped_zeroes_gradients_outside_the_range_identity_pass
     assert x.grad.tolist() == grad
 
 
-def test_the_gdfq_preset_uses_the_identity_ste_and_others_keep_the_clipped_one():
-    gdfq = Convention.from_dict(OmegaConf.to_container(compose_cfg("quant=gdfq").quant, resolve=True))
-    brecq = Convention.from_dict(OmegaConf.to_container(compose_cfg("quant=brecq").quant, resolve=True))
-    assert gdfq.act.ste == "identity" and brecq.act.ste == "clipped"
-    assert {q.ste for q in act_quantizers(quantize_model(tiny_model(), gdfq, 4, 4))} == {"identity"}
+@pytest.mark.parametrize("method", ["gdfq", "qimera", "ait", "qimera_ait", "adasg", "intraq", "hast", "zaq"])
+def test_the_gdfq_lineage_trains_with_the_identity_ste_and_the_presets_keep_the_clipped_one(method):
+    cfg = compose_cfg(f"method={method}", "quant=gdfq")
+    conv = build_convention(cfg, build_method(cfg))
+    assert conv.act.ste == "identity"
+    assert {q.ste for q in act_quantizers(quantize_model(tiny_model(), conv, 4, 4))} == {"identity"}
+    for quant in ("gdfq", "brecq"):  # post-training methods: the presets' default
+        cfg = compose_cfg("method=zeroq", f"quant={quant}")
+        assert build_convention(cfg, build_method(cfg)).act.ste == "clipped"
     with pytest.raises(ValueError, match="quant.act.ste='nope'.*clipped, identity"):
         Convention.from_dict({"name": "x", "act": {"ste": "nope"}})
 

@@ -35,8 +35,15 @@ _FINGERPRINT_PACKAGES = ("torch", "torchvision", "pytorchcv", "timm")
 FINGERPRINT_FIELDS = ("config_hash", "config", "checkpoint", "data", "device", "code", "packages")
 
 
+# keys added after records were made, left out of the hash at their neutral value so that those records keep
+# their hash (and their place in the tables): export=none computes nothing more than before the key existed
+_NEUTRAL = {"export": "none"}
+
+
 def config_hash(config: dict) -> str:
-    """sha256 (first 16 hex) of the resolved config without location/verbosity keys."""
+    """sha256 (first 16 hex) of the resolved config without location/verbosity keys (and keys at their neutral
+    value: _NEUTRAL)."""
+    config = {k: v for k, v in config.items() if not (k in _NEUTRAL and v == _NEUTRAL[k])}
     return _digest(_without(config, _NOT_HASHED, _NOT_HASHED_NESTED))
 
 
