@@ -29,7 +29,7 @@ from ..quant.transforms.graph import is_passthrough, module_of, relu_kind, trace
 from ..quant.quantizers import ActQuantizer, WeightQuantizer
 from ..quant.quantizers.ranges import Grid, estimate_range, fake_quant, grid_from_range
 from ..synth.calib_data import calibration_batches, check_source
-from .base import Method
+from .base import PresetSettingsMethod
 
 PRIORS = ("laplace", "gaussian")
 RELU_CLIPS = ("one_sided", "two_sided")
@@ -350,7 +350,7 @@ def _followed_by_relu(gm: fx.GraphModule, node: fx.Node) -> str | None:
     return kinds.pop() if len(kinds) == 1 and None not in kinds else None
 
 
-class ACIQ(Method):
+class ACIQ(PresetSettingsMethod):
     def __init__(self, name: str = "aciq", prior: str = "laplace", stats: str = "bn", calib_data: str = "distill",
                  calib_images: int = 32, calib_batch_size: int = 32, bit_alloc_weights: bool = True,
                  bit_alloc_acts: bool = True, bias_correction: bool = True, relu_clip: str = "one_sided",
@@ -385,17 +385,6 @@ class ACIQ(Method):
         self.weight_correction, self.calib_stats = st["weight_correction"], st["calib_stats"]
         self.signed_range = st["signed_range"]
         self.stochastic = self.stats == "calib"  # the calibration images depend on the seed
-
-    def check_convention(self, convention) -> None:
-        """Take the settings the convention carries for this method (quant.method_settings.<name>, an official
-        preset's): they replace the method's own."""
-        extra = dict(convention.method_settings.get(self.name) or {})
-        unknown = sorted(set(extra) - set(self._settings))
-        if unknown:
-            raise ValueError(f"quant.method_settings.{self.name}: unknown setting(s) {unknown}; valid: "
-                             f"{sorted(self._settings)}")
-        if extra:
-            self._configure({**self._settings, **extra})
 
     def quantize(self, model, ctx):
         self.check_convention(ctx.convention)

@@ -59,3 +59,22 @@ class Method:
 
     def quantize(self, model: nn.Module, ctx: QuantContext) -> nn.Module:
         raise NotImplementedError
+
+
+class PresetSettingsMethod(Method):
+    """A method whose settings (`self._settings`, applied by `self._configure(settings)`) an official preset may
+    replace: quant.method_settings.<name> of the run's convention (quant=official_aciq, official_ocs, ...)."""
+
+    _settings: dict
+
+    def _configure(self, settings: dict) -> None:
+        raise NotImplementedError
+
+    def check_convention(self, convention: Convention) -> None:
+        extra = dict(convention.method_settings.get(self.name) or {})
+        unknown = sorted(set(extra) - set(self._settings))
+        if unknown:
+            raise ValueError(f"quant.method_settings.{self.name}: unknown setting(s) {unknown}; valid: "
+                             f"{sorted(self._settings)}")
+        if extra:
+            self._configure({**self._settings, **extra})

@@ -34,7 +34,7 @@ from ..quant.quantizers import WeightQuantizer
 from ..quant.quantizers.ranges import estimate_range, fake_quant, grid_from_range
 from ..synth.calib_data import calibration_batches, check_source
 from .aciq import clip_ratio
-from .base import Method
+from .base import PresetSettingsMethod
 
 CLIPS = ("max", "mse", "aciq")
 SPLITS = ("quarter", "half")  # quarter: the official grid-aware split; half: plain halving
@@ -213,7 +213,7 @@ def profile_float_ranges(qmodel: nn.Module, batches) -> dict:
     return seen
 
 
-class OCS(Method):
+class OCS(PresetSettingsMethod):
     _DEFAULTS = {"expand_ratio": 0.02, "clip": "max", "stats": "bn", "act_k_std": 6.0, "calib_data": "distill",
                  "calib_images": 128, "calib_batch_size": 32, "split": "quarter", "profile": "quantized",
                  "act_grid": "convention", "output_quant": "none"}
@@ -251,17 +251,6 @@ class OCS(Method):
         self.split, self.profile, self.act_grid = st["split"], st["profile"], st["act_grid"]
         self.output_quant = st["output_quant"]
         self.stochastic = stats == "calib"
-
-    def check_convention(self, convention) -> None:
-        """Take the settings the convention carries for this method (quant.method_settings.ocs, the official
-        preset's): they replace the method's own."""
-        extra = dict(convention.method_settings.get(self.name) or {})
-        unknown = sorted(set(extra) - set(self._settings))
-        if unknown:
-            raise ValueError(f"quant.method_settings.{self.name}: unknown setting(s) {unknown}; valid: "
-                             f"{sorted(self._settings)}")
-        if extra:
-            self._configure({**self._settings, **extra})
 
     def quantize(self, model, ctx):
         self.check_convention(ctx.convention)

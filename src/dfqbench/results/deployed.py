@@ -6,12 +6,11 @@ bits and method; a record whose export or runtime refused the model shows what w
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import pandas as pd
 
-from .entries import SUPERSEDED
+from .entries import finished_records
 from .format import cell, links, md_table
 
 COLUMNS = ["teacher", "backend", "method", "W/A", "seed", "fake-quant top-1", "deployed top-1", "difference",
@@ -20,17 +19,8 @@ COLUMNS = ["teacher", "backend", "method", "W/A", "seed", "fake-quant top-1", "d
 
 
 def deployed_rows(root: Path) -> list[dict]:
-    rows = []
-    for path in sorted(Path(root).rglob("record.json")):
-        if SUPERSEDED in path.relative_to(root).parts:
-            continue
-        try:
-            record = json.loads(path.read_text())
-        except (OSError, ValueError):
-            continue
-        if record.get("status") != "done" or not record.get("deployed_runtime"):
-            continue
-        rows.append({**record, "record": str(path)})
+    rows = [{**record, "record": str(path)} for path, record in finished_records(root)
+            if record.get("deployed_runtime")]
     return sorted(rows, key=lambda r: (r.get("model", ""), r.get("dataset", ""), r.get("quant", ""),
                                        -int(r.get("wbit", 0)), -int(r.get("abit", 0)), r.get("method", ""),
                                        r.get("seed", 0)))

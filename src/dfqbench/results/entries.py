@@ -66,20 +66,25 @@ def schedule_label(record: dict) -> str:
 SUPERSEDED = "superseded"  # <root>/superseded/...: records kept for the record, made by code since fixed
 
 
+def finished_records(root: Path):
+    """(path, record) of every finished record.json under root, in path order; `superseded/` folders left out."""
+    for path in sorted(Path(root).rglob("record.json")):
+        if SUPERSEDED in path.relative_to(root).parts:
+            continue
+        try:
+            record = json.loads(path.read_text())
+        except (OSError, ValueError):
+            continue
+        if record.get("status") == "done":
+            yield path, record
+
+
 def collect_runs(roots: list[Path]) -> pd.DataFrame:
     """Every finished record.json under the roots, one row per run (a config computed twice, e.g. in two sweep
     roots, counts once per device); records under a `superseded/` folder are left out."""
     rows = []
     for root in roots:
-        for path in sorted(Path(root).rglob("record.json")):
-            if SUPERSEDED in path.relative_to(root).parts:
-                continue
-            try:
-                record = json.loads(path.read_text())
-            except (OSError, ValueError):
-                continue
-            if record.get("status") != "done":
-                continue
+        for path, record in finished_records(root):
             method, variant = split_run_method(str(record.get("method")))
             rows.append({**{k: record.get(k) for k in RUN_COLUMNS}, "method": method, "variant": variant,
                          "config": record.get("method"), "schedule": schedule_label(record),
