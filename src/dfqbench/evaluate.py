@@ -9,6 +9,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .data import EvalSet
+from .quant.quantizers.core import frozen_weights
 
 
 def evaluate(model: nn.Module, data: EvalSet, batch_size: int, device: torch.device, progress: bool = False,
@@ -17,7 +18,7 @@ def evaluate(model: nn.Module, data: EvalSet, batch_size: int, device: torch.dev
     correct1 = correct5 = seen = 0
     t0 = time.perf_counter()
     total = (data.num_samples + batch_size - 1) // batch_size
-    with torch.inference_mode():
+    with frozen_weights(model), torch.inference_mode():  # each quantized weight computed once, not per batch
         for x, y in tqdm(data.batches(batch_size, device), total=total, desc=desc, disable=not progress,
                          leave=False):
             logits = model(x)

@@ -22,6 +22,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from . import deploy, loggers, records
+from .cpu_allocator import keep_freed_memory
 from .data import data_identity, describe_identity, load_eval_set
 from .errors import ConfigError
 from .method_overrides import apply_per_setting
@@ -151,6 +152,7 @@ def run(cfg: DictConfig, run_dir: Path, overrides: list[str] | None = None) -> d
         log.info("force=true: computing %s again", run_dir / records.RECORD_NAME)
     elif why:
         log.warning(why)
+    keep_freed_memory()
     if cfg.threads:
         torch.set_num_threads(int(cfg.threads))
     _seed_everything(cfg.seed)  # before building: random initialization (model.pretrained=false) is seeded too

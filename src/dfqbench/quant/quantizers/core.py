@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 from torch import nn
 
@@ -16,6 +18,8 @@ class WeightQuantizer(nn.Module):
 
     The grid is computed from the weight the first time it is needed and cached; `dynamic=True` recomputes it on
     every forward (the GDFQ lineage's QAT, where weights change each step). Call `reset()` after editing weights.
+    Inside `frozen_weights(model)` (evaluation: the weights do not change) the quantized weight itself is
+    computed once and reused for every batch.
     """
 
     def __init__(self, bits: int, per_channel: bool = True, symmetric: bool = False, estimator: str = "minmax",
@@ -24,13 +28,15 @@ class WeightQuantizer(nn.Module):
         self.bits, self.per_channel, self.symmetric = bits, per_channel, symmetric
         self.estimator, self.lp, self.dynamic = estimator, lp, dynamic
         self.grid: Grid | None = None
+        self.frozen = False  # set by frozen_weights(): quantize the weight once, reuse it
+        self._frozen_weight: torch.Tensor | None = None
 
     @property
     def enabled(self) -> bool:
         return self.bits < FULL_PRECISION_BITS
 
     def reset(self) -> None:
-        self.grid = None
+        self.grid, self._frozen_weight = None, None
 
     def calibrate(self, weight: torch.Tensor) -> None:
         lo, hi = estimate_range(weight, self.estimator, self.bits, self.symmetric, self.per_channel, lp=self.lp)
@@ -41,7 +47,11 @@ class WeightQuantizer(nn.Module):
             return weight
         if self.grid is None or self.dynamic or self.grid.scale.device != weight.device:
             self.calibrate(weight)
-        return self.quantize_on_grid(weight)
+        if not self.frozen:
+            return self.quantize_on_grid(weight)
+        if self._frozen_weight is None:
+            self._frozen_weight = self.quantize_on_grid(weight)
+        return self._frozen_weight
 
     def quantize_on_grid(self, weight: torch.Tensor) -> torch.Tensor:
         """`weight` fake-quantized on the calibrated grid: the hook for quantizers that transform the weight
@@ -167,3 +177,17 @@ class ActQuantizer(nn.Module):
         ste = "" if self.ste == "clipped" else f", ste={self.ste}"
         return (f"bits={self.bits}, symmetric={self.symmetric}, estimator={self.estimator}{gran}{ste}, "
                 f"range=[{float(self.lo.min()):.4g}, {float(self.hi.max()):.4g}]")
+
+
+@contextlib.contextmanager
+def frozen_weights(model: nn.Module):
+    """Evaluation: every weight quantizer of `model` quantizes its weight once, on first use, and reuses it until
+    the block exits (weights must not change inside it; autograd does not see through the reused tensor)."""
+    quantizers = [m for m in model.modules() if isinstance(m, WeightQuantizer)]
+    for q in quantizers:
+        q.frozen, q._frozen_weight = True, None
+    try:
+        yield model
+    finally:
+        for q in quantizers:
+            q.frozen, q._frozen_weight = False, None
