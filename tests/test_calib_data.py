@@ -65,7 +65,7 @@ def test_missing_folders_and_unknown_sources_are_one_line_errors(tmp_path):
         check_source("imagenet")
 
 
-def test_synthetic_data_is_cached_per_teacher_settings_and_seed(tmp_path):
+def test_synthetic_data_is_cached_per_teacher_settings_seed_and_code(tmp_path, monkeypatch):
     calls = []
 
     def compute():
@@ -80,6 +80,10 @@ def test_synthetic_data_is_cached_per_teacher_settings_and_seed(tmp_path):
     ctx.seed = 1
     calib_data.cached(ctx, "distill", {"iterations": 5}, compute)
     assert len(calls) == 3
+    # a change to the synthesis code (its digest) makes new batches
+    monkeypatch.setattr(calib_data, "code_digest", lambda subpackage="": "changed")
+    calib_data.cached(ctx, "distill", {"iterations": 5}, compute)
+    assert len(calls) == 4
 
 
 def test_crossdomain_cli_procedural_w8a8_is_within_half_a_point_and_bad_source_is_refused(

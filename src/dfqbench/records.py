@@ -61,11 +61,12 @@ def _digest(obj) -> str:
 
 
 @functools.cache
-def code_digest() -> str:
-    """sha256 (first 16 hex) of every dfqbench source file (path and content), read once per process."""
+def code_digest(subpackage: str = "") -> str:
+    """sha256 (first 16 hex) of every dfqbench source file (path and content), or of one subpackage's
+    (`synth`), read once per process."""
     here = Path(__file__).resolve().parent
     h = hashlib.sha256()
-    for path in sorted(here.rglob("*.py")):
+    for path in sorted((here / subpackage).rglob("*.py")):
         h.update(path.relative_to(here).as_posix().encode() + b"\0" + path.read_bytes() + b"\0")
     return h.hexdigest()[:16]
 

@@ -20,6 +20,7 @@ import torch
 from torch.nn import functional as F
 
 from ..errors import ConfigError
+from ..records import code_digest
 
 # name -> "module:function" (imported on use, so heavy sources cost nothing until chosen)
 SOURCES: dict[str, str] = {
@@ -58,12 +59,15 @@ def calibration_batches(source: str, model, ctx, num_images: int, batch_size: in
 
 
 def cached(ctx, name: str, settings: dict, compute: Callable[[], list[torch.Tensor]]) -> list[torch.Tensor]:
-    """Load the batches made by (teacher, source `name`, settings, seed) from the cache, or compute and store."""
+    """Load the batches made by (teacher, source `name`, settings, seed, synthesis code) from the cache, or
+    compute and store."""
     cache_dir = getattr(ctx, "cache_dir", None)
     if not cache_dir or not getattr(ctx, "model_sha256", None):
         return compute()
+    # the synthesis code is part of the key: a change to it (a loss, a gradient) makes new batches
     key = hashlib.sha256(json.dumps({"model": ctx.model_sha256, "source": name, "settings": settings,
-                                     "seed": ctx.seed, "shape": list(ctx.input_shape)},
+                                     "seed": ctx.seed, "shape": list(ctx.input_shape),
+                                     "code": code_digest("synth")},
                                     sort_keys=True, default=str).encode()).hexdigest()[:16]
     path = Path(os.path.expanduser(str(cache_dir))) / "calib" / f"{name}-{key}.pt"
     if path.exists():
