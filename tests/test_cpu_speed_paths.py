@@ -158,3 +158,16 @@ def test_keep_freed_memory_switch(env, expected):
                          env={**os.environ, "DFQ_KEEP_FREED_MEMORY": env})
     glibc = sys.platform.startswith("linux") and os.confstr("CS_GNU_LIBC_VERSION") is not None
     assert out.stdout.strip() == (expected if glibc else "False")
+
+
+def test_job_threads_share_the_cores_and_warn_on_oversubscription(caplog):
+    from dfqbench.runner import job_threads
+
+    assert job_threads(None, 1, cores=16) is None  # one job: torch's default (OMP_NUM_THREADS)
+    assert job_threads(None, 4, cores=16) == 4
+    assert job_threads(None, 3, cores=16) == 5
+    assert job_threads(None, 32, cores=16) == 1
+    with caplog.at_level("WARNING", logger="dfqbench"):
+        assert job_threads(2, 4, cores=8) == 2 and not caplog.records
+        assert job_threads(4, 4, cores=8) == 4
+    assert "oversubscribe" in caplog.text

@@ -11,6 +11,7 @@ from __future__ import annotations
 import copy
 import json
 import logging
+import os
 import random
 import socket
 import time
@@ -103,6 +104,31 @@ def device_label(device: torch.device) -> str:
     return device.type
 
 
+def _parallel_jobs() -> int:
+    """How many jobs of this sweep run at once on this machine (hydra/launcher=local_parallel's n_jobs), else 1."""
+    try:
+        from hydra.core.hydra_config import HydraConfig
+
+        launcher = HydraConfig.get().launcher
+    except (ImportError, ValueError):  # not inside a Hydra job (tests call run() directly)
+        return 1
+    jobs = int(launcher.get("n_jobs", 1) or 1) if "joblib" in str(launcher.get("_target_", "")) else 1
+    return jobs if jobs > 0 else max(1, (os.cpu_count() or 1) + 1 + jobs)  # joblib: -1 = every core, -2 = all but one
+
+
+def job_threads(threads: int | None, jobs: int, cores: int | None = None) -> int | None:
+    """torch threads for one job: `threads` when given (a warning when jobs x threads oversubscribes the cores);
+    with several jobs at once and no `threads`, this job's share of the cores, so that together they use every
+    core and no more; else None (torch's default, which follows OMP_NUM_THREADS)."""
+    cores = cores or os.cpu_count() or 1
+    if threads:
+        if threads * jobs > cores:
+            log.warning("threads=%d x %d parallel jobs > %d cores: the jobs oversubscribe the machine", threads,
+                        jobs, cores)
+        return int(threads)
+    return max(1, cores // jobs) if jobs > 1 else None
+
+
 def _seed_everything(seed: int) -> None:
     random.seed(seed)
     torch.manual_seed(seed)
@@ -153,8 +179,9 @@ def run(cfg: DictConfig, run_dir: Path, overrides: list[str] | None = None) -> d
     elif why:
         log.warning(why)
     keep_freed_memory()
-    if cfg.threads:
-        torch.set_num_threads(int(cfg.threads))
+    threads = job_threads(cfg.threads, _parallel_jobs())
+    if threads:
+        torch.set_num_threads(threads)
     _seed_everything(cfg.seed)  # before building: random initialization (model.pretrained=false) is seeded too
     loaded = load_model(cfg.model, cfg.paths.models_dir, weights)
     norm = cfg.model.normalize or cfg.dataset
