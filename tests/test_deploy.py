@@ -214,3 +214,8 @@ def test_run_with_export_onnx_records_the_deployed_score(tmp_path, cache_dir, ci
     assert record["deployed_images_per_s"] > 0 and record["deployed_fp32_images_per_s"] > 0
     on_disk = json.loads((tmp_path / "record.json").read_text())
     assert on_disk["deployed_top1"] == record["deployed_top1"]
+    # input_range=pixels: the image quantizer holds what a normalized [0, 1] image can take
+    norm = cfg.model.normalize or cfg.dataset
+    lo, hi = record["convention"]["pixel_range"]
+    assert lo == pytest.approx([-m / s for m, s in zip(norm.mean, norm.std)])
+    assert hi == pytest.approx([(1 - m) / s for m, s in zip(norm.mean, norm.std)])

@@ -127,3 +127,38 @@ def test_convention_rejects_bad_fields():
         Convention.from_dict({"name": "x", "layers": {"first_wbit": 1}})
     with pytest.raises(ValueError, match="unknown quant field"):
         Convention.from_dict({"name": "x", "bogus": 1})
+
+
+def test_image_quantizer_takes_the_pixel_range_and_calibration_leaves_it():
+    """input_range=pixels: the image quantizer holds [(0 - mean) / std, (1 - mean) / std] (per tensor: the envelope
+    over channels) from the start, and neither observation nor a method's set_range moves it."""
+    from dfqbench.quant.calibration.calibrate import calibrate_on_batches
+
+    mean, std = torch.tensor([0.5, 0.4, 0.3]), torch.tensor([0.25, 0.2, 0.1])
+    conv = Convention.from_dict({**GDFQ, "layers": {"input_abit": 8, "input_range": "pixels"}})
+    conv.pixel_range = (((0 - mean) / std).tolist(), ((1 - mean) / std).tolist())
+    q = quantize_model(tiny_model(), conv, wbit=4, abit=4)
+    image_q = act_quantizers(q)[0]
+    assert image_q.bits == 8 and image_q.fixed
+    assert float(image_q.lo) == pytest.approx(-3.0) and float(image_q.hi) == pytest.approx(7.0)  # (1-.3)/.1
+    calibrate_on_batches(q, [torch.randn(4, 3, 8, 8) * 50])  # far outside: observed ranges would grow
+    image_q.set_range(-1.0, 1.0)
+    assert float(image_q.lo) == pytest.approx(-3.0) and float(image_q.hi) == pytest.approx(7.0)
+    assert not act_quantizers(q)[1].fixed and float(act_quantizers(q)[1].hi) > 0  # the others calibrated
+    # calibrated (the default): the image quantizer is observed like the others
+    q2 = quantize_model(tiny_model(), Convention.from_dict({**GDFQ, "layers": {"input_abit": 8}}), wbit=4, abit=4)
+    calibrate_on_batches(q2, [torch.randn(4, 3, 8, 8) * 50])
+    assert not act_quantizers(q2)[0].fixed and float(act_quantizers(q2)[0].hi) > 50
+
+
+def test_input_range_is_checked_and_its_default_keeps_old_hashes():
+    from dfqbench import records
+
+    with pytest.raises(ValueError, match="quant.layers.input_range='raw' is not valid; choose one of: calibrated, "
+                                         "pixels"):
+        Convention.from_dict({**GDFQ, "layers": {"input_range": "raw"}})
+    base = {"method": {"name": "rtn"}, "quant": {"name": "onnxruntime", "layers": {"input_abit": 8}}}
+    calibrated = {**base, "quant": {**base["quant"], "layers": {"input_abit": 8, "input_range": "calibrated"}}}
+    pixels = {**base, "quant": {**base["quant"], "layers": {"input_abit": 8, "input_range": "pixels"}}}
+    assert records.config_hash(calibrated) == records.config_hash(base) != records.config_hash(pixels)
+    assert calibrated["quant"]["layers"]["input_range"] == "calibrated"  # the caller's dict is left as it was

@@ -7,6 +7,7 @@ teacher and data come from and where the run happens, so it cannot say that a re
 
 from __future__ import annotations
 
+import copy
 import functools
 import hashlib
 import json
@@ -36,15 +37,25 @@ FINGERPRINT_FIELDS = ("config_hash", "config", "checkpoint", "data", "device", "
 
 
 # keys added after records were made, left out of the hash at their neutral value so that those records keep
-# their hash (and their place in the tables): export=none computes nothing more than before the key existed
-_NEUTRAL = {"export": "none"}
+# their hash (and their place in the tables): each computes nothing different from before the key existed
+_NEUTRAL = {("export",): "none", ("quant", "layers", "input_range"): "calibrated"}
+
+
+def _drop_neutral(config: dict) -> dict:
+    config = copy.deepcopy(config)
+    for path, neutral in _NEUTRAL.items():
+        node = config
+        for key in path[:-1]:
+            node = node.get(key) if isinstance(node, dict) else None
+        if isinstance(node, dict) and path[-1] in node and node[path[-1]] == neutral:
+            del node[path[-1]]
+    return config
 
 
 def config_hash(config: dict) -> str:
     """sha256 (first 16 hex) of the resolved config without location/verbosity keys (and keys at their neutral
     value: _NEUTRAL)."""
-    config = {k: v for k, v in config.items() if not (k in _NEUTRAL and v == _NEUTRAL[k])}
-    return _digest(_without(config, _NOT_HASHED, _NOT_HASHED_NESTED))
+    return _digest(_without(_drop_neutral(config), _NOT_HASHED, _NOT_HASHED_NESTED))
 
 
 def _without(config: dict, keys: set, nested: set) -> dict:

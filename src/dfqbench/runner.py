@@ -186,6 +186,9 @@ def run(cfg: DictConfig, run_dir: Path, overrides: list[str] | None = None) -> d
     loaded = load_model(cfg.model, cfg.paths.models_dir, weights)
     norm = cfg.model.normalize or cfg.dataset
     data = load_eval_set(cfg.dataset, norm.mean, norm.std, cfg.paths.cache_dir, identity)
+    if convention.layers.input_abit and convention.layers.input_range == "pixels":
+        mean, std = data.mean.flatten(), data.std.flatten()  # what a [0, 1] image becomes, per channel
+        convention.pixel_range = (((0 - mean) / std).tolist(), ((1 - mean) / std).tolist())
 
     started = time.perf_counter()
     record = {

@@ -39,7 +39,7 @@ def check_deployable(conv: Convention, method_name: str, wbit: int, abit: int) -
                          f"{conv.act.granularity}: the backend's activations are per_tensor")
     if conv.deploy_bits:
         bits = {"wbit": wbit, "abit": abit,
-                **{f"quant.layers.{k}": v for k, v in vars(conv.layers).items() if v is not None}}
+                **{f"quant.layers.{k}": v for k, v in conv.layers.bit_widths().items()}}
         for key, value in bits.items():
             if value not in conv.deploy_bits and value != 32:
                 raise ValueError(f"{where} cannot express {key}={value}: the backend's integer bit-widths are "

@@ -42,15 +42,26 @@ class ActSpec:
     ste: str = "clipped"  # ACT_STES
 
 
+INPUT_RANGES = ("calibrated", "pixels")
+
+
 @dataclass
 class LayerBits:
-    """Bit-width exceptions; null means the run's wbit/abit."""
+    """Bit-width exceptions (null means the run's wbit/abit), and how the input image's quantizer gets its range."""
 
     first_wbit: int | None = None
     last_wbit: int | None = None
     second_abit: int | None = None  # the quantizer(s) feeding the 2nd layer (BRECQ: 8)
     last_abit: int | None = None  # the quantizer(s) feeding the last layer
     input_abit: int | None = None  # the input image; null = not quantized
+    # calibrated: the image quantizer is set as any other, by the method (from its data, or from noise);
+    # pixels: fixed to what a normalized image can hold, [(0 - mean) / std, (1 - mean) / std] (the deployed
+    # input is a real image, whatever data the method saw), and left alone by every method's calibration
+    input_range: str = "calibrated"
+
+    def bit_widths(self) -> dict[str, int]:
+        """The bit-width exceptions that are set, by field name."""
+        return {k: v for k, v in asdict(self).items() if k.endswith("bit") and v is not None}
 
 
 @dataclass
@@ -69,6 +80,8 @@ class Convention:
     # (dfqbench.deploy.check: non-uniform grids, per-channel activations, bit-widths outside deploy_bits)
     deployable: bool = False
     deploy_bits: list[int] | None = None  # the backend's integer bit-widths (null: any)
+    # set by the runner from the model's normalization, not in presets: per-channel (lo, hi) of a normalized image
+    pixel_range: tuple[list[float], list[float]] | None = None
 
     @classmethod
     def from_dict(cls, data: dict) -> "Convention":
@@ -102,14 +115,14 @@ class Convention:
 
     def validate(self) -> None:
         _choice("quant.act.sites", self.act.sites, ACT_SITES)
+        _choice("quant.layers.input_range", self.layers.input_range, INPUT_RANGES)
         _choice("quant.weight.granularity", self.weight.granularity, GRANULARITIES)
         _choice("quant.act.granularity", self.act.granularity, GRANULARITIES)
         _choice("quant.weight.estimator", self.weight.estimator, ESTIMATORS)
         _choice("quant.act.estimator", self.act.estimator, ESTIMATORS)
         _choice("quant.act.ste", self.act.ste, ACT_STES)
-        for key, value in asdict(self.layers).items():
-            if value is not None:
-                check_bits(f"quant.layers.{key}", value)
+        for key, value in self.layers.bit_widths().items():
+            check_bits(f"quant.layers.{key}", value)
         if not isinstance(self.deployable, bool):
             raise ValueError(f"quant.deployable={self.deployable!r} is not valid; choose one of: true, false")
         for value in self.deploy_bits or []:

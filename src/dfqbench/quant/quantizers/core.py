@@ -82,6 +82,7 @@ class ActQuantizer(nn.Module):
         self.bits, self.symmetric, self.estimator = bits, symmetric, estimator
         self.lp, self.percentile, self.per_channel = lp, percentile, per_channel
         self.observing = False
+        self.fixed = False  # fix_range(): a known range (the image's) that calibration leaves alone
         self.register_buffer("lo", torch.tensor(float("nan")))
         self.register_buffer("hi", torch.tensor(float("nan")))
         self.grid: Grid | None = None
@@ -95,8 +96,17 @@ class ActQuantizer(nn.Module):
     def calibrated(self) -> bool:
         return bool(torch.isfinite(self.lo).all()) and bool(torch.isfinite(self.hi).all())
 
+    def fix_range(self, lo, hi) -> None:
+        """Set a range that is known, not estimated (the pixels of a normalized image): every later set_range and
+        observation leaves it as it is."""
+        self.fixed = False
+        self.set_range(lo, hi)
+        self.fixed = True
+
     def set_range(self, lo: float | torch.Tensor, hi: float | torch.Tensor) -> None:
         """Per tensor: a per-channel range given here is reduced to its envelope (min of lo, max of hi)."""
+        if self.fixed:
+            return
         if not self.per_channel:
             lo, hi = torch.as_tensor(lo).min(), torch.as_tensor(hi).max()
             self.lo.fill_(float(lo))
@@ -109,6 +119,8 @@ class ActQuantizer(nn.Module):
         self.grid = grid_from_range(self.lo, self.hi, self.bits, self.symmetric)
 
     def start_observing(self) -> None:
+        if self.fixed:
+            return
         self.observing, self._samples = True, []
         self.lo.fill_(float("nan"))
         self.hi.fill_(float("nan"))

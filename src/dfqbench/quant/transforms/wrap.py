@@ -38,7 +38,10 @@ def quantize_model(model: nn.Module, convention: Convention, wbit: int, abit: in
             a_bits = bits.second_abit
         if last in fed and bits.last_abit and site.op != "placeholder":
             a_bits = bits.last_abit
-        insert_after(gm, site, f"act_quant_{i}", _act_quantizer(convention, a_bits))
+        quantizer = _act_quantizer(convention, a_bits)
+        if site.op == "placeholder" and convention.layers.input_range == "pixels" and convention.pixel_range:
+            quantizer.fix_range(*convention.pixel_range)
+        insert_after(gm, site, f"act_quant_{i}", quantizer)
     edges = [(src, node) for src, node in edges if src.op != "placeholder"]  # the image: input_abit alone
     for i, (src, node) in enumerate(edges, start=len(sites)):
         a_bits = abit
