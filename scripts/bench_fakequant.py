@@ -36,6 +36,7 @@ import time
 
 import torch
 
+from bench_report import emit
 from dfqbench.cpu_allocator import keep_freed_memory
 from dfqbench.quant import Convention, act_quantizers, quantize_model, use_backend
 from dfqbench.quant.kernels.aten import TorchBuiltinBackend
@@ -274,10 +275,7 @@ def main() -> None:
         lines.append(f"| cpu, dfqbench torch backend, glibc's default allocator (DFQ_KEEP_FREED_MEMORY=0) | "
                      f"{fp32_d:.0f} | {quant_d:.0f} | {quant_d / fp32_d:.2f}x |")
         print(lines[-1], flush=True)
-    if args.out:
-        with open(args.out, "w") as f:
-            f.write("\n".join(lines) + "\n")
-        print(f"wrote {args.out}")
+    emit(lines, args.out, echo=False)  # printed row by row above
 
 
 if __name__ == "__main__":

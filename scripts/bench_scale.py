@@ -26,6 +26,7 @@ from hydra import compose, initialize_config_dir
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "scripts"))
 from bench_qat import timed  # noqa: E402
+from bench_report import emit  # noqa: E402  (scripts/ is on sys.path: run as a script)
 
 from dfqbench.cpu_allocator import keep_freed_memory  # noqa: E402
 from dfqbench.methods.base import QuantContext  # noqa: E402
@@ -117,10 +118,7 @@ def main() -> None:
         lines.append(f"| {name} | {px} | {z:.3f} ({z / base[2]:.0f}x) | {z * PAPER_STEPS['zeroq'] / 60:.1f} min | "
                      f"{s:.2f} ({s / base[3]:.1f}x) | {g:.3f}, {batch} ({g / base[4]:.0f}x) | "
                      f"{g * PAPER_STEPS['gdfq'] / 3600:.1f} h |")
-    print("\n".join(lines))
-    if a.out:
-        Path(a.out).write_text("\n".join(lines) + "\n")
-        print(f"wrote {a.out}")
+    emit(lines, a.out)
 
 
 if __name__ == "__main__":

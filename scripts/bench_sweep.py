@@ -24,6 +24,7 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+from bench_report import emit  # noqa: E402  (scripts/ is on sys.path: run as a script)
 
 
 def sweep(out: Path, methods: list[str], images: int, parallel: bool, cores: int,
@@ -75,10 +76,7 @@ def main() -> None:
              "order, longest first.",
              "", "| method | top-1 one by one | top-1 parallel |", "|---|---:|---:|"]
     lines += [f"| {m} | {serial[m][0]:.2f} | {parallel.get(m, (float('nan'),))[0]:.2f} |" for m in sorted(serial)]
-    print("\n".join(lines))
-    if a.out:
-        Path(a.out).write_text("\n".join(lines) + "\n")
-        print(f"wrote {a.out}")
+    emit(lines, a.out)
 
 
 if __name__ == "__main__":

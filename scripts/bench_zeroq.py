@@ -23,6 +23,7 @@ import time
 import torch
 from omegaconf import OmegaConf
 
+from bench_report import emit
 from dfqbench.cpu_allocator import keep_freed_memory
 from dfqbench.data import load_eval_set
 from dfqbench.evaluate import evaluate
@@ -96,11 +97,7 @@ def main() -> None:
               f"| W{args.bits}A{args.bits} fake-quant eval (gdfq) | {quant['images_per_s']:.0f} images/s, "
               f"top-1 {quant['top1']:.2f} |",
               f"| quantized / FP32 throughput | {quant['images_per_s'] / fp32['images_per_s']:.2f}x |"]
-    print("\n".join(lines))
-    if args.out:
-        with open(args.out, "w") as f:
-            f.write("\n".join(lines) + "\n")
-        print(f"wrote {args.out}")
+    emit(lines, args.out)
 
 
 if __name__ == "__main__":

@@ -27,6 +27,7 @@ from omegaconf import OmegaConf
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "src"))
+from bench_report import emit  # noqa: E402  (scripts/ is on sys.path: run as a script)
 from dfqbench.runner import build_method  # noqa: E402
 from dfqbench.sweep import redundant_reason  # noqa: E402
 
@@ -107,10 +108,7 @@ def main() -> None:
                   f"| SLURM array of {a.array} H100 jobs at once | {sum(gpu) / 3600:.0f} | {max(gpu) / 3600:.1f} h | "
                   f">= {max(max(gpu), sum(gpu) / a.array) / 3600:.1f} h |", ""]
         lines += [f"- {n}" for n in sorted(notes)] + [""]
-    print("\n".join(lines))
-    if a.out:
-        Path(a.out).write_text("\n".join(lines))
-        print(f"wrote {a.out}")
+    emit(lines, a.out)
 
 
 if __name__ == "__main__":
