@@ -246,3 +246,33 @@ def test_superseded_records_are_left_out_of_the_tables(tmp_path):
     _record(tmp_path / "superseded" / "2026-12-03", "old", top1=42.0)
     runs = collect_runs([tmp_path])
     assert runs["top1"].tolist() == [81.0]
+
+
+def test_a_reconstruction_says_so_beside_its_name_in_every_table(tmp_path):
+    """A method built from an abstract (yaml `source.fidelity: reconstruction`) is never shown as a
+    reproduction: baselines.md and the README grid name it."""
+    _record(tmp_path, "g0", method="gznq", top1=70.0, fidelity="reconstruction")
+    _record(tmp_path, "z0", top1=80.0)  # an old record without the field: a reproduction
+    out = tmp_path / "out"
+    tables.main([str(tmp_path), "--results", str(out), "--reported", str(tmp_path / "none")])
+    rows = _md_tables((out / "baselines.md").read_text(), "### Reproduced: convention `gdfq`, post-training")
+    assert sorted(r["Method"] for r in rows) == [
+        "gznq (reconstruction from the abstract, not a reproduction)", "zeroq"]
+    grid = _md_tables((out / "README.md").read_text(), "### Convention `gdfq`, post-training")
+    assert sorted(r["Method"] for r in grid) == [
+        "gznq (reconstruction from the abstract, not a reproduction)", "zeroq"]
+
+
+@pytest.mark.parametrize("source, message", [
+    ("x", "must be a mapping"),
+    ({"paper": "p", "code": "none", "fidelity": "guess", "inferred": []}, "fidelity='guess' is not valid"),
+    ({"paper": "p", "code": "none", "fidelity": "reconstruction"}, "missing keys ['inferred']"),
+    ({"paper": "p", "code": "none", "fidelity": "reconstruction", "inferred": [], "url": 1}, "unknown keys ['url']"),
+])
+def test_bad_method_source_block_is_a_one_line_error(source, message):
+    from dfqbench.methods.base import Method
+    with pytest.raises(ValueError, match=re.escape(message)):
+        Method("m", source=source)
+    assert Method("m", source={"paper": "p", "code": "none", "fidelity": "reconstruction",
+                               "inferred": ["lr"]}).fidelity == "reconstruction"
+    assert Method("m").fidelity == "reproduction"

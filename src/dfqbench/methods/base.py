@@ -42,17 +42,53 @@ class QuantContext:
         return torch.Generator(device="cpu").manual_seed(self.seed)
 
 
+FIDELITIES = {
+    "reproduction": "settings from the paper and its official code",
+    "unofficial-code": "settings from a third party's re-implementation (no official code)",
+    "reconstruction": "best-effort reconstruction: only the abstract (or a summary) is public; every setting that "
+                      "is not in it is dfqbench's choice, listed under source.inferred",
+}
+SOURCE_KEYS = ("paper", "code", "fidelity", "inferred")
+
+
+def check_source(name: str, source: dict | None) -> dict | None:
+    """A method yaml's `source:` block (paper, code: repository@commit or none, fidelity, inferred: the settings
+    the paper does not give) -> the block, or ValueError naming the bad key or value."""
+    if source is None:
+        return None
+    if not isinstance(source, dict):
+        raise ValueError(f"method.source must be a mapping with keys {list(SOURCE_KEYS)}")
+    unknown = sorted(set(source) - set(SOURCE_KEYS))
+    missing = [k for k in SOURCE_KEYS if k not in source]
+    if unknown or missing:
+        raise ValueError(f"method.source of {name!r}: unknown keys {unknown}, missing keys {missing}; "
+                         f"keys: {list(SOURCE_KEYS)}")
+    if source["fidelity"] not in FIDELITIES:
+        raise ValueError(f"method.source.fidelity={source['fidelity']!r} is not valid; choose one of: "
+                         f"{', '.join(FIDELITIES)}")
+    if not isinstance(source["inferred"], list):
+        raise ValueError(f"method.source.inferred must be a list of the settings dfqbench had to choose")
+    return dict(source)
+
+
 class Method:
-    """Subclasses implement `quantize`; `convention_overrides` are convention fields the method requires."""
+    """Subclasses implement `quantize`; `convention_overrides` are convention fields the method requires;
+    `source` (optional) says where the method's settings come from (`check_source`)."""
 
     quantizes = True  # False for the FP32 reference row
     stochastic = False  # True when the result depends on the seed
 
-    def __init__(self, name: str, convention_overrides: dict | None = None, **params: Any):
+    def __init__(self, name: str, convention_overrides: dict | None = None, source: dict | None = None,
+                 **params: Any):
         self.name = name
         self.convention_overrides = dict(convention_overrides or {})
+        self.source = check_source(name, source)
         if params:
             raise TypeError(f"method {name!r} got unknown settings: {sorted(params)}")
+
+    @property
+    def fidelity(self) -> str:
+        return self.source["fidelity"] if self.source else "reproduction"
 
     def check_convention(self, convention: Convention) -> None:
         """Raise ValueError (one line) when the method cannot run under this convention; checked before any work."""

@@ -9,6 +9,8 @@
     fp32_top1, top1_mean, top1_std, drop_mean, drop_std   top-1 (%) and FP32 minus top-1, over the seeds
     paper, table, notes        for a paper row: the paper, the table it comes from, its note
     records     where the number is: record.json paths (";"-separated), or "<csv file>:<line>"
+    fidelity    for a dfqbench run, where its method's settings come from (dfqbench.methods.base.FIDELITIES):
+                reproduction, unofficial-code or reconstruction (abstract only); "" for the other sources
 
 Reproduced entries group finished runs by every field above but the numbers, so CPU and CUDA runs, conventions,
 schedules and test-set sizes never share a mean.
@@ -27,12 +29,13 @@ from .names import split_reported, split_run_method
 
 RUN_COLUMNS = ["model", "dataset", "method", "variant", "config", "quant", "schedule", "device", "wbit", "abit",
                "seed", "fp32_top1", "top1", "top5", "drop", "n_test", "checkpoint_sha256", "config_hash",
-               "wall_time_s", "quantize_time_s", "git_commit", "record"]
+               "wall_time_s", "quantize_time_s", "git_commit", "record", "fidelity"]
 ENTRY_COLUMNS = ["source", "model", "dataset", "family", "method", "variant", "config", "convention", "schedule",
                  "device", "wbit", "abit", "mixed_precision", "n_test", "n_seeds", "fp32_top1", "top1_mean",
-                 "top1_std", "drop_mean", "drop_std", "wall_s", "quantize_s", "paper", "table", "notes", "records"]
+                 "top1_std", "drop_mean", "drop_std", "wall_s", "quantize_s", "paper", "table", "notes", "records",
+                 "fidelity"]
 _GROUP = ["model", "dataset", "method", "variant", "config", "quant", "schedule", "device", "wbit", "abit",
-          "n_test"]
+          "n_test", "fidelity"]
 REPORTED_FILES = ("reported.csv", "reported_extra.csv")
 PARITY_FILE = "parity.csv"
 PARITY_COLUMNS = ["method", "quant", "schedule", "wbit", "abit", "n_seeds", "official_top1_mean",
@@ -88,7 +91,8 @@ def collect_runs(roots: list[Path]) -> pd.DataFrame:
             method, variant = split_run_method(str(record.get("method")))
             rows.append({**{k: record.get(k) for k in RUN_COLUMNS}, "method": method, "variant": variant,
                          "config": record.get("method"), "schedule": schedule_label(record),
-                         "device": str(record.get("device") or ""), "record": str(path)})
+                         "device": str(record.get("device") or ""), "record": str(path),
+                         "fidelity": record.get("fidelity") or "reproduction"})
     df = pd.DataFrame(rows, columns=RUN_COLUMNS)
     return df.drop_duplicates(subset=["config_hash", "checkpoint_sha256", "n_test", "device"], keep="last")
 
@@ -144,7 +148,7 @@ def reported(rows: pd.DataFrame) -> pd.DataFrame:
                         "paper": rows.method_label + " (" + rows.venue + ")",
                         "table": [_table(r) for r in rows.itertuples()],
                         "notes": [_paper_notes(r) for r in rows.itertuples()],
-                        "records": rows.file + ":" + rows.line.astype(str)})
+                        "records": rows.file + ":" + rows.line.astype(str), "fidelity": ""})
     split = [split_reported(m, n) for m, n in zip(rows.method, rows.notes)]
     out.insert(4, "method", [m for m, _ in split])
     out.insert(5, "variant", [v for _, v in split])
@@ -216,7 +220,7 @@ def official(parity: pd.DataFrame) -> pd.DataFrame:
         "drop_mean": float("nan"), "drop_std": float("nan"), "wall_s": parity.official_s,
         "quantize_s": float("nan"),
         "paper": parity.official_repo + "@" + parity.official_commit.astype(str).str[:10], "table": "",
-        "notes": parity.note, "records": PARITY_FILE + ":" + parity.line.astype(str)})
+        "notes": parity.note, "records": PARITY_FILE + ":" + parity.line.astype(str), "fidelity": ""})
     return out[ENTRY_COLUMNS]
 
 

@@ -8,7 +8,7 @@ import pandas as pd
 
 from .entries import collapsed, table_keys
 from .format import md_table, mean_std
-from .names import display
+from .names import FIDELITY_LABELS, display
 
 
 def _bits(df: pd.DataFrame) -> list[tuple[int, int]]:
@@ -36,8 +36,9 @@ def grid(rows: pd.DataFrame, value: str, higher_is_better: bool, row_keys: list[
     for key, line in rows.groupby(row_keys, sort=True):
         key = key if isinstance(key, tuple) else (key,)
         entry = dict(zip(row_keys, key))
-        head = {"Method": display(entry["method"], entry["variant"]), **{k.capitalize(): entry[k] for k in row_keys
-                                                                       if k not in ("method", "variant")}}
+        label = display(entry["method"], entry["variant"]) + FIDELITY_LABELS.get(entry.get("fidelity"), "")
+        head = {"Method": label, **{k.capitalize(): entry[k] for k in row_keys
+                                    if k not in ("method", "variant", "fidelity")}}
         cells = {}
         for w, a in bits:
             c = line[(line.wbit == w) & (line.abit == a)]
@@ -68,7 +69,7 @@ def teacher_board(model: str, dataset: str, title: str, entries: pd.DataFrame, t
         rows = ours[(ours.convention == conv) & (ours.schedule == sched) & (ours.n_test == n_test)]
         what = f"schedule `{sched}`" if sched else "post-training"
         parts += [f"### Convention `{conv}`, {what}, {int(n_test)} test images", "",
-                  md_table(grid(rows, "top1_mean", True, ["method", "variant", "device"])), ""]
+                  md_table(grid(rows, "top1_mean", True, ["method", "variant", "device", "fidelity"])), ""]
     papers = entries[entries.source == "reported"]
     if len(papers):
         grid_papers = grid(papers, "drop_mean", False, ["method", "variant", "paper", "notes"])

@@ -12,6 +12,10 @@ import re
 ADDONS = ("ait", "aac_abn", "recon")
 # dfqbench names that are not "<base>_<addon>" or "<base>-<variant>" (conf/method/ait.yaml is GDFQ + AIT).
 _RUN_NAMES = {"ait": ("gdfq", "ait")}
+# A dfqbench run whose method is not a reproduction says so beside its name in every table (the record's
+# `fidelity`, from the method yaml's `source:` block; dfqbench.methods.base.FIDELITIES).
+FIDELITY_LABELS = {"reconstruction": " (reconstruction from the abstract, not a reproduction)",
+                   "unofficial-code": " (from unofficial code)"}
 # Papers that name one method twice (AIT calls AutoReCon "ARC"; dfqbench's config is `arc`).
 _ALIASES = {"autorecon": "arc"}
 
