@@ -107,12 +107,16 @@ def test_local_launchers_extend_the_plugins():
     assert local.hydra.launcher._target_.endswith("submitit_launcher.LocalLauncher")
 
 
+# Methods the W = A presets leave out, and why (each has its own sweep, in its yaml's header)
+NOT_IN_WXAX_PRESETS = {"pnmq": "weight-only mixed precision at a compression ratio (method.compression_ratio=...)"}
+
+
 @pytest.mark.parametrize("experiment", group_options("experiment"))
 def test_experiment_presets_sweep_every_method_at_the_seed_tables_bit_widths(experiment):
     cfg = _compose(f"experiment={experiment}", "wbit=5", hydra_config=True)
     params = {k: str(v).split(",") for k, v in cfg.hydra.sweeper.params.items()}
     assert str(cfg.hydra.mode) == "RunMode.MULTIRUN" and cfg.skip_redundant and cfg.abit == 5  # abit follows
-    assert set(params["method"]) == set(group_options("method"))
+    assert set(params["method"]) == set(group_options("method")) - set(NOT_IN_WXAX_PRESETS)
     assert params["quant"] == ["gdfq", "brecq"] and params["seed"] == ["0", "1", "2"]
     reported = pd.read_csv(REPO / "results" / "reported.csv", keep_default_na=False)
     table = reported[(reported.model == cfg.model.name) & (reported.dataset == cfg.dataset.name)

@@ -252,15 +252,18 @@ def test_a_reconstruction_says_so_beside_its_name_in_every_table(tmp_path):
     """A method built from an abstract (yaml `source.fidelity: reconstruction`) is never shown as a
     reproduction: baselines.md and the README grid name it."""
     _record(tmp_path, "g0", method="gznq", top1=70.0, fidelity="reconstruction")
+    _record(tmp_path, "p0", method="pnmq-cr8", wbit=8, abit=32, top1=86.0, info={"mixed_precision": True})
     _record(tmp_path, "z0", top1=80.0)  # an old record without the field: a reproduction
     out = tmp_path / "out"
     tables.main([str(tmp_path), "--results", str(out), "--reported", str(tmp_path / "none")])
     rows = _md_tables((out / "baselines.md").read_text(), "### Reproduced: convention `gdfq`, post-training")
     assert sorted(r["Method"] for r in rows) == [
-        "gznq (reconstruction from the abstract, not a reproduction)", "zeroq"]
+        "gznq (reconstruction from the abstract, not a reproduction)", "pnmq", "zeroq"]
+    assert {r["Method"]: r["W"] for r in rows}["pnmq"] == "<=8 (MP)"  # mixed precision: wbit is the largest
     grid = _md_tables((out / "README.md").read_text(), "### Convention `gdfq`, post-training")
     assert sorted(r["Method"] for r in grid) == [
-        "gznq (reconstruction from the abstract, not a reproduction)", "zeroq"]
+        "gznq (reconstruction from the abstract, not a reproduction)", "pnmq-cr8", "zeroq"]
+    assert any(r.get("W8A32", "").endswith("(MP)") for r in grid)
 
 
 @pytest.mark.parametrize("source, message", [

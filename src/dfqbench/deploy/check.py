@@ -6,6 +6,7 @@ Checked before any work; each refusal is one line naming the bad value and what 
 from __future__ import annotations
 
 from ..quant.convention import Convention
+from ..results.names import split_run_method
 
 EXPORTS = ("none", "onnx")
 
@@ -13,6 +14,7 @@ EXPORTS = ("none", "onnx")
 NON_UNIFORM_METHODS = {
     "powerquant": "PowerQuant's weights sit on a non-uniform grid (sign(w)|w|^a quantized, then the power 1/a)",
     "rex": "REx's weights are a sum of several quantized residual terms, not one integer grid",
+    "pnmq": "PNMQ's weights sit on a parametric non-uniform grid (levels s sign(k) (|k|/K)^p)",
 }
 
 
@@ -31,8 +33,9 @@ def check_deployable(conv: Convention, method_name: str, wbit: int, abit: int) -
     if not conv.deployable:
         return
     where = f"quant={conv.name} (deployable)"
-    if method_name in NON_UNIFORM_METHODS:
-        raise ValueError(f"{where} cannot express method={method_name}: {NON_UNIFORM_METHODS[method_name]}; "
+    base = split_run_method(method_name)[0]  # pnmq-cr8 is pnmq
+    if base in NON_UNIFORM_METHODS:
+        raise ValueError(f"{where} cannot express method={method_name}: {NON_UNIFORM_METHODS[base]}; "
                          f"its integer kernels take uniform grids only")
     if conv.act.granularity != "per_tensor":
         raise ValueError(f"{where} cannot express method={method_name}'s quant.act.granularity="

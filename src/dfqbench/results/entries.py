@@ -29,7 +29,7 @@ from .names import split_reported, split_run_method
 
 RUN_COLUMNS = ["model", "dataset", "method", "variant", "config", "quant", "schedule", "device", "wbit", "abit",
                "seed", "fp32_top1", "top1", "top5", "drop", "n_test", "checkpoint_sha256", "config_hash",
-               "wall_time_s", "quantize_time_s", "git_commit", "record", "fidelity"]
+               "wall_time_s", "quantize_time_s", "git_commit", "record", "fidelity", "mixed_precision"]
 ENTRY_COLUMNS = ["source", "model", "dataset", "family", "method", "variant", "config", "convention", "schedule",
                  "device", "wbit", "abit", "mixed_precision", "n_test", "n_seeds", "fp32_top1", "top1_mean",
                  "top1_std", "drop_mean", "drop_std", "wall_s", "quantize_s", "paper", "table", "notes", "records",
@@ -92,7 +92,8 @@ def collect_runs(roots: list[Path]) -> pd.DataFrame:
             rows.append({**{k: record.get(k) for k in RUN_COLUMNS}, "method": method, "variant": variant,
                          "config": record.get("method"), "schedule": schedule_label(record),
                          "device": str(record.get("device") or ""), "record": str(path),
-                         "fidelity": record.get("fidelity") or "reproduction"})
+                         "fidelity": record.get("fidelity") or "reproduction",
+                         "mixed_precision": bool((record.get("info") or {}).get("mixed_precision"))})
     df = pd.DataFrame(rows, columns=RUN_COLUMNS)
     return df.drop_duplicates(subset=["config_hash", "checkpoint_sha256", "n_test", "device"], keep="last")
 
@@ -105,11 +106,11 @@ def reproduced(runs: pd.DataFrame) -> pd.DataFrame:
     out = g.agg(n_seeds=("seed", "nunique"), fp32_top1=("fp32_top1", "mean"), top1_mean=("top1", "mean"),
                 top1_std=("top1", "std"), drop_mean=("drop", "mean"), drop_std=("drop", "std"),
                 wall_s=("wall_time_s", "mean"), quantize_s=("quantize_time_s", "mean"),
-                records=("record", lambda r: ";".join(sorted(r)))).reset_index()
+                records=("record", lambda r: ";".join(sorted(r))),
+                mixed_precision=("mixed_precision", "any")).reset_index()
     out = out.rename(columns={"quant": "convention"})
     out["source"] = "reproduced"
     out["family"] = out.schedule.map(lambda s: "training" if s else "post-training")
-    out["mixed_precision"] = False
     for col in ("paper", "table", "notes"):
         out[col] = ""
     return out[ENTRY_COLUMNS]

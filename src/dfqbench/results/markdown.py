@@ -72,7 +72,7 @@ def _order(df: pd.DataFrame) -> pd.DataFrame:
 def reproduced_table(rows: pd.DataFrame, out_dir: Path) -> pd.DataFrame:
     return pd.DataFrame([{
         "Source": "reproduced", "Method": r.method + FIDELITY_LABELS.get(r.fidelity, ""), "Variant": r.variant,
-        "W": str(r.wbit), "A": str(r.abit),
+        "W": f"<={r.wbit} (MP)" if r.mixed_precision else str(r.wbit), "A": str(r.abit),
         "Device": r.device, "Seeds": str(int(r.n_seeds)), "FP32": cell(r.fp32_top1),
         "Top-1": mean_std(r.top1_mean, r.top1_std, r.n_seeds) + (" (collapsed)" if collapsed(r.top1_mean, r.fp32_top1)
                                                                  else ""),

@@ -34,6 +34,7 @@ SOURCES: dict[str, str] = {
     "genie": "dfqbench.synth.genie:genie_source",  # Genie: generator + learnable latents, BN statistics
     "intraq": "dfqbench.synth.labelled:intraq_source",  # IntraQ: soft labels + intra-class cosine margins
     "hast": "dfqbench.synth.labelled:hast_source",  # HAST: focal-weighted CE on hard samples
+    "kw": "dfqbench.synth.kw:kw_source",  # The Knowledge Within: BN statistics matched by Gaussian KL
 }
 _IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp"}
 

@@ -1,0 +1,137 @@
+"""AAC+ABN (He, Zhang, Wu, Zhou, "Data-Free Quantization with Accurate Activation Clipping and Adaptive Batch
+Normalization", Neural Processing Letters 2023): a best-effort reconstruction from the abstract.
+
+1. Highly responsive images: KW-style synthesis (`dfqbench.synth.kw`) with the BN-statistics KL and a CE term
+   towards balanced target classes; of `num_images / keep` candidates the `num_images` whose target class the
+   teacher gives the highest probability are kept (the images the network responds to most).
+2. AAC: each activation quantizer's upper clip is the peak of its float input on those images: per image the
+   maximum over channels and positions (per channel for per-channel quantizers), reduced over the images by
+   `peak` (max | mean); the lower end is the minimum (0 after a ReLU).
+3. ABN: the quantized model's BatchNorm layers re-estimate their running statistics on the same images with
+   quantization on (cumulative average), so each BN normalizes what the quantized layers produce and its
+   output follows the teacher's again.
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..quant import quantize_model
+from ..quant.calibration.calibrate import calibrate_on_batches
+from ..quant.quantizers import ActQuantizer
+from ..synth.calib_data import _split
+from ..synth.kw import KWSettings, kw_images
+from .base import Method
+
+PEAKS = ("max", "mean")
+
+
+@torch.no_grad()
+def peak_ranges(qmodel: nn.Module, batches: list[torch.Tensor], peak: str) -> int:
+    """Set every enabled, uncalibrated activation quantizer's range from its float input over `batches`:
+    lo = the minimum, hi = the per-image peak reduced by `peak` (max | mean). Returns how many were set."""
+    quantizers = [q for q in qmodel.modules() if isinstance(q, ActQuantizer) and q.enabled and not q.fixed]
+    peaks: dict[ActQuantizer, list[torch.Tensor]] = {q: [] for q in quantizers}
+    lows: dict[ActQuantizer, list[torch.Tensor]] = {q: [] for q in quantizers}
+
+    def keep(q, inputs):
+        x = inputs[0].detach().float()
+        flat = x.transpose(0, 1).reshape(x.shape[1], x.shape[0], -1) if q.per_channel and x.dim() > 2 else \
+            x.reshape(1, x.shape[0], -1)  # [C or 1, images, values]
+        peaks[q].append(flat.amax(dim=2))
+        lows[q].append(flat.amin(dim=(1, 2)))
+
+    handles = [q.register_forward_pre_hook(keep) for q in quantizers]
+    try:
+        qmodel.eval()
+        for x in batches:
+            qmodel(x)  # uncalibrated quantizers pass their input through: these are float activations
+    finally:
+        for h in handles:
+            h.remove()
+    for q in quantizers:
+        per_image = torch.cat(peaks[q], dim=1)
+        hi = per_image.amax(dim=1) if peak == "max" else per_image.mean(dim=1)
+        lo = torch.stack(lows[q]).amin(dim=0)
+        q.set_range(lo.squeeze(0) if not q.per_channel else lo, hi.squeeze(0) if not q.per_channel else hi)
+    return len(quantizers)
+
+
+@torch.no_grad()
+def adapt_batchnorm(qmodel: nn.Module, batches: list[torch.Tensor]) -> int:
+    """Re-estimate every BatchNorm's running mean/var on `batches` through the quantized model (cumulative
+    average, as momentum=None), the rest of the model in eval mode. Returns the number of BN layers."""
+    bns = [m for m in qmodel.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    qmodel.eval()
+    saved = [bn.momentum for bn in bns]
+    for bn in bns:
+        bn.reset_running_stats()
+        bn.momentum = None
+        bn.train()
+    try:
+        for x in batches:
+            qmodel(x)
+    finally:
+        for bn, momentum in zip(bns, saved):
+            bn.momentum = momentum
+            bn.eval()
+    return len(bns)
+
+
+@torch.no_grad()
+def most_responsive(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, n: int, batch_size: int):
+    """The `n` images whose label the teacher gives the highest probability, in their original order."""
+    probs = torch.cat([F.softmax(model(x), dim=1).gather(1, y[:, None]).squeeze(1)
+                       for x, y in zip(images.split(batch_size), labels.split(batch_size))])
+    keep = probs.topk(n).indices.sort().values
+    return images[keep], probs[keep]
+
+
+class AACABN(Method):
+    stochastic = True
+
+    def __init__(self, name: str = "aac_abn", num_images: int = 32, keep: float = 0.5, peak: str = "max",
+                 aac: bool = True, abn: bool = True, synthesis: dict | None = None, **kwargs):
+        super().__init__(name, **kwargs)
+        if isinstance(num_images, bool) or not isinstance(num_images, int) or num_images < 1:
+            raise ValueError(f"method.num_images={num_images!r} must be a positive integer")
+        if isinstance(keep, bool) or not isinstance(keep, (int, float)) or not 0 < keep <= 1:
+            raise ValueError(f"method.keep={keep!r} must be a number in (0, 1]")
+        if peak not in PEAKS:
+            raise ValueError(f"method.peak={peak!r} is not valid; choose one of: {', '.join(PEAKS)}")
+        self.num_images, self.keep, self.peak, self.aac, self.abn = num_images, float(keep), peak, aac, abn
+        spec = {"scheme": "bn_stats", "bn_weight": 1.0, "ce_weight": 1.0, **(synthesis or {})}
+        try:
+            self.settings = KWSettings(**spec).validate("method.synthesis.")
+        except TypeError:
+            raise ValueError(f"method.synthesis has unknown keys {sorted(set(spec) - set(KWSettings().__dict__))}; "
+                             f"valid: {sorted(KWSettings().__dict__)}") from None
+
+    def check_convention(self, convention) -> None:
+        if self.abn and convention.fold_bn:
+            raise ValueError(f"method=aac_abn: ABN re-estimates BatchNorm layers, but quant={convention.name} "
+                             f"folds them (fold_bn: true); use a convention that keeps BN (quant=gdfq) or "
+                             f"method.abn=false")
+
+    def quantize(self, model, ctx):
+        t0 = time.perf_counter()
+        candidates = round(self.num_images / self.keep)
+        images = kw_images(model, ctx, candidates, self.settings)
+        labels = (torch.arange(candidates) % ctx.num_classes).to(images.device)
+        images, probs = most_responsive(model, images, labels, self.num_images, self.settings.batch_size)
+        batches = _split(images, self.settings.batch_size)
+        ctx.info.update(calib_data="aac_responsive", calib_images=self.num_images, candidates=candidates,
+                        kept_min_target_prob=round(float(probs.min()), 4), synth_time_s=round(time.perf_counter()
+                                                                                             - t0, 3))
+        qmodel = quantize_model(model, ctx.convention, ctx.wbit, ctx.abit)
+        if self.aac:
+            ctx.info["aac_quantizers"] = peak_ranges(qmodel, batches, self.peak)
+        else:  # min/max observed while quantizing (ZeroQ's calibration) on the same images
+            calibrate_on_batches(qmodel, batches)
+        if self.abn:
+            ctx.info["abn_layers"] = adapt_batchnorm(qmodel, batches)
+        return qmodel
