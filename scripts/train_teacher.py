@@ -1,5 +1,12 @@
 """Train an FP32 CIFAR teacher of your own (a pytorchcv architecture) on an ImageFolder copy of the data set.
 
+Also trains dfqbench's stand-in architectures (dfqbench.models.STANDIN_ARCHS): the committed
+models/seq_conv1d_cifar10.pt, a 1-D conv net on CIFAR-10 images read column by column, standing in for a speech
+model (Q-ASR), is
+
+    python scripts/train_teacher.py --arch seq_conv1d_cifar10 --data ../shared/data/cifar10-jpeg \
+        --epochs 15 --threads 1 --out models/
+
     python scripts/train_teacher.py --arch preresnet20_cifar10 --data ../shared/data/cifar10-jpeg \
         --epochs 40 --out my_models/
 
@@ -85,7 +92,8 @@ def write_atomic(path: Path, write) -> None:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--arch", default="preresnet20_cifar10", help="a pytorchcv CIFAR architecture")
+    ap.add_argument("--arch", default="preresnet20_cifar10",
+                    help="a pytorchcv CIFAR architecture, or a dfqbench stand-in (seq_conv1d_cifar10)")
     ap.add_argument("--data", type=Path, required=True, help="folder with train/ and test/ ImageFolder splits")
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--epochs", type=int, default=40)
@@ -100,8 +108,11 @@ def main(argv=None) -> int:
         raise SystemExit(f"train_teacher: error: --epochs={args.epochs} must be at least 1")
     from pytorchcv.model_provider import _models, get_model
 
-    if args.arch not in _models:
-        raise SystemExit(f"train_teacher: error: unknown pytorchcv architecture {args.arch!r}")
+    from dfqbench.models import STANDIN_ARCHS
+
+    if args.arch not in _models and args.arch not in STANDIN_ARCHS:
+        raise SystemExit(f"train_teacher: error: unknown pytorchcv architecture {args.arch!r} (dfqbench stand-ins: "
+                         f"{', '.join(STANDIN_ARCHS)})")
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
@@ -110,7 +121,9 @@ def main(argv=None) -> int:
     x_test, y_test, test_classes = load_split(args.data / "test")
     if classes != test_classes:
         raise SystemExit("train_teacher: error: train/ and test/ have different class folders")
-    model = get_model(args.arch, pretrained=False).to(memory_format=torch.channels_last)
+    stand_in = args.arch in STANDIN_ARCHS
+    model = STANDIN_ARCHS[args.arch](num_classes=len(classes)) if stand_in else get_model(args.arch, pretrained=False)
+    model = model.to(memory_format=torch.channels_last)
     steps_per_epoch = len(x_train) // args.batch_size
     opt = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=0.9, nesterov=True, weight_decay=5e-4)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, args.lr, total_steps=args.epochs * steps_per_epoch)
@@ -135,10 +148,16 @@ def main(argv=None) -> int:
     state = {k: v.contiguous() for k, v in model.state_dict().items()}
     write_atomic(weights, lambda tmp: torch.save(state, tmp))
     sha = hashlib.sha256(weights.read_bytes()).hexdigest()
-    facts = {"arch": args.arch, "source": "pytorchcv layout, trained from scratch by scripts/train_teacher.py",
+    source = ("STAND-IN: dfqbench.models.STANDIN_ARCHS layout (not a speech model), trained from scratch by "
+              "scripts/train_teacher.py" if stand_in else "pytorchcv layout, trained from scratch by "
+              "scripts/train_teacher.py")
+    facts = {"arch": args.arch, "source": source,
              "epochs": args.epochs, "test_top1": round(top1, 2), "normalize_mean": list(args.mean),
              "normalize_std": list(args.std), "sha256": sha, "train_seconds": round(seconds, 1),
-             "seed": args.seed, "data": str(args.data)}
+             "seed": args.seed, "data": str(args.data),
+             "recipe": {"optimizer": "SGD nesterov momentum 0.9, weight decay 5e-4", "batch_size": args.batch_size,
+                        "lr": f"one-cycle, peak {args.lr}", "augment": "random crop (pad 4) + horizontal flip",
+                        "threads": args.threads}}
     write_atomic(args.out / f"{args.arch}.json", lambda tmp: Path(tmp).write_text(json.dumps(facts, indent=1)))
     print(f"{args.arch}: test top-1 {top1:.2f} after {args.epochs} epochs ({seconds:.0f} s) -> {weights}")
     return 0

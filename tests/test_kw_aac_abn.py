@@ -13,7 +13,8 @@ from dfqbench.methods.base import QuantContext
 from dfqbench.methods.kw import KnowledgeWithin
 from dfqbench.quant import ActQuantizer, Convention, quantize_model
 from dfqbench.synth.bn_loop import BNTaps, bn_layers
-from dfqbench.synth.kw import KWSettings, KWSynthesis, bn_kl_loss, gaussian_kl
+from dfqbench.synth.bn_kl import bn_kl_loss, gaussian_kl
+from dfqbench.synth.kw import KWSettings, KWSynthesis
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -48,10 +49,10 @@ def test_bn_kl_loss_is_zero_at_the_stored_statistics_and_the_channel_mean_of_the
     z = (z - z.mean(dim=(0, 2, 3), keepdim=True)) / z.std(dim=(0, 2, 3), unbiased=False, keepdim=True)
     target_mean, target_std = torch.tensor([1.0, -2.0]), torch.tensor([0.5, 3.0])
     x = z * target_std.view(1, 2, 1, 1) + target_mean.view(1, 2, 1, 1)  # batch moments = the targets exactly
-    assert float(bn_kl_loss([(x, (target_mean, target_std))])) == pytest.approx(0.0, abs=1e-4)
+    assert float(bn_kl_loss([(x, (target_mean, target_std))], unbiased=False)) == pytest.approx(0.0, abs=1e-4)
     # batch statistics N(0, 1) per channel against the stored ones: the channel mean of the closed form
     expected = sum(math.log(1 / s) + (s * s + m * m) / 2 - 0.5 for m, s in ((1.0, 0.5), (-2.0, 3.0))) / 2
-    assert float(bn_kl_loss([(z, (target_mean, target_std))])) == pytest.approx(expected, rel=1e-4)
+    assert float(bn_kl_loss([(z, (target_mean, target_std))], unbiased=False)) == pytest.approx(expected, rel=1e-4)
 
 
 def test_kw_synthesis_lowers_the_bn_kl_of_a_bn_net():
@@ -62,7 +63,7 @@ def test_kw_synthesis_lowers_the_bn_kl_of_a_bn_net():
     def kl(x):
         with torch.no_grad(), BNTaps(bn_layers(model, "test")) as taps:
             model(x)
-            return float(bn_kl_loss(taps.pairs()))
+            return float(bn_kl_loss(taps.pairs(), unbiased=False))
 
     start = torch.randn((16, 3, 8, 8), generator=torch.Generator().manual_seed(0))
     from dfqbench.synth.bn_loop import synthesize_batches

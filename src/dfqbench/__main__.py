@@ -94,6 +94,14 @@ def hydra_main(cfg: DictConfig) -> float | dict | None:
     run_dir = Path(hc.runtime.output_dir)
     in_sweep = hc.mode == RunMode.MULTIRUN
     _logfile.info("command: python -m dfqbench %s", " ".join(hc.overrides.task))
+    if cfg.get("tuning") is not None:  # experiment=tuning_robustness: the study's runs, one after another
+        from .tuning import run_study
+        try:
+            run_study(cfg, list(hc.overrides.task))
+        except ConfigError as exc:
+            _error(exc)
+            sys.exit(2)
+        return None
     try:
         apply_per_setting(cfg, list(hc.overrides.task))  # the method's data-set/teacher/bit-width settings
         if in_sweep and cfg.get("skip_redundant"):

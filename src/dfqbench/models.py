@@ -1,4 +1,6 @@
-"""FP32 teachers from pytorchcv, torchvision or timm, from a local checkpoint or the zoo's download.
+"""FP32 teachers from pytorchcv, torchvision or timm, from a local checkpoint or the zoo's download; plus
+dfqbench's own stand-in architectures (source `dfqbench`: `seq_conv1d_cifar10`, a 1-D conv net standing in for
+a speech model, see `Conv1dSeqNet`), whose weights only come from a checkpoint.
 
 Weights are looked up in this order: `model.checkpoint`, then `<paths.models_dir>/<arch>.pt`, then the zoo's
 pretrained download (`model.pretrained=true`), else random initialization. Every run records a sha256: of the
@@ -21,8 +23,9 @@ from torch import nn
 
 from .errors import ConfigError
 
-SOURCES = ("pytorchcv", "torchvision", "timm")
-CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
+SOURCES = ("pytorchcv", "torchvision", "timm", "dfqbench")
+REPO_DIR = Path(__file__).resolve().parents[2]
+CONF_DIR = REPO_DIR / "conf"
 # pytorchcv names end in the data set their weights were trained on (resnet20_cifar100); no such tag: ImageNet-1k
 _PYTORCHCV_DATASET_TAGS = ("cifar10", "cifar100", "svhn", "cub", "voc", "ade20k", "cityscapes", "coco",
                            "widerface")
@@ -117,6 +120,8 @@ def state_dict_sha256(model: nn.Module) -> str:
 def find_checkpoint(cfg, models_dir: str | None) -> Path | None:
     if cfg.checkpoint:
         path = Path(os.path.expanduser(str(cfg.checkpoint)))
+        if not path.is_absolute() and not path.is_file() and (REPO_DIR / path).is_file():
+            path = REPO_DIR / path  # a checkpoint committed with the code (models/...), run from another folder
         if not path.is_file():
             raise ConfigError(f"checkpoint not found: model.checkpoint={path}; give the path of an FP32 state_dict "
                               f"file, or drop model.checkpoint to use model.pretrained=true (download)")
@@ -221,6 +226,8 @@ def _load_error(exc: Exception | None, path: Path) -> str:
 
 
 def _known_archs(source: str) -> list[str]:
+    if source == "dfqbench":
+        return list(STANDIN_ARCHS)
     if source == "pytorchcv":
         from pytorchcv.model_provider import _models
 
@@ -236,6 +243,11 @@ def _known_archs(source: str) -> list[str]:
 
 def _build(cfg, pretrained: bool) -> nn.Module:
     arch = str(cfg.arch)
+    if cfg.source == "dfqbench":
+        if pretrained:
+            raise ConfigError(f"model.arch={arch!r} (source dfqbench) has no download; give model.checkpoint=PATH "
+                              f"(the committed models/{arch}.pt) or model.pretrained=false (random weights)")
+        return STANDIN_ARCHS[arch](num_classes=int(cfg.num_classes))
     try:
         if cfg.source == "pytorchcv":
             from pytorchcv.model_provider import get_model
@@ -264,3 +276,42 @@ def _check_arch(arch: str, known: list[str], source: str) -> None:
         close = difflib.get_close_matches(arch, known, n=5)
         hint = f"; did you mean: {', '.join(close)}" if close else ""
         raise ConfigError(f"model.arch={arch!r} is not a {source} architecture{hint}")
+
+
+class ColumnsAsSequence(nn.Module):
+    """A CIFAR image [N, 3, H, W] read column by column as a sequence [N, 3 * H, W]: time step w is image column
+    w, its features the column's pixels, channel-major (feature c * H + h is pixel (c, h, w)). One `flatten`, no
+    permute: torch.fx sees a shape-only op (graph.is_passthrough), so quantizer placement and BN-statistics
+    propagation see the image itself as the first conv's input; the data pipeline stays the image one."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.flatten(1, 2)
+
+
+class Conv1dSeqNet(nn.Module):
+    """STAND-IN for a speech model (QuartzNet), for Q-ASR's Conv1d/BatchNorm1d path without NeMo or LibriSpeech:
+    a small QuartzNet-like 1-D conv classifier of CIFAR-10 images read as 32 time steps x 96 features
+    (`ColumnsAsSequence`): blocks Conv1d (no bias) -> BatchNorm1d -> ReLU (plain convolutions, not QuartzNet's
+    time-channel separable ones, no residuals), the mean over time, a Linear head. ~255k parameters.
+    Not a speech model: its numbers say nothing about WER on LibriSpeech."""
+
+    # (out channels, kernel, stride) per block
+    BLOCKS = ((128, 5, 1), (128, 3, 1), (128, 3, 2), (160, 3, 1), (192, 1, 1))
+
+    def __init__(self, num_classes: int = 10, in_features: int = 96):
+        super().__init__()
+        self.sequence = ColumnsAsSequence()
+        layers, c_in = [], in_features
+        for c_out, k, stride in self.BLOCKS:
+            layers += [nn.Conv1d(c_in, c_out, k, stride=stride, padding=k // 2, bias=False), nn.BatchNorm1d(c_out),
+                       nn.ReLU(inplace=True)]
+            c_in = c_out
+        self.features = nn.Sequential(*layers)
+        self.output = nn.Linear(c_in, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.output(self.features(self.sequence(x)).mean(dim=2))
+
+
+# source `dfqbench`: architectures defined here, built with num_classes (weights: model.checkpoint only)
+STANDIN_ARCHS = {"seq_conv1d_cifar10": Conv1dSeqNet}

@@ -13,6 +13,7 @@ the paper tables too), and writes into --results:
     README.md     the leaderboard: figures, best top-1 per cell in bold
     parity.md     official code beside dfqbench (only with a parity.csv)
     deployed.md   fake-quant beside deployed (ONNX Runtime) top-1 of the export=onnx runs (only when there are any)
+    tuning.md     the tuning-robustness study (records under <root>/tuning/, only when there are any)
     plots/<model>-<dataset>.png, plots/<model>-<dataset>-time.png   (dfqbench.plots)
 """
 
@@ -31,6 +32,7 @@ from .results.deployed import deployed_rows, render_deployed
 from .results.leaderboard import render_leaderboard
 from .results.markdown import drops_beside_papers, render_baselines  # noqa: F401
 from .results.parity import render_parity
+from .results.tuning import plot_study, render_tuning, study_runs
 
 
 def build(roots: list[Path], reference: Path) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame, pd.DataFrame]:
@@ -76,6 +78,10 @@ def main(argv: list[str] | None = None) -> None:
     (out / "README.md").write_text(render_leaderboard(entries, teachers, titles, rel, len(runs)))
     if len(parity):
         (out / "parity.md").write_text(render_parity(parity))
+    study = study_runs(roots)
+    if len(study):
+        plotted = plot_study(study, runs, out / "plots" / "tuning.png")
+        (out / "tuning.md").write_text(render_tuning(study, runs, "plots/tuning.png" if plotted else None))
     deployed = [row for root in roots for row in deployed_rows(root)]
     if deployed:
         (out / "deployed.md").write_text(render_deployed(deployed, out))

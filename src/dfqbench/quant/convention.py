@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field, fields
 
+from .kernels.grid import SYMMETRIC_GRIDS
 from .quantizers.ranges import ESTIMATORS
 
 # after_relu: every ReLU/ReLU6 output. layer_inputs: the tensor each conv/linear reads (before any pool/flatten),
@@ -29,6 +30,8 @@ class WeightSpec:
     symmetric: bool = False
     estimator: str = "minmax"
     lp: float = 2.0
+    # with symmetric: auto (unsigned grid for a non-negative range) | signed | qasr (kernels.grid)
+    symmetric_grid: str = "auto"
 
 
 @dataclass
@@ -40,6 +43,7 @@ class ActSpec:
     lp: float = 2.0
     percentile: float = 99.99
     ste: str = "clipped"  # ACT_STES
+    symmetric_grid: str = "auto"  # as WeightSpec.symmetric_grid
 
 
 INPUT_RANGES = ("calibrated", "pixels")
@@ -121,6 +125,16 @@ class Convention:
         _choice("quant.weight.estimator", self.weight.estimator, ESTIMATORS)
         _choice("quant.act.estimator", self.act.estimator, ESTIMATORS)
         _choice("quant.act.ste", self.act.ste, ACT_STES)
+        _choice("quant.weight.symmetric_grid", self.weight.symmetric_grid, SYMMETRIC_GRIDS)
+        _choice("quant.act.symmetric_grid", self.act.symmetric_grid, SYMMETRIC_GRIDS)
+        for key, spec in (("weight", self.weight), ("act", self.act)):
+            if spec.symmetric_grid != "auto" and not spec.symmetric:
+                raise ValueError(f"quant.{key}.symmetric_grid={spec.symmetric_grid!r} needs quant.{key}.symmetric="
+                                 f"true; with symmetric=false use symmetric_grid=auto")
+        if self.act.estimator == "percentile" and (isinstance(self.act.percentile, bool) or not isinstance(
+                self.act.percentile, (int, float)) or not 50.0 < self.act.percentile <= 100.0):
+            raise ValueError(f"quant.act.percentile={self.act.percentile!r} is not valid; use a number in (50, 100], "
+                             f"e.g. 99.996")
         for key, value in self.layers.bit_widths().items():
             check_bits(f"quant.layers.{key}", value)
         if not isinstance(self.deployable, bool):

@@ -67,12 +67,14 @@ def schedule_label(record: dict) -> str:
 
 
 SUPERSEDED = "superseded"  # <root>/superseded/...: records kept for the record, made by code since fixed
+TUNING = "tuning"  # <root>/tuning/...: the tuning-robustness study's variants (dfqbench.tuning), a table of their own
 
 
-def finished_records(root: Path):
-    """(path, record) of every finished record.json under root, in path order; `superseded/` folders left out."""
+def finished_records(root: Path, leave_out: tuple[str, ...] = (SUPERSEDED, TUNING)):
+    """(path, record) of every finished record.json under root, in path order; `superseded/` and `tuning/`
+    folders left out (unless `leave_out` says otherwise)."""
     for path in sorted(Path(root).rglob("record.json")):
-        if SUPERSEDED in path.relative_to(root).parts:
+        if set(leave_out) & set(path.relative_to(root).parts):
             continue
         try:
             record = json.loads(path.read_text())

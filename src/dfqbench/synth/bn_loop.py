@@ -2,11 +2,11 @@
 (`bn_distill`), DSG (`dsg`), Genie (`genie`) and the labelled IntraQ / HAST sets (`labelled`).
 
 The loop owns what they share: the teacher in eval mode with its parameters frozen (restored afterwards), forward
-pre-hooks that keep every BatchNorm2d's input (`BNTaps`, with the running statistics as targets), and per batch
-the step sequence zero-grad -> forward -> loss -> backward -> optimizer and scheduler step. A `Synthesis`
-supplies what differs: how a batch starts and what is optimized (`new_batch`: the images themselves as an
-`ImageBatch`, or Genie's generator and latents), the loss, extra hooks on the teacher (`prepare`: Genie's
-swing, the penultimate feature) and what a finished batch yields (`finish`).
+pre-hooks that keep every BatchNorm2d's input (BatchNorm1d in a 1-D conv net: `bn_layers`; `BNTaps`, with the
+running statistics as targets), and per batch the step sequence zero-grad -> forward -> loss -> backward ->
+optimizer and scheduler step. A `Synthesis` supplies what differs: how a batch starts and what is optimized
+(`new_batch`: the images themselves as an `ImageBatch`, or Genie's generator and latents), the loss, extra hooks
+on the teacher (`prepare`: Genie's swing, the penultimate feature) and what a finished batch yields (`finish`).
 """
 
 from __future__ import annotations
@@ -25,10 +25,15 @@ EPS = 1e-6  # in the std targets sqrt(running_var + EPS) and the per-sample std
 Moments = Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]  # activation -> (mean, std)
 
 
-def bn_layers(model: nn.Module, what: str) -> list[nn.BatchNorm2d]:
+def bn_layers(model: nn.Module, what: str) -> list[nn.BatchNorm2d | nn.BatchNorm1d]:
+    """The model's BatchNorm2d layers; a model with none (a 1-D conv net: Conv1d -> BatchNorm1d) gives its
+    BatchNorm1d layers instead. A 2-D net keeps exactly its BatchNorm2d list (a BatchNorm1d in its head, after a
+    Linear, is not tapped, as before)."""
     bns = [m for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
     if not bns:
-        raise UnsupportedModel(f"{what} needs a model with BatchNorm2d layers")
+        bns = [m for m in model.modules() if isinstance(m, nn.BatchNorm1d)]
+    if not bns:
+        raise UnsupportedModel(f"{what} needs a model with BatchNorm2d (or, in a 1-D net, BatchNorm1d) layers")
     return bns
 
 
@@ -50,7 +55,7 @@ class BNTaps:
     """Keeps each BatchNorm2d's input from the latest forward; `targets` are the layers' (running mean,
     sqrt(running var + EPS)). A context manager: the hooks go on exit."""
 
-    def __init__(self, bns: list[nn.BatchNorm2d]):
+    def __init__(self, bns: list[nn.Module]):
         self.bns = bns
         self.targets = [(bn.running_mean.detach(), torch.sqrt(bn.running_var.detach() + EPS)) for bn in bns]
         self.captured: dict[nn.Module, torch.Tensor] = {}

@@ -4,7 +4,7 @@ Three schemes (`scheme`):
   bn_stats   images ~ N(0, 1) in the normalized input space, optimized so that at every BatchNorm input the
              batch's channel statistics (over images and positions) match the layer's running statistics:
              sum over BN layers of the channel mean of KL(N(running mean, running std) || N(batch mean, batch std))
-             (`gaussian_kl`, the KL direction of KW's note and of Q-ASR);
+             (`bn_kl.bn_kl_loss` with the biased batch variance; the KL direction of KW's note and of Q-ASR);
   inception  the same start, optimized to raise a target class (CE against balanced labels: image i of a batch
              has class i mod C), no BN term ("DeepDream"-like, KW's Inception scheme);
   gaussian   the start itself, not optimized (KW's Gaussian-noise baseline).
@@ -20,32 +20,11 @@ from dataclasses import asdict, dataclass
 import torch
 import torch.nn.functional as F
 
-from .bn_loop import EPS, ImageBatch, Synthesis, synthesize_batches
+from .bn_kl import bn_kl_loss
+from .bn_loop import ImageBatch, Synthesis, synthesize_batches
 from .calib_data import _split, cached
 
 SCHEMES = ("bn_stats", "inception", "gaussian")
-
-
-def gaussian_kl(mean_p: torch.Tensor, std_p: torch.Tensor, mean_q: torch.Tensor, std_q: torch.Tensor) -> torch.Tensor:
-    """KL(N(mean_p, std_p^2) || N(mean_q, std_q^2)) elementwise:
-    log(std_q / std_p) + (std_p^2 + (mean_p - mean_q)^2) / (2 std_q^2) - 1/2."""
-    return torch.log(std_q / std_p) + (std_p.pow(2) + (mean_p - mean_q).pow(2)) / (2 * std_q.pow(2)) - 0.5
-
-
-def batch_moments(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Channel mean and sqrt(biased var + EPS) over every dimension but 1 (images and positions)."""
-    dims = [d for d in range(x.dim()) if d != 1]
-    var, mean = torch.var_mean(x, dim=dims, unbiased=False)
-    return mean, torch.sqrt(var + EPS)
-
-
-def bn_kl_loss(pairs) -> torch.Tensor:
-    """Sum over (BN input, (running mean, running std)) of the channel mean of KL(stored || batch)."""
-    loss = 0.0
-    for activation, (mean_t, std_t) in pairs:
-        mean, std = batch_moments(activation)
-        loss = loss + gaussian_kl(mean_t, std_t, mean, std).mean()
-    return loss
 
 
 @dataclass
@@ -109,7 +88,7 @@ class KWSynthesis(Synthesis):
     def loss(self, batch, x, logits, taps) -> torch.Tensor:
         loss = logits.new_zeros(())
         if self.bn_weight:
-            loss = loss + self.bn_weight * bn_kl_loss(taps.pairs())
+            loss = loss + self.bn_weight * bn_kl_loss(taps.pairs(), unbiased=False)
         if self.ce_weight:
             loss = loss + self.ce_weight * F.cross_entropy(logits, batch.labels)
         return loss

@@ -2,7 +2,11 @@
 
 Asymmetric grids always contain zero (``lo <= 0 <= hi``) and use ``[0, 2^b - 1]`` with an integer zero point;
 symmetric grids have zero point 0, and are unsigned ``[0, 2^b - 1]`` when the range is non-negative (post-ReLU
-activations), signed ``[-2^(b-1), 2^(b-1) - 1]`` otherwise. A leaf module: the kernels quantize onto it, the quantizers build it.
+activations), signed ``[-2^(b-1), 2^(b-1) - 1]`` otherwise (`symmetric_grid="auto"`). `symmetric_grid="signed"`:
+always signed, even for a non-negative range; `"qasr"`: Q-ASR's always signed grid (kssteven418/Q-ASR
+quant_utils.SymmetricQuantFunction): scale amax / (2^(b-1) - 1), integers clamped to
+``[-(2^(b-1) - 1), 2^(b-1) - 2]`` (its clamp(-n, n - 1): the top level is never used).
+A leaf module: the kernels quantize onto it, the quantizers build it.
 """
 
 from __future__ import annotations
@@ -22,11 +26,19 @@ class Grid:
     qmax: int
 
 
-def grid_from_range(lo: torch.Tensor, hi: torch.Tensor, bits: int, symmetric: bool) -> Grid:
+SYMMETRIC_GRIDS = ("auto", "signed", "qasr")
+
+
+def grid_from_range(lo: torch.Tensor, hi: torch.Tensor, bits: int, symmetric: bool,
+                    symmetric_grid: str = "auto") -> Grid:
     lo, hi = lo.float(), hi.float()
     if symmetric:
         amax = torch.maximum(lo.abs(), hi.abs())
-        if bool((lo < 0).any()):
+        if symmetric_grid == "qasr":
+            n = 2 ** (bits - 1) - 1
+            scale = (amax / n).clamp_min(EPS)
+            return Grid(scale, torch.zeros_like(scale, dtype=torch.int32), -n, n - 1)
+        if symmetric_grid == "signed" or bool((lo < 0).any()):
             qmin, qmax = -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
         else:
             qmin, qmax = 0, 2**bits - 1

@@ -23,9 +23,10 @@ class WeightQuantizer(nn.Module):
     """
 
     def __init__(self, bits: int, per_channel: bool = True, symmetric: bool = False, estimator: str = "minmax",
-                 lp: float = 2.0, dynamic: bool = False):
+                 lp: float = 2.0, dynamic: bool = False, symmetric_grid: str = "auto"):
         super().__init__()
         self.bits, self.per_channel, self.symmetric = bits, per_channel, symmetric
+        self.symmetric_grid = symmetric_grid  # kernels.grid.SYMMETRIC_GRIDS
         self.estimator, self.lp, self.dynamic = estimator, lp, dynamic
         self.grid: Grid | None = None
         self.frozen = False  # set by frozen_weights(): quantize the weight once, reuse it
@@ -40,7 +41,7 @@ class WeightQuantizer(nn.Module):
 
     def calibrate(self, weight: torch.Tensor) -> None:
         lo, hi = estimate_range(weight, self.estimator, self.bits, self.symmetric, self.per_channel, lp=self.lp)
-        self.grid = grid_from_range(lo, hi, self.bits, self.symmetric)
+        self.grid = grid_from_range(lo, hi, self.bits, self.symmetric, self.symmetric_grid)
 
     def forward(self, weight: torch.Tensor) -> torch.Tensor:
         if not self.enabled:
@@ -60,7 +61,8 @@ class WeightQuantizer(nn.Module):
 
     def extra_repr(self) -> str:
         gran = "per_channel" if self.per_channel else "per_tensor"
-        return f"bits={self.bits}, {gran}, symmetric={self.symmetric}, estimator={self.estimator}"
+        grid = "" if self.symmetric_grid == "auto" else f", grid={self.symmetric_grid}"
+        return f"bits={self.bits}, {gran}, symmetric={self.symmetric}, estimator={self.estimator}{grid}"
 
 
 class ActQuantizer(nn.Module):
@@ -74,8 +76,10 @@ class ActQuantizer(nn.Module):
     """
 
     def __init__(self, bits: int, symmetric: bool = False, estimator: str = "minmax", lp: float = 2.0,
-                 percentile: float = 99.99, per_channel: bool = False, ste: str = "clipped"):
+                 percentile: float = 99.99, per_channel: bool = False, ste: str = "clipped",
+                 symmetric_grid: str = "auto"):
         super().__init__()
+        self.symmetric_grid = symmetric_grid  # kernels.grid.SYMMETRIC_GRIDS
         if ste not in ("clipped", "identity"):
             raise ValueError(f"ste={ste!r} is not valid; choose one of: clipped, identity")
         self.ste = ste
@@ -116,7 +120,7 @@ class ActQuantizer(nn.Module):
                                              torch.as_tensor(hi, dtype=torch.float32).reshape(-1))
             self.lo = lo.detach().clone().to(self.lo.device)  # replaces the buffer: its shape becomes [C]
             self.hi = hi.detach().clone().to(self.hi.device)
-        self.grid = grid_from_range(self.lo, self.hi, self.bits, self.symmetric)
+        self.grid = grid_from_range(self.lo, self.hi, self.bits, self.symmetric, self.symmetric_grid)
 
     def start_observing(self) -> None:
         if self.fixed:
@@ -178,7 +182,8 @@ class ActQuantizer(nn.Module):
         if self.grid is None or self.grid.scale.device != x.device:  # the grid is not a buffer: rebuild after .to()
             if not self.calibrated:
                 return x
-            self.grid = grid_from_range(self.lo.to(x.device), self.hi.to(x.device), self.bits, self.symmetric)
+            self.grid = grid_from_range(self.lo.to(x.device), self.hi.to(x.device), self.bits, self.symmetric,
+                                        self.symmetric_grid)
         y = fake_quant(x, self.grid, axis=1 if self.lo.numel() > 1 else None)
         if self.ste == "identity" and x.requires_grad:
             return x + (y - x).detach()  # forward y, gradient 1 everywhere

@@ -55,6 +55,14 @@ class QuantConv2d(QuantLayer, nn.Conv2d):
         return self._conv_forward(x, self.quantized_weight(), self.bias)
 
 
+@register_layer(nn.Conv1d)
+class QuantConv1d(QuantLayer, nn.Conv1d):
+    """Weights [out, in / groups, k]: per-channel grids along dim 0 (output channels), as Conv2d's."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self._conv_forward(x, self.quantized_weight(), self.bias)
+
+
 @register_layer(nn.Linear)
 class QuantLinear(QuantLayer, nn.Linear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:

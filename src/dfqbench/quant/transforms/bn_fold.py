@@ -23,7 +23,7 @@ def fold_batchnorm(model: nn.Module) -> fx.GraphModule:
             continue
         src = node.args[0]
         layer = module_of(gm, src) if isinstance(src, fx.Node) else None
-        if not isinstance(layer, (nn.Conv2d, nn.Linear)) or len(tensor_users(src)) != 1:
+        if not isinstance(layer, (nn.Conv2d, nn.Conv1d, nn.Linear)) or len(tensor_users(src)) != 1:
             continue
         std = torch.sqrt(bn.running_var + bn.eps)
         gamma = bn.weight if bn.affine else torch.ones_like(std)

@@ -94,7 +94,7 @@ class BNStatistics:
                 return Gaussian(mod.bias, mod.weight.abs())
             return Gaussian(torch.zeros_like(mod.running_mean), torch.ones_like(mod.running_var))
         inputs = [self.stats.get(a) if isinstance(a, fx.Node) else a for a in node.args]
-        if isinstance(mod, (nn.Conv2d, nn.Linear)):
+        if isinstance(mod, (nn.Conv2d, nn.Conv1d, nn.Linear)):
             if hasattr(mod, "out_mean"):  # a layer with a folded BatchNorm
                 return Gaussian(mod.out_mean, mod.out_std)
             return _through_layer(mod, inputs[0]) if inputs[0] is not None else None

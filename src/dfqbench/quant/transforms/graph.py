@@ -12,9 +12,10 @@ from ...errors import UnsupportedModel
 from ..quantizers import ActQuantizer, float_layer_types
 
 _PASS_MODULES = (nn.AvgPool2d, nn.MaxPool2d, nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d, nn.Flatten, nn.Dropout,
-                 nn.Identity, ActQuantizer)
+                 nn.Identity, ActQuantizer, nn.AvgPool1d, nn.MaxPool1d, nn.AdaptiveAvgPool1d, nn.AdaptiveMaxPool1d)
 _PASS_FUNCTIONS = {torch.flatten, F.adaptive_avg_pool2d, F.adaptive_max_pool2d, F.avg_pool2d, F.max_pool2d,
-                   F.dropout, torch.squeeze}
+                   F.dropout, torch.squeeze, F.adaptive_avg_pool1d, F.adaptive_max_pool1d, F.avg_pool1d,
+                   F.max_pool1d}
 _PASS_METHODS = {"view", "reshape", "flatten", "contiguous", "squeeze", "mean"}
 ADD_FUNCTIONS = {operator.add, operator.iadd, torch.add}
 

@@ -15,7 +15,7 @@ def quantize_model(model: nn.Module, convention: Convention, wbit: int, abit: in
     gm = fold_batchnorm(model) if convention.fold_bn else trace(model)
     layers = layer_nodes(gm)
     if not layers:
-        raise ValueError("the model has no Conv2d/Linear layer to quantize")
+        raise ValueError("the model has no Conv1d/Conv2d/Linear layer to quantize")
     first, last = layers[0], layers[-1]
     bits = convention.layers
 
@@ -58,7 +58,8 @@ def quantize_model(model: nn.Module, convention: Convention, wbit: int, abit: in
 def _act_quantizer(convention: Convention, bits: int) -> ActQuantizer:
     spec = convention.act
     return ActQuantizer(bits, symmetric=spec.symmetric, estimator=spec.estimator, lp=spec.lp,
-                        percentile=spec.percentile, per_channel=spec.granularity == "per_channel", ste=spec.ste)
+                        percentile=spec.percentile, per_channel=spec.granularity == "per_channel", ste=spec.ste,
+                        symmetric_grid=spec.symmetric_grid)
 
 
 def _insert_on_edge(gm: fx.GraphModule, src: fx.Node, user: fx.Node, name: str, module: nn.Module) -> None:
@@ -72,7 +73,7 @@ def _insert_on_edge(gm: fx.GraphModule, src: fx.Node, user: fx.Node, name: str, 
 def _weight_quantizer(convention: Convention, bits: int) -> WeightQuantizer:
     spec = convention.weight
     return WeightQuantizer(bits, per_channel=spec.granularity == "per_channel", symmetric=spec.symmetric,
-                           estimator=spec.estimator, lp=spec.lp)
+                           estimator=spec.estimator, lp=spec.lp, symmetric_grid=spec.symmetric_grid)
 
 
 def _swap_layer(gm: fx.GraphModule, node: fx.Node, wq: WeightQuantizer) -> None:
