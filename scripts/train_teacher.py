@@ -1,8 +1,8 @@
 """Train an FP32 CIFAR teacher of your own (a pytorchcv architecture) on an ImageFolder copy of the data set.
 
-Also trains dfqbench's stand-in architectures (dfqbench.models.STANDIN_ARCHS): the committed
-models/seq_conv1d_cifar10.pt, a 1-D conv net on CIFAR-10 images read column by column, standing in for a speech
-model (Q-ASR), is
+Also trains dfqbench's own architectures (dfqbench.archs.ARCHS: the teacher pool's vgg8_bn_cifar10 and
+mobilenetv2_cifar10, the stand-in seq_conv1d_cifar10). The committed models/seq_conv1d_cifar10.pt, a 1-D conv net
+on CIFAR-10 images read column by column, standing in for a speech model (Q-ASR), is
 
     python scripts/train_teacher.py --arch seq_conv1d_cifar10 --data ../shared/data/cifar10-jpeg \
         --epochs 15 --threads 1 --out models/
@@ -108,11 +108,11 @@ def main(argv=None) -> int:
         raise SystemExit(f"train_teacher: error: --epochs={args.epochs} must be at least 1")
     from pytorchcv.model_provider import _models, get_model
 
-    from dfqbench.models import STANDIN_ARCHS
+    from dfqbench.archs import ARCHS, STAND_INS
 
-    if args.arch not in _models and args.arch not in STANDIN_ARCHS:
+    if args.arch not in _models and args.arch not in ARCHS:
         raise SystemExit(f"train_teacher: error: unknown pytorchcv architecture {args.arch!r} (dfqbench stand-ins: "
-                         f"{', '.join(STANDIN_ARCHS)})")
+                         f"{', '.join(ARCHS)})")
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
@@ -121,8 +121,8 @@ def main(argv=None) -> int:
     x_test, y_test, test_classes = load_split(args.data / "test")
     if classes != test_classes:
         raise SystemExit("train_teacher: error: train/ and test/ have different class folders")
-    stand_in = args.arch in STANDIN_ARCHS
-    model = STANDIN_ARCHS[args.arch](num_classes=len(classes)) if stand_in else get_model(args.arch, pretrained=False)
+    ours = args.arch in ARCHS
+    model = ARCHS[args.arch](num_classes=len(classes)) if ours else get_model(args.arch, pretrained=False)
     model = model.to(memory_format=torch.channels_last)
     steps_per_epoch = len(x_train) // args.batch_size
     opt = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=0.9, nesterov=True, weight_decay=5e-4)
@@ -148,9 +148,10 @@ def main(argv=None) -> int:
     state = {k: v.contiguous() for k, v in model.state_dict().items()}
     write_atomic(weights, lambda tmp: torch.save(state, tmp))
     sha = hashlib.sha256(weights.read_bytes()).hexdigest()
-    source = ("STAND-IN: dfqbench.models.STANDIN_ARCHS layout (not a speech model), trained from scratch by "
-              "scripts/train_teacher.py" if stand_in else "pytorchcv layout, trained from scratch by "
-              "scripts/train_teacher.py")
+    layout = "dfqbench.archs layout" if ours else "pytorchcv layout"
+    source = f"{layout}, trained from scratch by scripts/train_teacher.py"
+    if args.arch in STAND_INS:
+        source = f"STAND-IN for {STAND_INS[args.arch]}. {source}"
     facts = {"arch": args.arch, "source": source,
              "epochs": args.epochs, "test_top1": round(top1, 2), "normalize_mean": list(args.mean),
              "normalize_std": list(args.std), "sha256": sha, "train_seconds": round(seconds, 1),

@@ -142,6 +142,7 @@ def test_intraq_calibrates_on_a_warmup_generator_and_resumes_with_it(tmp_path, c
     training = record["info"]["training"]
     assert record["status"] == "done" and training["resumed_from_epoch"] == 1
     assert set(training["final_losses"]) == {"S"}  # after the warm-up only the student trains
-    with pytest.raises(ValueError, match="method.warmup_generator_losses needs method.warmup_generator"):
+    with pytest.raises(ValueError, match="method.warmup_generator_losses without method.warmup_generator trains "
+                                         "the main generator, but method.generator.name=fixed_set trains none"):
         GeneratorQAT(schedule=SCHEDULE, generator={"name": "fixed_set"}, generator_losses=None,
                      student_losses={"kd": {}}, warmup_generator_losses={"ce": {}})

@@ -147,3 +147,28 @@ def test_kw_gaussian_scheme_is_the_unoptimized_start():
     qmodel = KnowledgeWithin(scheme="gaussian", num_images=8, batch_size=8).quantize(model, ctx)
     assert ctx.info["calib_data"] == "kw-gaussian"
     assert all(q.calibrated for q in qmodel.modules() if isinstance(q, ActQuantizer) and q.enabled)
+
+
+def test_shift_batchnorm_moves_the_running_statistics_by_the_quantization_shift():
+    from dfqbench.methods.aac_abn import shift_batchnorm
+
+    def net(scale, bias):
+        conv = nn.Conv2d(1, 1, 1, bias=True)
+        with torch.no_grad():
+            conv.weight.fill_(scale)
+            conv.bias.fill_(bias)
+        bn = nn.BatchNorm2d(1)
+        bn.running_mean.fill_(5.0)
+        bn.running_var.fill_(4.0)
+        return nn.Sequential(conv, bn).eval()
+
+    teacher, quantized = net(1.0, 0.0), net(2.0, 1.0)  # the "quantized" conv doubles and shifts its output
+    x = torch.randn(8, 1, 3, 3)
+    assert shift_batchnorm(teacher, quantized, [x]) == 1
+    bn = quantized[1]
+    mean, var = float(x.mean()), float(x.var(unbiased=False))
+    assert float(bn.running_mean) == pytest.approx(5.0 + (2 * mean + 1) - mean, abs=1e-5)
+    assert float(bn.running_var) == pytest.approx(4.0 * (4 * var + bn.eps) / (var + bn.eps), rel=1e-5)
+    assert float(teacher[1].running_mean) == 5.0  # the teacher is left alone
+    with pytest.raises(ValueError, match="method.abn=True is not valid; choose one of: shift, reestimate, false"):
+        AACABN(abn=True)

@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from dfqbench.methods.qasr import QASR, calibrate_ema
-from dfqbench.models import STANDIN_ARCHS, ColumnsAsSequence
+from dfqbench.archs import ARCHS, ColumnsAsSequence
 from dfqbench.quant import Convention, QuantConv1d, act_quantizers, quantize_model
 from dfqbench.quant.quantizers import WeightQuantizer
 from dfqbench.synth.bn_kl import QASRSettings, QASRSynthesis, bn_kl_loss, gaussian_kl, qasr_synthetic_data
@@ -118,7 +118,7 @@ def test_the_stand_in_reads_columns_and_every_conv1d_is_wrapped():
     x = torch.arange(2 * 3 * 32 * 32, dtype=torch.float32).view(2, 3, 32, 32)
     seq = ColumnsAsSequence()(x)
     assert seq.shape == (2, 96, 32) and float(seq[1, 2 * 32 + 5, 7]) == float(x[1, 2, 5, 7])
-    model = STANDIN_ARCHS["seq_conv1d_cifar10"]().eval()
+    model = ARCHS["seq_conv1d_cifar10"]().eval()
     convs = sum(isinstance(m, nn.Conv1d) for m in model.modules())
     qmodel = quantize_model(model, Convention.from_dict({**QASR_CONV, "layers": {"input_abit": 4}}), 4, 4)
     assert sum(isinstance(m, QuantConv1d) for m in qmodel.modules()) == convs == 5

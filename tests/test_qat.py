@@ -166,7 +166,7 @@ def test_gradient_inundation_scales_a_too_small_step_until_the_threshold():
 
 # ---------------------------------------------------------------------------------------------- configuration
 @pytest.mark.parametrize("override,needle", [
-    ({"generator": {"name": "nope"}}, "method.generator.name: unknown name 'nope'; choose one of: arc, fixed_set, "
+    ({"generator": {"name": "nope"}}, "method.generator.name: unknown name 'nope'; choose one of: arc, dcgan3, fixed_set, "
                                       "gdfq, qimera, unconditional"),
     ({"student_losses": {"kld": {"weight": 1}}},
      "method.student_losses: unknown name 'kld'; choose one of: attention_mse, ce, "
@@ -205,7 +205,7 @@ def test_yamls_compose_the_papers_settings():
 @pytest.mark.parametrize("args,needles", [
     (["schedule=nope"], ["schedule=nope", "cpu", "paper", "smoke"]),
     (["method=gdfq", "schedule.iters_per_epoch=0"], ["schedule.iters_per_epoch=0"]),
-    (["method=qimera", "method.generator.name=nope"], ["nope", "arc, fixed_set, gdfq, qimera, unconditional"]),
+    (["method=qimera", "method.generator.name=nope"], ["nope", "arc, dcgan3, fixed_set, gdfq, qimera, unconditional"]),
     (["method=ait", "+method.student_losses.nope.weight=1"], ["nope", "attention_mse, ce, difference_entropy, feature_mse, kd, l1"]),
 ])
 def test_cli_refuses_bad_names_and_schedules(tmp_path, args, needles):

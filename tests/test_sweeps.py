@@ -108,7 +108,8 @@ def test_local_launchers_extend_the_plugins():
 
 
 # Methods the W = A presets leave out, and why (each has its own sweep, in its yaml's header)
-NOT_IN_WXAX_PRESETS = {"pnmq": "weight-only mixed precision at a compression ratio (method.compression_ratio=...)"}
+NOT_IN_WXAX_PRESETS = {"pnmq": "weight-only mixed precision at a compression ratio (method.compression_ratio=...)",
+                       "mixmix": "needs the CIFAR-10 teacher pool (models/vgg8_bn_cifar10.pt, mobilenetv2_cifar10.pt)"}
 
 
 @pytest.mark.parametrize("experiment", [e for e in group_options("experiment") if e != "tuning_robustness"])

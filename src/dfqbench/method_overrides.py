@@ -8,7 +8,8 @@ The official code of a method often changes its settings by data set (Qimera mix
       cifar100: {when: {dataset: cifar100}, set: {generator: {mix_classes: 10}}}
       cifar100_w5: {when: {dataset: cifar100, wbit: 5}, set: {generator: {mix_classes: 50}}}
 
-`when` matches the run's `dataset` (dataset.name), `model` (model.name), `wbit` and `abit`; every entry whose
+`when` matches the run's `dataset` (dataset.name), `model` (model.name), `wbit`, `abit` and `schedule`
+(schedule.name: a CPU-budget setting of a method whose paper step is too costly there); every entry whose
 conditions all hold is merged into `method`, in order (a yaml that extends another adds or replaces entries by
 name). A key the user sets on the command line (`method.generator.mix_classes=3`) wins over every entry. The
 merged settings are what the run's config, hash and record hold; `per_setting` itself is removed.
@@ -20,11 +21,13 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 from .errors import ConfigError
 
-WHEN_KEYS = ("dataset", "model", "wbit", "abit")
+WHEN_KEYS = ("dataset", "model", "wbit", "abit", "schedule")
 
 
 def _run_values(cfg: DictConfig) -> dict:
-    return {"dataset": str(cfg.dataset.name), "model": str(cfg.model.name), "wbit": cfg.wbit, "abit": cfg.abit}
+    schedule = cfg.get("schedule")
+    return {"dataset": str(cfg.dataset.name), "model": str(cfg.model.name), "wbit": cfg.wbit, "abit": cfg.abit,
+            "schedule": str(schedule.get("name")) if schedule is not None else ""}
 
 
 def _leaves(tree, prefix: str = "") -> list[str]:

@@ -1,6 +1,6 @@
 """FP32 teachers from pytorchcv, torchvision or timm, from a local checkpoint or the zoo's download; plus
-dfqbench's own stand-in architectures (source `dfqbench`: `seq_conv1d_cifar10`, a 1-D conv net standing in for
-a speech model, see `Conv1dSeqNet`), whose weights only come from a checkpoint.
+dfqbench's own architectures (source `dfqbench`: dfqbench.archs, the teacher pool's VGG-BN and MobileNetV2 and
+the 1-D stand-in for a speech model), whose weights only come from a checkpoint.
 
 Weights are looked up in this order: `model.checkpoint`, then `<paths.models_dir>/<arch>.pt`, then the zoo's
 pretrained download (`model.pretrained=true`), else random initialization. Every run records a sha256: of the
@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from .archs import ARCHS
 from .errors import ConfigError
 
 SOURCES = ("pytorchcv", "torchvision", "timm", "dfqbench")
@@ -227,7 +228,7 @@ def _load_error(exc: Exception | None, path: Path) -> str:
 
 def _known_archs(source: str) -> list[str]:
     if source == "dfqbench":
-        return list(STANDIN_ARCHS)
+        return list(ARCHS)
     if source == "pytorchcv":
         from pytorchcv.model_provider import _models
 
@@ -247,7 +248,7 @@ def _build(cfg, pretrained: bool) -> nn.Module:
         if pretrained:
             raise ConfigError(f"model.arch={arch!r} (source dfqbench) has no download; give model.checkpoint=PATH "
                               f"(the committed models/{arch}.pt) or model.pretrained=false (random weights)")
-        return STANDIN_ARCHS[arch](num_classes=int(cfg.num_classes))
+        return ARCHS[arch](num_classes=int(cfg.num_classes))
     try:
         if cfg.source == "pytorchcv":
             from pytorchcv.model_provider import get_model
@@ -276,42 +277,3 @@ def _check_arch(arch: str, known: list[str], source: str) -> None:
         close = difflib.get_close_matches(arch, known, n=5)
         hint = f"; did you mean: {', '.join(close)}" if close else ""
         raise ConfigError(f"model.arch={arch!r} is not a {source} architecture{hint}")
-
-
-class ColumnsAsSequence(nn.Module):
-    """A CIFAR image [N, 3, H, W] read column by column as a sequence [N, 3 * H, W]: time step w is image column
-    w, its features the column's pixels, channel-major (feature c * H + h is pixel (c, h, w)). One `flatten`, no
-    permute: torch.fx sees a shape-only op (graph.is_passthrough), so quantizer placement and BN-statistics
-    propagation see the image itself as the first conv's input; the data pipeline stays the image one."""
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x.flatten(1, 2)
-
-
-class Conv1dSeqNet(nn.Module):
-    """STAND-IN for a speech model (QuartzNet), for Q-ASR's Conv1d/BatchNorm1d path without NeMo or LibriSpeech:
-    a small QuartzNet-like 1-D conv classifier of CIFAR-10 images read as 32 time steps x 96 features
-    (`ColumnsAsSequence`): blocks Conv1d (no bias) -> BatchNorm1d -> ReLU (plain convolutions, not QuartzNet's
-    time-channel separable ones, no residuals), the mean over time, a Linear head. ~255k parameters.
-    Not a speech model: its numbers say nothing about WER on LibriSpeech."""
-
-    # (out channels, kernel, stride) per block
-    BLOCKS = ((128, 5, 1), (128, 3, 1), (128, 3, 2), (160, 3, 1), (192, 1, 1))
-
-    def __init__(self, num_classes: int = 10, in_features: int = 96):
-        super().__init__()
-        self.sequence = ColumnsAsSequence()
-        layers, c_in = [], in_features
-        for c_out, k, stride in self.BLOCKS:
-            layers += [nn.Conv1d(c_in, c_out, k, stride=stride, padding=k // 2, bias=False), nn.BatchNorm1d(c_out),
-                       nn.ReLU(inplace=True)]
-            c_in = c_out
-        self.features = nn.Sequential(*layers)
-        self.output = nn.Linear(c_in, num_classes)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.output(self.features(self.sequence(x)).mean(dim=2))
-
-
-# source `dfqbench`: architectures defined here, built with num_classes (weights: model.checkpoint only)
-STANDIN_ARCHS = {"seq_conv1d_cifar10": Conv1dSeqNet}

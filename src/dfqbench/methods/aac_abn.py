@@ -7,9 +7,11 @@ Normalization", Neural Processing Letters 2023): a best-effort reconstruction fr
 2. AAC: each activation quantizer's upper clip is the peak of its float input on those images: per image the
    maximum over channels and positions (per channel for per-channel quantizers), reduced over the images by
    `peak` (max | mean); the lower end is the minimum (0 after a ReLU).
-3. ABN: the quantized model's BatchNorm layers re-estimate their running statistics on the same images with
-   quantization on (cumulative average), so each BN normalizes what the quantized layers produce and its
-   output follows the teacher's again.
+3. ABN (`abn: shift`, default): on the same images, each BN input's mean and variance in the quantized model
+   against the teacher's; the BN's running mean moves by the difference and its variance scales by the ratio,
+   undoing the shift quantization adds while keeping the BN's own (real-data) statistics. `abn: reestimate`
+   re-estimates the running statistics from the synthetic images outright (measured worse: the images' BN
+   statistics only approximate the real data's; records under results/superseded/2026-12-03-aac_abn-reestimate/).
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from ..synth.kw import KWSettings, kw_images
 from .base import Method
 
 PEAKS = ("max", "mean")
+ABN_MODES = ("shift", "reestimate", False)
 
 
 @torch.no_grad()
@@ -83,6 +86,44 @@ def adapt_batchnorm(qmodel: nn.Module, batches: list[torch.Tensor]) -> int:
 
 
 @torch.no_grad()
+def bn_input_moments(model: nn.Module, batches: list[torch.Tensor]) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """Per BatchNorm (by module name): the channel mean and biased variance of its input over `batches`."""
+    sums: dict[str, list] = {}
+
+    def keep(name):
+        def hook(bn, inputs):
+            x = inputs[0].detach().float().transpose(0, 1).reshape(inputs[0].shape[1], -1)
+            s = sums.setdefault(name, [0.0, 0.0, 0])
+            s[0], s[1], s[2] = s[0] + x.sum(1), s[1] + x.pow(2).sum(1), s[2] + x.shape[1]
+        return hook
+
+    handles = [m.register_forward_pre_hook(keep(n)) for n, m in model.named_modules()
+               if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    try:
+        model.eval()
+        for x in batches:
+            model(x)
+    finally:
+        for h in handles:
+            h.remove()
+    return {n: (s0 / n_, s1 / n_ - (s0 / n_) ** 2) for n, (s0, s1, n_) in sums.items()}
+
+
+@torch.no_grad()
+def shift_batchnorm(teacher: nn.Module, qmodel: nn.Module, batches: list[torch.Tensor]) -> int:
+    """ABN as a correction: on the same images, each BN input's statistics in the quantized model against the
+    teacher's; the running mean moves by the difference and the running variance scales by the ratio, so the
+    BN keeps its (real-data) statistics and undoes only the shift quantization adds. Returns the BN count."""
+    fp, q = bn_input_moments(teacher, batches), bn_input_moments(qmodel, batches)
+    bns = dict((n, m) for n, m in qmodel.named_modules() if isinstance(m, nn.modules.batchnorm._BatchNorm))
+    for name, bn in bns.items():
+        (m_fp, v_fp), (m_q, v_q) = fp[name], q[name]
+        bn.running_mean.add_(m_q - m_fp)
+        bn.running_var.mul_((v_q + bn.eps) / (v_fp + bn.eps))
+    return len(bns)
+
+
+@torch.no_grad()
 def most_responsive(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, n: int, batch_size: int):
     """The `n` images whose label the teacher gives the highest probability, in their original order."""
     probs = torch.cat([F.softmax(model(x), dim=1).gather(1, y[:, None]).squeeze(1)
@@ -95,7 +136,7 @@ class AACABN(Method):
     stochastic = True
 
     def __init__(self, name: str = "aac_abn", num_images: int = 32, keep: float = 0.5, peak: str = "max",
-                 aac: bool = True, abn: bool = True, synthesis: dict | None = None, **kwargs):
+                 aac: bool = True, abn: str | bool = "shift", synthesis: dict | None = None, **kwargs):
         super().__init__(name, **kwargs)
         if isinstance(num_images, bool) or not isinstance(num_images, int) or num_images < 1:
             raise ValueError(f"method.num_images={num_images!r} must be a positive integer")
@@ -103,6 +144,8 @@ class AACABN(Method):
             raise ValueError(f"method.keep={keep!r} must be a number in (0, 1]")
         if peak not in PEAKS:
             raise ValueError(f"method.peak={peak!r} is not valid; choose one of: {', '.join(PEAKS)}")
+        if abn is True or abn not in ABN_MODES:
+            raise ValueError(f"method.abn={abn!r} is not valid; choose one of: shift, reestimate, false")
         self.num_images, self.keep, self.peak, self.aac, self.abn = num_images, float(keep), peak, aac, abn
         spec = {"scheme": "bn_stats", "bn_weight": 1.0, "ce_weight": 1.0, **(synthesis or {})}
         try:
@@ -132,6 +175,8 @@ class AACABN(Method):
             ctx.info["aac_quantizers"] = peak_ranges(qmodel, batches, self.peak)
         else:  # min/max observed while quantizing (ZeroQ's calibration) on the same images
             calibrate_on_batches(qmodel, batches)
-        if self.abn:
+        if self.abn == "shift":
+            ctx.info["abn_layers"] = shift_batchnorm(model, qmodel, batches)
+        elif self.abn == "reestimate":
             ctx.info["abn_layers"] = adapt_batchnorm(qmodel, batches)
         return qmodel

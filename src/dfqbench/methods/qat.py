@@ -38,11 +38,16 @@ class GeneratorQAT(Method):
                  stop_after_epoch: int | None = None, keep_checkpoint: bool = False,
                  warmup_generator: dict | None = None, warmup_generator_losses: dict | None = None,
                  student_mode: str = "eval", range_tracking: str = "ema", schedule_overrides: dict | None = None,
-                 **kwargs):
+                 schedule_by_name: dict | None = None, **kwargs):
         super().__init__(name, **kwargs)
         if not schedule:
             raise ValueError("method.schedule is missing: the method yaml needs `schedule: ${schedule}`")
-        self.schedule_overrides = dict(schedule_overrides or {})
+        # schedule_by_name: {schedule name: {field: value}}, applied only under that schedule (ClusterQ's
+        # schedule=paper: its paper's batch 512 and warm-up 10 instead of the GDFQ lineage's 200 and 4)
+        by_name = dict(schedule_by_name or {})
+        if any(not isinstance(v, dict) for v in by_name.values()):
+            raise ValueError("method.schedule_by_name must map schedule names to {field: value} mappings")
+        self.schedule_overrides = {**by_name.get(schedule.get("name"), {}), **dict(schedule_overrides or {})}
         self.schedule = _schedule(schedule, self.schedule_overrides)
         self.generator_spec = dict(generator or {"name": "gdfq"})
         fixed = not getattr(GENERATORS.get(self.generator_spec.get("name")), "trainable", True)
@@ -52,14 +57,19 @@ class GeneratorQAT(Method):
                              f"method.generator_losses must be empty, not {sorted(generator_losses)}")
         self.generator_terms = build_terms(generator_losses, GENERATOR_LOSSES, "method.generator_losses",
                                            allow_empty=fixed)
+        # IntraQ/HAST: a separate warm-up generator with its own losses; AdvKD: warm-up losses alone (no
+        # warmup_generator), the same generator trained on them during the warm-up epochs
         self.warmup_spec = dict(warmup_generator) if warmup_generator else None
         self.warmup_terms = []
         if self.warmup_spec:
             self._check_generator(self.warmup_spec, "method.warmup_generator")
+        if self.warmup_spec or warmup_generator_losses:
+            if fixed and not self.warmup_spec:
+                raise ValueError("method.warmup_generator_losses without method.warmup_generator trains the "
+                                 "main generator, but method.generator.name="
+                                 f"{self.generator_spec['name']} trains none")
             self.warmup_terms = build_terms(warmup_generator_losses, GENERATOR_LOSSES,
                                             "method.warmup_generator_losses")
-        elif warmup_generator_losses:
-            raise ValueError("method.warmup_generator_losses needs method.warmup_generator")
         self.student_terms = build_terms(student_losses, STUDENT_LOSSES, "method.student_losses")
         self.settings = _train_settings(student_optim or {}, generator_optim or {}, lr_decay, generator_steps,
                                         student_steps, ema_beta, inundation or {}, perturb_epsilon,
@@ -104,6 +114,9 @@ class GeneratorQAT(Method):
         if self.schedule_overrides:
             ctx.info["schedule_overrides"] = self.schedule_overrides
         ctx.info["training"] = info
+        for name, term in self.generator_terms:
+            if getattr(term, "needs_class_probes", False):  # ClusterQ's class_ema: how often the centroids moved
+                ctx.info.setdefault("generator_terms", {})[name] = dict(term.probes)
         if info.get("best_epoch_on_test"):
             ctx.info["best_epoch_on_test"] = True
         return student

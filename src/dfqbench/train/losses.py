@@ -8,12 +8,14 @@ with `@register(GENERATOR_LOSSES, "name")` or `@register(STUDENT_LOSSES, "name")
 from __future__ import annotations
 
 import math
+import sys
 from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
 
 from ..errors import UnsupportedModel
+from ..synth.bn_kl import gaussian_kl
 from .registry import build, register
 
 GENERATOR_LOSSES: dict[str, type] = {}
@@ -29,8 +31,9 @@ class Step:
     def __init__(self, images: torch.Tensor, targets: torch.Tensor | None, teacher: Callable | None = None,
                  student: Callable | None = None, teacher_logits: torch.Tensor | None = None,
                  bn_stats: Callable[[], list] | None = None, taps: tuple | None = None,
-                 teacher_features: dict | None = None):
+                 teacher_features: dict | None = None, epoch: int | None = None):
         self.images = images
+        self.epoch = epoch  # the trainer's 0-based epoch (terms gated by epoch: class_bns); None outside it
         self._targets, self._teacher, self._student = targets, teacher, student
         self._teacher_logits, self._student_logits, self._bn_stats = teacher_logits, None, bn_stats
         self._taps, self._teacher_features, self._student_features = taps, teacher_features, None
@@ -142,6 +145,190 @@ class BNStatLoss(LossTerm):
         return total / len(stats)
 
 
+CLASS_BNS_CENTROIDS = ("running_stats", "class_ema")
+CLASS_BNS_REDUCTIONS = ("official_recurrent", "mean")
+
+
+def official_start_layer(num_bn: int) -> int:
+    """ClusterQ's first BN layer of the class-wise term: int((nBN + 1) / 2) - 2 (pytorchcv ResNet-20, 21 BNs: 9)."""
+    return int((num_bn + 1) / 2) - 2
+
+
+def recurrent_weights(batch: int, layers: int, dtype=torch.float32, device=None) -> torch.Tensor:
+    """[batch, layers] weights w with sum(w * d) == the official loop `for i in samples: for l in layers:
+    C = (C + d[i, l]) / layers` started at C = 0: d[i, j] is divided once for every step from its own on, i.e.
+    w[i, j] = layers ** -((batch - i) * layers - j) (computed in log space; far-back terms underflow to 0)."""
+    i = torch.arange(batch, dtype=torch.float64)[:, None]
+    j = torch.arange(layers, dtype=torch.float64)[None, :]
+    steps = (batch - i) * layers - j
+    return torch.exp(-steps * math.log(layers)).to(dtype=dtype, device=device)
+
+
+@register(GENERATOR_LOSSES, "class_bns")
+class ClassBNS(LossTerm):
+    """ClusterQ's class-wise BN-statistics term (Gao et al., ICDM 2022; DiamondSheep/ClusterQ trainer.py
+    compute_class_BNS_loss), on the teacher's BN-input statistics of the generated batch:
+
+        for each sample i (class c_i), for each BN layer l >= start_layer:
+            C = (C + MSE(batch mean_l, centroid_mean[c_i, l]) + MSE(batch var_l, centroid_var[c_i, l])) / K
+        return C + dbns_weight * D_BNS,   K = nBN - start_layer
+
+    - the division by K sits INSIDE the layer loop (`reduction: official_recurrent`, the code): the value is a
+      geometrically weighted sum dominated by the last BN layer of the last sample (recurrent_weights);
+      `reduction: mean` is the plain mean over samples and layers (not the code);
+    - `centroids: running_stats` (the code): its forward hook stores module.running_mean/var, not the batch's, so
+      its per-class "soft" centroids (init_soft_stat, EMA in update_soft_stat) always equal the teacher's
+      running statistics, the same for every class; `class_ema` (the paper's description): per-class EMAs of
+      the class's own BN-input statistics, started at epoch `after_epoch` from one generated image per class,
+      then updated with `decay` at the start of every later epoch when the teacher classifies that class's
+      image correctly (the trainer calls start_epoch with a probe);
+    - D_BNS = sum over samples and layers of MSE(x, x + U(-a, a)) for the mean (a = dbns_noise[0]) and the
+      variance (dbns_noise[1]): zero gradient, only a value (weight 0.1 in the code, 0 leaves it out);
+    - gating: 0 (no gradient) until the epoch after `after_epoch` (the code: epoch > soft_stat_epoch);
+      `after_epoch: warmup` takes the schedule's warmup_epochs (the code's CIFAR/ImageNet hocons:
+      soft_stat_epoch = warmup_epochs). Outside the trainer (Step.epoch None) the term is on.
+    Labels are the argmax of the step's targets (the generator's labels)."""
+
+    needs_bn_stats = True
+
+    def __init__(self, weight: float = 0.9, after_epoch="warmup", start_layer="official",
+                 reduction: str = "official_recurrent", centroids: str = "running_stats", decay: float = 0.2,
+                 dbns_weight: float = 0.1, dbns_noise: tuple[float, float] = (0.03, 0.05), noise_seed: int = 0):
+        super().__init__(weight)
+        if after_epoch != "warmup" and (isinstance(after_epoch, bool) or not isinstance(after_epoch, int)
+                                        or after_epoch < 0):
+            raise ValueError(f"after_epoch={after_epoch!r} must be 'warmup' or an integer >= 0")
+        if start_layer != "official" and (isinstance(start_layer, bool) or not isinstance(start_layer, int)
+                                          or start_layer < 0):
+            raise ValueError(f"start_layer={start_layer!r} must be 'official' or an integer >= 0")
+        if reduction not in CLASS_BNS_REDUCTIONS:
+            raise ValueError(f"reduction={reduction!r} is not valid; choose one of: {', '.join(CLASS_BNS_REDUCTIONS)}")
+        if centroids not in CLASS_BNS_CENTROIDS:
+            raise ValueError(f"centroids={centroids!r} is not valid; choose one of: {', '.join(CLASS_BNS_CENTROIDS)}")
+        for key, value in (("decay", decay), ("dbns_weight", dbns_weight)):
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
+                    or value < 0 or (key == "decay" and value > 1):
+                raise ValueError(f"{key}={value!r} must be a number in [0, {1 if key == 'decay' else 'inf'})")
+        try:
+            noise = tuple(float(v) for v in dbns_noise)
+        except (TypeError, ValueError):
+            noise = ()
+        if len(noise) != 2 or min(noise) < 0:
+            raise ValueError(f"dbns_noise={dbns_noise!r} must be two numbers >= 0 (mean, variance noise widths)")
+        self.after_epoch, self.start_layer, self.reduction = after_epoch, start_layer, reduction
+        self.centroids, self.decay = centroids, float(decay)
+        self.dbns_weight, self.dbns_noise = float(dbns_weight), noise
+        self.noise = torch.Generator().manual_seed(int(noise_seed))  # D_BNS's noise: a value only, own stream
+        self.needs_class_probes = centroids == "class_ema"
+        self.cent_mean: list[torch.Tensor] | None = None  # class_ema: per layer [classes, channels]
+        self.cent_var: list[torch.Tensor] | None = None
+        self.probes = {"init": 0, "updates": 0, "skipped": 0}
+
+    # -- the schedule and the epochs
+    def bind_schedule(self, schedule) -> None:
+        if self.after_epoch == "warmup":
+            self.after_epoch = int(schedule.warmup_epochs)
+        if self.after_epoch + 1 >= schedule.epochs:
+            print(f"dfqbench: generator loss 'class_bns' is on from epoch {self.after_epoch + 2} (after_epoch="
+                  f"{self.after_epoch}), after the last of {schedule.epochs}: it never acts", file=sys.stderr)
+
+    def active(self, epoch: int | None) -> bool:
+        if epoch is None:
+            return True
+        if self.after_epoch == "warmup":
+            raise ValueError("class_bns: after_epoch='warmup' needs the schedule (bind_schedule) before training")
+        return epoch > self.after_epoch
+
+    @torch.no_grad()
+    def start_epoch(self, epoch: int, probe: Callable, num_classes: int) -> None:
+        """class_ema only (the code's init_soft_stat at epoch == after_epoch, update_soft_stat after it):
+        probe(class index, augment) -> (teacher logits [1, classes], BN stats of that one generated image)."""
+        if not self.needs_class_probes or epoch < self.after_epoch:
+            return
+        if epoch == self.after_epoch or self.cent_mean is None:  # init: one image per class, no augmentation
+            means, vars_ = [], []
+            for c in range(num_classes):
+                logits, stats = probe(c, False)
+                means.append([m.detach().clone() for m, _, _, _ in stats])
+                vars_.append([v.detach().clone() for _, v, _, _ in stats])
+            self.cent_mean = [torch.stack([m[l] for m in means]) for l in range(len(means[0]))]
+            self.cent_var = [torch.stack([v[l] for v in vars_]) for l in range(len(vars_[0]))]
+            self.probes["init"] += 1
+            return
+        for c in range(self.cent_mean[0].shape[0]):  # update: augmented, only when the teacher gets it right
+            logits, stats = probe(c, True)
+            if int(logits.argmax(dim=1)[0]) != c:
+                self.probes["skipped"] += 1
+                continue
+            for l, (m, v, _, _) in enumerate(stats):
+                self.cent_mean[l][c] = (1.0 - self.decay) * self.cent_mean[l][c] + self.decay * m
+                self.cent_var[l][c] = (1.0 - self.decay) * self.cent_var[l][c] + self.decay * v
+            self.probes["updates"] += 1
+
+    def state_dict(self) -> dict:
+        return {"after_epoch": self.after_epoch, "cent_mean": self.cent_mean, "cent_var": self.cent_var,
+                "probes": dict(self.probes), "noise": self.noise.get_state()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.cent_mean, self.cent_var = state["cent_mean"], state["cent_var"]
+        self.probes = dict(state["probes"])
+        self.noise.set_state(state["noise"])
+
+    # -- the value
+    def first_layer(self, num_bn: int) -> int:
+        start = official_start_layer(num_bn) if self.start_layer == "official" else self.start_layer
+        if not 0 <= start < num_bn:
+            raise UnsupportedModel(f"generator loss 'class_bns': start layer {start} is outside the teacher's "
+                                   f"{num_bn} BatchNorm2d layers (start_layer={self.start_layer!r}; 'official' "
+                                   f"needs at least 3)")
+        return start
+
+    def distances(self, stats: list, labels: torch.Tensor) -> torch.Tensor:
+        """[B, K]: MSE(batch mean_l, centroid mean) + MSE(batch var_l, centroid var) for sample i, layer start+j."""
+        start = self.first_layer(len(stats))
+        cols = []
+        for l in range(start, len(stats)):
+            mean, var, rm, rv = stats[l]
+            if self.centroids == "running_stats":
+                d = (F.mse_loss(mean, rm) + F.mse_loss(var, rv)).expand(labels.shape[0])
+            else:
+                if self.cent_mean is None:
+                    raise RuntimeError("class_bns (centroids: class_ema): the centroids are not initialised; "
+                                       "the trainer's start_epoch(after_epoch) makes them")
+                cm, cv = self.cent_mean[l].to(mean.device), self.cent_var[l].to(var.device)
+                per_class = ((mean[None] - cm) ** 2).mean(dim=1) + ((var[None] - cv) ** 2).mean(dim=1)
+                d = per_class[labels]
+            cols.append(d)
+        return torch.stack(cols, dim=1)
+
+    def dbns(self, stats: list, batch: int) -> torch.Tensor:
+        """The code's D_BNS: per sample and layer, MSE(x, x + U(-a, a)) for the batch mean and variance (its
+        gradient is exactly 0; the value is ~ batch * layers * (a_mean^2 + a_var^2) / 3)."""
+        total = 0.0
+        for mean, var, _, _ in stats[self.first_layer(len(stats)):]:
+            for x, a in ((mean, self.dbns_noise[0]), (var, self.dbns_noise[1])):
+                u = (torch.rand(batch, x.shape[0], generator=self.noise) * 2 - 1) * a
+                xb = x[None].expand(batch, -1)
+                total = total + ((xb - (xb + u.to(x.device, x.dtype))) ** 2).mean(dim=1).sum()
+        return total
+
+    def __call__(self, step):
+        stats = step.bn_stats
+        if not stats:
+            raise UnsupportedModel("generator loss 'class_bns' needs a teacher with BatchNorm2d layers")
+        if not self.active(step.epoch):
+            return stats[0][0].new_zeros(())
+        labels = step.targets.argmax(dim=1)
+        d = self.distances(stats, labels)
+        if self.reduction == "official_recurrent":
+            value = (d * recurrent_weights(*d.shape, dtype=d.dtype, device=d.device)).sum()
+        else:
+            value = d.mean()
+        if self.dbns_weight:
+            value = value + self.dbns_weight * self.dbns(stats, d.shape[0])
+        return value
+
+
 @register(GENERATOR_LOSSES, "adversarial_l1")
 class AdversarialL1(LossTerm):
     """ZAQ-style disagreement: the generator maximizes the student-teacher logit L1 distance."""
@@ -196,6 +383,38 @@ class BNStatKL(LossTerm):
             raise UnsupportedModel("generator loss 'bn_kl' needs a teacher with BatchNorm2d layers")
         return sum((v.clamp_min(1e-8) - rv * torch.log(v.clamp_min(1e-8)) + (m - rm) ** 2).mean()
                    for m, v, rm, rv in stats)
+
+
+@register(GENERATOR_LOSSES, "bn_gauss_kl")
+class BNGaussianKL(LossTerm):
+    """AdvKD's BN term (its unofficial code, utils/core.py): summed over the teacher's BN layers and channels,
+    KL(N(batch mean, biased batch var) || N(running mean, running var)) =
+    ((mean - running_mean)^2 + var) / (2 running_var) - log(std / running_std) - 1/2.
+    `direction: running_to_batch` is KW's / Q-ASR's KL(stored || batch); `reduction: mean` averages over
+    channels instead of summing."""
+
+    needs_bn_stats = True
+    DIRECTIONS, REDUCTIONS = ("batch_to_running", "running_to_batch"), ("sum", "mean")
+
+    def __init__(self, weight: float = 1.0, direction: str = "batch_to_running", reduction: str = "sum"):
+        super().__init__(weight)
+        if direction not in self.DIRECTIONS:
+            raise ValueError(f"direction={direction!r} is not valid; choose one of: {', '.join(self.DIRECTIONS)}")
+        if reduction not in self.REDUCTIONS:
+            raise ValueError(f"reduction={reduction!r} is not valid; choose one of: {', '.join(self.REDUCTIONS)}")
+        self.direction, self.reduction = direction, reduction
+
+    def __call__(self, step):
+        stats = step.bn_stats
+        if not stats:
+            raise UnsupportedModel("generator loss 'bn_gauss_kl' needs a teacher with BatchNorm2d layers")
+        total = 0.0
+        for m, v, rm, rv in stats:
+            batch, running = (m, v.clamp_min(1e-12).sqrt()), (rm, rv.sqrt())
+            p, q = (batch, running) if self.direction == "batch_to_running" else (running, batch)
+            kl = gaussian_kl(*p, *q)
+            total = total + (kl.sum() if self.reduction == "sum" else kl.mean())
+        return total
 
 
 @register(GENERATOR_LOSSES, "adversarial_kd")

@@ -9,7 +9,9 @@ Per epoch, `iters_per_epoch` iterations of:
      inundation. During the `warmup_epochs` the student is not stepped.
 A fixed synthetic set (IntraQ, HAST: generator `fixed_set`, no generator loss) skips step 1: every student
 step draws a fresh augmented batch. A `warmup_generator` (IntraQ/HAST: GDFQ's) replaces the generator during
-the warm-up epochs: it is trained with its own losses and feeds the EMA range calibration. HAST's `perturb_epsilon` adds the same student loss on x + eps * sign(grad_x).
+the warm-up epochs: it is trained with its own losses and feeds the EMA range calibration. Warm-up losses
+without a warm-up generator (AdvKD) train the main generator on them during the warm-up epochs. HAST's
+`perturb_epsilon` adds the same student loss on x + eps * sign(grad_x).
 Activation ranges follow an EMA of the batch ranges during the first `calib_epochs` epochs, then stay frozen
 (`range_tracking: running_minmax`: a running min/max instead). `student_mode: train` runs the student's
 BatchNorm on batch statistics while training, as ZAQ's code does; the returned student is in eval mode.
@@ -137,6 +139,14 @@ class Trainer:
         self.gi = (GradientInundation(self.student, settings.inundation_threshold, settings.inundation_bisection_steps)
                    if settings.inundation_threshold else None)
         self.start_epoch, self.best, self.last = 0, None, {}
+        # terms that follow the schedule or the epoch (ClusterQ's class_bns: gated by epoch, per-class probes)
+        for name, term in (*generator_terms, *self.warmup_terms):
+            if hasattr(term, "bind_schedule"):
+                term.bind_schedule(schedule)
+            if getattr(term, "needs_class_probes", False) and not hasattr(self.generator, "sample_for"):
+                raise ValueError(f"generator loss '{name}' needs per-class probes: a generator with sample_for "
+                                 f"(method.generator.name=gdfq), not {type(self.generator).__name__}")
+        self.stateful_terms = {n: t for n, t in generator_terms if hasattr(t, "state_dict")}
 
     # ------------------------------------------------------------------ the loop
     def fit(self) -> dict:
@@ -152,6 +162,9 @@ class Trainer:
                 self._set_rates(epoch)
                 if epoch >= s.calib_epochs:
                     self.observer.close()  # ranges frozen from here on
+                for term in self.stateful_terms.values():
+                    if hasattr(term, "start_epoch"):
+                        term.start_epoch(epoch, self._probe, self.generator.num_classes)
                 for it in range(s.iters_per_epoch):
                     try:
                         self._iteration(epoch, it)
@@ -206,11 +219,13 @@ class Trainer:
         generator, gen_terms, opt_g = self.generator, self.generator_terms, self.opt_g
         if self.warmup_gen is not None and epoch < s.warmup_epochs:
             generator, gen_terms, opt_g = self.warmup_gen, self.warmup_terms, self.opt_wg
+        elif self.warmup_terms and epoch < s.warmup_epochs:  # AdvKD: the generator's own warm-up losses
+            gen_terms = self.warmup_terms
         for _ in range(cfg.generator_steps if opt_g else 0):
             sample = generator.sample(s.batch_size, self.rng).to(self.device)
             images = generator(sample)
             step = Step(images, sample.targets, teacher=self._teacher_forward, student=self.student,
-                        bn_stats=(lambda: self.bn.stats) if self.bn else None, taps=self.taps)
+                        bn_stats=(lambda: self.bn.stats) if self.bn else None, taps=self.taps, epoch=epoch)
             loss, terms = weighted_sum(gen_terms, step)
             self.last["G"] = self._checked(loss, terms, "generator", epoch, it)
             opt_g.zero_grad(set_to_none=True)
@@ -246,6 +261,17 @@ class Trainer:
                     self.gi.apply(before)
         finally:
             self.observer.active = False
+
+    @torch.no_grad()
+    def _probe(self, label: int, augment: bool = True):
+        """One generated image of class `label` (augmented as the generator's batches are, or not) through the
+        teacher: (logits [1, classes], its BN-input statistics). ClusterQ's per-class centroid probes."""
+        sample = self.generator.sample_for(torch.tensor([label]), self.rng)
+        if not augment:
+            sample.theta = None
+        images = self.generator(sample.to(self.device))
+        logits = self.bn.run(self.teacher, images) if self.bn else self.teacher(images)
+        return logits, list(self.bn.stats) if self.bn else []
 
     def _teacher_forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.bn.run(self.teacher, images) if self.bn else self.teacher(images)
@@ -317,7 +343,8 @@ class Trainer:
                 "opt_generator": self.opt_g.state_dict() if self.opt_g else None,
                 "warmup_generator": self.warmup_gen.state_dict() if self.warmup_gen else None,
                 "opt_warmup_generator": self.opt_wg.state_dict() if self.opt_wg else None,
-                "observer": self.observer.state_dict(), "rng": ckpt.rng_state(self.rng), "best": self.best}
+                "observer": self.observer.state_dict(), "rng": ckpt.rng_state(self.rng), "best": self.best,
+                "terms": {n: t.state_dict() for n, t in self.stateful_terms.items()}}
 
     def _resume(self) -> int | None:
         if self.path is None or not self.path.exists():
@@ -336,6 +363,9 @@ class Trainer:
             self.warmup_gen.load_state_dict(state["warmup_generator"])
             self.opt_wg.load_state_dict(state["opt_warmup_generator"])
         self.observer.load_state_dict(state["observer"])
+        for name, term_state in (state.get("terms") or {}).items():
+            if name in self.stateful_terms:
+                self.stateful_terms[name].load_state_dict(term_state)
         ckpt.set_rng_state(self.rng, state["rng"])
         self.best, self.start_epoch = state["best"], int(state["epoch"])
         self._refresh_act_grids()

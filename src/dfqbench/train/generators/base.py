@@ -7,6 +7,7 @@ parameters, so in training mode each output channel has batch mean 0 and varianc
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -25,10 +26,12 @@ class Sample:
     weights: torch.Tensor | None  # [B, K] mixing weights summing to 1
     targets: torch.Tensor | None  # [B, classes] soft labels: sum_k weights_k * one_hot(labels_k)
     images: torch.Tensor | None = None  # a fixed set's drawn (augmented) images: forward returns them
+    theta: torch.Tensor | None = None  # [B, 2, 3] affine crop/flip of the generated images (`augment`), or None
 
     def to(self, device: torch.device) -> "Sample":
         move = lambda t: None if t is None else t.to(device, non_blocking=True)  # noqa: E731
-        return Sample(move(self.z), move(self.labels), move(self.weights), move(self.targets), move(self.images))
+        return Sample(move(self.z), move(self.labels), move(self.weights), move(self.targets), move(self.images),
+                      move(self.theta))
 
 
 def _check_shape(image_shape) -> tuple[int, int]:
@@ -122,17 +125,83 @@ def _conditional_bn(value, size: int) -> bool:
     return value
 
 
+AUGMENT_KEYS = ("prob", "crop_scale", "flip_prob", "ratio")
+
+
+def check_augment(augment) -> dict | None:
+    """`augment` of a generator: null (off) or {prob, crop_scale, flip_prob, ratio} -> the checked settings."""
+    if augment is None or augment is False:
+        return None
+    if not isinstance(augment, dict):
+        raise ValueError(f"augment={augment!r} must be null or a mapping with keys {list(AUGMENT_KEYS)}")
+    unknown = sorted(set(augment) - set(AUGMENT_KEYS))
+    if unknown:
+        raise ValueError(f"augment: unknown setting(s) {unknown}; valid: {list(AUGMENT_KEYS)}")
+    out = {"prob": augment.get("prob", 0.5), "flip_prob": augment.get("flip_prob", 0.5)}
+    for key, value in out.items():
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value <= 1.0:
+            raise ValueError(f"augment.{key}={value!r} must be a number in [0, 1]")
+    for key, default, high in (("crop_scale", (0.8, 1.0), 1.0), ("ratio", (3 / 4, 4 / 3), None)):
+        pair = augment.get(key, default)
+        try:
+            pair = tuple(float(v) for v in pair)
+        except (TypeError, ValueError):
+            pair = ()
+        if len(pair) != 2 or not 0.0 < pair[0] <= pair[1] or (high is not None and pair[1] > high):
+            raise ValueError(f"augment.{key}={augment.get(key)!r} must be [low, high] with 0 < low <= high"
+                             + (f" <= {high}" if high is not None else ""))
+        out[key] = pair
+    return out
+
+
+def batch_crop_flip_theta(n: int, rng: torch.Generator, prob: float, crop_scale: tuple[float, float],
+                          flip_prob: float, ratio: tuple[float, float]) -> torch.Tensor | None:
+    """ClusterQ's augmentation of a generated batch (its trainer.augmentation): with probability `prob` the WHOLE
+    batch is augmented (else None: the images pass unchanged), and then every image gets its own
+    RandomResizedCrop (area fraction in `crop_scale`, aspect ratio log-uniform in `ratio`, resized back) and a
+    horizontal flip with probability `flip_prob`. Returns the [n, 2, 3] affine matrices for `affine_grid`. The box
+    is continuous (torchvision's: whole pixels) and sampled bilinearly."""
+    if float(torch.rand((), generator=rng)) >= prob:
+        return None
+    # torchvision's RandomResizedCrop.get_params in continuous form: up to 10 draws of (area, log aspect), the
+    # first whose box fits in the image is taken, else the whole image (its fallback for ratios within bounds)
+    area = torch.empty(n, 10).uniform_(crop_scale[0], crop_scale[1], generator=rng)
+    aspect = torch.exp(torch.empty(n, 10).uniform_(math.log(ratio[0]), math.log(ratio[1]), generator=rng))
+    w, h = torch.sqrt(area * aspect), torch.sqrt(area / aspect)  # crop width / height as fractions of the image
+    fits = (w <= 1.0) & (h <= 1.0)
+    first = torch.where(fits.any(dim=1), fits.float().argmax(dim=1), 0)[:, None]
+    w = torch.where(fits.any(dim=1), w.gather(1, first)[:, 0], 1.0)
+    h = torch.where(fits.any(dim=1), h.gather(1, first)[:, 0], 1.0)
+    cx = (torch.rand(n, generator=rng) * 2 - 1) * (1 - w)  # centre in [-1, 1] keeping the crop inside
+    cy = (torch.rand(n, generator=rng) * 2 - 1) * (1 - h)
+    flip = torch.where(torch.rand(n, generator=rng) < flip_prob, -1.0, 1.0)
+    theta = torch.zeros(n, 2, 3)
+    theta[:, 0, 0], theta[:, 0, 2] = w * flip, cx
+    theta[:, 1, 1], theta[:, 1, 2] = h, cy
+    return theta
+
+
+def apply_theta(x: torch.Tensor, theta: torch.Tensor | None) -> torch.Tensor:
+    """Crop/flip `x` by the affine matrices `theta` (bilinear, differentiable in x); None: x unchanged."""
+    if theta is None:
+        return x
+    grid = F.affine_grid(theta.to(device=x.device, dtype=x.dtype), list(x.shape), align_corners=False)
+    return F.grid_sample(x, grid, mode="bilinear", padding_mode="reflection", align_corners=False)
+
+
 @register(GENERATORS, "gdfq")
 class ConditionalGenerator(nn.Module):
     """GDFQ (Xu et al., ECCV 2020): input = label embedding * noise (element-wise), uniform random labels. On
     ImageNet (`conditional_bn`, auto: inputs > 64 px) the labels enter through conditional BatchNorms instead, and
-    the input is the noise alone."""
+    the input is the noise alone. `augment` (ClusterQ; default null = off): the generated batch is cropped and
+    flipped before anyone sees it (batch_crop_flip_theta, drawn in sample(), applied in forward())."""
 
     def __init__(self, num_classes: int, image_shape, teacher_fc: torch.Tensor | None = None,
-                 latent_dim: int = 100, bn_eps: float = 0.8, conditional_bn="auto"):
+                 latent_dim: int = 100, bn_eps: float = 0.8, conditional_bn="auto", augment: dict | None = None):
         super().__init__()
         channels, size = _check_shape(image_shape)
         self.num_classes, self.latent_dim = num_classes, _positive_int("latent_dim", latent_dim)
+        self.augment = check_augment(augment)
         self.conditional_bn = _conditional_bn(conditional_bn, size)
         if self.conditional_bn:
             self.trunk = ConditionalTrunk(latent_dim, channels, size, num_classes, bn_eps)
@@ -143,12 +212,23 @@ class ConditionalGenerator(nn.Module):
     def sample(self, batch_size: int, rng: torch.Generator) -> Sample:
         z = torch.randn(batch_size, 1, self.latent_dim, generator=rng)
         labels = torch.randint(0, self.num_classes, (batch_size, 1), generator=rng)
-        return _with_targets(z, labels, torch.ones(batch_size, 1), self.num_classes)
+        return self._augmented(_with_targets(z, labels, torch.ones(batch_size, 1), self.num_classes), rng)
+
+    def sample_for(self, labels: torch.Tensor, rng: torch.Generator) -> Sample:
+        """A sample for the given class indices [B] (ClusterQ's per-class probes): noise, then the augmentation."""
+        n = labels.shape[0]
+        z = torch.randn(n, 1, self.latent_dim, generator=rng)
+        return self._augmented(_with_targets(z, labels.reshape(n, 1), torch.ones(n, 1), self.num_classes), rng)
+
+    def _augmented(self, s: Sample, rng: torch.Generator) -> Sample:
+        if self.augment:  # drawn after the noise and labels: without `augment` the stream is GDFQ's as before
+            s.theta = batch_crop_flip_theta(s.z.shape[0], rng, **self.augment)
+        return s
 
     def forward(self, s: Sample) -> torch.Tensor:
         if self.conditional_bn:
-            return self.trunk(s.z[:, 0], s.labels)
-        return self.trunk(self.embedding(s.labels[:, 0]) * s.z[:, 0])
+            return apply_theta(self.trunk(s.z[:, 0], s.labels), s.theta)
+        return apply_theta(self.trunk(self.embedding(s.labels[:, 0]) * s.z[:, 0]), s.theta)
 
 
 @register(GENERATORS, "qimera")
