@@ -38,16 +38,11 @@ class GeneratorQAT(Method):
                  stop_after_epoch: int | None = None, keep_checkpoint: bool = False,
                  warmup_generator: dict | None = None, warmup_generator_losses: dict | None = None,
                  student_mode: str = "eval", range_tracking: str = "ema", schedule_overrides: dict | None = None,
-                 schedule_by_name: dict | None = None, **kwargs):
+                 **kwargs):
         super().__init__(name, **kwargs)
         if not schedule:
             raise ValueError("method.schedule is missing: the method yaml needs `schedule: ${schedule}`")
-        # schedule_by_name: {schedule name: {field: value}}, applied only under that schedule (ClusterQ's
-        # schedule=paper: its paper's batch 512 and warm-up 10 instead of the GDFQ lineage's 200 and 4)
-        by_name = dict(schedule_by_name or {})
-        if any(not isinstance(v, dict) for v in by_name.values()):
-            raise ValueError("method.schedule_by_name must map schedule names to {field: value} mappings")
-        self.schedule_overrides = {**by_name.get(schedule.get("name"), {}), **dict(schedule_overrides or {})}
+        self.schedule_overrides = dict(schedule_overrides or {})
         self.schedule = _schedule(schedule, self.schedule_overrides)
         self.generator_spec = dict(generator or {"name": "gdfq"})
         fixed = not getattr(GENERATORS.get(self.generator_spec.get("name")), "trainable", True)
