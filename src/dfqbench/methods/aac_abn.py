@@ -113,11 +113,13 @@ def bn_input_moments(model: nn.Module, batches: list[torch.Tensor]) -> dict[str,
 def shift_batchnorm(teacher: nn.Module, qmodel: nn.Module, batches: list[torch.Tensor]) -> int:
     """ABN as a correction: on the same images, each BN input's statistics in the quantized model against the
     teacher's; the running mean moves by the difference and the running variance scales by the ratio, so the
-    BN keeps its (real-data) statistics and undoes only the shift quantization adds. Returns the BN count."""
-    fp, q = bn_input_moments(teacher, batches), bn_input_moments(qmodel, batches)
+    BN keeps its (real-data) statistics and undoes only the shift quantization adds. Layer by layer in forward
+    order: a layer is measured after the layers before it are corrected (measuring all at once over-corrects
+    the later layers for an upstream shift that the upstream correction removes). Returns the BN count."""
+    fp = bn_input_moments(teacher, batches)
     bns = dict((n, m) for n, m in qmodel.named_modules() if isinstance(m, nn.modules.batchnorm._BatchNorm))
-    for name, bn in bns.items():
-        (m_fp, v_fp), (m_q, v_q) = fp[name], q[name]
+    for name, bn in bns.items():  # in forward order, each measured after the ones before it are corrected
+        (m_fp, v_fp), (m_q, v_q) = fp[name], bn_input_moments(qmodel, batches)[name]
         bn.running_mean.add_(m_q - m_fp)
         bn.running_var.mul_((v_q + bn.eps) / (v_fp + bn.eps))
     return len(bns)
