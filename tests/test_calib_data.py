@@ -173,5 +173,6 @@ def test_the_shared_loop_freezes_the_teacher_runs_the_hooks_and_cleans_up():
     assert [p.requires_grad for p in model.parameters()] == [True, False, True, True, True, True]
     assert not any(m._forward_pre_hooks for m in model.modules())
 
-    with pytest.raises(UnsupportedModel, match="the probe needs a model with BatchNorm2d layers"):
+    with pytest.raises(UnsupportedModel,
+                       match=r"the probe needs a model with BatchNorm2d \(or, in a 1-D net, BatchNorm1d\) layers"):
         synthesize_batches(torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3)), Probe(), torch.device("cpu"))
