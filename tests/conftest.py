@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from torch import nn
 from hydra import compose, initialize_config_dir
 
 from dfqbench.__main__ import CONF_DIR
@@ -137,3 +138,14 @@ def run_cli(*args: str, cache: Path | None = None, timeout: int = 600) -> subpro
         env["DFQ_CACHE_DIR"] = str(cache)
     return subprocess.run([sys.executable, "-m", "dfqbench", "progress=false", *args], cwd=REPO, env=env,
                           capture_output=True, text=True, timeout=timeout)
+
+
+def tiny_bn_model():
+    """Conv-BN-ReLU x2, pooling, Linear(6, 5): random BN running statistics, eval mode (synthesis tests)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(), nn.Conv2d(4, 6, 3, padding=1),
+                          nn.BatchNorm2d(6), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(6, 5))
+    for bn in (model[1], model[4]):
+        bn.running_mean.uniform_(-0.5, 0.5)
+        bn.running_var.uniform_(0.5, 2.0)
+    return model.eval()

@@ -7,7 +7,7 @@ import torch
 from pytorchcv.model_provider import get_model
 from torch import nn
 
-from conftest import compose_cfg, run_cli
+from conftest import compose_cfg, run_cli, tiny_bn_model
 from dfqbench.methods.base import QuantContext
 from dfqbench.methods.dsg import DSG, calibrate_ema
 from dfqbench.quant import ActQuantizer, Convention
@@ -30,16 +30,6 @@ def _cfg(*overrides):
 def _teacher(path):
     model = get_model("resnet20_cifar10", pretrained=False)
     model.load_state_dict(torch.load(path, weights_only=True))
-    return model.eval()
-
-
-def _tiny_model():
-    torch.manual_seed(0)
-    model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(), nn.Conv2d(4, 6, 3, padding=1),
-                          nn.BatchNorm2d(6), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(6, 5))
-    for bn in (model[1], model[4]):
-        bn.running_mean.uniform_(-0.5, 0.5)
-        bn.running_var.uniform_(0.5, 2.0)
     return model.eval()
 
 
@@ -89,7 +79,7 @@ def test_margins_of_the_real_teacher_are_positive_and_finite(teacher):
 
 
 def test_generated_batch_shape_normalization_and_cache(tmp_path):
-    model, ctx = _tiny_model(), _ctx(tmp_path)
+    model, ctx = tiny_bn_model(), _ctx(tmp_path)
     settings = DSGSettings(batch_size=6, iterations=150)
     batches = dsg_batches(model, ctx, settings, 10)
     assert [tuple(b.shape) for b in batches] == [(6, 3, 8, 8), (4, 3, 8, 8)]
@@ -111,10 +101,10 @@ def test_generated_batch_shape_normalization_and_cache(tmp_path):
 def test_dsg_is_a_registered_calibration_source(tmp_path):
     assert SOURCES["dsg"] == "dfqbench.synth.dsg:dsg_source"
     ctx = _ctx(tmp_path)
-    batches = calibration_batches("dsg", _tiny_model(), ctx, 5, 5)  # the paper's 500 steps, on a tiny model
+    batches = calibration_batches("dsg", tiny_bn_model(), ctx, 5, 5)  # the paper's 500 steps, on a tiny model
     assert [tuple(b.shape) for b in batches] == [(5, 3, 8, 8)]
     assert ctx.info["calib_data"] == "dsg"
-    torch.testing.assert_close(dsg_source(_tiny_model(), ctx, 5, 5)[0], batches[0])  # from the cache
+    torch.testing.assert_close(dsg_source(tiny_bn_model(), ctx, 5, 5)[0], batches[0])  # from the cache
 
 
 def test_ema_range_is_the_batch_mean_of_per_sample_extremes_with_running_max():

@@ -8,6 +8,7 @@ import pytest
 import torch
 from torch import nn
 
+from conftest import tiny_bn_model
 from dfqbench.methods.aac_abn import AACABN, adapt_batchnorm, most_responsive, peak_ranges
 from dfqbench.methods.base import QuantContext
 from dfqbench.methods.kw import KnowledgeWithin
@@ -17,16 +18,6 @@ from dfqbench.synth.bn_kl import bn_kl_loss, gaussian_kl
 from dfqbench.synth.kw import KWSettings, KWSynthesis
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-def _tiny_model():
-    torch.manual_seed(0)
-    model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(), nn.Conv2d(4, 6, 3, padding=1),
-                          nn.BatchNorm2d(6), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(6, 5))
-    for bn in (model[1], model[4]):
-        bn.running_mean.uniform_(-0.5, 0.5)
-        bn.running_var.uniform_(0.5, 2.0)
-    return model.eval()
 
 
 def _ctx(convention="gdfq", seed=0):
@@ -56,7 +47,7 @@ def test_bn_kl_loss_is_zero_at_the_stored_statistics_and_the_channel_mean_of_the
 
 
 def test_kw_synthesis_lowers_the_bn_kl_of_a_bn_net():
-    model = _tiny_model()
+    model = tiny_bn_model()
     settings = KWSettings(batch_size=16, iterations=60, lr=0.1)
     synthesis = KWSynthesis(16, (3, 8, 8), 5, settings, torch.Generator().manual_seed(0), torch.device("cpu"))
 
@@ -112,7 +103,7 @@ def test_most_responsive_keeps_the_most_confident_images_in_order():
 
 
 def test_aac_abn_quantizes_a_tiny_net_end_to_end():
-    model = _tiny_model()
+    model = tiny_bn_model()
     method = AACABN(num_images=8, synthesis={"batch_size": 8, "iterations": 5})
     qmodel = method.quantize(model, ctx := _ctx())
     quantizers = [m for m in qmodel.modules() if isinstance(m, ActQuantizer) and m.enabled]
@@ -142,7 +133,7 @@ def test_abn_refuses_a_convention_that_folds_batchnorm():
 
 
 def test_kw_gaussian_scheme_is_the_unoptimized_start():
-    model = _tiny_model()
+    model = tiny_bn_model()
     ctx = _ctx()
     qmodel = KnowledgeWithin(scheme="gaussian", num_images=8, batch_size=8).quantize(model, ctx)
     assert ctx.info["calib_data"] == "kw-gaussian"
