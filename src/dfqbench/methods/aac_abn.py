@@ -33,6 +33,17 @@ PEAKS = ("max", "mean")
 ABN_MODES = ("shift", "reestimate", False)
 
 
+def _forward_with_hooks(model: nn.Module, handles: list, batches: list[torch.Tensor]) -> None:
+    """`model` in eval mode over `batches`; the hook handles are removed afterwards, also on an error."""
+    try:
+        model.eval()
+        for x in batches:
+            model(x)
+    finally:
+        for h in handles:
+            h.remove()
+
+
 @torch.no_grad()
 def peak_ranges(qmodel: nn.Module, batches: list[torch.Tensor], peak: str) -> int:
     """Set every enabled, uncalibrated activation quantizer's range from its float input over `batches`:
@@ -48,14 +59,8 @@ def peak_ranges(qmodel: nn.Module, batches: list[torch.Tensor], peak: str) -> in
         peaks[q].append(flat.amax(dim=2))
         lows[q].append(flat.amin(dim=(1, 2)))
 
-    handles = [q.register_forward_pre_hook(keep) for q in quantizers]
-    try:
-        qmodel.eval()
-        for x in batches:
-            qmodel(x)  # uncalibrated quantizers pass their input through: these are float activations
-    finally:
-        for h in handles:
-            h.remove()
+    # uncalibrated quantizers pass their input through: the hooks see float activations
+    _forward_with_hooks(qmodel, [q.register_forward_pre_hook(keep) for q in quantizers], batches)
     for q in quantizers:
         per_image = torch.cat(peaks[q], dim=1)
         hi = per_image.amax(dim=1) if peak == "max" else per_image.mean(dim=1)
@@ -97,15 +102,8 @@ def bn_input_moments(model: nn.Module, batches: list[torch.Tensor]) -> dict[str,
             s[0], s[1], s[2] = s[0] + x.sum(1), s[1] + x.pow(2).sum(1), s[2] + x.shape[1]
         return hook
 
-    handles = [m.register_forward_pre_hook(keep(n)) for n, m in model.named_modules()
-               if isinstance(m, nn.modules.batchnorm._BatchNorm)]
-    try:
-        model.eval()
-        for x in batches:
-            model(x)
-    finally:
-        for h in handles:
-            h.remove()
+    _forward_with_hooks(model, [m.register_forward_pre_hook(keep(n)) for n, m in model.named_modules()
+                                if isinstance(m, nn.modules.batchnorm._BatchNorm)], batches)
     return {n: (s0 / n_, s1 / n_ - (s0 / n_) ** 2) for n, (s0, s1, n_) in sums.items()}
 
 
