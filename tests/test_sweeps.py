@@ -110,19 +110,38 @@ def test_local_launchers_extend_the_plugins():
 # Methods the W = A presets leave out, and why (each has its own sweep, in its yaml's header)
 NOT_IN_WXAX_PRESETS = {"pnmq": "weight-only mixed precision at a compression ratio (method.compression_ratio=...)",
                        "mixmix": "needs the CIFAR-10 teacher pool (models/vgg8_bn_cifar10.pt, mobilenetv2_cifar10.pt)"}
+# Transformer methods and baselines: the cifar10_vit preset (W4A8/W8A8/W4A4 under quant=psaqvit)
+VIT_METHODS = {"fp32", "minmax_calib", "percentile_calib", "gaussian_calib", "psaqvit", "psaqvit2"}
+TRANSFORMER_ONLY = {"psaqvit", "psaqvit2"}
+CNN_EXPERIMENTS = [e for e in group_options("experiment") if e not in ("tuning_robustness", "cifar10_vit")]
 
 
-@pytest.mark.parametrize("experiment", [e for e in group_options("experiment") if e != "tuning_robustness"])
+@pytest.mark.parametrize("experiment", CNN_EXPERIMENTS)
 def test_experiment_presets_sweep_every_method_at_the_seed_tables_bit_widths(experiment):
     cfg = _compose(f"experiment={experiment}", "wbit=5", hydra_config=True)
     params = {k: str(v).split(",") for k, v in cfg.hydra.sweeper.params.items()}
     assert str(cfg.hydra.mode) == "RunMode.MULTIRUN" and cfg.skip_redundant and cfg.abit == 5  # abit follows
-    assert set(params["method"]) == set(group_options("method")) - set(NOT_IN_WXAX_PRESETS)
+    assert set(params["method"]) == set(group_options("method")) - set(NOT_IN_WXAX_PRESETS) - TRANSFORMER_ONLY - (
+        VIT_METHODS - {"fp32"})
     assert params["quant"] == ["gdfq", "brecq"] and params["seed"] == ["0", "1", "2"]
     reported = pd.read_csv(REPO / "results" / "reported.csv", keep_default_na=False)
     table = reported[(reported.model == cfg.model.name) & (reported.dataset == cfg.dataset.name)
                      & (reported.wbit == reported.abit) & (reported.mixed_precision.astype(str) != "True")]
     assert set(table.wbit) | {32, 8, 6} <= set(map(int, params["wbit"]))
+
+
+def test_vit_preset_runs_the_transformer_methods_at_its_bit_pairs_only():
+    cfg = _compose("experiment=cifar10_vit", hydra_config=True)
+    params = {k: str(v).split(",") for k, v in cfg.hydra.sweeper.params.items()}
+    assert set(params["method"]) == VIT_METHODS and cfg.model.name == "vit_cifar10" and cfg.quant.name == "psaqvit"
+
+    def reason(method, wbit, abit):
+        cell = _compose("experiment=cifar10_vit", f"method={method}", f"wbit={wbit}", f"abit={abit}")
+        return redundant_reason(cell, build_method(cell))
+
+    assert reason("psaqvit", 4, 8) is None and reason("gaussian_calib", 4, 4) is None
+    assert "bit_pairs" in reason("psaqvit", 8, 4) and "bit_pairs" in reason("psaqvit", 32, 8)
+    assert reason("fp32", 32, 32) is None
 
 
 def test_redundant_cells_of_a_product():

@@ -4,7 +4,8 @@ model.checkpoint only (the committed models/<arch>.pt; no download exists).
 - seq_conv1d_cifar10: a STAND-IN for a speech model (Q-ASR's Conv1d/BatchNorm1d path), CIFAR-10 read as sequences;
 - vgg8_bn_cifar10, mobilenetv2_cifar10: CIFAR-10 members of the teacher pool (MixMix's feature mixing, DFED's
   ensemble) beside pytorchcv's ResNets: a plain VGG-style net with BatchNorm and an inverted-residual
-  (depthwise) net, so that the pool spans architecture families.
+  (depthwise) net, so that the pool spans architecture families;
+- vit_cifar10: a small timm VisionTransformer for 32x32 images (the transformer methods' teacher, PSAQ-ViT).
 """
 
 from __future__ import annotations
@@ -116,6 +117,17 @@ class MobileNetV2CIFAR(nn.Module):
         return self.output(self.pool(self.features(x)).flatten(1))
 
 
-ARCHS = {"seq_conv1d_cifar10": Conv1dSeqNet, "vgg8_bn_cifar10": VGGBN, "mobilenetv2_cifar10": MobileNetV2CIFAR}
+def vit_cifar10(num_classes: int = 10) -> nn.Module:
+    """A DeiT-like timm VisionTransformer sized for CIFAR (and for training on CPUs): 4x4 patches (64 tokens + the
+    class token), width 128, depth 6, 4 heads, MLP ratio 2, pre-norm, GELU, classification from the class token.
+    ~0.81M parameters, ~56M multiply-adds per image (ResNet-20: 41M). Trained by scripts/train_vit_teacher.py."""
+    from timm.models.vision_transformer import VisionTransformer
+
+    return VisionTransformer(img_size=32, patch_size=4, num_classes=num_classes, embed_dim=128, depth=6, num_heads=4,
+                             mlp_ratio=2.0, qkv_bias=True, class_token=True, global_pool="token")
+
+
+ARCHS = {"seq_conv1d_cifar10": Conv1dSeqNet, "vgg8_bn_cifar10": VGGBN, "mobilenetv2_cifar10": MobileNetV2CIFAR,
+         "vit_cifar10": vit_cifar10}
 STAND_INS = {"seq_conv1d_cifar10": "a speech model (Q-ASR's QuartzNet): CIFAR-10 images read as 32 steps (columns) "
                                    "x 96 features; its numbers say nothing about WER"}

@@ -273,7 +273,9 @@ def _build(cfg, pretrained: bool) -> nn.Module:
 
 
 def _check_arch(arch: str, known: list[str], source: str) -> None:
-    if arch not in known:
-        close = difflib.get_close_matches(arch, known, n=5)
+    # timm names may carry a pretrained tag: resnet18.a1_in1k, swin_small_patch4_window7_224.ms_in1k
+    base = arch.split(".", 1)[0] if source == "timm" else arch
+    if base not in known:
+        close = difflib.get_close_matches(base, known, n=5)
         hint = f"; did you mean: {', '.join(close)}" if close else ""
         raise ConfigError(f"model.arch={arch!r} is not a {source} architecture{hint}")

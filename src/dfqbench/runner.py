@@ -184,6 +184,10 @@ def run(cfg: DictConfig, run_dir: Path, overrides: list[str] | None = None) -> d
         torch.set_num_threads(threads)
     _seed_everything(cfg.seed)  # before building: random initialization (model.pretrained=false) is seeded too
     loaded = load_model(cfg.model, cfg.paths.models_dir, weights)
+    try:
+        method.check_model(loaded.model)
+    except ValueError as exc:
+        raise ConfigError(f"method={method.name} cannot quantize model={cfg.model.name}: {exc}") from None
     norm = cfg.model.normalize or cfg.dataset
     data = load_eval_set(cfg.dataset, norm.mean, norm.std, cfg.paths.cache_dir, identity)
     if convention.layers.input_abit and convention.layers.input_range == "pixels":

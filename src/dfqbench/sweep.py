@@ -31,6 +31,9 @@ def redundant_reason(cfg, method) -> str | None:
         return f"{method.name} is the float teacher, recorded once as W32A32"
     if method.quantizes and (cfg.wbit, cfg.abit) == (32, 32):
         return "W32A32 is the fp32 cell"
+    pairs = cfg.get("bit_pairs")
+    if method.quantizes and pairs and f"W{cfg.wbit}A{cfg.abit}" not in [str(p).upper() for p in pairs]:
+        return f"W{cfg.wbit}A{cfg.abit} is not one of the preset's bit_pairs {list(pairs)}"
     if not method.stochastic and cfg.seed != 0:
         return f"{method.name} is deterministic: seed 0 stands for every seed"
     from .runner import build_convention  # torch: loaded only when a sweep job runs

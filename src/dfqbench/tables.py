@@ -31,6 +31,7 @@ from .results.entries import collect_runs, schedule_label  # noqa: F401  (the pu
 from .results.deployed import deployed_rows, render_deployed
 from .results.leaderboard import render_leaderboard
 from .results.markdown import drops_beside_papers, render_baselines  # noqa: F401
+from .results.names import TEACHER_TITLES
 from .results.parity import render_parity
 from .results.tuning import plot_study, render_tuning, study_runs
 
@@ -46,9 +47,10 @@ def build(roots: list[Path], reference: Path) -> tuple[pd.DataFrame, pd.DataFram
 
 
 def titles_of(reported_rows: pd.DataFrame) -> dict[tuple[str, str], str]:
-    """{(model, dataset): the seed document's table title}."""
-    return {(m, d): t for m, d, t in reported_rows[["model", "dataset", "table"]].drop_duplicates(
-        ["model", "dataset"]).itertuples(index=False)}
+    """{(model, dataset): the table title of the papers' rows (the seed document's, or reported_extra.csv's)},
+    over dfqbench.results.names.TEACHER_TITLES for teachers no paper reports on."""
+    papers = reported_rows[["model", "dataset", "table"]].drop_duplicates(["model", "dataset"])
+    return {**TEACHER_TITLES, **{(m, d): t for m, d, t in papers.itertuples(index=False)}}
 
 
 def main(argv: list[str] | None = None) -> None:

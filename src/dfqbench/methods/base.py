@@ -77,6 +77,9 @@ class Method:
 
     quantizes = True  # False for the FP32 reference row
     stochastic = False  # True when the result depends on the seed
+    # True: the method reads BatchNorm statistics (activation ranges, synthesis or generator losses, BN folding
+    # tricks), so a BN-free model (a vision transformer) is refused before any work by `check_model`
+    needs_batchnorm = True
 
     def __init__(self, name: str, convention_overrides: dict | None = None, source: dict | None = None,
                  **params: Any):
@@ -93,8 +96,18 @@ class Method:
     def check_convention(self, convention: Convention) -> None:
         """Raise ValueError (one line) when the method cannot run under this convention; checked before any work."""
 
+    def check_model(self, model: nn.Module) -> None:
+        """Raise ValueError (one line) when the method cannot quantize this model; checked before any work."""
+        if self.needs_batchnorm and not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules()):
+            raise ValueError(f"it needs BatchNorm statistics and {type(model).__name__} has no BatchNorm layer; "
+                             f"methods for BN-free models (transformers): {', '.join(BN_FREE_METHODS)}")
+
     def quantize(self, model: nn.Module, ctx: QuantContext) -> nn.Module:
         raise NotImplementedError
+
+
+# the method yamls (names) whose classes set needs_batchnorm = False: what a BN-free model can run
+BN_FREE_METHODS = ("fp32", "crossdomain", "minmax_calib", "percentile_calib", "gaussian_calib", "psaqvit", "psaqvit2")
 
 
 class PresetSettingsMethod(Method):

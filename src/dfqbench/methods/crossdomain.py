@@ -7,25 +7,29 @@ calibration-based method takes the same `calib_data` option.
 """
 
 from ..quant import quantize_model
-from ..quant.calibration.calibrate import calibrate_on_batches
+from ..quant.calibration.calibrate import OBSERVE_MODES, calibrate_on_batches
 from ..synth.calib_data import calibration_batches, check_source
 from .base import Method
 
 
 class CrossDomain(Method):
+    needs_batchnorm = False
     def __init__(self, name: str = "crossdomain", calib_data: str = "procedural", num_images: int = 32,
-                 batch_size: int = 32, **kwargs):
+                 batch_size: int = 32, observe: str = "quantized", **kwargs):
         super().__init__(name, **kwargs)
         self.calib_data = check_source(calib_data)
         for key, value in (("num_images", num_images), ("batch_size", batch_size)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"method.{key}={value!r} must be a positive integer")
         self.num_images, self.batch_size = num_images, batch_size
+        if observe not in OBSERVE_MODES:
+            raise ValueError(f"method.observe={observe!r} is not valid; choose one of: {', '.join(OBSERVE_MODES)}")
+        self.observe = observe  # quantized: ZeroQ's observe-while-quantizing; float: PSAQ-ViT's float pass
         # the noise and procedural sources draw from the seed; real and other_domain pick images with it
         self.stochastic = True
 
     def quantize(self, model, ctx):
         batches = calibration_batches(self.calib_data, model, ctx, self.num_images, self.batch_size)
         qmodel = quantize_model(model, ctx.convention, ctx.wbit, ctx.abit)
-        calibrate_on_batches(qmodel, batches)
+        calibrate_on_batches(qmodel, batches, observe=self.observe)
         return qmodel

@@ -5,6 +5,7 @@ from .base import Method
 
 class FP32(Method):
     quantizes = False
+    needs_batchnorm = False
 
     def quantize(self, model, ctx):
         return model

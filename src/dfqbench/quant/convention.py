@@ -16,8 +16,11 @@ from .quantizers.ranges import ESTIMATORS
 # right at each conv/linear input (after any pool/flatten); other readers (residual identities) read the float
 # tensor (the ZeroQ/SQuant code's quant_input placement). layer_outputs: every conv/linear output (after its folded
 # BatchNorm), the logits too, one quantizer shared by every reader (the ACIQ code's Conv2dWithId/LinearWithId);
-# the first layer's output takes layers.second_abit (it is what the 2nd layer reads).
-ACT_SITES = ("after_relu", "layer_inputs", "each_layer_input", "layer_outputs")
+# the first layer's output takes layers.second_abit (it is what the 2nd layer reads). op_outputs: the output of every
+# operation whose kind is in act.ops (transforms.ops.OP_KINDS: layer, activation, matmul, add, norm, concat,
+# param, softmax), a layer fused with the activation that alone reads it (PSAQ-ViT's transformer placement).
+ACT_SITES = ("after_relu", "layer_inputs", "each_layer_input", "layer_outputs", "op_outputs")
+OP_KINDS = ("layer", "activation", "matmul", "add", "norm", "concat", "param", "softmax", "pool")
 GRANULARITIES = ("per_channel", "per_tensor")
 # the activation quantizers' backward: "clipped" zeroes the gradient outside the range (torch.fake_quantize's
 # straight-through estimator), "identity" passes it everywhere (the GDFQ lineage's AsymmetricQuantFunction)
@@ -44,6 +47,7 @@ class ActSpec:
     percentile: float = 99.99
     ste: str = "clipped"  # ACT_STES
     symmetric_grid: str = "auto"  # as WeightSpec.symmetric_grid
+    ops: list[str] | None = None  # with sites=op_outputs: the operation kinds whose outputs are quantized
 
 
 INPUT_RANGES = ("calibrated", "pixels")
@@ -127,6 +131,14 @@ class Convention:
         _choice("quant.act.ste", self.act.ste, ACT_STES)
         _choice("quant.weight.symmetric_grid", self.weight.symmetric_grid, SYMMETRIC_GRIDS)
         _choice("quant.act.symmetric_grid", self.act.symmetric_grid, SYMMETRIC_GRIDS)
+        if self.act.sites == "op_outputs":
+            if not self.act.ops or not isinstance(self.act.ops, (list, tuple)):
+                raise ValueError(f"quant.act.sites=op_outputs needs quant.act.ops, a list of: {', '.join(OP_KINDS)}")
+            for kind in self.act.ops:
+                _choice("quant.act.ops", kind, OP_KINDS)
+        elif self.act.ops:
+            raise ValueError(f"quant.act.ops={list(self.act.ops)} is only read with quant.act.sites=op_outputs, not "
+                             f"{self.act.sites!r}; set quant.act.ops=null")
         for key, spec in (("weight", self.weight), ("act", self.act)):
             if spec.symmetric_grid != "auto" and not spec.symmetric:
                 raise ValueError(f"quant.{key}.symmetric_grid={spec.symmetric_grid!r} needs quant.{key}.symmetric="

@@ -8,7 +8,7 @@ import pandas as pd
 
 from .entries import collapsed, table_keys
 from .format import md_table, mean_std
-from .names import FIDELITY_LABELS, display
+from .names import FIDELITY_LABELS, display, legend
 
 
 def _bits(df: pd.DataFrame) -> list[tuple[int, int]]:
@@ -61,6 +61,8 @@ def teacher_board(model: str, dataset: str, title: str, entries: pd.DataFrame, t
     fp32 = (f"FP32 top-1: {t.reproduced.iloc[0] or 'no runs'} (our teacher, from the records); "
             f"{t.reported.iloc[0] or 'none'} (the papers' teachers).") if len(t) else ""
     parts = [f"## {title}: `{model}` / `{dataset}`", "", fp32, ""]
+    if legend(entries.method):
+        parts += [legend(entries.method), ""]
     for kind, alt in (("bits", "top-1 vs bit-width per family"), ("time", "drop vs wall time")):
         if figures.get(kind):
             parts += [f"![{model}: {alt}]({figures[kind]})", ""]

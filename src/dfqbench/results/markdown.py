@@ -13,7 +13,7 @@ import pandas as pd
 
 from .entries import collapsed, table_keys
 from .format import cell, links, mean_std, md_table
-from .names import FIDELITY_LABELS
+from .names import FIDELITY_LABELS, legend
 
 NOT_STATED = "not stated"
 SOURCES = [
@@ -106,6 +106,8 @@ def _heading(convention: str, schedule: str, n_test, full: float) -> str:
 def teacher_section(model: str, dataset: str, title: str, entries: pd.DataFrame, out_dir: Path,
                     plot: str | None) -> list[str]:
     parts = [f"## {title}: `{model}` / `{dataset}`", ""]
+    if legend(entries.method):
+        parts += [legend(entries.method), ""]
     ours = entries[entries.source == "reproduced"]
     if ours.empty:
         parts += ["No dfqbench runs for this teacher yet: the papers' numbers only.", ""]

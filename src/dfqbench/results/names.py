@@ -18,6 +18,19 @@ FIDELITY_LABELS = {"reconstruction": " (reconstruction from the abstract, not a 
                    "unofficial-code": " (from unofficial code)"}
 # Papers that name one method twice (AIT calls AutoReCon "ARC"; dfqbench's config is `arc`).
 _ALIASES = {"autorecon": "arc"}
+# What a method key stands for where the key alone does not say (the transformer methods and the calibration
+# baselines run beside them): each teacher's section in baselines.md and README.md lists the labels of the methods
+# its rows use (`legend`). The Method column keeps the key.
+METHOD_LABELS = {
+    "psaqvit": "PSAQ-ViT (ECCV 2022): patch-similarity-entropy image synthesis, then min/max calibration",
+    "psaqvit2": "PSAQ-ViT V2 (TNNLS 2024): PSAQ-ViT with an adaptive teacher-student stage (code not released)",
+    "gaussian_calib": "Gaussian-noise calibration, PSAQ-ViT's data-free baseline (32 images from N(0, 1))",
+    "minmax_calib": "min/max calibration on the variant's images (variant `real`: training images, NOT data-free)",
+    "percentile_calib": "percentile calibration (the percentile range estimator instead of min/max) on the "
+                        "variant's images (variant `real`: training images, NOT data-free)",
+}
+# Section titles of teachers that no paper reports on (a paper's rows carry their own table title, which wins).
+TEACHER_TITLES = {("vit_cifar10", "cifar10"): "ViT (CIFAR-10, transformer teacher trained here)"}
 
 
 def key(label: str) -> str:
@@ -60,3 +73,9 @@ def display(method: str, variant: str) -> str:
     if not variant:
         return method
     return f"{method} + {variant}" if variant in ADDONS else f"{method}-{variant}"
+
+
+def legend(methods) -> str:
+    """'Methods: `psaqvit` = PSAQ-ViT (...); ...' for the labelled methods among `methods`, sorted ("" if none)."""
+    named = sorted({m for m in methods if m in METHOD_LABELS})
+    return ("Methods: " + "; ".join(f"`{m}` = {METHOD_LABELS[m]}" for m in named) + ".") if named else ""

@@ -29,6 +29,7 @@ SOURCES: dict[str, str] = {
     "other_domain": "dfqbench.synth.calib_data:other_domain_source",  # images of another data set, resized
     "uniform_noise": "dfqbench.synth.calib_data:uniform_noise_source",  # pixels ~ U(0, 1)
     "gaussian_noise": "dfqbench.synth.calib_data:gaussian_noise_source",  # pixels ~ N(0.5, 0.25^2), clipped
+    "randn": "dfqbench.synth.calib_data:randn_source",  # N(0, 1) in the normalized space (PSAQ-ViT's baseline)
     "procedural": "dfqbench.synth.calib_data:procedural_source",  # dead-leaves shapes over smooth noise
     "dsg": "dfqbench.synth.dsg:dsg_source",  # DSG: slack BN alignment + layer-wise sample enhancement
     "genie": "dfqbench.synth.genie:genie_source",  # Genie: generator + learnable latents, BN statistics
@@ -155,6 +156,11 @@ def uniform_noise_source(model, ctx, num_images: int, batch_size: int) -> list[t
 def gaussian_noise_source(model, ctx, num_images: int, batch_size: int) -> list[torch.Tensor]:
     pixels = (0.5 + 0.25 * torch.randn((num_images, *ctx.input_shape), generator=ctx.generator())).clamp(0, 1)
     return _split(_normalize(pixels, ctx), batch_size)
+
+
+def randn_source(model, ctx, num_images: int, batch_size: int) -> list[torch.Tensor]:
+    """N(0, 1) in the teacher's normalized input space, not clipped (PSAQ-ViT's Gaussian-noise mode)."""
+    return _split(torch.randn((num_images, *ctx.input_shape), generator=ctx.generator()), batch_size)
 
 
 def procedural_source(model, ctx, num_images: int, batch_size: int) -> list[torch.Tensor]:

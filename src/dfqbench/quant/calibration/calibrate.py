@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Iterable
 
 import torch
@@ -10,17 +11,26 @@ from torch import nn
 from ..transforms.bn_stats import BNStatistics
 from ..transforms.graph import module_of
 from ..quantizers import ActQuantizer
+from ..quantizers.core import float_forward
+
+OBSERVE_MODES = ("quantized", "float")
 
 
 @torch.no_grad()
-def calibrate_on_batches(model: nn.Module, batches: Iterable[torch.Tensor]) -> None:
-    """Observe-then-quantize every activation quantizer over `batches`, then freeze the ranges."""
+def calibrate_on_batches(model: nn.Module, batches: Iterable[torch.Tensor], observe: str = "quantized") -> None:
+    """Observe every activation quantizer over `batches`, then freeze the ranges. observe="quantized": each
+    quantizer quantizes with the range seen so far while observing, so later layers see quantized inputs (ZeroQ's
+    code); "float": the whole model runs in float while observing (PSAQ-ViT's code calibrates before
+    `model_quant()`)."""
+    if observe not in OBSERVE_MODES:
+        raise ValueError(f"observe={observe!r} is not valid; choose one of: {', '.join(OBSERVE_MODES)}")
     quantizers = [m for m in model.modules() if isinstance(m, ActQuantizer)]
     for q in quantizers:
         q.start_observing()
     model.eval()
-    for x in batches:
-        model(x)
+    with float_forward(model) if observe == "float" else contextlib.nullcontext():
+        for x in batches:
+            model(x)
     for q in quantizers:
         q.stop_observing()
 

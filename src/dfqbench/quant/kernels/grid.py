@@ -5,7 +5,9 @@ symmetric grids have zero point 0, and are unsigned ``[0, 2^b - 1]`` when the ra
 activations), signed ``[-2^(b-1), 2^(b-1) - 1]`` otherwise (`symmetric_grid="auto"`). `symmetric_grid="signed"`:
 always signed, even for a non-negative range; `"qasr"`: Q-ASR's always signed grid (kssteven418/Q-ASR
 quant_utils.SymmetricQuantFunction): scale amax / (2^(b-1) - 1), integers clamped to
-``[-(2^(b-1) - 1), 2^(b-1) - 2]`` (its clamp(-n, n - 1): the top level is never used).
+``[-(2^(b-1) - 1), 2^(b-1) - 2]`` (its clamp(-n, n - 1): the top level is never used). `"half_levels"`: the
+ZeroQ/HAWQ-lineage grid PSAQ-ViT's weights use (zkkli/PSAQ-ViT quant_utils.symmetric_linear_quantization_params):
+scale amax / ((2^b - 1) / 2) (amax / 7.5 at 4 bits), integers clamped to ``[-2^(b-1), 2^(b-1) - 1]``.
 A leaf module: the kernels quantize onto it, the quantizers build it.
 """
 
@@ -26,7 +28,7 @@ class Grid:
     qmax: int
 
 
-SYMMETRIC_GRIDS = ("auto", "signed", "qasr")
+SYMMETRIC_GRIDS = ("auto", "signed", "qasr", "half_levels")
 
 
 def grid_from_range(lo: torch.Tensor, hi: torch.Tensor, bits: int, symmetric: bool,
@@ -38,6 +40,10 @@ def grid_from_range(lo: torch.Tensor, hi: torch.Tensor, bits: int, symmetric: bo
             n = 2 ** (bits - 1) - 1
             scale = (amax / n).clamp_min(EPS)
             return Grid(scale, torch.zeros_like(scale, dtype=torch.int32), -n, n - 1)
+        if symmetric_grid == "half_levels":
+            qmin, qmax = -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
+            scale = (amax / ((qmax - qmin) / 2)).clamp_min(EPS)
+            return Grid(scale, torch.zeros_like(scale, dtype=torch.int32), qmin, qmax)
         if symmetric_grid == "signed" or bool((lo < 0).any()):
             qmin, qmax = -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
         else:

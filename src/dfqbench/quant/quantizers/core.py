@@ -31,6 +31,7 @@ class WeightQuantizer(nn.Module):
         self.grid: Grid | None = None
         self.frozen = False  # set by frozen_weights(): quantize the weight once, reuse it
         self._frozen_weight: torch.Tensor | None = None
+        self.bypass = False  # set by float_forward(): pass the float weight through
 
     @property
     def enabled(self) -> bool:
@@ -44,7 +45,7 @@ class WeightQuantizer(nn.Module):
         self.grid = grid_from_range(lo, hi, self.bits, self.symmetric, self.symmetric_grid)
 
     def forward(self, weight: torch.Tensor) -> torch.Tensor:
-        if not self.enabled:
+        if not self.enabled or self.bypass:
             return weight
         if self.grid is None or self.dynamic or self.grid.scale.device != weight.device:
             self.calibrate(weight)
@@ -87,6 +88,7 @@ class ActQuantizer(nn.Module):
         self.lp, self.percentile, self.per_channel = lp, percentile, per_channel
         self.observing = False
         self.fixed = False  # fix_range(): a known range (the image's) that calibration leaves alone
+        self.bypass = False  # set by float_forward(): observe (when observing) but pass x through unquantized
         self.register_buffer("lo", torch.tensor(float("nan")))
         self.register_buffer("hi", torch.tensor(float("nan")))
         self.grid: Grid | None = None
@@ -179,6 +181,8 @@ class ActQuantizer(nn.Module):
             return x
         if self.observing:
             self._observe(x)
+        if self.bypass:
+            return x
         if self.grid is None or self.grid.scale.device != x.device:  # the grid is not a buffer: rebuild after .to()
             if not self.calibrated:
                 return x
@@ -194,6 +198,20 @@ class ActQuantizer(nn.Module):
         ste = "" if self.ste == "clipped" else f", ste={self.ste}"
         return (f"bits={self.bits}, symmetric={self.symmetric}, estimator={self.estimator}{gran}{ste}, "
                 f"range=[{float(self.lo.min()):.4g}, {float(self.hi.max()):.4g}]")
+
+
+@contextlib.contextmanager
+def float_forward(model: nn.Module):
+    """Inside the block every quantizer of `model` passes its input through unchanged (activation quantizers still
+    observe when observing): calibration on the float model's activations, as PSAQ-ViT's code does."""
+    quantizers = [m for m in model.modules() if isinstance(m, (WeightQuantizer, ActQuantizer))]
+    for q in quantizers:
+        q.bypass = True
+    try:
+        yield model
+    finally:
+        for q in quantizers:
+            q.bypass = False
 
 
 @contextlib.contextmanager

@@ -24,9 +24,22 @@ class UntraceableModel(UnsupportedModel):
     """torch.fx cannot trace the model (data-dependent control flow), so quantizers cannot be placed."""
 
 
+def explicit_attention(model: nn.Module) -> int:
+    """Switch every module with timm's `fused_attn` flag to the explicit attention path (q @ k^T, softmax,
+    attn @ v as separate ops, which torch.fx then sees; the same parameters and function up to float rounding)
+    instead of one fused `F.scaled_dot_product_attention` call that hides the matmuls. Returns how many."""
+    count = 0
+    for module in model.modules():
+        if isinstance(getattr(module, "fused_attn", None), bool):
+            module.fused_attn = False
+            count += 1
+    return count
+
+
 def trace(model: nn.Module) -> fx.GraphModule:
     if isinstance(model, fx.GraphModule):
         return model
+    explicit_attention(model)
     try:
         return fx.symbolic_trace(model)
     except Exception as exc:  # fx raises many exception types for data-dependent control flow

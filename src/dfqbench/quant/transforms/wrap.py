@@ -7,6 +7,7 @@ from torch import fx, nn
 from .bn_fold import fold_batchnorm
 from ..convention import Convention
 from .graph import insert_after, is_passthrough, layer_nodes, layers_fed_by, module_of, relu_kind, trace
+from .ops import op_output_sites
 from ..quantizers import ActQuantizer, WeightQuantizer, is_quant_layer, quant_class_for
 
 
@@ -87,13 +88,15 @@ def _act_sites(gm: fx.GraphModule, convention: Convention) -> list[fx.Node]:
     """The nodes whose output gets an activation quantizer, in graph order."""
     sites: list[fx.Node] = []
     if convention.layers.input_abit:
-        sites += [n for n in gm.graph.nodes if n.op == "placeholder"]
+        sites += [n for n in gm.graph.nodes if n.op == "placeholder"][:1]  # the image (not e.g. timm's attn_mask)
     if convention.act.sites == "each_layer_input":  # inserted per edge, not per tensor (quantize_model)
         return sites
     if convention.act.sites == "after_relu":
         sites += [n for n in gm.graph.nodes if relu_kind(gm, n)]
     elif convention.act.sites == "layer_outputs":
         sites += layer_nodes(gm)
+    elif convention.act.sites == "op_outputs":
+        sites += [n for n in op_output_sites(gm, convention.act.ops) if n not in sites]
     else:  # layer_inputs: the tensor each layer reads, shared with every other reader (e.g. a residual identity)
         for node in layer_nodes(gm):
             src = node.args[0]
