@@ -88,8 +88,12 @@ class GeneratorQAT(Method):
             msg = str(exc)
             raise ValueError(msg if msg.startswith(key) else f"{key}: {msg}") from None
 
+    def build_teacher(self, model: nn.Module, ctx) -> nn.Module:
+        """The FP32 teacher the generator and the student learn from (DFED: an ensemble around the model)."""
+        return copy.deepcopy(model).eval()
+
     def quantize(self, model: nn.Module, ctx):
-        teacher = copy.deepcopy(model).eval()
+        teacher = self.build_teacher(model, ctx)
         generator = self._build_generator(self.generator_spec, teacher, ctx)
         warmup = self._build_generator(self.warmup_spec, teacher, ctx) if self.warmup_spec else None
         if hasattr(generator, "prepare"):  # a fixed synthetic set: made (or loaded from the cache) once
