@@ -11,9 +11,10 @@ with the built-in route (`torch.aminmax`, `ranges.grid_from_range`, `torch.fake_
 Timing: CUDA events around a batch of calls (CPU: perf_counter), median of --repeats. Sizes that fit in L2 (on an
 H100, 50 MB) can beat the HBM figure; the copy row has the same advantage.
 
-On CPU the rows compare, in the same run: ATen's kernels, dfqbench's `torch` backend (a vectorised formula equal
-to ATen's values: kernels/aten.py) and, as the measured alternative that was not kept, the same formula compiled
-by torch.compile's C++ codegen (its first call, the compile, is reported apart). Goal (issue 16): the backend
+On CPU the rows compare, in the same run: ATen's kernels, dfqbench's `torch` backend (its one-pass C kernel,
+kernels/cpu_ext.py, equal to ATen's values), the four-pass torch formula it falls back to without a C compiler,
+and, as the measured alternative that was not kept, the formula compiled by torch.compile's C++ codegen (its first
+call, the compile, is reported apart). Goal (issue 16): the backend
 >= 0.3x copy bandwidth per tensor and per channel.
 
 The last rows run a random-weight pytorchcv ResNet-20 (W4A4, convention gdfq, activation ranges [0, 4]) on
@@ -39,7 +40,8 @@ import torch
 from bench_report import emit
 from dfqbench.cpu_allocator import keep_freed_memory
 from dfqbench.quant import Convention, act_quantizers, quantize_model, use_backend
-from dfqbench.quant.kernels.aten import TorchBuiltinBackend
+from dfqbench.quant.kernels import cpu_ext
+from dfqbench.quant.kernels.aten import TorchBuiltinBackend, torch_formula
 from dfqbench.quant.kernels.backend import add_backend, get_backend, resolve_backend_name
 from dfqbench.quant.quantizers.core import frozen_weights
 from dfqbench.quant.quantizers.ranges import grid_from_range
@@ -48,6 +50,7 @@ SIZES = [2**21, 2**23, 2**25, 2**27, 2**28]  # 128x16x32x32 ... 256M elements
 BITS = 4
 CHANNEL_ROW = 4096  # per-channel rows use a weight-like [n / 4096, 4096] view, channels along axis 0
 CPU_GOAL = 0.3  # the torch backend's fraction of copy bandwidth (issue 16)
+CPU_PATH = "C kernel" if cpu_ext.library() is not None else f"formula; C kernel unavailable: {cpu_ext.why_unavailable()}"
 E2E_GOAL = 0.9  # W4A4 / FP32 images/s on CPU
 
 
@@ -135,8 +138,10 @@ def kernel_rows(device: torch.device, sizes: list[int], repeats: int, triton_bac
         ops = [("copy `y.copy_(x)`", lambda: y.copy_(x), None),
                ("per-tensor, ATen", lambda: torch.fake_quantize_per_tensor_affine(x, scale, zp, 0, qmax), None)]
         if cpu:
-            ops.append(("per-tensor, dfqbench torch backend (formula)",
+            ops.append((f"per-tensor, dfqbench torch backend ({CPU_PATH})",
                         lambda: ours.per_tensor(x, scale, zp, 0, qmax), CPU_GOAL))
+            ops.append(("per-tensor, four-pass torch formula (the fallback)",
+                        lambda: torch_formula(x, *(float(t) for t in terms)), None))
             if compiled is not None:
                 ops.append(("per-tensor, torch.compile formula (not kept)", lambda: compiled(x, *terms), None))
         if triton_backend is not None:
@@ -144,8 +149,10 @@ def kernel_rows(device: torch.device, sizes: list[int], repeats: int, triton_bac
         ops.append(("per-channel (axis 0), ATen",
                     lambda: torch.fake_quantize_per_channel_affine(x2d, cscale, czp, 0, 0, qmax), None))
         if cpu:
-            ops.append(("per-channel (axis 0), dfqbench torch backend (formula)",
+            ops.append((f"per-channel (axis 0), dfqbench torch backend ({CPU_PATH})",
                         lambda: ours.per_channel(x2d, cscale, czp, 0, 0, qmax), CPU_GOAL))
+            ops.append(("per-channel (axis 0), four-pass torch formula (the fallback)",
+                        lambda: torch_formula(x2d, *cterms), None))
             if compiled is not None:
                 ops.append(("per-channel (axis 0), torch.compile formula (not kept)",
                             lambda: compiled(x2d, *cterms), None))

@@ -171,3 +171,41 @@ def test_job_threads_share_the_cores_and_warn_on_oversubscription(caplog):
         assert job_threads(2, 4, cores=8) == 2 and not caplog.records
         assert job_threads(4, 4, cores=8) == 4
     assert "oversubscribe" in caplog.text
+
+
+def test_c_kernel_builds_and_equals_the_torch_formula_on_large_tensors(monkeypatch):
+    """The one-pass C kernel (kernels/cpu_ext.py) runs here (a C compiler is part of the setup) and gives the
+    four-pass formula's values bit for bit, multi-threaded (> its grain), per tensor and per channel."""
+    import shutil
+
+    from dfqbench.quant.kernels import aten, cpu_ext
+
+    if shutil.which("gcc") is None and shutil.which("cc") is None:
+        pytest.skip("no C compiler: the formula runs instead")
+    assert cpu_ext.library() is not None, cpu_ext.why_unavailable()
+    calls = []
+    real = cpu_ext.per_channel
+    monkeypatch.setattr(cpu_ext, "per_channel", lambda *a, **k: calls.append(1) or real(*a, **k))
+    g = torch.Generator().manual_seed(0)
+    scale, zp = torch.rand(16, generator=g) * 0.2 + 0.01, torch.randint(0, 16, (16,), generator=g,
+                                                                         dtype=torch.int32)
+    with torch.no_grad():
+        for memory_format in (torch.contiguous_format, torch.channels_last):
+            x = (torch.randn(16, 16, 32, 32, generator=g) * 3).contiguous(memory_format=memory_format)
+            for axis in (None, 0, 1):
+                s, z = (scale[:1], zp[:1]) if axis is None else (scale, zp)
+                terms = aten._grid_terms(x, s, z, axis, 0, 15)
+                ours = BACKEND.per_tensor(x, s, z, 0, 15) if axis is None else \
+                    BACKEND.per_channel(x, s, z, axis, 0, 15)
+                assert torch.equal(ours, aten.torch_formula(x, *terms)), (memory_format, axis)
+    # in C: axes 0 and 1 of the contiguous tensor, axis 1 (innermost) of the channels_last one; axis 0 of a
+    # channels_last tensor takes the formula
+    assert len(calls) == 3
+
+
+def test_c_kernel_can_be_switched_off():
+    code = ("import torch; from dfqbench.quant.kernels import cpu_ext; "
+            "print(cpu_ext.library() is None, cpu_ext.why_unavailable())")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         env={**os.environ, "DFQ_CPU_KERNEL": "0"}).stdout
+    assert out.startswith("True disabled by DFQ_CPU_KERNEL=0")

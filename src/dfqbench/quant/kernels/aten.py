@@ -7,7 +7,9 @@ float32 CPU tensors take a vectorised formula instead, equal to ATen's value for
     round_half_even(x * (1/scale)) + zp, clamped to [qmin, qmax], minus zp, times scale
       == clamp(round_half_even(x * (1/scale)), qmin - zp, qmax - zp) * scale
 
-(the zero point is an integer, so adding it and taking it off again is exact): four passes, three in place.
+(the zero point is an integer, so adding it and taking it off again is exact): four passes, three in place. Where
+the C kernel builds (kernels/cpu_ext.py: the same formula in one OpenMP pass, rint = round half to even), it runs
+instead for contiguous and channels_last tensors; the values are the same bit for bit.
 Differences, both outside what a number can depend on: a value that rounds to zero keeps its sign (-0.0, ATen
 gives +0.0), and NaN stays NaN (ATen maps it to the grid's end). The backward is ATen's: the incoming gradient
 where the rounded value lies on the grid, zero where it was clamped.
@@ -16,6 +18,8 @@ where the rounded value lies on the grid, zero where it was clamped.
 from __future__ import annotations
 
 import torch
+
+from . import cpu_ext
 
 
 def _cpu_formula(x: torch.Tensor) -> bool:
@@ -46,11 +50,28 @@ def _clamp_(t, lo, hi):
     return t.clamp_(lo, hi) if isinstance(lo, float) else t.clamp_min_(lo).clamp_max_(hi)
 
 
+def _kernel(x, axis, inv, scale, lo, hi, with_mask):
+    """The C kernel's (y, mask), or None where it does not apply (not built, another memory layout)."""
+    if cpu_ext.library() is None:
+        return None
+    if axis is None:
+        if not (x.is_contiguous() or x.is_contiguous(memory_format=torch.channels_last)):
+            return None
+        return cpu_ext.per_tensor(x, inv, scale, lo, hi, with_mask)
+    layout = cpu_ext.channel_layout(x, axis)
+    return None if layout is None else cpu_ext.per_channel(x, layout, inv, scale, lo, hi, with_mask)
+
+
 class _ClippedFakeQuant(torch.autograd.Function):
     """The formula with ATen's straight-through backward (gradient masked where the value was clamped)."""
 
     @staticmethod
-    def forward(ctx, x, inv, scale, lo, hi):
+    def forward(ctx, x, axis, inv, scale, lo, hi):
+        done = _kernel(x, axis, inv, scale, lo, hi, with_mask=True)
+        if done is not None:
+            y, mask = done
+            ctx.save_for_backward(mask)
+            return y
         rounded = torch.round(x * inv)
         mask = (rounded >= lo) & (rounded <= hi)
         ctx.save_for_backward(mask)
@@ -59,14 +80,20 @@ class _ClippedFakeQuant(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         (mask,) = ctx.saved_tensors
-        return grad * mask, None, None, None, None
+        return grad * mask, None, None, None, None, None
+
+
+def torch_formula(x, inv, scale, lo, hi):
+    """The four-pass torch formula (no gradient): the reference the C kernel equals."""
+    return _clamp_(torch.mul(x, inv).round_(), lo, hi).mul_(scale)
 
 
 def _formula(x, scale, zero_point, axis, qmin, qmax):
     inv, scale, lo, hi = _grid_terms(x, scale, zero_point, axis, qmin, qmax)
     if x.requires_grad and torch.is_grad_enabled():
-        return _ClippedFakeQuant.apply(x, inv, scale, lo, hi)
-    return _clamp_(torch.mul(x, inv).round_(), lo, hi).mul_(scale)
+        return _ClippedFakeQuant.apply(x, axis, inv, scale, lo, hi)
+    done = _kernel(x, axis, inv, scale, lo, hi, with_mask=False)
+    return done[0] if done is not None else torch_formula(x, inv, scale, lo, hi)
 
 
 class TorchBuiltinBackend:
