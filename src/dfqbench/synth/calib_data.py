@@ -36,6 +36,7 @@ SOURCES: dict[str, str] = {
     "intraq": "dfqbench.synth.labelled:intraq_source",  # IntraQ: soft labels + intra-class cosine margins
     "hast": "dfqbench.synth.labelled:hast_source",  # HAST: focal-weighted CE on hard samples
     "kw": "dfqbench.synth.kw:kw_source",  # The Knowledge Within: BN statistics matched by Gaussian KL
+    "gznq": "dfqbench.synth.gznq:gznq_source",  # GZNQ (reconstruction): generator, BN-distribution KL
 }
 _IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp"}
 

@@ -121,21 +121,34 @@ def reconstruct(gm: fx.GraphModule, batches: list[torch.Tensor], settings: Recon
     try:
         fp_in = q_in = data
         for k, block in enumerate(find_blocks(gm)):
-            t0 = time.perf_counter()
-            sub = block_module(gm, block)
-            with float_mode(gm):
-                fp_out = _run(sub, fp_in)
-            facts = _reconstruct_block(gm, block, sub, fp_in, q_in, fp_out, settings, generator,
-                                       desc=f"reconstruct block {k + 1} ({block.name})", progress=progress)
-            q_out = _run(sub, q_in)
-            facts.update(block=block.name, error_after=_sig(output_error(q_out, fp_out)),
-                         time_s=round(time.perf_counter() - t0, 2))
+            facts, fp_out, q_out = reconstruct_block(gm, block, fp_in, q_in, settings, generator,
+                                                     desc=f"reconstruct block {k + 1} ({block.name})",
+                                                     progress=progress)
             report.append(facts)
             fp_in, q_in = fp_out, q_out
     finally:
         for p, flag in zip(params, flags):
             p.requires_grad_(flag)
     return report
+
+
+def reconstruct_block(gm: fx.GraphModule, block: Block, fp_in: torch.Tensor, q_in: torch.Tensor,
+                      settings: ReconstructSettings, generator: torch.Generator, desc: str = "reconstruct",
+                      progress: bool = False) -> tuple[dict, torch.Tensor, torch.Tensor]:
+    """One block of `reconstruct` on given inputs (the FP32 block input `fp_in`, the quantized model's `q_in`):
+    returns (facts, FP32 block output, quantized block output after reconstruction). `reconstruct` feeds it the
+    propagated calibration images; the layer-wise method (`quant.calibration.layerwise`) one-layer blocks and
+    sampled layer-wise data. The caller freezes the model's own parameters."""
+    t0 = time.perf_counter()
+    sub = block_module(gm, block)
+    with float_mode(gm):
+        fp_out = _run(sub, fp_in)
+    facts = _reconstruct_block(gm, block, sub, fp_in, q_in, fp_out, settings, generator, desc=desc,
+                               progress=progress)
+    q_out = _run(sub, q_in)
+    facts.update(block=block.name, error_after=_sig(output_error(q_out, fp_out)),
+                 time_s=round(time.perf_counter() - t0, 2))
+    return facts, fp_out, q_out
 
 
 def _reconstruct_block(gm, block: Block, sub, fp_in, q_in, fp_out, settings: ReconstructSettings, generator,
