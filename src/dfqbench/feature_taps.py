@@ -1,9 +1,11 @@
 """Forward hooks that keep intermediate features of the latest forward for the feature loss terms.
 
-Three kinds: "penultimate" (the input of the last nn.Linear, one tensor), "stages" (the output of every stage
-of a staged network, a list: pytorchcv's `features.stageN`, torchvision/timm's `layerN`) and
+Four kinds: "penultimate" (the input of the last nn.Linear, one tensor), "stages" (the output of every stage
+of a staged network, a list: pytorchcv's `features.stageN`, torchvision/timm's `layerN`),
 "residual_branches" (per residual unit, its branch's output before the identity is added, a list: pytorchcv's
-`unitN.body`, torchvision's last BatchNorm of a BasicBlock/Bottleneck; HAST's feature alignment). The quantized student
+`unitN.body`, torchvision's last BatchNorm of a BasicBlock/Bottleneck; HAST's feature alignment) and
+"bn_inputs" (the input of every BatchNorm2d in execution order, a list: the order of the trainer's BN-statistics
+recorder; DDAQ's layer-wise discrepancy; a student needs its BatchNorm layers, i.e. a convention without BN folding). The quantized student
 is an fx.GraphModule whose forward calls leaf modules directly, so a hook on a stage container never fires
 there: a stage's output is then taken from the last node inside the stage (the block's final ReLU in
 these ResNets) or the activation quantizer right after it (what the next stage reads), or, for a stage that
@@ -21,7 +23,7 @@ from torch import fx, nn
 from .errors import UnsupportedModel
 from .quant.quantizers import ActQuantizer
 
-FEATURE_KINDS = ("penultimate", "stages", "residual_branches")
+FEATURE_KINDS = ("penultimate", "stages", "residual_branches", "bn_inputs")
 _STAGE = re.compile(r"(^|\.)(stage|layer)\d+$")
 
 
@@ -165,6 +167,35 @@ class ResidualBranchTap(StageTap):
         return keep
 
 
+class BNInputTap:
+    """Keeps the input of every BatchNorm2d from the latest forward, in execution order (the list restarts at each
+    forward of the model, as the trainer's BNRecorder records its statistics)."""
+
+    def __init__(self, model: nn.Module):
+        bns = [m for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
+        if not bns:
+            raise UnsupportedModel(f"a BN-input feature loss (e.g. DDAQ's 'layer_discrepancy') needs BatchNorm2d "
+                                   f"layers, and {type(model).__name__} has none (a quantized student keeps them "
+                                   f"only under a convention with fold_bn: false)")
+        self._values: list[torch.Tensor] = []
+        self.handles = [model.register_forward_pre_hook(self._restart)]
+        self.handles += [bn.register_forward_pre_hook(self._keep) for bn in bns]
+
+    def _restart(self, module, inputs):
+        self._values = []
+
+    def _keep(self, module, inputs):
+        self._values.append(inputs[0])
+
+    @property
+    def value(self) -> list[torch.Tensor]:
+        return list(self._values)
+
+    def close(self) -> None:
+        for h in self.handles:
+            h.remove()
+
+
 class FeatureTap:
     """The taps a run's loss terms need on one model; `value` maps each kind to its latest feature(s)."""
 
@@ -179,6 +210,8 @@ class FeatureTap:
             self.taps["stages"] = StageTap(model)
         if "residual_branches" in kinds:
             self.taps["residual_branches"] = ResidualBranchTap(model)
+        if "bn_inputs" in kinds:
+            self.taps["bn_inputs"] = BNInputTap(model)
 
     @property
     def value(self) -> dict:
