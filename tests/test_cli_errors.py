@@ -87,7 +87,7 @@ def _assert_one_error(proc, run_dir, *needles):
       "model=mobilenetv2_cifar10|resnet20_cifar10|seq_conv1d_cifar10|vgg8_bn_cifar10"]),
     (["model=resnet20_cifar10", "dataset=imagenet"],
      ["model=resnet20_cifar10 is a teacher for dataset=cifar10, not dataset=imagenet",
-      "model=mobilenetv2_w1|resnet18|resnet50"]),
+      "model=deit_base|deit_small|deit_tiny|mobilenetv2_w1|resnet18|resnet50|swin_small|swin_tiny"]),
     (["model=pytorchcv", "model.arch=resnet56_cifar100", "model.pretrained=false"],
      ["dataset=cifar100", "not dataset=cifar10", "pytorchcv name resnet56_cifar100", "model.dataset="]),
 ])
