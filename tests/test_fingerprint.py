@@ -230,7 +230,8 @@ def test_every_model_preset_agrees_with_its_dataset_and_experiment():
         declared = cfg.model.dataset
         check_model_dataset(cfg.model, declared)  # its own data set: no error
         for other in set(group_options("dataset")) - {declared}:
-            with pytest.raises(ConfigError, match=f"model={model} is a teacher for dataset={declared}, not "
+            # the timm presets name the teacher by its timm arch (model=deit_base -> deit_base_patch16_224)
+            with pytest.raises(ConfigError, match=f"model={cfg.model.name} is a teacher for dataset={declared}, not "
                                                   f"dataset={other}; use dataset={declared}"):
                 check_model_dataset(cfg.model, other)
     for experiment in group_options("experiment"):

@@ -205,7 +205,7 @@ def test_yamls_compose_the_papers_settings():
 @pytest.mark.parametrize("args,needles", [
     (["schedule=nope"], ["schedule=nope", "cpu", "paper", "smoke"]),
     (["method=gdfq", "schedule.iters_per_epoch=0"], ["schedule.iters_per_epoch=0"]),
-    (["method=qimera", "method.generator.name=nope"], ["nope", "arc, dcgan3, fixed_set, gdfq, qimera, unconditional"]),
+    (["method=qimera", "method.generator.name=nope"], ["nope", "acq, arc, dcgan3, fixed_set, gdfq, qimera, unconditional"]),
     (["method=ait", "+method.student_losses.nope.weight=1"], ["nope", "attention_mse, ce, difference_entropy, feature_mse, kd, l1"]),
 ])
 def test_cli_refuses_bad_names_and_schedules(tmp_path, args, needles):
