@@ -93,7 +93,22 @@ def stage_output_points(model: nn.Module) -> list[tuple[nn.Module, str]]:
     return points
 
 
-class StageTap:
+class _ListTap:
+    """Hooks that keep a list of tensors from the latest forward (`value`); `close` removes the hooks."""
+
+    _values: list
+    handles: list
+
+    @property
+    def value(self) -> list[torch.Tensor]:
+        return list(self._values)
+
+    def close(self) -> None:
+        for h in self.handles:
+            h.remove()
+
+
+class StageTap(_ListTap):
     """Keeps every stage's output from the latest forward (a module called twice keeps its later output,
     which for a stage's last module is the stage output)."""
 
@@ -113,14 +128,6 @@ class StageTap:
         def keep(module, inputs):
             self._values[i] = inputs[0]
         return keep
-
-    @property
-    def value(self) -> list[torch.Tensor]:
-        return list(self._values)
-
-    def close(self) -> None:
-        for h in self.handles:
-            h.remove()
 
 
 def residual_branch_points(model: nn.Module) -> list[nn.Module]:
@@ -167,7 +174,7 @@ class ResidualBranchTap(StageTap):
         return keep
 
 
-class BNInputTap:
+class BNInputTap(_ListTap):
     """Keeps the input of every BatchNorm2d from the latest forward, in execution order (the list restarts at each
     forward of the model, as the trainer's BNRecorder records its statistics)."""
 
@@ -186,14 +193,6 @@ class BNInputTap:
 
     def _keep(self, module, inputs):
         self._values.append(inputs[0])
-
-    @property
-    def value(self) -> list[torch.Tensor]:
-        return list(self._values)
-
-    def close(self) -> None:
-        for h in self.handles:
-            h.remove()
 
 
 class FeatureTap:

@@ -104,7 +104,7 @@ class CentreConditionalGenerator(ConditionalGenerator):
     same-condition pair. `last_centres`: the centres of the latest forward (the attention_centre term reads them)."""
 
     def __init__(self, num_classes: int, image_shape, teacher_fc: torch.Tensor | None = None,
-                 latent_dim: int = 100, bn_eps: float = 0.8, conditional_bn="auto", centre_range: float = 0.25,
+                 latent_dim: int = 100, bn_eps: float = 0.8, conditional_bn="auto", centre_range: float = 0.12,
                  centre_sigma: float = 0.5):
         super().__init__(num_classes, image_shape, teacher_fc, latent_dim=latent_dim, bn_eps=bn_eps,
                          conditional_bn=conditional_bn)

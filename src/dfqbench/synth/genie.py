@@ -21,10 +21,12 @@ from torch import nn
 from torch.nn import functional as F
 
 from .bn_loop import Synthesis, moment_distance, synthesize_batches
+from ..settings import CheckedSettings
 
 
 @dataclass
-class GenieSettings:
+class GenieSettings(CheckedSettings):
+    PREFIX = "method.distill"
     iterations: int = 4000  # per batch (the paper's)
     latent_dim: int = 256
     lr_z: float = 0.1
@@ -49,14 +51,6 @@ class GenieSettings:
             raise ValueError(f"{prefix}.swing={self.swing!r} must be true or false")
         return self
 
-    @classmethod
-    def from_dict(cls, values: dict | None, prefix: str = "method.distill") -> "GenieSettings":
-        values = dict(values or {})
-        unknown = sorted(set(values) - set(cls.__dataclass_fields__))
-        if unknown:
-            raise ValueError(f"{prefix} has unknown setting(s) {unknown}; valid: "
-                             f"{', '.join(sorted(cls.__dataclass_fields__))}")
-        return cls(**values).validate(prefix)
 
 
 class Generator(nn.Module):

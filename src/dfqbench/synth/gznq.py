@@ -38,10 +38,12 @@ from torch import nn
 from .bn_kl import gaussian_kl
 from .bn_loop import EPS, Synthesis, synthesize_batches
 from .genie import Generator
+from ..settings import CheckedSettings
 
 
 @dataclass
-class GZNQSettings:
+class GZNQSettings(CheckedSettings):
+    PREFIX = "method.synthesis"
     iterations: int = 500  # generator steps (a CPU budget; the paper's is unknown)
     batch_size: int = 64  # images per generator step (and per sampling batch)
     latent_dim: int = 128
@@ -65,14 +67,6 @@ class GZNQSettings:
             raise ValueError(f"{prefix}.shape_weight={self.shape_weight!r} must be a number >= 0")
         return self
 
-    @classmethod
-    def from_dict(cls, values: dict | None, prefix: str = "method.synthesis") -> "GZNQSettings":
-        values = dict(values or {})
-        unknown = sorted(set(values) - set(cls.__dataclass_fields__))
-        if unknown:
-            raise ValueError(f"{prefix} has unknown setting(s) {unknown}; valid: "
-                             f"{', '.join(sorted(cls.__dataclass_fields__))}")
-        return cls(**values).validate(prefix)
 
 
 def channel_moments(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:

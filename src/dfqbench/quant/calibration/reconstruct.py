@@ -25,12 +25,14 @@ from tqdm.auto import tqdm
 
 from .blocks import Block, block_act_quantizers, block_layers, block_module, find_blocks
 from ..quantizers.learned import AdaRoundWeight, HardenedWeightQuantizer, LsqAct, bernoulli_mask, float_mode
+from ...settings import CheckedSettings
 
 _CHUNK = 128  # images per forward when collecting block inputs/outputs
 
 
 @dataclass
-class ReconstructSettings:
+class ReconstructSettings(CheckedSettings):
+    PREFIX = "method.reconstruct"
     iterations: int = 20000  # per block (Genie, BRECQ)
     batch_size: int = 32
     lr_round: float = 1e-3  # AdaRound logits (constant)
@@ -71,14 +73,6 @@ class ReconstructSettings:
                 bad(key, "must be true or false")
         return self
 
-    @classmethod
-    def from_dict(cls, values: dict | None, prefix: str = "method.reconstruct") -> "ReconstructSettings":
-        values = dict(values or {})
-        known = set(cls.__dataclass_fields__)
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise ValueError(f"{prefix} has unknown setting(s) {unknown}; valid: {', '.join(sorted(known))}")
-        return cls(**values).validate(prefix)
 
 
 def qdrop_mix(x_q: torch.Tensor, x_fp: torch.Tensor, p: float, generator: torch.Generator | None = None):
