@@ -11,7 +11,8 @@ on CIFAR-10 images read column by column, standing in for a speech model (Q-ASR)
         --epochs 40 --out my_models/
 
 Writes <out>/<arch>.pt (the state_dict: load it with model=pytorchcv model.arch=<arch> model.checkpoint=...) and
-<out>/<arch>.json (test top-1, normalization, epochs, sha256), both atomically. The recipe is the shared
+<out>/<arch>.json (test top-1, normalization, epochs, sha256), both atomically; it resumes after the last finished
+epoch from <out>/.<arch>.resume.pt when rerun with the same arguments. The recipe is the shared
 teacher's (shared/models/README.md): SGD Nesterov 0.9, weight decay 5e-4, batch 128, one-cycle learning rate
 (peak 0.2), random crop (pad 4) and horizontal flip, channels_last; normalization with the GDFQ lineage's
 CIFAR-10 constants (CIFAR-100: pass --mean/--std).
@@ -90,6 +91,40 @@ def write_atomic(path: Path, write) -> None:
             os.unlink(tmp)
 
 
+class Resumable:
+    """Training state (the parts' state_dicts, the random generators, epoch, seconds) saved atomically after every
+    epoch to <out>/.<arch>.resume.pt; a rerun with the same arguments (--threads aside) continues from it, since a
+    session may end at any time. Another argument refuses to resume rather than mix two recipes."""
+
+    def __init__(self, path: Path, args, prog: str, rng: torch.Generator, **parts):
+        self.path, self.prog, self.rng, self.parts = path, prog, rng, parts
+        self.args = {k: str(v) for k, v in vars(args).items() if k != "threads"}
+
+    def restore(self) -> tuple[int, float]:
+        """(epochs done, seconds spent) from the saved state, (0, 0.0) without one."""
+        if not self.path.exists():
+            return 0, 0.0
+        state = torch.load(self.path, map_location="cpu", weights_only=False)
+        if state["args"] != self.args:
+            raise SystemExit(f"{self.prog}: error: {self.path} was written with other arguments; delete it or "
+                             f"rerun with {state['args']}")
+        for name, part in self.parts.items():
+            part.load_state_dict(state[name])
+        self.rng.set_state(state["rng"])
+        torch.set_rng_state(state["torch_rng"])
+        print(f"resumed after epoch {state['epoch']} ({state['seconds']:.0f} s)", file=sys.stderr)
+        return state["epoch"], state["seconds"]
+
+    def save(self, epoch: int, seconds: float) -> None:
+        state = {name: part.state_dict() for name, part in self.parts.items()}
+        state.update(rng=self.rng.get_state(), torch_rng=torch.get_rng_state(), epoch=epoch, seconds=seconds,
+                     args=self.args)
+        write_atomic(self.path, lambda tmp: torch.save(state, tmp))
+
+    def finish(self) -> None:
+        self.path.unlink(missing_ok=True)
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--arch", default="preresnet20_cifar10",
@@ -127,8 +162,12 @@ def main(argv=None) -> int:
     steps_per_epoch = len(x_train) // args.batch_size
     opt = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=0.9, nesterov=True, weight_decay=5e-4)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, args.lr, total_steps=args.epochs * steps_per_epoch)
-    t0 = time.perf_counter()
-    for epoch in range(args.epochs):
+    args.out.mkdir(parents=True, exist_ok=True)
+    resumable = Resumable(args.out / f".{args.arch}.resume.pt", args, "train_teacher", rng, model=model, opt=opt,
+                          sched=sched)
+    start, spent = resumable.restore()
+    for epoch in range(start, args.epochs):
+        t0 = time.perf_counter()
         model.train()
         order = torch.randperm(len(x_train), generator=rng)
         for i in range(steps_per_epoch):
@@ -139,11 +178,12 @@ def main(argv=None) -> int:
             loss.backward()
             opt.step()
             sched.step()
-        print(f"epoch {epoch + 1}/{args.epochs}: loss {loss.detach().item():.3f} ({time.perf_counter() - t0:.0f} s)",
-              file=sys.stderr)
-    seconds = time.perf_counter() - t0
+        spent += time.perf_counter() - t0
+        resumable.save(epoch + 1, spent)
+        print(f"epoch {epoch + 1}/{args.epochs}: loss {loss.detach().item():.3f} ({spent:.0f} s)", file=sys.stderr,
+              flush=True)
+    seconds = spent
     top1 = accuracy(model, x_test, y_test, args.mean, args.std)
-    args.out.mkdir(parents=True, exist_ok=True)
     weights = args.out / f"{args.arch}.pt"
     state = {k: v.contiguous() for k, v in model.state_dict().items()}
     write_atomic(weights, lambda tmp: torch.save(state, tmp))
@@ -160,6 +200,7 @@ def main(argv=None) -> int:
                         "lr": f"one-cycle, peak {args.lr}", "augment": "random crop (pad 4) + horizontal flip",
                         "threads": args.threads}}
     write_atomic(args.out / f"{args.arch}.json", lambda tmp: Path(tmp).write_text(json.dumps(facts, indent=1)))
+    resumable.finish()
     print(f"{args.arch}: test top-1 {top1:.2f} after {args.epochs} epochs ({seconds:.0f} s) -> {weights}")
     return 0
 

@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from train_teacher import MEAN, STD, accuracy, augment, load_split, normalize, write_atomic
+from train_teacher import MEAN, STD, Resumable, accuracy, augment, load_split, normalize, write_atomic
 
 
 def param_groups(model, weight_decay: float):
@@ -93,19 +93,8 @@ def main(argv=None) -> int:
     steps = len(x_train) // args.batch_size
     total, warmup = args.epochs * steps, args.warmup_epochs * steps
     args.out.mkdir(parents=True, exist_ok=True)
-    resume = args.out / f".{args.arch}.resume.pt"
-    start, spent = 0, 0.0
-    if resume.exists():
-        state = torch.load(resume, map_location="cpu", weights_only=False)
-        if state["args"] != {k: str(v) for k, v in vars(args).items() if k != "threads"}:
-            raise SystemExit(f"train_vit_teacher: error: {resume} was written with other arguments; delete it or "
-                             f"rerun with {state['args']}")
-        model.load_state_dict(state["model"])
-        opt.load_state_dict(state["opt"])
-        rng.set_state(state["rng"])
-        torch.set_rng_state(state["torch_rng"])
-        start, spent = state["epoch"], state["seconds"]
-        print(f"resumed after epoch {start} ({spent:.0f} s)", file=sys.stderr)
+    resumable = Resumable(args.out / f".{args.arch}.resume.pt", args, "train_vit_teacher", rng, model=model, opt=opt)
+    start, spent = resumable.restore()
     for epoch in range(start, args.epochs):
         t0 = time.perf_counter()
         model.train()
@@ -128,10 +117,7 @@ def main(argv=None) -> int:
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
             opt.step()
         spent += time.perf_counter() - t0
-        state = {"model": model.state_dict(), "opt": opt.state_dict(), "rng": rng.get_state(),
-                 "torch_rng": torch.get_rng_state(), "epoch": epoch + 1, "seconds": spent,
-                 "args": {k: str(v) for k, v in vars(args).items() if k != "threads"}}
-        write_atomic(resume, lambda tmp: torch.save(state, tmp))
+        resumable.save(epoch + 1, spent)
         top1 = accuracy(model, x_test[:2000], y_test[:2000], MEAN, STD) if (epoch + 1) % 5 == 0 else float("nan")
         print(f"epoch {epoch + 1}/{args.epochs}: loss {loss.item():.3f}, test[:2000] {top1:.2f} ({spent:.0f} s)",
               file=sys.stderr, flush=True)
@@ -154,7 +140,7 @@ def main(argv=None) -> int:
                         f"soft KD from {args.distill_from.name} (resnet20_cifar10), alpha {args.alpha}, "
                         f"T {args.temperature}", "threads": args.threads}}
     write_atomic(args.out / f"{args.arch}.json", lambda tmp: Path(tmp).write_text(json.dumps(facts, indent=1)))
-    resume.unlink()
+    resumable.finish()
     print(f"{args.arch}: test top-1 {top1:.2f} after {args.epochs} epochs ({spent:.0f} s) -> {weights}")
     return 0
 

@@ -78,3 +78,35 @@ def test_bad_arch_and_epochs_are_one_line_errors(tmp_path):
         train_teacher.main(["--arch", "nope", "--data", str(tmp_path), "--out", str(tmp_path)])
     with pytest.raises(SystemExit, match="--epochs=0 must be at least 1"):
         train_teacher.main(["--data", str(tmp_path), "--out", str(tmp_path), "--epochs", "0"])
+
+
+def test_an_interrupted_run_resumes_to_the_same_weights(tmp_path, monkeypatch, capsys):
+    """Stopped after epoch 1 of 2 and rerun with the same arguments, it continues from the saved state and ends
+    with the weights of an uninterrupted run, bit for bit; other arguments refuse the saved state."""
+    _image_folder(tmp_path / "data")
+    argv = ["--arch", "preresnet20_cifar10", "--data", str(tmp_path / "data"), "--epochs", "2", "--batch-size", "4",
+            "--threads", "1"]
+    assert train_teacher.main(argv + ["--out", str(tmp_path / "whole")]) == 0
+    save = train_teacher.Resumable.save
+
+    def save_then_stop(self, epoch, seconds):
+        save(self, epoch, seconds)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(train_teacher.Resumable, "save", save_then_stop)
+    with pytest.raises(KeyboardInterrupt):
+        train_teacher.main(argv + ["--out", str(tmp_path / "cut")])
+    monkeypatch.undo()
+    assert (tmp_path / "cut" / ".preresnet20_cifar10.resume.pt").exists()
+    assert not (tmp_path / "cut" / "preresnet20_cifar10.pt").exists()
+    with pytest.raises(SystemExit, match="was written with other arguments"):
+        train_teacher.main(argv[:-4] + ["--batch-size", "2", "--threads", "1", "--out", str(tmp_path / "cut")])
+    capsys.readouterr()
+    assert train_teacher.main(argv + ["--out", str(tmp_path / "cut")]) == 0
+    err = capsys.readouterr().err
+    assert "resumed after epoch 1" in err and "epoch 1/2" not in err and "epoch 2/2" in err  # one epoch, not two
+    whole = torch.load(tmp_path / "whole" / "preresnet20_cifar10.pt", weights_only=True)
+    cut = torch.load(tmp_path / "cut" / "preresnet20_cifar10.pt", weights_only=True)
+    assert whole.keys() == cut.keys() and all(torch.equal(whole[k], cut[k]) for k in whole)
+    assert sorted(p.name for p in (tmp_path / "cut").iterdir()) == ["preresnet20_cifar10.json",
+                                                                    "preresnet20_cifar10.pt"]
