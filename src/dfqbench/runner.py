@@ -9,9 +9,12 @@ logging (conf/hydra/job_logging/dfqbench.yaml) shows them on stderr and writes t
 from __future__ import annotations
 
 import copy
+import functools
+import importlib
 import json
 import logging
 import os
+import pkgutil
 import random
 import socket
 import time
@@ -22,7 +25,7 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from . import deploy, loggers, records
+from . import deploy, loggers, methods, records
 from .cpu_allocator import keep_freed_memory
 from .data import data_identity, describe_identity, load_eval_set
 from .errors import ConfigError
@@ -57,7 +60,16 @@ def validate(cfg: DictConfig) -> None:
         raise ConfigError(str(exc)) from None
 
 
+@functools.cache
+def import_all_methods() -> None:
+    """Import every method module: some register named parts (ACQ's generator, DDAQ's loss terms) that any method
+    yaml may then name, and a bad name's list of choices is the same whichever method is run."""
+    for module in pkgutil.iter_modules(methods.__path__):
+        importlib.import_module(f"{methods.__name__}.{module.name}")
+
+
 def build_method(cfg: DictConfig) -> Method:
+    import_all_methods()
     apply_per_setting(cfg)  # no-op when the run already applied them (with the command line's overrides)
     try:
         return instantiate(cfg.method, _convert_="all")
