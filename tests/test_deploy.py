@@ -93,6 +93,31 @@ def test_onnxruntime_output_equals_fake_quant_output(one_thread, bits):
     assert err < 1e-4
 
 
+@pytest.mark.parametrize("bits", [4, 6])
+def test_int32_bias_makes_the_optimized_runtime_equal_fake_quant(one_thread, bits):
+    """ONNX Runtime's optimizer rounds the bias of each conv in a QDQ group (DQ input, Q output through a ReLU) to
+    int32 on input scale x weight scale. quant.bias=int32 (the onnxruntime preset's) does the same in the fake-quant
+    model: below 8 bits, where the runtime computes in float on dequantized values, the optimized runtime's logits
+    then equal the fake-quant ones to float rounding; with float biases they do not."""
+    errors = {}
+    for bias in ("float", "int32"):
+        q, x = _quantized(bits, {**ORT_PRESET, "bias": bias})
+        with torch.no_grad():
+            ref = q(x).numpy()
+        errors[bias] = float(np.abs(_run(export_qdq(q, SHAPE), x, optimize=True) - ref).max())
+    print(f"W{bits}A{bits} optimized runtime vs fake-quant, max abs error: {errors}")
+    assert errors["int32"] < 1e-6 < 1e-4 < errors["float"]
+    # the rounded layers: the stem and conv1 (Q after ReLU), not conv2 (float residual sum) nor fc (behind Flatten)
+    linked = [n for n, m in q.named_modules() if is_quant_layer(m) and m.bias_input is not None]
+    assert linked == ["stem.0", "conv1"]
+    with pytest.raises(ValueError, match="quant.bias='int64' is not valid; choose one of: float, int32"):
+        Convention.from_dict({**ORT_PRESET, "bias": "int64"})
+    stem = dict(q.named_modules())["stem.0"]
+    step = stem.bias_input.grid.scale * stem.weight_quantizer.grid.scale.reshape(-1)  # by hand
+    expected = torch.round(stem.bias / step) * step
+    assert torch.equal(stem.quantized_bias(), expected) and not torch.equal(expected, stem.bias)
+
+
 def test_w8a8_runs_integer_convolutions_and_stays_within_a_grid_step(one_thread):
     """With ONNX Runtime's optimizations the QDQ groups become QLinearConv (integer), whose requantization rounds
     once per output instead of after a float conv: the logits move by at most a few steps of the last grid."""

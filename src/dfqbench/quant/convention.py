@@ -25,6 +25,9 @@ GRANULARITIES = ("per_channel", "per_tensor")
 # the activation quantizers' backward: "clipped" zeroes the gradient outside the range (torch.fake_quantize's
 # straight-through estimator), "identity" passes it everywhere (the GDFQ lineage's AsymmetricQuantFunction)
 ACT_STES = ("clipped", "identity")
+# a layer bias in the fake-quant model: float, or rounded to the int32 grid input scale x weight scale, as an
+# integer backend stores it (ONNX Runtime's WeightBiasQuantization); the deployed model then computes the same
+BIAS_GRIDS = ("float", "int32")
 
 
 @dataclass
@@ -88,6 +91,7 @@ class Convention:
     # (dfqbench.deploy.check: non-uniform grids, per-channel activations, bit-widths outside deploy_bits)
     deployable: bool = False
     deploy_bits: list[int] | None = None  # the backend's integer bit-widths (null: any)
+    bias: str = "float"  # BIAS_GRIDS: int32 rounds each quantized-input layer's bias as the backend does
     # set by the runner from the model's normalization, not in presets: per-channel (lo, hi) of a normalized image
     pixel_range: tuple[list[float], list[float]] | None = None
 
@@ -131,6 +135,7 @@ class Convention:
         _choice("quant.act.ste", self.act.ste, ACT_STES)
         _choice("quant.weight.symmetric_grid", self.weight.symmetric_grid, SYMMETRIC_GRIDS)
         _choice("quant.act.symmetric_grid", self.act.symmetric_grid, SYMMETRIC_GRIDS)
+        _choice("quant.bias", self.bias, BIAS_GRIDS)
         if self.act.sites == "op_outputs":
             if not self.act.ops or not isinstance(self.act.ops, (list, tuple)):
                 raise ValueError(f"quant.act.sites=op_outputs needs quant.act.ops, a list of: {', '.join(OP_KINDS)}")

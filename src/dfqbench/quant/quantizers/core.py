@@ -183,15 +183,25 @@ class ActQuantizer(nn.Module):
             self._observe(x)
         if self.bypass:
             return x
-        if self.grid is None or self.grid.scale.device != x.device:  # the grid is not a buffer: rebuild after .to()
-            if not self.calibrated:
-                return x
-            self.grid = grid_from_range(self.lo.to(x.device), self.hi.to(x.device), self.bits, self.symmetric,
-                                        self.symmetric_grid)
-        y = fake_quant(x, self.grid, axis=1 if self.lo.numel() > 1 else None)
+        grid = self.current_grid(x.device)
+        if grid is None:
+            return x
+        y = fake_quant(x, grid, axis=1 if self.lo.numel() > 1 else None)
         if self.ste == "identity" and x.requires_grad:
             return x + (y - x).detach()  # forward y, gradient 1 everywhere
         return y
+
+    def current_grid(self, device: torch.device | None = None) -> Grid | None:
+        """The grid of the frozen range (on `device`), None while uncalibrated or disabled."""
+        if not self.enabled:
+            return None
+        device = device or self.lo.device
+        if self.grid is None or self.grid.scale.device != device:  # the grid is not a buffer: rebuild after .to()
+            if not self.calibrated:
+                return None
+            self.grid = grid_from_range(self.lo.to(device), self.hi.to(device), self.bits, self.symmetric,
+                                        self.symmetric_grid)
+        return self.grid
 
     def extra_repr(self) -> str:
         gran = f", per_channel({self.lo.numel()})" if self.per_channel else ""

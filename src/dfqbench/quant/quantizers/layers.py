@@ -41,8 +41,24 @@ class QuantLayer:
         new.weight_quantizer = weight_quantizer
         return new
 
+    # quant.bias=int32: the ActQuantizer feeding this layer (set by quantize_model; a plain reference, not a
+    # submodule): the bias is rounded to the grid input scale x weight scale, as an integer backend stores it
+    bias_input = None
+
     def quantized_weight(self) -> torch.Tensor:
         return self.weight_quantizer(self.weight)
+
+    def quantized_bias(self) -> torch.Tensor | None:
+        """The bias as the layer adds it: float, or on the int32 grid (straight-through gradient). Call after
+        quantized_weight(), which calibrates the weight grid."""
+        bias, source, wq = self.bias, self.bias_input, self.weight_quantizer
+        if bias is None or source is None or wq.grid is None or not wq.enabled or wq.bypass or source.bypass:
+            return bias
+        act_grid = source.current_grid(bias.device)
+        if act_grid is None:
+            return bias
+        step = act_grid.scale.reshape(()) * wq.grid.scale.reshape(-1)
+        return bias + (torch.round(bias / step) * step - bias).detach()
 
     def float_forward(self, x: torch.Tensor) -> torch.Tensor:
         """The float layer's forward with the float weight (reconstruction compares against it)."""
@@ -52,7 +68,8 @@ class QuantLayer:
 @register_layer(nn.Conv2d)
 class QuantConv2d(QuantLayer, nn.Conv2d):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self._conv_forward(x, self.quantized_weight(), self.bias)
+        weight = self.quantized_weight()
+        return self._conv_forward(x, weight, self.quantized_bias())
 
 
 @register_layer(nn.Conv1d)
@@ -60,13 +77,15 @@ class QuantConv1d(QuantLayer, nn.Conv1d):
     """Weights [out, in / groups, k]: per-channel grids along dim 0 (output channels), as Conv2d's."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self._conv_forward(x, self.quantized_weight(), self.bias)
+        weight = self.quantized_weight()
+        return self._conv_forward(x, weight, self.quantized_bias())
 
 
 @register_layer(nn.Linear)
 class QuantLinear(QuantLayer, nn.Linear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return nn.functional.linear(x, self.quantized_weight(), self.bias)
+        weight = self.quantized_weight()
+        return nn.functional.linear(x, weight, self.quantized_bias())
 
 
 def float_layer_types() -> tuple[type[nn.Module], ...]:

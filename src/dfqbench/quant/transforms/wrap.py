@@ -51,9 +51,29 @@ def quantize_model(model: nn.Module, convention: Convention, wbit: int, abit: in
         if node is last and bits.last_abit:
             a_bits = bits.last_abit
         _insert_on_edge(gm, src, node, f"act_quant_{i}", _act_quantizer(convention, a_bits))
+    if convention.bias == "int32":
+        _link_bias_inputs(gm)
     gm.graph.lint()
     gm.recompile()
     return gm
+
+
+def _link_bias_inputs(gm: fx.GraphModule) -> None:
+    """Give each quantized layer of an integer group, input from an activation quantizer and output (through a
+    ReLU) read by activation quantizers only, its input quantizer: its bias grid is input scale x weight scale.
+    Any other layer keeps a float bias, as ONNX Runtime does (measured: a conv feeding a float residual sum or a
+    Gemm behind a Flatten keeps its float bias)."""
+    def is_act_quant(node) -> bool:
+        return isinstance(node, fx.Node) and isinstance(module_of(gm, node), ActQuantizer)
+
+    for node in gm.graph.nodes:
+        if not is_quant_layer(module_of(gm, node)) or not node.args or not is_act_quant(node.args[0]):
+            continue
+        readers = list(node.users)
+        if len(readers) == 1 and relu_kind(gm, readers[0]):
+            readers = list(readers[0].users)
+        if readers and all(is_act_quant(r) for r in readers):
+            object.__setattr__(module_of(gm, node), "bias_input", module_of(gm, node.args[0]))
 
 
 def _act_quantizer(convention: Convention, bits: int) -> ActQuantizer:
