@@ -58,9 +58,10 @@ def render_deployed(rows: list[dict], out_dir: Path) -> str:
         "run by the same runtime. *kernels*: compute ops of the runtime's optimized graph that are integer "
         "(QLinearConv, ...) / float (Conv, FusedConv, Gemm: a layer whose output is not quantized, e.g. one "
         "feeding a float residual sum, or a 4-bit layer the runtime dequantizes); the op counts are in each "
-        "record's `deployed_ops`. The runtime also rounds every float conv bias to int32 on the input x weight "
-        "scale grid (coarse at 4 bits; the fake-quant model keeps float biases), the cause of the DFQ W4A4 "
-        "difference where it was checked ([docs/deploy.md](../docs/deploy.md)).",
+        "record's `deployed_ops`. The runtime rounds the bias of each conv in a QDQ group to int32 on the input "
+        "x weight scale grid; `quant=onnxruntime` sets `quant.bias: int32`, so the fake-quant model rounds the "
+        "same biases the same way ([docs/deploy.md](../docs/deploy.md)). What differences remain at 8 bits "
+        "come from the integer kernels' requantization.",
         "",
         deployed_table(rows, out_dir),
         "",
