@@ -11,7 +11,7 @@ from torch import nn
 from conftest import compose_cfg, run_cli
 from dfqbench.methods.qat import GeneratorQAT
 from dfqbench.quant import ActQuantizer, WeightQuantizer
-from dfqbench.runner import build_method, run
+from dfqbench.runner import build_method, import_all_methods, run
 from dfqbench.train.ema import EMARangeObserver
 from dfqbench.train.generators import ConditionalGenerator, SuperposedGenerator, UnconditionalGenerator
 from dfqbench.train.inundation import GradientInundation, integer_codes
@@ -166,8 +166,8 @@ def test_gradient_inundation_scales_a_too_small_step_until_the_threshold():
 
 # ---------------------------------------------------------------------------------------------- configuration
 @pytest.mark.parametrize("override,needle", [
-    ({"generator": {"name": "nope"}}, "method.generator.name: unknown name 'nope'; choose one of: arc, dcgan3, fixed_set, "
-                                      "gdfq, qimera, unconditional"),
+    ({"generator": {"name": "nope"}}, "method.generator.name: unknown name 'nope'; choose one of: acq, arc, dcgan3, "
+                                      "fixed_set, gdfq, qimera, unconditional"),
     ({"student_losses": {"kld": {"weight": 1}}},
      "method.student_losses: unknown name 'kld'; choose one of: attention_mse, ce, "
                                                  "difference_entropy, feature_mse, kd, l1"),
@@ -178,6 +178,7 @@ def test_gradient_inundation_scales_a_too_small_step_until_the_threshold():
     ({"inundation": {"enabled": True, "threshold": 0}}, "method.inundation.threshold=0"),
 ])
 def test_bad_parts_and_schedules_are_value_errors(override, needle):
+    import_all_methods()  # as a run does before it builds a method: the parts method modules register (ACQ's)
     settings = dict(schedule={"name": "smoke", "epochs": 2, "iters_per_epoch": 2, "batch_size": 4},
                     generator_losses={"ce": {"weight": 1}}, student_losses={"kd": {}})
     for key, value in override.items():
