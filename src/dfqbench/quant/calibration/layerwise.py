@@ -28,7 +28,7 @@ from ..quantizers.learned import float_mode
 from ..transforms.bn_stats import BNStatistics, Gaussian
 from ..transforms.graph import is_passthrough, layer_nodes, relu_kind
 from .blocks import Block
-from .reconstruct import ReconstructSettings, reconstruct_block
+from .reconstruct import ReconstructSettings, model_params_frozen, reconstruct_block
 
 
 def layer_source(gm: fx.GraphModule, layer: fx.Node) -> fx.Node:
@@ -100,12 +100,8 @@ def fit_layers(gm: fx.GraphModule, input_shape, num_samples: int, settings: Reco
     device = next((p.device for p in gm.parameters()), torch.device("cpu"))
     sampler = torch.Generator().manual_seed(seed)  # the layer-wise data (drawn on the CPU)
     generator = torch.Generator(device=device).manual_seed(seed)  # batches, QDrop masks (as `reconstruct`)
-    params = list(gm.parameters())
-    flags = [p.requires_grad for p in params]
-    for p in params:  # only the quantizers' own parameters are optimized
-        p.requires_grad_(False)
     report = []
-    try:
+    with model_params_frozen(gm):
         layers = layer_nodes(gm)
         for k, layer in enumerate(layers):
             block = layer_block(gm, layer)
@@ -114,7 +110,4 @@ def fit_layers(gm: fx.GraphModule, input_shape, num_samples: int, settings: Reco
                                             desc=f"layer {k + 1}/{len(layers)} ({layer.name})", progress=progress)
             facts["source"] = block.input.name
             report.append(facts)
-    finally:
-        for p, flag in zip(params, flags):
-            p.requires_grad_(flag)
     return report

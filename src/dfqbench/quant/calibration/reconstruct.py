@@ -15,12 +15,13 @@ activation steps become frozen ranges: evaluation is plain fake-quant.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from dataclasses import dataclass
 
 import torch
-from torch import fx
+from torch import fx, nn
 from tqdm.auto import tqdm
 
 from .blocks import Block, block_act_quantizers, block_layers, block_module, find_blocks
@@ -107,12 +108,8 @@ def reconstruct(gm: fx.GraphModule, batches: list[torch.Tensor], settings: Recon
     gm.eval()
     data = torch.cat([b.detach() for b in batches])
     generator = torch.Generator(device=data.device).manual_seed(seed)
-    params = list(gm.parameters())
-    flags = [p.requires_grad for p in params]
-    for p in params:  # only the quantizers' own parameters are optimized
-        p.requires_grad_(False)
     report = []
-    try:
+    with model_params_frozen(gm):
         fp_in = q_in = data
         for k, block in enumerate(find_blocks(gm)):
             facts, fp_out, q_out = reconstruct_block(gm, block, fp_in, q_in, settings, generator,
@@ -120,10 +117,22 @@ def reconstruct(gm: fx.GraphModule, batches: list[torch.Tensor], settings: Recon
                                                      progress=progress)
             report.append(facts)
             fp_in, q_in = fp_out, q_out
+    return report
+
+
+@contextlib.contextmanager
+def model_params_frozen(gm: nn.Module):
+    """requires_grad off for every parameter the model has now (the quantizers' own ones, created later by the
+    reconstruction, are the only ones optimized); restored on exit."""
+    params = list(gm.parameters())
+    flags = [p.requires_grad for p in params]
+    for p in params:
+        p.requires_grad_(False)
+    try:
+        yield
     finally:
         for p, flag in zip(params, flags):
             p.requires_grad_(flag)
-    return report
 
 
 def reconstruct_block(gm: fx.GraphModule, block: Block, fp_in: torch.Tensor, q_in: torch.Tensor,
