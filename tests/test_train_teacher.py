@@ -110,3 +110,31 @@ def test_an_interrupted_run_resumes_to_the_same_weights(tmp_path, monkeypatch, c
     assert whole.keys() == cut.keys() and all(torch.equal(whole[k], cut[k]) for k in whole)
     assert sorted(p.name for p in (tmp_path / "cut").iterdir()) == ["preresnet20_cifar10.json",
                                                                     "preresnet20_cifar10.pt"]
+
+
+def test_a_train_only_copy_trains_and_a_rerun_beside_the_test_split_evaluates(tmp_path, capsys):
+    """A lent machine gets the train split alone (the working tree it takes is small): the run trains, keeps its
+    state and writes no weights; a rerun of the same recipe from another folder (--out and the data's location
+    differ, the data's name does not) resumes after the last epoch and writes the weights of a one-place run."""
+    _image_folder(tmp_path / "here" / "cifar")
+    (tmp_path / "lent" / "cifar").mkdir(parents=True)
+    (tmp_path / "lent" / "cifar" / "train").symlink_to(tmp_path / "here" / "cifar" / "train")
+    recipe = ["--arch", "preresnet20_cifar10", "--epochs", "2", "--batch-size", "4", "--threads", "1"]
+    assert train_teacher.main(recipe + ["--data", str(tmp_path / "here" / "cifar"), "--out", str(tmp_path / "one")]) == 0
+    assert train_teacher.main(recipe + ["--data", str(tmp_path / "lent" / "cifar"), "--out",
+                                        str(tmp_path / "gpu")]) == 0
+    assert "does not exist, so the state stays in" in capsys.readouterr().err
+    assert sorted(p.name for p in (tmp_path / "gpu").iterdir()) == [".preresnet20_cifar10.resume.pt"]
+    (tmp_path / "gpu" / ".preresnet20_cifar10.resume.pt").rename(tmp_path / "one" / ".preresnet20_cifar10.resume.pt")
+    one = torch.load(tmp_path / "one" / "preresnet20_cifar10.pt", weights_only=True)
+    assert train_teacher.main(recipe + ["--data", str(tmp_path / "here" / "cifar"), "--out",
+                                        str(tmp_path / "one")]) == 0
+    assert "resumed after epoch 2" in capsys.readouterr().err
+    again = torch.load(tmp_path / "one" / "preresnet20_cifar10.pt", weights_only=True)
+    assert all(torch.equal(one[k], again[k]) for k in one)
+    assert json.loads((tmp_path / "one" / "preresnet20_cifar10.json").read_text())["recipe"]["trained_on"] == ["cpu"]
+
+
+def test_a_bad_device_is_a_one_line_error(tmp_path):
+    with pytest.raises(SystemExit, match="--device='tpu' is not a torch device; choose cpu or cuda"):
+        train_teacher.main(["--data", str(tmp_path), "--out", str(tmp_path), "--device", "tpu"])
