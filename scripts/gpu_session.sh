@@ -2,15 +2,18 @@
 # One prepared GPU session: what dfqbench checks and measures when a GPU is lent for a few minutes.
 #   OUT=DIR DEADLINE_S=420 scripts/gpu_session.sh        (from the repository root; PY=python3 by default)
 #   LANES="long_gdfq long_qimera" picks lanes (default: all); BACKENDS="torch triton" runs bench_qat once per
-#   fake-quant backend (default: auto); FAKEQUANT=0 skips bench_fakequant.
+#   fake-quant backend (default: auto); FAKEQUANT=0 skips bench_fakequant, BENCH=0 both benchmarks.
 # 0. optional set-up for a bare machine: wheels in .gpu/wheels (hydra-core, omegaconf, antlr4, pytorchcv) are
 #    installed to /tmp/site; the test split and teacher in .gpu/cifar10-jpeg and .gpu/models are used when present
+#    (the test split may come packed, .gpu/cifar10-test-jpeg.npz from scripts/pack_split.py: the machine takes the
+#    working tree by size on disk, where 10,000 small files cost 40 MB)
 # 1. benchmarks, alone on the GPU (the timings): scripts/bench_qat.py (trainer iteration and W4A4 fwd+bwd vs FP32,
 #    batch 200) and scripts/bench_fakequant.py -> $OUT/bench_qat_gpu.md, $OUT/fakequant_gpu.md
 # 2. side by side until DEADLINE_S seconds after the start: the Triton kernel tests compiled natively
 #    ($OUT/kernel_tests.log), and training lanes, each a list of runs (full test set, convention gdfq):
 #    lanes long*: GDFQ and Qimera W4A4 on schedule paper_first10; lanes seeds*: seeds 1 and 2 of the
-#    single-seed cells of the cpu schedule. Runs still going at the deadline are stopped (their checkpoints stay).
+#    single-seed cells of the cpu schedule; lanes tune_*: the tuning-robustness study's methods not yet run
+#    (experiment=tuning_robustness, records under results/tuning/). Runs still going at the deadline are stopped (their checkpoints stay).
 # 3. every record finished in this session, with its .hydra folder and the lane logs -> $OUT/records.tgz
 # DRY=1 runs the same plumbing on tiny settings (CPU, smoke schedules, 200 test images): a check of the script.
 set -uo pipefail
@@ -27,6 +30,8 @@ if [[ -z "${DRY:-}" ]]; then  # a bare lent machine: packages, data and teacher 
     "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
       .gpu/wheels/*.whl && export PYTHONPATH=/tmp/site
   fi
+  [[ -f .gpu/cifar10-test-jpeg.npz && ! -d .gpu/cifar10-jpeg/test ]] && \
+    "$PY" scripts/pack_split.py unpack .gpu/cifar10-test-jpeg.npz .gpu/cifar10-jpeg/test
   [[ -d .gpu/cifar10-jpeg ]] && export DFQ_CIFAR10_ROOT="$PWD/.gpu/cifar10-jpeg"
   [[ -d .gpu/models ]] && export DFQ_MODELS_DIR="$PWD/.gpu/models"
 fi
@@ -44,7 +49,9 @@ fi
   | tee -a "$OUT/session.log"
 stamp=$(mktemp); touch "$stamp"
 
+[[ "${BENCH:-1}" == 0 ]] && BACKENDS=none FAKEQUANT=0
 for backend in ${BACKENDS:-auto}; do
+  [[ $backend == none ]] && break
   log "bench_qat ($backend)"
   "$PY" scripts/bench_qat.py "${bench[@]}" --backend "$backend" --methods "${BENCH_METHODS:-gdfq,ait,adadfq,arc}" \
     --out "$OUT/bench_qat_gpu_$backend.md" >> "$OUT/bench.log" 2>&1 || log "bench_qat failed (see bench.log)"
@@ -68,6 +75,8 @@ base=(model=resnet20_cifar10 dataset=cifar10 quant=gdfq "paths.output_dir=$RESUL
       device=$device "${extra[@]}")
 run() { "$PY" -m dfqbench -m "${base[@]}" "$@"; }
 seeds() { run schedule=$short seed=1,2 "$@"; }
+tune() { "$PY" -m dfqbench experiment=tuning_robustness "paths.output_dir=$RESULTS" progress=false threads=1 \
+  device=$device "${extra[@]}" "tuning.methods=[$1]"; }
 declare -A lanes=(
   [long_gdfq]="run schedule=$long method=gdfq wbit=4 abit=4 seed=0"
   [long_qimera]="run schedule=$long method=qimera wbit=4 abit=4 seed=0"
@@ -78,11 +87,17 @@ declare -A lanes=(
   [seeds_c]="seeds method=qimera,ait wbit=5 abit=5"
   [seeds_d]="seeds method=adasg,adadfq wbit=5 abit=5"
   [seeds_e]="seeds method=intraq,hast,qimera_ait wbit=5 abit=5"
+  [seeds_advkd]="seeds method=advkd wbit=4 abit=4"
+  [tune_gdfq]="tune gdfq"
+  [tune_qimera]="tune qimera"
+  [tune_intraq]="tune intraq"
+  [tune_ptq]="tune dsg,ocs,aac_abn"
+  [tune_genie]="tune genie"
 )
 pids=()
 for name in ${LANES:-${!lanes[@]}}; do
   [[ -n "${lanes[$name]:-}" ]] || { log "unknown lane $name; lanes: ${!lanes[*]}"; continue; }
-  setsid bash -c "$(declare -p base PY short); $(declare -f run seeds); ${lanes[$name]}" \
+  setsid bash -c "$(declare -p base PY short RESULTS device extra); $(declare -f run seeds tune); ${lanes[$name]}" \
     > "$RESULTS/logs/gpu-$name.log" 2>&1 &
   pids+=($!)
 done
