@@ -162,3 +162,18 @@ def test_input_range_is_checked_and_its_default_keeps_old_hashes():
     pixels = {**base, "quant": {**base["quant"], "layers": {"input_abit": 8, "input_range": "pixels"}}}
     assert records.config_hash(calibrated) == records.config_hash(base) != records.config_hash(pixels)
     assert calibrated["quant"]["layers"]["input_range"] == "calibrated"  # the caller's dict is left as it was
+
+
+def test_bn_statistics_live_on_the_models_device():
+    """The input's N(0, 1) is made where the model's weights are: on a CUDA model a CPU tensor broke the first conv
+    (OCS on a GPU). The meta device stands in for CUDA here (a CPU/meta conv does not fail, so each node's
+    statistics are checked for their device)."""
+    from torch import fx
+
+    from dfqbench.quant.transforms.bn_stats import BNStatistics
+
+    gm = fx.symbolic_trace(tiny_model()).to("meta")
+    stats = BNStatistics(gm)
+    assert all(g.mean.device.type == "meta" and g.std.device.type == "meta" for g in stats.stats.values() if g)
+    fc = next(n for n in gm.graph.nodes if n.target == "fc")
+    assert stats.of(fc).mean.shape == (4,)

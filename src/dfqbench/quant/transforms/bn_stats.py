@@ -53,6 +53,8 @@ def relu_moments(g: Gaussian) -> Gaussian:
 class BNStatistics:
     def __init__(self, gm: fx.GraphModule):
         self.gm = gm
+        # the input's N(0, 1) and fixed ranges live where the model does (a conv on a CUDA model refuses CPU stats)
+        self.device = next((p.device for p in gm.parameters()), torch.device("cpu"))
         self.stats: dict[fx.Node, Gaussian | None] = {}
         with torch.no_grad():
             for node in gm.graph.nodes:
@@ -81,14 +83,14 @@ class BNStatistics:
         if is_passthrough(self.gm, node) and self.stats.get(node) is None:
             return self.channel_range_of(node.args[0], k)
         if isinstance(module_of(self.gm, node), _SIGMOIDS):
-            return torch.zeros(1), torch.ones(1)
+            return torch.zeros(1, device=self.device), torch.ones(1, device=self.device)
         g = self.of(node)
         return g.mean - k * g.std, g.mean + k * g.std
 
     def _propagate(self, node: fx.Node) -> Gaussian | None:
         gm, mod = self.gm, module_of(self.gm, node)
         if node.op == "placeholder":
-            return Gaussian(torch.zeros(1), torch.ones(1))
+            return Gaussian(torch.zeros(1, device=self.device), torch.ones(1, device=self.device))
         if isinstance(mod, (nn.BatchNorm2d, nn.BatchNorm1d)):
             if mod.affine:
                 return Gaussian(mod.bias, mod.weight.abs())
@@ -117,7 +119,7 @@ class BNStatistics:
             b = inputs[1]
             return _add(inputs[0], Gaussian(-b.mean, b.std) if isinstance(b, Gaussian) else _negate(b))
         if node.op == "call_function" and node.target in (torch.zeros_like,):
-            return Gaussian(torch.zeros(1), torch.zeros(1))
+            return Gaussian(torch.zeros(1, device=self.device), torch.zeros(1, device=self.device))
         return None
 
     def _gated(self, node: fx.Node, inputs) -> Gaussian | None:
