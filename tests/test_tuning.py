@@ -55,7 +55,7 @@ def _record(root: Path, folder: str, **fields):
             "config_hash": folder, "device": "cpu", "wall_time_s": 1.0, "quantize_time_s": 1.0, "info": {},
             "overrides": []}
     base.update(fields)
-    base["drop"] = base["fp32_top1"] - base["top1"]
+    base["drop"] = base["fp32_top1"] - base["top1"] if base["top1"] is not None else None
     path = root / folder / "record.json"
     path.parent.mkdir(parents=True)
     path.write_text(json.dumps(base))
@@ -66,6 +66,11 @@ def test_tuning_table_spread_and_seed_std(tmp_path):
     _record(study, "d", method="zeroq-tune_default", top1=84.0)
     _record(study, "a", method="zeroq-tune_lr_0.1", top1=80.0, overrides=["++method.lr=0.1"])
     _record(study, "b", method="zeroq-tune_lr_1.0", top1=85.0, overrides=["++method.lr=1.0"])
+    # a diverged training is a result (listed, out of the spread); any other failure is a missing run
+    _record(study, "c", method="zeroq-tune_lr_9.0", top1=None, status="failed", overrides=["++method.lr=9.0"],
+            error="TrainingDiverged: training diverged: student loss term 'kd' is nan at epoch 5/10")
+    _record(study, "e", method="zeroq-tune_lr_7.0", top1=None, status="failed", overrides=["++method.lr=7.0"],
+            error="RuntimeError: Expected all tensors to be on the same device")
     for seed, top1 in enumerate((83.0, 84.0, 85.0)):  # the baseline cell: std 1.0
         _record(tmp_path / "sweeps", f"s{seed}", method="zeroq", seed=seed, top1=top1)
     out = tmp_path / "out"
@@ -73,7 +78,10 @@ def test_tuning_table_spread_and_seed_std(tmp_path):
     md = (out / "tuning.md").read_text()
     row = next(l for l in md.splitlines() if l.startswith("| resnet20_cifar10"))
     cells = [c.strip() for c in row.strip("|").split("|")]
-    assert cells[4:] == ["zeroq", "2", "84.00", "lr=0.1: 80.00", "lr=1.0: 85.00", "5.00", "1.00 (3 seeds)", "5.0"]
+    assert cells[4:] == ["zeroq", "2", "84.00", "lr=0.1: 80.00", "lr=1.0: 85.00", "5.00", "lr=9.0", "cpu",
+                         "1.00 (3 seeds)", "5.0"]
+    assert "| zeroq    | lr        | 84.00     | 0.1: 80.00; 1.0: 85.00; 9.0: diverged" in md
+    assert "7.0" not in md
     assert (out / "plots" / "tuning.png").stat().st_size > 0
     baselines = (out / "baselines.md").read_text()
     assert "tune_" not in baselines  # the study stays out of the baseline tables
