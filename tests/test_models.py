@@ -25,6 +25,16 @@ def test_models_dir_is_searched_by_arch(teacher):
     assert loaded.checkpoint == str(teacher)
 
 
+def test_a_relative_checkpoint_is_kept_absolute(teacher, tmp_path, monkeypatch):
+    """A caller that changes folders after loading (the PSAQ-ViT parity child runs in the official clone's copy)
+    reads the file again from loaded.checkpoint: a relative path would point nowhere there."""
+    (tmp_path / "models").mkdir()
+    (tmp_path / "models" / "t.pt").write_bytes(teacher.read_bytes())
+    monkeypatch.chdir(tmp_path)
+    loaded = load_model(_cfg(checkpoint="models/t.pt", sha256=TEACHER_SHA256))
+    assert loaded.checkpoint == str(tmp_path / "models" / "t.pt")
+
+
 @pytest.mark.parametrize("source,arch", [("torchvision", "resnet18"), ("timm", "resnet18"),
                                          ("pytorchcv", "resnet56_cifar10")])
 def test_zoo_architectures_load_local_checkpoints(tmp_path, source, arch):

@@ -126,12 +126,12 @@ def find_checkpoint(cfg, models_dir: str | None) -> Path | None:
         if not path.is_file():
             raise ConfigError(f"checkpoint not found: model.checkpoint={path}; give the path of an FP32 state_dict "
                               f"file, or drop model.checkpoint to use model.pretrained=true (download)")
-        return path
+        return path.absolute()  # absolute: a caller may change folders before it reads the file again
     if models_dir:
         for suffix in (".pt", ".pth"):
             path = Path(os.path.expanduser(str(models_dir))) / f"{cfg.arch}{suffix}"
             if path.is_file():
-                return path
+                return path.absolute()
     return None
 
 
