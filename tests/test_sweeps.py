@@ -203,6 +203,26 @@ def test_bad_input_in_a_serial_sweep_stops_it_with_one_line(tmp_path, cache_dir,
     assert not _records(tmp_path)
 
 
+def test_a_run_folder_another_process_holds_is_left_to_it(tmp_path, cache_dir, cifar10_root, teacher):
+    """Two sweeps over the same cells: the second computes none of the first one's folders (run_lock)."""
+    from dfqbench import run_lock
+
+    held = "resnet20_cifar10-cifar10/gdfq/rtn/w8a8-s0"
+    with run_lock.hold(tmp_path / "sweep" / held, "python -m dfqbench (this test)"):
+        proc, summary = _sweep(tmp_path, cache_dir, cifar10_root, teacher, *GRID)
+        assert proc.returncode == 1, proc.stderr
+        assert "4 jobs: 3 computed, 0 skipped (finished before), 0 redundant, 0 failed, 0 refused (bad input), " \
+               "1 busy" in summary
+        busy = [line for line in proc.stderr.splitlines() if line.startswith("dfqbench: busy: ")]
+        assert len(busy) == 1 and f"pid {os.getpid()} on " in busy[0] and "(this test)" in busy[0], proc.stderr
+        assert held not in _records(tmp_path / "sweep") and len(_records(tmp_path / "sweep")) == 3
+    rerun, summary = _sweep(tmp_path, cache_dir, cifar10_root, teacher, *GRID)
+    assert rerun.returncode == 0, rerun.stderr
+    assert "4 jobs: 1 computed, 3 skipped (finished before)" in summary
+    assert _records(tmp_path / "sweep")[held]["status"] == "done"
+    assert not list((tmp_path / "sweep").rglob(run_lock.LOCK_NAME))
+
+
 @pytest.mark.parametrize("how", ["SIGKILL to the process group", "SIGTERM to the sweep process"])
 def test_a_killed_sweep_resumes_and_computes_every_run_exactly_once(tmp_path, cache_dir, cifar10_root, teacher,
                                                                      how):

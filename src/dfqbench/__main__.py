@@ -20,6 +20,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from . import sweep
 from .errors import ConfigError, UnsupportedModel
+from .run_lock import RunInProgress
 from .train.errors import TrainingDiverged
 
 CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
@@ -97,10 +98,12 @@ def hydra_main(cfg: DictConfig) -> float | dict | None:
     if cfg.get("tuning") is not None:  # experiment=tuning_robustness: the study's runs, one after another
         from .tuning import run_study
         try:
-            run_study(cfg, list(hc.overrides.task))
+            outcomes = run_study(cfg, list(hc.overrides.task))
         except ConfigError as exc:
             _error(exc)
             sys.exit(2)
+        if any(o.get("busy") for o in outcomes):
+            sys.exit(1)  # some variants were left to the process computing them
         return None
     try:
         apply_per_setting(cfg, list(hc.overrides.task))  # the method's data-set/teacher/bit-width settings
@@ -117,6 +120,11 @@ def hydra_main(cfg: DictConfig) -> float | dict | None:
         if in_sweep and hc.runtime.choices.get("hydra/launcher") != "basic":
             return {"status": "refused", "error": str(exc)}
         sys.exit(2)
+    except RunInProgress as exc:  # another process computes this folder: nothing is written here
+        _error(exc)
+        if not in_sweep:
+            sys.exit(1)
+        return {"status": "busy", "error": str(exc), "run_dir": str(run_dir)}
     except (UnsupportedModel, TrainingDiverged) as exc:  # the run started; its record says "failed" with this
         _error(exc)
         if not in_sweep:
@@ -174,7 +182,7 @@ def main() -> None:
         print(f"dfqbench: interrupted ({_interrupted[0]}); run the same command again to finish: finished runs "
               f"are skipped", file=sys.stderr)
         sys.exit(130)
-    if sweep.unfinished:  # a sweep in which some job failed or was refused: after its summary line
+    if sweep.unfinished:  # a sweep in which some job failed, was refused or was busy: after its summary line
         sys.exit(2 if any(o["status"] == "refused" for o in sweep.unfinished) else 1)
 
 

@@ -25,7 +25,7 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from . import deploy, loggers, methods, records
+from . import deploy, loggers, methods, records, run_lock
 from .cpu_allocator import keep_freed_memory
 from .data import data_identity, describe_identity, load_eval_set
 from .errors import ConfigError
@@ -162,6 +162,13 @@ def _fp32_accuracy(model, data, cfg, sha: str, device, fingerprint: dict) -> dic
 
 
 def run(cfg: DictConfig, run_dir: Path, overrides: list[str] | None = None) -> dict:
+    """Compute the run into run_dir (or return its finished record). Only one process works in a run folder at a
+    time: another one holding it raises run_lock.RunInProgress before anything is checked or written."""
+    with run_lock.hold(run_dir, "python -m dfqbench " + " ".join(overrides or [])):
+        return _run(cfg, run_dir, overrides)
+
+
+def _run(cfg: DictConfig, run_dir: Path, overrides: list[str] | None) -> dict:
     validate(cfg)
     apply_per_setting(cfg, overrides)
     resolved = OmegaConf.to_container(cfg, resolve=True)

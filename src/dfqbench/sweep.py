@@ -20,8 +20,10 @@ from hydra.experimental.callback import Callback
 from . import records
 
 OUTCOMES_DIR = ".dfqbench-outcomes"
-STATUSES = ("done", "skipped", "redundant", "failed", "refused")  # refused: bad input (ConfigError), no record
-unfinished: list[dict] = []  # failed and refused jobs, set in the launching process at the end of a sweep
+# refused: bad input (ConfigError), no record; busy: another process was computing the run folder (run_lock)
+STATUSES = ("done", "skipped", "redundant", "failed", "refused", "busy")
+UNFINISHED = ("failed", "refused", "busy")
+unfinished: list[dict] = []  # failed, refused and busy jobs, set in the launching process at the end of a sweep
 
 
 def redundant_reason(cfg, method) -> str | None:
@@ -83,10 +85,10 @@ class SweepSummary(Callback):
         paths = sorted(folder.glob("*.json"), key=lambda path: int(path.stem))
         outcomes = [o for o in map(records.read_record, paths) if o]
         counts = {s: sum(o.get("status") == s for o in outcomes) for s in STATUSES}
-        unfinished[:] = [o for o in outcomes if o.get("status") in ("failed", "refused")]
+        unfinished[:] = [o for o in outcomes if o.get("status") in UNFINISHED]
         print(f"dfqbench: sweep finished: {len(outcomes)} jobs: {counts['done']} computed, {counts['skipped']} "
               f"skipped (finished before), {counts['redundant']} redundant, {counts['failed']} failed, "
-              f"{counts['refused']} refused (bad input) -> {Path(str(config.hydra.sweep.dir)).resolve()}",
+              f"{counts['refused']} refused (bad input), {counts['busy']} busy (another process computes them) -> {Path(str(config.hydra.sweep.dir)).resolve()}",
               flush=True)
         for o in unfinished:
             print(f"dfqbench: {o['status']}: {' '.join(o['overrides'])}: {o.get('error')}", file=sys.stderr)

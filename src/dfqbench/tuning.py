@@ -15,11 +15,13 @@ named `<method>-tune_default` or `<method>-tune_<setting>_<value>`, its record u
 from __future__ import annotations
 
 import logging
+import sys
 from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from .errors import ConfigError
+from .run_lock import RunInProgress
 
 log = logging.getLogger(__name__)
 TUNING_DIR = "tuning"  # under paths.output_dir; dfqbench.results.entries leaves it out of the baseline tables
@@ -82,6 +84,10 @@ def run_study(cfg: DictConfig, base_overrides: list[str]) -> list[dict]:
             record = run(job, run_dir, overrides=overrides)
         except ConfigError as exc:
             raise ConfigError(f"tuning variant {name}: {exc}") from None
+        except RunInProgress as exc:  # another study (or a lane on the same results) runs it: the rest go on
+            print(f"dfqbench tuning: busy: {exc}", file=sys.stderr)
+            results.append({"method": method, "setting": setting, "value": value, "top1": None, "busy": True})
+            continue
         print(summary(record, run_dir / "record.json"))
         results.append({"method": method, "setting": setting, "value": value, "top1": record.get("top1")})
     return results
