@@ -2,7 +2,8 @@
 
     python scripts/bench_qat.py [--batch 200] [--iters 5] [--threads T] [--device cpu|cuda] [--bits 4]
                                 [--methods gdfq,ait] [--memory-format channels_last|contiguous]
-                                [--backend auto|torch|triton] [--out FILE]
+                                [--backend auto|torch|triton] [--compile none,default,reduce-overhead]
+                                [--out FILE]
 
 Rows (all on the same batch size, measured in this process one after another):
 - FP32 fwd+bwd: the float ResNet-20 in eval mode, forward + backward of a cross-entropy loss: the baseline.
@@ -10,7 +11,9 @@ Rows (all on the same batch size, measured in this process one after another):
   forward, calibrated activation ranges) doing the same. Target: at most 1.5x the FP32 time.
 - trainer iteration (<method>): one full iteration of dfqbench.train.Trainer after calibration: generator
   forward, teacher forward + backward to the images, generator Adam step, student forward + backward + SGD step
-  (+ AIT's gradient inundation for `ait`).
+  (+ AIT's gradient inundation for `ait`). With --compile, one row per torch.compile mode (config `compile`:
+  the trainer compiles its teacher, student and generator in place); a compiled row is timed after
+  --compile-warmup iterations, which compile and, for reduce-overhead, record the CUDA graphs.
 The "x FP32" column is the number to compare across machines, not the seconds. The teacher is the shared
 checkpoint when $DFQ_MODELS_DIR has it, else pytorchcv's architecture with random weights (same cost).
 """
@@ -66,7 +69,7 @@ def fwd_bwd(model, x, y):
     return step
 
 
-def trainer_for(method: GeneratorQAT, teacher, convention, bits, device, batch) -> Trainer:
+def trainer_for(method: GeneratorQAT, teacher, convention, bits, device, batch, compile_mode="none") -> Trainer:
     spec = dict(method.generator_spec)
     generator = build(GENERATORS, spec.pop("name"), "generator", spec, num_classes=10, image_shape=(3, 32, 32),
                       teacher_fc=[m for m in teacher.modules() if isinstance(m, torch.nn.Linear)][-1].weight.detach())
@@ -74,7 +77,7 @@ def trainer_for(method: GeneratorQAT, teacher, convention, bits, device, batch) 
     for wq in weight_quantizers(student):
         wq.dynamic = True
     return Trainer(copy.deepcopy(teacher), student, generator, method.generator_terms, method.student_terms,
-                   method.schedule, method.settings, device, seed=0)
+                   method.schedule, method.settings, device, seed=0, compile_mode=compile_mode)
 
 
 def main() -> None:
@@ -88,6 +91,10 @@ def main() -> None:
     parser.add_argument("--methods", default="gdfq,ait")
     parser.add_argument("--memory-format", default="channels_last", choices=("channels_last", "contiguous"))
     parser.add_argument("--backend", default="auto", help="fake-quant kernels (quant.backend): auto, torch, triton")
+    parser.add_argument("--compile", default="none",
+                        help="comma-separated torch.compile modes of the trainer rows (none = eager), e.g. "
+                             "none,default,reduce-overhead")
+    parser.add_argument("--compile-warmup", type=int, default=8)
     parser.add_argument("--out", default=None, help="also write the markdown table here")
     args = parser.parse_args()
     backend = resolve_backend_name(args.backend, torch.device(args.device))
@@ -127,12 +134,20 @@ def measure(args) -> list[str]:
     t_quant = timed(fwd_bwd(quant.eval(), x, y), args.iters, args.warmup, device)
     rows = [("FP32 fwd+bwd (baseline)", t_fp32), (f"W{args.bits}A{args.bits} fwd+bwd (fake-quant student)", t_quant)]
     for name, method in methods.items():
-        trainer = trainer_for(method, teacher, convention, args.bits, device, args.batch)
-        trainer._set_rates(0)
-        trainer._iteration(0, 0)  # epoch 0: EMA calibration of the activation ranges
-        trainer.observer.close()
-        rows.append((f"trainer iteration ({name})", timed(lambda: trainer._iteration(1, 0), args.iters,
-                                                           args.warmup, device)))
+        for mode in args.compile.split(","):
+            trainer = trainer_for(method, teacher, convention, args.bits, device, args.batch, mode)
+            trainer._set_rates(0)
+            trainer._iteration(0, 0)  # epoch 0: EMA calibration of the activation ranges
+            trainer.observer.close()
+            label = f"trainer iteration ({name})" if mode == "none" else f"trainer iteration ({name}, compile {mode})"
+            warmup = args.warmup if mode == "none" else max(args.warmup, args.compile_warmup)
+            t0 = time.perf_counter()
+            try:
+                rows.append((label, timed(lambda: trainer._iteration(1, 0), args.iters, warmup, device)))
+            except Exception as exc:  # a mode this torch cannot compile: say so in the table, go on
+                print(f"{label}: {type(exc).__name__}: {exc}", file=sys.stderr)
+                rows.append((f"{label}: failed ({type(exc).__name__})", (float("nan"), float("nan"))))
+            print(f"{label}: {time.perf_counter() - t0:.1f} s with warm-up", file=sys.stderr)
 
     threads = torch.get_num_threads()
     load = f", load average {os.getloadavg()[0]:.1f}" if hasattr(os, "getloadavg") else ""
@@ -147,6 +162,12 @@ def measure(args) -> list[str]:
     ratio = t_quant[key] / t_fp32[key]
     lines += ["", f"quantized / FP32 fwd+bwd = {ratio:.2f} ({'CPU' if key else 'wall'} time; target <= 1.5: "
                   f"{'met' if ratio <= 1.5 else 'NOT met'})"]
+    gdfq = [(label, 1 / wall) for label, (wall, _) in rows if label.startswith("trainer iteration (gdfq") and wall == wall]
+    if device.type == "cuda" and gdfq:
+        label, best = max(gdfq, key=lambda r: r[1])
+        lines.append(f"fastest GDFQ trainer iteration: {best:.1f} iterations/s, {label} (target >= 100 on a GPU: "
+                     f"{'met' if best >= 100 else 'NOT met'}); schedule=paper (80,000 iterations) would take "
+                     f"{80000 / best / 60:.1f} min (target <= 14)")
     return lines
 
 

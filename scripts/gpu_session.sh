@@ -2,7 +2,9 @@
 # One prepared GPU session: what dfqbench checks and measures when a GPU is lent for a few minutes.
 #   OUT=DIR DEADLINE_S=420 scripts/gpu_session.sh        (from the repository root; PY=python3 by default)
 #   LANES="long_gdfq long_qimera" picks lanes (default: all); BACKENDS="torch triton" runs bench_qat once per
-#   fake-quant backend (default: auto); FAKEQUANT=0 skips bench_fakequant, BENCH=0 both benchmarks.
+#   fake-quant backend (default: auto); COMPILE="none,default,reduce-overhead" gives bench_qat one trainer row per
+#   torch.compile mode (default: none); FAKEQUANT=0 skips bench_fakequant, BENCH=0 both benchmarks; KERNEL_TESTS=0
+#   skips the Triton kernel tests; BENCH_TIMEOUT_S caps each benchmark (default 600).
 # 0. optional set-up for a bare machine: wheels in .gpu/wheels (hydra-core, omegaconf, antlr4, pytorchcv) are
 #    installed to /tmp/site; the test split and teacher in .gpu/cifar10-jpeg and .gpu/models are used when present
 #    (the test split may come packed, .gpu/cifar10-test-jpeg.npz from scripts/pack_split.py: the machine takes the
@@ -13,7 +15,10 @@
 #    ($OUT/kernel_tests.log), and training lanes, each a list of runs (full test set, convention gdfq):
 #    lanes long*: GDFQ and Qimera W4A4 on schedule paper_first10; lanes seeds*: seeds 1 and 2 of the
 #    single-seed cells of the cpu schedule; lanes tune_*: the tuning-robustness study's methods not yet run
-#    (experiment=tuning_robustness, records under results/tuning/). Runs still going at the deadline are stopped (their checkpoints stay).
+#    (experiment=tuning_robustness, records under results/tuning/); lanes gdfq_eager / gdfq_compiled: GDFQ W4A4
+#    seeds 0-2 on the cpu schedule, eagerly (results/sweeps) and with compile=$COMPILE_RUN (default
+#    reduce-overhead; results/explore/compile-gpu/): equal accuracy or not. Runs still going at the deadline are
+#    stopped (their checkpoints stay).
 # 3. every record finished in this session, with its .hydra folder and the lane logs -> $OUT/records.tgz
 # DRY=1 runs the same plumbing on tiny settings (CPU, smoke schedules, 200 test images): a check of the script.
 set -uo pipefail
@@ -48,17 +53,23 @@ fi
   torch.cuda.get_device_name(0) if torch.cuda.is_available() else '', 'python', sys.version.split()[0])" 2>&1 \
   | tee -a "$OUT/session.log"
 stamp=$(mktemp); touch "$stamp"
+COMPILE=${COMPILE:-none}
 
 [[ "${BENCH:-1}" == 0 ]] && BACKENDS=none FAKEQUANT=0
 for backend in ${BACKENDS:-auto}; do
   [[ $backend == none ]] && break
-  log "bench_qat ($backend)"
-  "$PY" scripts/bench_qat.py "${bench[@]}" --backend "$backend" --methods "${BENCH_METHODS:-gdfq,ait,adadfq,arc}" \
-    --out "$OUT/bench_qat_gpu_$backend.md" >> "$OUT/bench.log" 2>&1 || log "bench_qat failed (see bench.log)"
+  for mode in ${COMPILE//,/ }; do  # one process per mode: its own FP32 baseline, its own compile caches
+    suffix=$([[ $mode == none ]] || echo "_compile-$mode")
+    log "bench_qat ($backend, compile $mode)"
+    timeout "${BENCH_TIMEOUT_S:-600}" "$PY" scripts/bench_qat.py "${bench[@]}" --backend "$backend" \
+      --methods "${BENCH_METHODS:-gdfq,ait,adadfq,arc}" --compile "$mode" \
+      --out "$OUT/bench_qat_gpu_$backend$suffix.md" >> "$OUT/bench.log" 2>&1 || log "bench_qat failed (see bench.log)"
+  done
 done
 if [[ "${FAKEQUANT:-1}" != 0 ]]; then
   log "bench_fakequant"
-  "$PY" scripts/bench_fakequant.py "${fq[@]}" --out "$OUT/fakequant_gpu.md" >> "$OUT/bench.log" 2>&1 \
+  timeout "${BENCH_TIMEOUT_S:-600}" "$PY" scripts/bench_fakequant.py "${fq[@]}" --out "$OUT/fakequant_gpu.md" \
+    >> "$OUT/bench.log" 2>&1 \
     || log "bench_fakequant failed (see bench.log)"
 fi
 
@@ -71,12 +82,13 @@ if [[ "${KERNEL_TESTS:-1}" != 0 ]]; then
   test_pid=$!
 fi
 
-base=(model=resnet20_cifar10 dataset=cifar10 quant=gdfq "paths.output_dir=$RESULTS" progress=false threads=1
-      device=$device "${extra[@]}")
-run() { "$PY" -m dfqbench -m "${base[@]}" "$@"; }
+base=(model=resnet20_cifar10 dataset=cifar10 quant=gdfq progress=false threads=1 device=$device "${extra[@]}")
+run() { "$PY" -m dfqbench -m "${base[@]}" "paths.output_dir=$RESULTS" "$@"; }
+explore() { "$PY" -m dfqbench -m "${base[@]}" "paths.output_dir=$RESULTS/explore/$1" "${@:2}"; }
 seeds() { run schedule=$short seed=1,2 "$@"; }
 tune() { "$PY" -m dfqbench experiment=tuning_robustness "paths.output_dir=$RESULTS" progress=false threads=1 \
-  device=$device "${extra[@]}" "tuning.methods=[$1]"; }
+  device=$device "${extra[@]}" "tuning.methods=[$1]" "${@:2}"; }
+COMPILE_RUN=${COMPILE_RUN:-reduce-overhead}
 declare -A lanes=(
   [long_gdfq]="run schedule=$long method=gdfq wbit=4 abit=4 seed=0"
   [long_qimera]="run schedule=$long method=qimera wbit=4 abit=4 seed=0"
@@ -88,6 +100,12 @@ declare -A lanes=(
   [seeds_d]="seeds method=adasg,adadfq wbit=5 abit=5"
   [seeds_e]="seeds method=intraq,hast,qimera_ait wbit=5 abit=5"
   [seeds_advkd]="seeds method=advkd wbit=4 abit=4"
+  [seed0_advkd]="run schedule=$short method=advkd wbit=4 abit=4 seed=0"
+  [gdfq_eager]="run schedule=$short method=gdfq wbit=4 abit=4 seed=0,1,2"
+  [gdfq_compiled]="explore compile-gpu schedule=$short method=gdfq wbit=4 abit=4 seed=0,1,2 compile=$COMPILE_RUN ||
+    explore compile-gpu schedule=$short method=gdfq wbit=4 abit=4 seed=0,1,2 compile=default"
+  [tune_intraq_margin]="tune intraq 'tuning.only=[intraq-tune_generator.source_settings.margin_upper_0.5,intraq-tune_generator.source_settings.margin_upper_1.0]'"
+  [tune_genie_iters]="tune genie 'tuning.only=[genie-tune_reconstruct.iterations_500,genie-tune_reconstruct.iterations_2000]'"
   [tune_gdfq]="tune gdfq"
   [tune_qimera]="tune qimera"
   [tune_intraq]="tune intraq"
@@ -97,7 +115,7 @@ declare -A lanes=(
 pids=()
 for name in ${LANES:-${!lanes[@]}}; do
   [[ -n "${lanes[$name]:-}" ]] || { log "unknown lane $name; lanes: ${!lanes[*]}"; continue; }
-  setsid bash -c "$(declare -p base PY short RESULTS device extra); $(declare -f run seeds tune); ${lanes[$name]}" \
+  setsid bash -c "$(declare -p base PY short RESULTS device extra COMPILE_RUN); $(declare -f run explore seeds tune); ${lanes[$name]}" \
     > "$RESULTS/logs/gpu-$name.log" 2>&1 &
   pids+=($!)
 done

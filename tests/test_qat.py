@@ -1,5 +1,6 @@
 """The generator-QAT trainer (GDFQ, Qimera, AIT): its parts on hand-made tensors, then smoke-schedule runs."""
 
+import copy
 import json
 import math
 
@@ -17,7 +18,7 @@ from dfqbench.train.generators import ConditionalGenerator, SuperposedGenerator,
 from dfqbench.train.inundation import GradientInundation, integer_codes
 from dfqbench.train.losses import BNStatLoss, DistillationKL, Step, StudentCE
 from dfqbench.train.schedule import Schedule
-from dfqbench.train.trainer import BNRecorder
+from dfqbench.train.trainer import BNRecorder, TrainSettings
 
 SMOKE = ["schedule=smoke", "threads=1", "progress=false"]
 
@@ -288,3 +289,38 @@ def test_best_epoch_on_test_is_opt_in_and_labelled(tmp_path, cache_dir, cifar10_
     info = record["info"]
     assert info["best_epoch_on_test"] is True and info["training"]["best_epoch"] in (1, 2)
     assert record["top1"] == pytest.approx(info["training"]["best_epoch_top1"])
+
+
+def test_compiled_trainer_keeps_checkpoint_keys_and_returns_an_eager_student(monkeypatch):
+    """compile=...: nn.Module.compile in place (state_dict keys unchanged, so checkpoints and resumes are the
+    eager run's), undone when training ends; an unknown mode is refused with the choices."""
+    from dfqbench.train.trainer import COMPILE_MODES, Trainer
+
+    compiled = []
+    monkeypatch.setattr(torch.nn.Module, "compile",
+                        lambda self, mode=None: (compiled.append((type(self).__name__, mode)),
+                                                 setattr(self, "_compiled_call_impl", self._call_impl)))
+    teacher = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.Flatten(), torch.nn.LazyLinear(10))
+    teacher(torch.zeros(1, 3, 8, 8))
+    student = copy.deepcopy(teacher)
+    keys = list(student.state_dict())
+
+    class Gen(torch.nn.Module):
+        num_classes = 10
+
+        def __init__(self):
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.zeros(1))
+
+    schedule = Schedule(name="t", epochs=1, iters_per_epoch=1, batch_size=2, warmup_epochs=0, calib_epochs=0,
+                        milestones=[])
+    with pytest.raises(ValueError, match="compile='fast' is not valid; choose one of: " + ", ".join(COMPILE_MODES)):
+        Trainer(teacher, student, Gen(), [], [], schedule, TrainSettings(), torch.device("cpu"), 0,
+                compile_mode="fast")
+    trainer = Trainer(teacher, student, Gen(), [], [], schedule, TrainSettings(), torch.device("cpu"), 0,
+                      compile_mode="reduce-overhead")
+    assert [m for _, m in compiled] == ["reduce-overhead"] * 3
+    assert list(student.state_dict()) == keys and student._compiled_call_impl is not None
+    trainer._iteration = lambda epoch, it: None
+    trainer.fit()
+    assert all(m._compiled_call_impl is None for m in (teacher, student, trainer.generator))

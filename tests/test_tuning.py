@@ -44,6 +44,13 @@ def test_dry_run_lists_the_variants_and_bad_methods_are_refused():
     assert out.returncode == 0, out.stderr
     lines = [l for l in out.stdout.splitlines() if l.startswith("dfqbench tuning:")]
     assert len(lines) == 3 and "method.name=ocs-tune_expand_ratio_0.05 ++method.expand_ratio=0.05 seed=0" in lines[2]
+    only = run_cli("experiment=tuning_robustness", "tuning.dry_run=true", "tuning.methods=[ocs]",
+                   "tuning.only=[ocs-tune_expand_ratio_0.01]")
+    assert [l.split("method.name=")[1].split()[0] for l in only.stdout.splitlines()
+            if l.startswith("dfqbench tuning:")] == ["ocs-tune_expand_ratio_0.01"], only.stderr
+    stray = run_cli("experiment=tuning_robustness", "tuning.methods=[ocs]", "tuning.only=[ocs-tune_lr_1]")
+    assert stray.returncode == 2 and "tuning.only: ['ocs-tune_lr_1'] are not variants of this study; choose " \
+        "from: ocs-tune_default, ocs-tune_expand_ratio_0.01, ocs-tune_expand_ratio_0.05" in stray.stderr
     bad = run_cli("experiment=tuning_robustness", "tuning.methods=[nope]")
     assert bad.returncode == 2 and bad.stderr.strip().splitlines()[-1].startswith(
         "dfqbench: error: tuning.methods: ['nope'] not in the study")

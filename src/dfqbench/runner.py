@@ -32,6 +32,7 @@ from .errors import ConfigError
 from .method_overrides import apply_per_setting
 from .evaluate import evaluate
 from .methods.base import Method, QuantContext
+from .train.trainer import COMPILE_MODES
 from .models import check_model_dataset, load_model, resolve_weights
 from .quant import Convention, check_bits
 from .quant.kernels.backend import resolve_backend_name, use_backend
@@ -52,6 +53,8 @@ def validate(cfg: DictConfig) -> None:
         raise ConfigError(f"model={cfg.model.source} needs the architecture: add model.arch=NAME")
     if cfg.device not in ("auto", "cpu", "cuda"):
         raise ConfigError(f"device={cfg.device!r} is not valid; choose one of: auto, cpu, cuda")
+    if cfg.get("compile", "none") not in COMPILE_MODES:
+        raise ConfigError(f"compile={cfg.compile!r} is not valid; choose one of: {', '.join(COMPILE_MODES)}")
     check_model_dataset(cfg.model, str(cfg.dataset.name))
     loggers.check_available(cfg)
     try:
@@ -236,6 +239,7 @@ def _run(cfg: DictConfig, run_dir: Path, overrides: list[str] | None) -> dict:
                            mean=data.mean.flatten(), std=data.std.flatten(), model_sha256=loaded.sha256,
                            cache_dir=cfg.paths.cache_dir, train_root=train_root(cfg.dataset),
                            other_domain_root=cfg.paths.get("other_domain_root"), run_dir=run_dir,
+                           compile=cfg.get("compile", "none"),
                            test_eval=lambda m: evaluate(m, data, cfg.eval.batch_size, device)["top1"])
         t0 = time.perf_counter()
         with use_backend(resolve_backend_name(convention.backend, device)):

@@ -2,7 +2,8 @@
 CVPR Workshops 2022): how far each method's top-1 moves when its key hyper-parameters move around the paper's
 values, i.e. how much a user must tune it.
 
-    python -m dfqbench experiment=tuning_robustness [tuning.methods=[zeroq,kw]] [tuning.dry_run=true] [...]
+    python -m dfqbench experiment=tuning_robustness [tuning.methods=[zeroq,kw]] [tuning.only=[NAME,...]]
+                                                    [tuning.dry_run=true] [...]
 
 conf/experiment/tuning_robustness.yaml lists, per method, its key settings and the values tried around the
 paper's (the method yaml's default). One setting moves at a time, the others stay at the paper's values; every
@@ -66,6 +67,13 @@ def run_study(cfg: DictConfig, base_overrides: list[str]) -> list[dict]:
 
     t = OmegaConf.to_container(cfg.tuning, resolve=True)
     plan = variants(t["grid"], t.get("methods"))
+    only = t.get("only")
+    if only:  # a rerun of some variants (say, the new values of a grid) that leaves the others' records alone
+        unknown = sorted(set(only) - {name for _, name, _, _ in plan})
+        if unknown:
+            raise ConfigError(f"tuning.only: {unknown} are not variants of this study; choose from: "
+                              f"{', '.join(name for _, name, _, _ in plan)}")
+        plan = [v for v in plan if v[1] in only]
     keep = [o for o in base_overrides if not o.startswith(("method=", "method.", "tuning.", "seed="))]
     out_root = Path(str(cfg.paths.output_dir)) / TUNING_DIR
     results = []

@@ -37,6 +37,7 @@ class QuantContext:
     other_domain_root: str | None = None  # a folder of images from another domain
     run_dir: Path | None = None  # the run's folder: training methods keep their resumable checkpoint there
     test_eval: Callable[[nn.Module], float] | None = None  # top-1 on the test set: only for flagged best-epoch runs
+    compile: str = "none"  # the generator-QAT trainer's torch.compile mode (config `compile`)
 
     def generator(self) -> torch.Generator:
         return torch.Generator(device="cpu").manual_seed(self.seed)

@@ -105,7 +105,8 @@ class GeneratorQAT(Method):
                           self.settings, ctx.device, ctx.seed, run_dir=getattr(ctx, "run_dir", None),
                           fingerprint=self.fingerprint(ctx), progress=ctx.progress,
                           test_eval=getattr(ctx, "test_eval", None) if self.settings.best_epoch_on_test else None,
-                          warmup_generator=warmup, warmup_terms=self.warmup_terms)
+                          warmup_generator=warmup, warmup_terms=self.warmup_terms,
+                          compile_mode=getattr(ctx, "compile", "none"))
         info = trainer.fit()
         if getattr(generator, "record_info", None):  # e.g. the searched generator's genotype
             ctx.info["generator"] = generator.record_info

@@ -42,6 +42,7 @@ class EMARangeObserver:
                 self.update(index, inputs[0])
         return observe
 
+    @torch.compiler.disable  # Python state (the step count t, the RNG): traced, it would recompile every step
     @torch.no_grad()
     def update(self, index: int, x: torch.Tensor) -> None:
         q, s = self.quantizers[index], self.state[index]

@@ -89,6 +89,7 @@ def _ptr(t: torch.Tensor | None):
     return ctypes.c_void_p(t.data_ptr()) if t is not None else None
 
 
+@torch.compiler.disable  # a ctypes call: torch.compile runs it as it is (config `compile` is for GPUs)
 def per_tensor(x: torch.Tensor, inv: float, scale: float, lo: float, hi: float, with_mask: bool):
     """x: float32, contiguous in some memory format (channels_last too: the pass is elementwise)."""
     y = torch.empty_like(x)
@@ -109,6 +110,7 @@ def channel_layout(x: torch.Tensor, axis: int) -> tuple[int, int, int] | None:
     return None
 
 
+@torch.compiler.disable
 def per_channel(x: torch.Tensor, layout, inv: torch.Tensor, scale: torch.Tensor, lo: torch.Tensor,
                 hi: torch.Tensor, with_mask: bool):
     outer, channels, inner = layout
