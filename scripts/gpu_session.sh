@@ -16,7 +16,7 @@
 #    lanes long*: GDFQ and Qimera W4A4 on schedule paper_first10; lanes seeds*: seeds 1 and 2 of the
 #    single-seed cells of the cpu schedule; lanes tune_*: the tuning-robustness study's methods not yet run
 #    (experiment=tuning_robustness, records under results/tuning/); lanes gdfq_eager / gdfq_compiled: GDFQ W4A4
-#    seeds 0-2 on the cpu schedule, eagerly (results/sweeps) and with compile=$COMPILE_RUN (default
+#    seeds 0-2 on the cpu schedule, eagerly (results/cuda/sweeps) and with compile=$COMPILE_RUN (default
 #    reduce-overhead; results/explore/compile-gpu/): equal accuracy or not. Runs still going at the deadline are
 #    stopped (their checkpoints stay).
 # 3. every record finished in this session, with its .hydra folder and the lane logs -> $OUT/records.tgz
@@ -83,7 +83,8 @@ if [[ "${KERNEL_TESTS:-1}" != 0 ]]; then
 fi
 
 base=(model=resnet20_cifar10 dataset=cifar10 quant=gdfq progress=false threads=1 device=$device "${extra[@]}")
-run() { "$PY" -m dfqbench -m "${base[@]}" "paths.output_dir=$RESULTS" "$@"; }
+# sweeps under results/<device>/ (results/cuda/sweeps/...): a cell's CPU records keep their results/sweeps folders
+run() { "$PY" -m dfqbench -m "${base[@]}" "paths.output_dir=$RESULTS/$device" "$@"; }
 explore() { "$PY" -m dfqbench -m "${base[@]}" "paths.output_dir=$RESULTS/explore/$1" "${@:2}"; }
 seeds() { run schedule=$short seed=1,2 "$@"; }
 tune() { "$PY" -m dfqbench experiment=tuning_robustness "paths.output_dir=$RESULTS" progress=false threads=1 \
