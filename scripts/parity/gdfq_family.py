@@ -81,8 +81,11 @@ FAMILY: dict[str, Entry] = {
     "gdfq": Entry("xushoukai/GDFQ", "main.py", "trainer", "cifar100_resnet20.hocon",
                   rewrites=_budget_rewrites("main", "trainer", accuracy_view=True), tested=True),
     # the forks (entry points read from their sources; not run yet)
+    # run_cifar10_4bit.sh's flags: superposed samples (prob 0.4, 2 classes) and random embeddings; without them
+    # main.py's defaults train GDFQ with teacher-classifier embeddings (multi_label_prob 0.0), not Qimera
     "qimera": Entry("iamkanghyunchoi/qimera", "main.py", "trainer", "cifar10_resnet20.hocon", dataset="cifar10",
-                    rewrites=_budget_rewrites("main", "trainer")),
+                    rewrites=_budget_rewrites("main", "trainer"),
+                    extra_argv=("--multi_label_prob", "0.4", "--multi_label_num", "2", "--randemb"), tested=True),
     "ait": Entry("iamkanghyunchoi/ait", "main.py", "trainer", "cifar10_resnet20.hocon", subdir="GDFQ_AIT",
                  dataset="cifar10", rewrites=_budget_rewrites("main", "trainer")),
     "intraq": Entry("zysxmu/IntraQ", "main_direct.py", "trainer_direct", "cifar10_resnet20.hocon", dataset="cifar10",
