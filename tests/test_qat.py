@@ -324,3 +324,29 @@ def test_compiled_trainer_keeps_checkpoint_keys_and_returns_an_eager_student(mon
     trainer._iteration = lambda epoch, it: None
     trainer.fit()
     assert all(m._compiled_call_impl is None for m in (teacher, student, trainer.generator))
+
+
+def test_qimera_mix_norm_component_standardizes_each_component_over_features_and_batch():
+    """mix_norm=component: the official BatchNorm1d on the 3-D `.T` ([D, K, B]); plain batches as `vector`."""
+    gen = SuperposedGenerator(10, (3, 32, 32), latent_dim=8, mix_norm="component")
+    vec = SuperposedGenerator(10, (3, 32, 32), latent_dim=8, mix_norm="vector")
+    vec.load_state_dict(gen.state_dict())
+    seen = {}
+    for g in (gen, vec):
+        g.trunk.forward = lambda h, g=g: seen.__setitem__(g.mix_norm, h) or torch.zeros(1)
+    z = torch.randn(6, 2, 8, generator=torch.Generator().manual_seed(0))
+    labels = torch.tensor([[0, 1], [2, 3], [4, 5], [6, 7], [8, 9], [1, 2]])
+    weights = torch.tensor([[0.25, 0.75]]).expand(6, 2)
+    sample = type("S", (), {"z": z, "labels": labels, "weights": weights})()
+    gen(sample), vec(sample)
+    h = gen.embedding(labels) + z  # [B, K, D]
+    mean = h.mean(dim=(0, 2), keepdim=True)
+    var = h.var(dim=(0, 2), unbiased=False, keepdim=True)
+    expected = ((h - mean) / torch.sqrt(var + 1e-5) * weights.unsqueeze(2)).sum(1)
+    torch.testing.assert_close(seen["component"], expected)
+    assert not torch.allclose(seen["vector"], expected, atol=1e-3)
+    plain = type("S", (), {"z": z[:, :1], "labels": labels[:, :1], "weights": torch.ones(6, 1)})()
+    gen(plain), vec(plain)
+    torch.testing.assert_close(seen["component"], seen["vector"])
+    with pytest.raises(ValueError, match="mix_norm='batch' is not valid; choose one of: vector, component"):
+        SuperposedGenerator(10, (3, 32, 32), latent_dim=8, mix_norm="batch")

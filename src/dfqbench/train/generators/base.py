@@ -238,14 +238,20 @@ class SuperposedGenerator(nn.Module):
     boundary samples: K = `mix_classes` uniform random labels per image, weights softmax(randn), soft target =
     the same mixture; otherwise K = 1. `embedding_init: teacher_fc` starts the embeddings from the teacher's
     classifier weights (then latent_dim must be the classifier's input width; null takes it). On ImageNet
-    (`conditional_bn`, auto: inputs > 64 px) the superposed labels also drive conditional BatchNorms."""
+    (`conditional_bn`, auto: inputs > 64 px) the superposed labels also drive conditional BatchNorms.
+    `mix_norm` says how a superposed batch (K > 1) is standardized: "component" (the official code: main.py's
+    BatchNorm1d on the 3-D `.T` standardizes each component k over all D features and B images at once) or
+    "vector" (each of the B x K vectors over its D features, as a plain batch is; dfqbench before 2026-12-04)."""
 
     def __init__(self, num_classes: int, image_shape, teacher_fc: torch.Tensor | None = None,
                  latent_dim: int | None = None, mix_prob: float = 0.4, mix_classes: int = 2,
                  noise_scale: float = 1.0, embedding_init: str = "random", freeze_embedding: bool = False,
-                 bn_eps: float = 0.8, conditional_bn="auto"):
+                 bn_eps: float = 0.8, conditional_bn="auto", mix_norm: str = "vector"):
         super().__init__()
         channels, size = _check_shape(image_shape)
+        if mix_norm not in ("vector", "component"):
+            raise ValueError(f"mix_norm={mix_norm!r} is not valid; choose one of: vector, component")
+        self.mix_norm = mix_norm
         if embedding_init not in ("random", "teacher_fc"):
             raise ValueError(f"embedding_init={embedding_init!r} is not valid; choose one of: random, teacher_fc")
         if not 0.0 <= mix_prob <= 1.0:
@@ -277,7 +283,10 @@ class SuperposedGenerator(nn.Module):
 
     def forward(self, s: Sample) -> torch.Tensor:
         h = self.embedding(s.labels) + self.noise_scale * s.z  # [B, K, D]
-        h = F.layer_norm(h, h.shape[-1:])  # Qimera's affine-free normalizer: each vector over its D features
+        if self.mix_norm == "component" and h.shape[1] > 1:  # BatchNorm1d on [D, K, B]: per k over D and B
+            h = F.batch_norm(h.permute(2, 1, 0), None, None, training=True).permute(2, 1, 0)
+        else:  # Qimera's affine-free normalizer on a plain batch: each vector over its D features
+            h = F.layer_norm(h, h.shape[-1:])
         h = (h * s.weights.unsqueeze(2)).sum(dim=1)
         return self.trunk(h, s.labels, s.weights) if self.conditional_bn else self.trunk(h)
 
