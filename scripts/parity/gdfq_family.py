@@ -86,8 +86,11 @@ FAMILY: dict[str, Entry] = {
     "qimera": Entry("iamkanghyunchoi/qimera", "main.py", "trainer", "cifar10_resnet20.hocon", dataset="cifar10",
                     rewrites=_budget_rewrites("main", "trainer"),
                     extra_argv=("--multi_label_prob", "0.4", "--multi_label_num", "2", "--randemb"), tested=True),
+    # GDFQ_AIT/run_cifar10_4bit.sh's flags (its --qw/--qa come from the hocon the driver writes)
     "ait": Entry("iamkanghyunchoi/ait", "main.py", "trainer", "cifar10_resnet20.hocon", subdir="GDFQ_AIT",
-                 dataset="cifar10", rewrites=_budget_rewrites("main", "trainer")),
+                 dataset="cifar10", rewrites=_budget_rewrites("main", "trainer"),
+                 extra_argv=("--ce_scale", "0.0", "--kd_scale", "1.0", "--lrs", "0.0001", "--passing_threshold", "0.001",
+                             "--adalr")),
     "intraq": Entry("zysxmu/IntraQ", "main_direct.py", "trainer_direct", "cifar10_resnet20.hocon", dataset="cifar10",
                     rewrites=_budget_rewrites("main_direct", "trainer_direct", calib_in_trainer=2)),
     "hast": Entry("lihuantong/HAST", "main_direct.py", "trainer_direct", "config/cifar10_resnet20.hocon",
