@@ -105,6 +105,14 @@ declare -A lanes=(
   [gdfq_eager]="run schedule=$short method=gdfq wbit=4 abit=4 seed=0,1,2"
   [gdfq_compiled]="explore compile-gpu schedule=$short method=gdfq wbit=4 abit=4 seed=0,1,2 compile=$COMPILE_RUN ||
     explore compile-gpu schedule=$short method=gdfq wbit=4 abit=4 seed=0,1,2 compile=default"
+  # the training family's W4A4 cells on the cpu schedule, 3 seeds each (their CPU records were superseded by
+  # the 2026-12-03 parity fixes and have 0-1 seeds again): results/cuda/sweeps/
+  [family_1]="run schedule=$short method=gdfq,qimera wbit=4 abit=4 seed=0,1,2"
+  [family_2]="run schedule=$short method=ait,qimera_ait wbit=4 abit=4 seed=0,1,2"
+  [family_3]="run schedule=$short method=intraq,hast wbit=4 abit=4 seed=0,1,2"
+  [family_4]="run schedule=$short method=adasg,adadfq wbit=4 abit=4 seed=0,1,2"
+  [family_5]="run schedule=$short method=zaq,dfqf wbit=4 abit=4 seed=0,1,2"
+  [family_6]="run schedule=$short method=arc,arc_ait wbit=4 abit=4 seed=0,1,2"
   [tune_intraq_margin]="tune intraq 'tuning.only=[intraq-tune_generator.source_settings.margin_upper_0.5,intraq-tune_generator.source_settings.margin_upper_1.0]'"
   [tune_genie_iters]="tune genie 'tuning.only=[genie-tune_reconstruct.iterations_500,genie-tune_reconstruct.iterations_2000]'"
   [tune_gdfq]="tune gdfq"
