@@ -85,3 +85,49 @@ def test_advkd_yaml_builds_with_its_cpu_budget_entry():
     paper = compose_cfg("method=advkd", "schedule=paper")
     apply_per_setting(paper)
     assert build_method(paper).schedule.iters_per_epoch == 200  # the entry applies to the cpu schedule only
+
+
+@pytest.mark.parametrize("batches,eval_in_g,expect", [
+    # (generator forward modes, student mode seen by the generator loss, student batches drawn after the update)
+    ("reuse", False, (["train", "train", "train"], "train", 2)),
+    ("fresh_eval", True, (["train", "eval", "eval", "eval"], "eval", 3)),
+])
+def test_student_batches_and_student_mode_in_the_generator_step(batches, eval_in_g, expect):
+    """R5's dfqad.py (AdvKD): student.eval() in the generator step; every student step on a fresh batch drawn
+    after the generator's update with the generator in eval mode. GDFQ's default: the first student step reuses
+    the generator step's batch (drawn in train mode), the others are fresh."""
+    torch.manual_seed(0)
+
+    def net():
+        return nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(), nn.AdaptiveAvgPool2d(1),
+                             nn.Flatten(), nn.Linear(4, 3))
+    gen = GENERATORS["dcgan3"](3, (3, 8, 8), latent_dim=4, ngf=2)
+    modes, student_modes = [], []
+    gen.register_forward_pre_hook(lambda m, i: modes.append("train" if m.training else "eval"))
+
+    class Spy:
+        needs_bn_stats, features, weight = False, frozenset(), 1.0
+
+        def __call__(self, step):
+            return step.teacher_logits.pow(2).mean() + step.student_logits.pow(2).mean()
+
+    schedule = Schedule(name="t", epochs=1, iters_per_epoch=1, batch_size=4, warmup_epochs=0, calib_epochs=0,
+                        milestones=[])
+    settings = TrainSettings(student_steps=3, student_mode="train", student_batches=batches,
+                             student_eval_in_generator_step=eval_in_g)
+    student = net()
+    student.register_forward_pre_hook(lambda m, i: student_modes.append("train" if m.training else "eval"))
+    trainer = Trainer(net().eval(), student, gen, [("main", Spy())], [("kd", STUDENT_LOSSES["kd"]())], schedule,
+                      settings, torch.device("cpu"), 0)
+    trainer.fit()
+    assert (modes, student_modes[0], len(modes) - 1) == expect  # student_modes[0]: the generator step's forward
+    assert student_modes[1:] == ["train"] * 3  # the student steps
+    assert gen.training  # the generator is back in train mode after each fresh batch
+
+
+def test_student_batches_bad_value_is_refused_with_the_choices():
+    cfg = compose_cfg("method=advkd", "method.student_batches=again")
+    with pytest.raises(ValueError, match=r"method.student_batches='again' is not valid; valid: \['reuse', 'fresh', "
+                                         r"'fresh_eval'\]"):
+        build_method(cfg)
+    assert build_method(compose_cfg("method=dfed")).settings.student_batches == "fresh"

@@ -68,6 +68,12 @@ class TrainSettings:
     ema_beta: float = 0.9
     range_tracking: str = "ema"  # "running_minmax": ZAQ's running min/max (EMARangeObserver modes)
     student_mode: str = "eval"  # "train": BatchNorm on batch statistics while training (ZAQ); eval at the end
+    # where the student steps' images come from: "reuse" (GDFQ: the first step reuses the generator step's batch,
+    # drawn before the generator's update; further steps draw fresh ones), "fresh" (every step draws a fresh
+    # batch after the update), "fresh_eval" (the same with the generator in eval mode: its running BN statistics,
+    # AdvKD's R5 dfqad.py)
+    student_batches: str = "reuse"
+    student_eval_in_generator_step: bool = False  # AdvKD's R5: student.eval() while the generator step runs it
     inundation_threshold: float | None = None  # AIT's passing threshold; None = plain SGD steps
     inundation_bisection_steps: int = 5
     perturb_epsilon: float = 0.0  # HAST: also train on x + eps * sign(grad_x student loss); 0 = off
@@ -251,12 +257,16 @@ class Trainer:
             generator, gen_terms, opt_g = self.warmup_gen, self.warmup_terms, self.opt_wg
         elif self.warmup_terms and epoch < s.warmup_epochs:  # AdvKD: the generator's own warm-up losses
             gen_terms = self.warmup_terms
+        student_mode = self.student.training
         for _ in range(cfg.generator_steps if opt_g else 0):
             sample = generator.sample(s.batch_size, self.rng).to(self.device)
             images = generator(sample)
+            if cfg.student_eval_in_generator_step:
+                self.student.eval()
             step = Step(images, sample.targets, teacher=self._teacher_forward, student=self.student,
                         bn_stats=(lambda: self.bn.stats) if self.bn else None, taps=self.taps, epoch=epoch)
             loss, terms = weighted_sum(gen_terms, step)
+            self.student.train(student_mode)
             self.last["G"] = self._checked(loss, terms, "generator", epoch, it)
             opt_g.zero_grad(set_to_none=True)
             loss.backward()
@@ -267,7 +277,7 @@ class Trainer:
         self.observer.active = epoch < s.calib_epochs
         try:
             for j in range(cfg.student_steps):
-                if batch is None or j > 0:
+                if batch is None or j > 0 or cfg.student_batches != "reuse":
                     batch = self._fresh_batch(generator)
                 images, targets, teacher_logits, teacher_features = batch
                 if not train_student:  # warm-up: the student only observes ranges (when calibrating)
@@ -321,7 +331,12 @@ class Trainer:
     @torch.no_grad()
     def _fresh_batch(self, generator: nn.Module):
         sample = generator.sample(self.schedule.batch_size, self.rng).to(self.device)
-        images = generator(sample)
+        mode = generator.training
+        generator.train(mode and self.settings.student_batches != "fresh_eval")
+        try:
+            images = generator(sample)
+        finally:
+            generator.train(mode)
         step = Step(images, sample.targets, teacher=self.teacher, taps=self.taps)
         return images, step.targets, step.teacher_logits, step.teacher_feature_set if self.taps else None
 
