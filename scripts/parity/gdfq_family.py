@@ -84,7 +84,13 @@ FAMILY: dict[str, Entry] = {
     # run_cifar10_4bit.sh's flags: superposed samples (prob 0.4, 2 classes) and random embeddings; without them
     # main.py's defaults train GDFQ with teacher-classifier embeddings (multi_label_prob 0.0), not Qimera
     "qimera": Entry("iamkanghyunchoi/qimera", "main.py", "trainer", "cifar10_resnet20.hocon", dataset="cifar10",
-                    rewrites=_budget_rewrites("main", "trainer"),
+                    rewrites=_budget_rewrites("main", "trainer") + (SourceRewrite(
+                        "trainer:Trainer", "train",
+                        "d_acc = np.mean(np.argmax(output_teacher_batch.data.cpu().numpy(), axis=1) == gt)",
+                        "d_acc = np.mean(np.argmax(output_teacher_batch.data.cpu().numpy(), axis=1) == gt) "
+                        "if gt.ndim == 1 else 0.0",
+                        why="a logged statistic only: on a superposed batch gt is [B, K]; numpy < 1.25 compared "
+                            "the mismatched shapes to a scalar False (mean 0.0), numpy >= 1.25 raises"),),
                     extra_argv=("--multi_label_prob", "0.4", "--multi_label_num", "2", "--randemb"), tested=True),
     # GDFQ_AIT/run_cifar10_4bit.sh's flags (its --qw/--qa come from the hocon the driver writes)
     "ait": Entry("iamkanghyunchoi/ait", "main.py", "trainer", "cifar10_resnet20.hocon", subdir="GDFQ_AIT",
