@@ -101,7 +101,8 @@ declare -A lanes=(
   [seeds_d]="seeds method=adasg,adadfq wbit=5 abit=5"
   [seeds_e]="seeds method=intraq,hast,qimera_ait wbit=5 abit=5"
   [seeds_advkd]="seeds method=advkd wbit=4 abit=4"
-  [seed0_advkd]="run schedule=$short method=advkd wbit=4 abit=4 seed=0"
+  [kd_advkd]="run schedule=$short method=advkd wbit=4 abit=4 seed=0,1,2"   # their 2026-12-04 settings
+  [kd_dfed]="run schedule=$short method=dfed wbit=4 abit=4 seed=0,1,2"
   [gdfq_eager]="run schedule=$short method=gdfq wbit=4 abit=4 seed=0,1,2"
   [gdfq_compiled]="explore compile-gpu schedule=$short method=gdfq wbit=4 abit=4 seed=0,1,2 compile=$COMPILE_RUN ||
     explore compile-gpu schedule=$short method=gdfq wbit=4 abit=4 seed=0,1,2 compile=default"
