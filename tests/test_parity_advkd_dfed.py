@@ -319,3 +319,24 @@ def test_same_code_as_tells_whether_the_code_files_changed_since_a_commit(tmp_pa
     (tmp_path / "DFED.py").write_text("x = 2\n")
     assert tp.same_code_as(tmp_path, first, ("DFED.py",)) is False
     assert tp.same_code_as(tmp_path, "0" * 40, ("DFED.py",)) is None
+
+
+def test_dfqbench_side_reuses_accepted_records_and_refuses_a_run_of_other_settings(tmp_path, monkeypatch):
+    """common.dfqbench_side (every driver's dfqbench runs): --resume keeps a record `accept` passes, reruns one it
+    does not, and stops when a fresh run does not match."""
+    runs = []
+
+    def fake_run(overrides, dest, log):
+        runs.append(overrides)
+        record = {"top1": 80.0 + len(runs), "quantize_time_s": 1.0, "seed": int(overrides[0])}
+        dest.with_name(dest.name + ".record.json").write_text(json.dumps(record))
+        return record
+
+    monkeypatch.setattr(common, "run_dfqbench", fake_run)
+    (tmp_path / "dfqbench-gdfq-s0.record.json").write_text(json.dumps({"top1": 70.0, "seed": 0}))
+    (tmp_path / "dfqbench-gdfq-s1.record.json").write_text(json.dumps({"top1": 75.0, "seed": 99}))
+    ours = common.dfqbench_side(tmp_path, "gdfq", [0, 1], True, lambda s: [str(s)], "m",
+                                accept=lambda r, s: r["seed"] == s)
+    assert [r["top1"] for r in ours] == [70.0, 81.0] and runs == [["1"]]
+    with pytest.raises(SystemExit, match="did not run the cell's settings"):
+        common.dfqbench_side(tmp_path, "gdfq", [2], False, lambda s: [str(s)], "m", accept=lambda r, s: False)

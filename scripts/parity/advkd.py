@@ -53,9 +53,7 @@ results/parity.csv row (method `advkd`, or `advkd-<tag>`; `--lr-s X` other than 
 
 from __future__ import annotations
 
-import argparse
 import copy
-import json
 import os
 import sys
 import time
@@ -268,11 +266,8 @@ def child(a) -> None:
             "batches_observed": student.observed_batches, "passes": hooks.calib_passes,
             "frozen_after": hooks.frozen_after, "ranges": student.ranges()},
         "student": {"type": type(student).__name__, **tp.quantizer_counts(student)},
-        "lr_s_note": "the code's default (0.1, a float student from scratch)" if a.lr_s is None else
-                     "--lr-s (the code's --lr_S argument)"})
-    print(f"official advkd: final-epoch top-1 {result['top1']:.2f} (dfqbench evaluate "
-          f"{result['dfqbench_eval_top1']:.2f}), {result['s_per_iteration']:.2f} s/iteration", file=sys.stderr)
-    print(json.dumps(result))
+        "lr_s_note": tp.lr_s_note(a, "--lr_S")})
+    tp.hand_back("advkd", result)
 
 
 def describe_official(sched: dict, runs: list) -> str:
@@ -284,13 +279,7 @@ def describe_official(sched: dict, runs: list) -> str:
 
 
 def main(argv=None) -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    tp.add_arguments(p, SPEC)
-    a = p.parse_args(argv)
-    if a.child:
-        child(a)
-        return
-    tp.parent(a, SPEC, Path(__file__).resolve(), describe_official)
+    tp.main(argv, SPEC, __file__, __doc__, child, describe_official)
 
 
 if __name__ == "__main__":

@@ -128,6 +128,29 @@ def run_dfqbench(overrides: list[str], dest: Path, log: Path) -> dict:
     return record
 
 
+def dfqbench_side(cell: Path, quant: str, seeds, resume: bool, overrides, label: str,
+                  accept=lambda record, seed: True) -> list[dict]:
+    """dfqbench's runs of a parity cell, one per seed (`overrides(seed)`): a kept record is reused with --resume
+    when `accept` says it ran the cell's settings; a new run that does not is an error. Returns the records."""
+    ours = []
+    for seed in seeds:
+        dest = cell / f"dfqbench-{quant}-s{seed}"
+        kept = dest.with_name(dest.name + ".record.json")
+        if resume and kept.exists():
+            r = json.loads(kept.read_text())
+            if accept(r, seed):
+                ours.append(r)
+                print(f"dfqbench {label} seed {seed}: reusing {rel(kept)} (top-1 {r['top1']:.2f})", flush=True)
+                continue
+        r = run_dfqbench(overrides(seed), dest, cell / "dfqbench.log.txt")
+        if not accept(r, seed):
+            raise SystemExit(f"the dfqbench run of seed {seed} did not run the cell's settings (see {rel(dest)})")
+        ours.append(r)
+        print(f"dfqbench {label} seed {seed}: top-1 {r['top1']:.2f}, quantize {r['quantize_time_s']:.0f} s",
+              flush=True)
+    return ours
+
+
 # --- the child process that runs the official code ------------------------------------------------------------
 
 def run_child(script: Path, args: list[str], log: Path, env: dict | None = None) -> dict:

@@ -48,9 +48,7 @@ Writes results/parity/dfed/[<tag>/]w<W>a<A>-<schedule>/ (as scripts/parity/advkd
 
 from __future__ import annotations
 
-import argparse
 import copy
-import json
 import os
 import sys
 import time
@@ -245,11 +243,8 @@ def child(a) -> None:
         "calibration": {"batches_observed": student.observed_batches, "frozen_at_epoch": hooks.frozen_at,
                         "ranges": student.ranges()},
         "student": {"type": type(student).__name__, **tp.quantizer_counts(student)},
-        "lr_s_note": "the code's default (0.1, a float student from scratch)" if a.lr_s is None else
-                     "--lr-s (the code's --lr_s argument)"})
-    print(f"official dfed: final-epoch top-1 {result['top1']:.2f} (dfqbench evaluate "
-          f"{result['dfqbench_eval_top1']:.2f}), {result['s_per_iteration']:.2f} s/iteration", file=sys.stderr)
-    print(json.dumps(result))
+        "lr_s_note": tp.lr_s_note(a, "--lr_s")})
+    tp.hand_back("dfed", result)
 
 
 def describe_official(sched: dict, runs: list) -> str:
@@ -262,13 +257,7 @@ def describe_official(sched: dict, runs: list) -> str:
 
 
 def main(argv=None) -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    tp.add_arguments(p, SPEC)
-    a = p.parse_args(argv)
-    if a.child:
-        child(a)
-        return
-    tp.parent(a, SPEC, Path(__file__).resolve(), describe_official)
+    tp.main(argv, SPEC, __file__, __doc__, child, describe_official)
 
 
 if __name__ == "__main__":

@@ -419,22 +419,11 @@ def main(argv=None) -> None:
           f"({repo}@{commit[:10]})", flush=True)
     if not a.dfqbench:
         return
-    ours = []
-    for seed in dfqbench_seeds:
-        dest = cell / f"dfqbench-{a.quant}-s{seed}"
-        kept = dest.with_name(dest.name + ".record.json")
-        if a.resume and kept.exists():
-            r = json.loads(kept.read_text())
-            ours.append(r)
-            print(f"dfqbench {a.method} seed {seed}: reusing {common.rel(kept)} (top-1 {r['top1']:.2f})", flush=True)
-            continue
-        over = [f"method={a.method}", f"quant={a.quant}", f"schedule={a.schedule}", f"wbit={a.wbit}",
-                f"abit={a.abit}", f"seed={seed}", f"threads={a.threads}",
-                *[f"schedule.{o}" for o in a.schedule_override], *a.method_overrides, *common.teacher_overrides(a)]
-        r = common.run_dfqbench(over, dest, cell / "dfqbench.log.txt")
-        ours.append(r)
-        print(f"dfqbench {a.method} seed {seed}: top-1 {r['top1']:.2f}, quantize {r['quantize_time_s']:.0f} s",
-              flush=True)
+    ours = common.dfqbench_side(
+        cell, a.quant, dfqbench_seeds, a.resume, lambda seed: [
+            f"method={a.method}", f"quant={a.quant}", f"schedule={a.schedule}", f"wbit={a.wbit}", f"abit={a.abit}",
+            f"seed={seed}", f"threads={a.threads}", *[f"schedule.{o}" for o in a.schedule_override],
+            *a.method_overrides, *common.teacher_overrides(a)], a.method)
     d_top1 = common.mean_std([r["top1"] for r in ours])
     d_secs = common.mean_std([r["quantize_time_s"] for r in ours])
     print(f"dfqbench method={a.method} quant={a.quant} schedule={a.schedule} W{a.wbit}A{a.abit}: top-1 "

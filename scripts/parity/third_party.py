@@ -441,27 +441,11 @@ def parent(a, spec: DriverSpec, script: Path, describe_official) -> None:
           flush=True)
     if not a.dfqbench:
         return
-    ours = []
-    for seed in dfqbench_seeds:
-        dest = cell / f"dfqbench-{a.quant}-s{seed}"
-        kept = dest.with_name(dest.name + ".record.json")
-        if a.resume and kept.exists():
-            r = json.loads(kept.read_text())
-            if _dfqbench_matches(r, sched, a, seed):
-                ours.append(r)
-                print(f"dfqbench {spec.method} seed {seed}: reusing {common.rel(kept)} (top-1 {r['top1']:.2f})",
-                      flush=True)
-                continue
-        over = [*method_overrides_list(a, spec.method, seed), f"threads={a.threads}"]
-        if a.cpu:
-            over.append("device=cpu")
-        r = common.run_dfqbench(over, dest, cell / "dfqbench.log.txt")
-        if not _dfqbench_matches(r, sched, a, seed):
-            raise SystemExit(f"the dfqbench run of seed {seed} did not train with the schedule {sched}")
-        ours.append(r)
-        t = r["info"]["training"]
-        print(f"dfqbench {spec.method} seed {seed}: top-1 {r['top1']:.2f}, quantize {r['quantize_time_s']:.0f} s "
-              f"({t['train_time_s'] / (t['epochs'] * t['iters_per_epoch']):.2f} s/iteration)", flush=True)
+    ours = common.dfqbench_side(
+        cell, a.quant, dfqbench_seeds, a.resume,
+        lambda seed: [*method_overrides_list(a, spec.method, seed), f"threads={a.threads}",
+                      *(["device=cpu"] if a.cpu else [])],
+        spec.method, accept=lambda r, seed: _dfqbench_matches(r, sched, a, seed))
     d_top1 = common.mean_std([r["top1"] for r in ours])
     d_secs = common.mean_std([r["info"]["training"]["train_time_s"] for r in ours])
     print(f"dfqbench method={spec.method} quant={a.quant} schedule={a.schedule} W{a.wbit}A{a.abit}: top-1 "
@@ -537,3 +521,26 @@ def common_result(a, spec: DriverSpec, cfg, sched, loaded, data, convention, dev
             "lr_s": spec.default_lr_s if a.lr_s is None else a.lr_s, "device": device.type,
             "threads": torch.get_num_threads(), "patches": patches,
             "code_sha256": {f: file_sha256(clone / f) for f in spec.code_files}, "teacher_sha256": loaded.sha256}
+
+
+def lr_s_note(a, flag: str) -> str:
+    return ("the code's default (0.1, a float student from scratch)" if a.lr_s is None else
+            f"--lr-s (the code's {flag} argument)")
+
+
+def hand_back(method: str, result: dict) -> None:
+    """A child's last words: one line for the log, then the JSON result the parent reads (its last stdout line)."""
+    print(f"official {method}: final-epoch top-1 {result['top1']:.2f} (dfqbench evaluate "
+          f"{result['dfqbench_eval_top1']:.2f}), {result['s_per_iteration']:.2f} s/iteration", file=sys.stderr)
+    print(json.dumps(result))
+
+
+def main(argv, spec: DriverSpec, script: str, doc: str, child, describe_official) -> None:
+    """A driver's entry point: the child (one official run) with --child, else the parent over the seeds."""
+    p = argparse.ArgumentParser(description=doc.split("\n\n")[0])
+    add_arguments(p, spec)
+    a = p.parse_args(argv)
+    if a.child:
+        child(a)
+        return
+    parent(a, spec, Path(script).resolve(), describe_official)
