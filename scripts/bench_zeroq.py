@@ -35,6 +35,7 @@ from dfqbench.quant.calibration.calibrate import calibrate_on_batches
 from dfqbench.synth.bn_distill import DistillSettings, distill_bn_data
 
 CONF = os.path.join(os.path.dirname(__file__), "..", "conf")
+REPO = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
 GOAL_S = 20.0
 
 
@@ -48,6 +49,26 @@ def official_distill_seconds(clone: str, threads: int, checkpoint: str, data: st
                        check=True, env=env, stdout=subprocess.DEVNULL)
         record = json.load(open(os.path.join(out, "w4a4", "official.json")))
     return float(record["runs"][0]["distill_s"])
+
+
+STEP_RECORDS = {  # the committed W4A4 full-test-set records of each step count (shared teacher, quant=gdfq)
+    500: "results/sweeps/resnet20_cifar10-cifar10/gdfq/zeroq/w4a4-s*/record.json",
+    300: "results/explore/zeroq-steps/sweeps/resnet20_cifar10-cifar10/gdfq/zeroq-steps300/w4a4-s*/record.json",
+}
+
+
+def accuracy_by_steps() -> list[str]:
+    """The accuracy side of the goal, read from the committed records (the eval rows use the first step count's
+    batch only): W4A4 top-1 mean +- std per step count."""
+    import glob
+    import statistics
+    out = []
+    for steps, pattern in STEP_RECORDS.items():
+        top1 = [json.load(open(p))["top1"] for p in sorted(glob.glob(os.path.join(REPO, pattern)))]
+        if len(top1) > 1:
+            out.append(f"| W4A4 top-1 at {steps} steps ({len(top1)} seeds, `{pattern.rsplit('/', 2)[0]}/`) | "
+                       f"{statistics.mean(top1):.2f} +- {statistics.stdev(top1):.2f} |")
+    return ["", "| records | W4A4 top-1 |", "|---|---|", *out] if out else []
 
 
 def main() -> None:
@@ -105,6 +126,7 @@ def main() -> None:
               f"| W{args.bits}A{args.bits} fake-quant eval (gdfq) | {quant['images_per_s']:.0f} images/s, "
               f"top-1 {quant['top1']:.2f} |",
               f"| quantized / FP32 throughput | {quant['images_per_s'] / fp32['images_per_s']:.2f}x |"]
+    lines += accuracy_by_steps()
     emit(lines, args.out)
 
 
