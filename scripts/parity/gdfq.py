@@ -22,8 +22,24 @@ child process per seed, and changes at run time only:
   - without a GPU, .cuda() stays on the CPU and utils.data_parallel returns the model itself;
   - the torch RNG is reset to its start-up state before main() (dfqbench's teacher loading drew from it): main()
     builds the generator before it seeds anything, as in a fresh process.
-Its logger's test lines give every epoch's top-1; the record's `top1` is the FINAL epoch's (what dfqbench
-reports), `official_best_top1` the code's own "Best Result" (best epoch on the test set), labelled.
+The forks (--method, gdfq_family.FAMILY) add what their sources need, each listed in the record's patches:
+  - ait (GDFQ_AIT/): run_cifar10_4bit.sh's flags; --threshold_decay_ep (gradient inundation's threshold x0.1, a
+    type=int option whose list default is the paper's lr milestones) -> the schedule's milestones;
+  - intraq, hast: stage 1 first, in the same child: data_generate/generate_data.py as __main__ once per group
+    (run_generate_cifar10.sh's flags) on the same teacher, at the schedule's fixed_set_images (groups of up to 5
+    batches of 256) and fixed_set_iterations (Adam steps per batch); torch/random/numpy seeded with S + 1 first
+    (the code seeds nothing). Stage 2 (main_direct.py) reads those pickles (IntraQ: its "Path_to_data_pickle"
+    placeholders; HAST: the hocon's generateDataPath/generateLabelPath) and the trainer's own `epoch < 4` /
+    `epoch == 4` (warm-up generator, EMA calibration, no student step; HAST's feature-alignment hooks) follow
+    calib_epochs (the hocon's warmup_epochs is not read by these codes). Neither runs a teacher test:
+    fp32_top1 is null;
+  - hast: main() is a torch.distributed one (no --id: manualSeed = S + 1 by a rewrite of its hard-coded 1), run as
+    `torch.distributed.launch --nproc_per_node 1` would (env://, one process, --local_rank 0); without a GPU the
+    gloo backend, .to(local_rank) -> the CPU and DistributedDataParallel (which refuses SyncBatchNorm on the CPU)
+    -> a one-process stand-in. Its console output goes to train_test.log only.
+Every epoch's test result is read as Trainer.test returns it (the line the code prints or logs); the record's
+`top1` is the FINAL epoch's (what dfqbench reports), `official_best_top1` the code's own "Best Result" (best
+epoch on the test set), labelled.
 The official code needs pyhocon and termcolor (requirements.txt; pip install --target DIR pyhocon termcolor and
 --deps DIR, default /tmp/parity-deps when it exists).
 
@@ -55,11 +71,78 @@ def schedule_of(name: str, extra: list[str]) -> dict:
 
 # --- child: one official run ---------------------------------------------------------------------------------------
 
+CLONE_MODULES = ("pytorchcv", "utils", "options", "dataloader", "trainer", "trainer_direct", "quantization_utils",
+                 "conditional_batchnorm", "optimizer", "distill_data", "generate_data", "main", "main_direct")
+
+
+def synthesize(a, entry, root: Path, sched: dict, arch: str, patch_get_model, patches: list) -> dict:
+    """Stage 1 of the fixed-set codes (entry.synth): the clone's generate_data.py as __main__, once per group, in
+    this process; returns the values stage 2's rewrites and hocon keys need (where the pickles are, how many)."""
+    import random
+    import runpy
+
+    import numpy as np
+    import torch
+    syn = entry.synth
+    images, steps = int(sched["fixed_set_images"]), int(sched["fixed_set_iterations"])
+    batch, per_group, groups = gdfq_family.synth_layout(images, syn.batch, syn.per_group)
+    out = Path(a.scratch) / "synth"
+    out.mkdir(parents=True, exist_ok=True)
+    script = root / syn.script
+    gdfq_family.purge_modules(CLONE_MODULES)
+    added = [str(script.parent), str(root)]  # its own utils/ first (IntraQ's), then the clone's pytorchcv if any
+    sys.path[:0] = added
+    import pytorchcv.model_provider as provider
+    patch_get_model(provider)
+    __import__(syn.module)
+    patches += [f"stage 1: {p}" for p in gdfq_family.apply_source_rewrites(
+        syn.rewrites, {"synth_batches": per_group, "fixed_set_iterations": steps}, cpu=False)]
+    seed = a.seed + 1
+    torch.manual_seed(seed)
+    random.seed(seed)
+    np.random.seed(seed)
+    patches.append(f"stage 1: torch, random and numpy seeded with {seed} (the driver's seed + 1) before it; the "
+                   f"code seeds nothing (torch at its start-up state, Python's random from the OS)")
+    fill = {"model": arch, "batch": batch, "out": str(out)}
+    argvs, t0, cwd = [], time.perf_counter(), os.getcwd()
+    os.chdir(script.parent)
+    try:
+        for group in range(1, groups + 1):
+            argv = [x.format(group=group, **fill) for x in syn.argv]
+            argvs.append(argv)
+            sys.argv = [script.name, *argv]
+            try:
+                runpy.run_path(str(script), run_name="__main__")
+            except SystemExit as e:  # getDistilData ends with sys.exit() after writing the group's pickles
+                if e.code not in (None, 0):
+                    raise
+    finally:
+        os.chdir(cwd)
+    synth_s = time.perf_counter() - t0
+    for path in added:
+        sys.path.remove(path)
+    gdfq_family.purge_modules(CLONE_MODULES)
+
+    def head(images: bool) -> str:  # <head>1.pickle: the images ("..refined_gaussian..") or the labels
+        found = [f for f in sorted(out.glob("*1.pickle")) if ("refined_gaussian" in f.name) == images]
+        if len(found) != 1:
+            raise SystemExit(f"stage 1 wrote {[f.name for f in out.iterdir()]}: expected one group-1 "
+                             f"{'image' if images else 'label'} pickle")
+        return str(found[0])[:-len("1.pickle")]
+
+    values = {"data_head": head(True), "label_head": head(False), "groups": groups}
+    patches.append(f"stage 1: {syn.script} {' | '.join(' '.join(x) for x in argvs)} ({groups} group(s) of "
+                   f"{per_group} batch(es) of {batch} = fixed_set_images {images}, {steps} steps each; the code: 4 "
+                   f"groups of 5 x 256, 1,000 steps), {synth_s:.1f} s")
+    return {**values, "synth_s": round(synth_s, 3), "synth_images": images, "synth_steps": steps}
+
+
 def child(a) -> None:
     entry = gdfq_family.FAMILY[a.method]
     clone = Path(a.official).resolve()
     root = clone / entry.subdir if entry.subdir else clone
     import torch
+    startup_seed = torch.initial_seed()  # a fresh process's (main() seeds only later)
     torch.set_num_threads(a.threads)
     cuda = torch.cuda.is_available() and not a.cpu
     device = torch.device("cuda" if cuda else "cpu")
@@ -69,25 +152,44 @@ def child(a) -> None:
     num_classes = int(cfg.model.num_classes)
     arch = str(cfg.model.arch)
     patches: list[str] = []
+    asked = []
+
+    def patch_get_model(provider) -> None:
+        """pytorchcv get_model -> the imported pytorchcv's architecture with the dfqbench teacher's weights."""
+        clone_get_model = provider.get_model
+
+        def get_model(name, pretrained=True, **kwargs):
+            asked.append(name)
+            net = clone_get_model(arch, pretrained=False, **kwargs)  # the same init draws as pretrained=True
+            net.load_state_dict(teacher_state, strict=True)
+            return net
+
+        provider.get_model = get_model
+        where = "the clone's" if Path(provider.__file__).resolve().is_relative_to(clone) else "the installed"
+        note = (f"pytorchcv get_model(<name>, pretrained=True) -> {where} pytorchcv {arch} with the dfqbench "
+                f"teacher's state_dict ({loaded.checkpoint or loaded.weights}, sha256 {loaded.sha256[:16]}), strict")
+        if note not in patches:
+            patches.append(note)
+
+    if not cuda:
+        common.cpu_only_cuda_calls(device)
+        patches.append(".cuda() -> cpu")
+    values = {"iters_per_epoch": int(sched["iters_per_epoch"]), "calib_epochs": int(sched["calib_epochs"]),
+              "milestones": list(sched["milestones"]), "manual_seed": a.seed + 1, "root": str(root), "model": arch}
+    synth = synthesize(a, entry, root, sched, arch, patch_get_model, patches) if entry.synth else {}
+    values.update({k: synth[k] for k in ("data_head", "label_head", "groups") if k in synth})
 
     # the clone's own modules (its pytorchcv, utils, trainer) take precedence over the venv's
-    gdfq_family.purge_modules(("pytorchcv", "utils", "options", "dataloader", "trainer", "trainer_direct",
-                               "quantization_utils", "conditional_batchnorm"))
+    gdfq_family.purge_modules(CLONE_MODULES)
     sys.path.insert(0, str(root))
 
     import pytorchcv.model_provider as provider
-    clone_get_model = provider.get_model
-    asked = []
-
-    def get_model(name, pretrained=True, **kwargs):
-        asked.append(name)
-        net = clone_get_model(arch, pretrained=False, **kwargs)  # the same init draws as pretrained=True
-        net.load_state_dict(teacher_state, strict=True)
-        return net
-
-    provider.get_model = get_model
-    patches.append(f"pytorchcv get_model(<name>, pretrained=True) -> the clone's pytorchcv {arch} with the dfqbench "
-                   f"teacher's state_dict ({loaded.checkpoint or loaded.weights}, sha256 {loaded.sha256[:16]}), strict")
+    patch_get_model(provider)
+    for module, name, source in entry.aliases:
+        note = gdfq_family.add_alias(module, name, source)
+        patches += [note] if note else []
+    for name in entry.stubs:
+        patches.append(gdfq_family.stub_module(name))
 
     import dataloader
     import options
@@ -114,9 +216,8 @@ def child(a) -> None:
     patches.append(f"Option.paramscheck: nClasses back to the teacher's {num_classes} (the code sets it from the "
                    f"dataset name, {entry.dataset!r})")
     if not cuda:
-        common.cpu_only_cuda_calls(device)
         utils.data_parallel = lambda model, ngpus, gpu0=0: model.to(device)
-        patches.append(".cuda() -> cpu; utils.data_parallel -> the model itself")
+        patches.append("utils.data_parallel -> the model itself")
 
     scratch = Path(a.scratch)
     scratch.mkdir(parents=True, exist_ok=True)
@@ -128,13 +229,18 @@ def child(a) -> None:
         "step_G": list(sched["milestones"]), "qw": a.wbit, "qa": a.abit, "nClasses": num_classes,
         "experimentID": f"parity_{a.method}_w{a.wbit}a{a.abit}_",
     }
+    appended.update({k: v.format(**values) for k, v in entry.hocon_extra})
     block = gdfq_family.write_hocon(root / entry.conf, conf, appended)
     patches.append(f"hocon: {entry.conf} with {json.dumps(appended, sort_keys=True)} appended")
 
     main_mod = gdfq_family.import_file(root / entry.main, Path(entry.main).stem)
     trainer_mod = sys.modules[entry.trainer]
-    patches += gdfq_family.apply_rewrites(entry, {"iters_per_epoch": int(sched["iters_per_epoch"]),
-                                           "calib_epochs": int(sched["calib_epochs"])}, cpu=not cuda)
+    if entry.distributed and not cuda:
+        main_mod.DDP = gdfq_family.one_process_ddp()
+        patches.append(f"{Path(entry.main).stem}.DDP (DistributedDataParallel, which refuses SyncBatchNorm layers "
+                       f"on the CPU) -> a one-process stand-in: .module and forward() as DDP's (with one process "
+                       f"DDP's gradient all-reduce and start-up broadcast change nothing; broadcast_buffers=False)")
+    patches += gdfq_family.apply_rewrites(entry, values, cpu=not cuda)
 
     # observe (not change): every epoch's test error and training seconds, the teacher's test error
     Trainer = trainer_mod.Trainer
@@ -151,9 +257,9 @@ def child(a) -> None:
         teacher_tests.append(float(out[0]))
         return out
 
-    def observed_train(self, epoch):
+    def observed_train(self, epoch, *args, **kwargs):  # IntraQ/HAST: also direct_dataload=
         t = time.perf_counter()
-        out = train(self, epoch)
+        out = train(self, epoch, *args, **kwargs)
         train_s.append(time.perf_counter() - t)
         return out
 
@@ -167,9 +273,19 @@ def child(a) -> None:
 
     main_mod.logging.Logger.error = record_error
 
-    torch.manual_seed(torch.initial_seed())  # the RNG as a fresh process has it (main() seeds only later)
-    patches.append("torch RNG reset to its start-up state before main() (the driver's teacher loading drew from it)")
-    argv = ["--conf_path", str(conf), "--id", str(a.seed), *entry.extra_argv]
+    torch.manual_seed(startup_seed)  # the RNG as a fresh process has it (main() seeds only later)
+    patches.append("torch RNG reset to its start-up state before main() (the driver's teacher loading"
+                   + (" and stage 1" if entry.synth else "") + " drew from it)")
+    if entry.distributed:  # what `python -m torch.distributed.launch --nproc_per_node 1` sets
+        import socket
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            port = sock.getsockname()[1]
+        dist_env = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "RANK": "0", "WORLD_SIZE": "1",
+                    "LOCAL_RANK": "0"}
+        os.environ.update(dist_env)
+        patches.append(f"environment of a one-process torch.distributed launch: {dist_env}")
+    argv = ["--conf_path", str(conf), *(["--id", str(a.seed)] if entry.id_argv else []), *entry.extra_argv]
     sys.argv = [entry.main, *argv]
     os.chdir(scratch)
     t0 = time.perf_counter()
@@ -178,14 +294,16 @@ def child(a) -> None:
     if errors or len(tests) != int(sched["epochs"]):
         raise SystemExit(f"the official run did not finish: {len(tests)} of {sched['epochs']} epochs tested; "
                          f"errors: {errors}")
-    logs = sorted(scratch.glob("save/**/train_test.log"))
+    logs = sorted(scratch.glob("**/train_test.log"))
     final = tests[-1]
     best = min(tests, key=lambda t: t[1])
     result = {
         "top1": round(100.0 - final[1], 4), "top5": round(100.0 - final[2], 4),
         "official_best_top1": round(100.0 - best[1], 4), "official_best_epoch": best[0] + 1,
-        "epoch_top1": [round(100.0 - t[1], 4) for t in tests], "fp32_top1": round(100.0 - teacher_tests[0], 4),
-        "train_s": round(sum(train_s), 3), "wall_s": round(wall, 3), "argv": argv, "manual_seed": a.seed + 1,
+        "epoch_top1": [round(100.0 - t[1], 4) for t in tests],
+        "fp32_top1": round(100.0 - teacher_tests[0], 4) if teacher_tests else None,  # IntraQ/HAST: no teacher test
+        "train_s": round(sum(train_s), 3), "epoch_train_s": [round(t, 3) for t in train_s],
+        "wall_s": round(wall, 3), "argv": argv, "manual_seed": a.seed + 1, **synth,
         "patches": patches, "hocon_appended": block, "teacher_names_asked": asked, "device": device.type,
         "threads": torch.get_num_threads(), "official_log": str(logs[-1]) if logs else None,
         "n_test": data.num_samples, "model": cfg.model.name, "dataset": str(cfg.dataset.name), "schedule": sched,
@@ -323,7 +441,8 @@ def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--official", required=True, help="a clone of the method's repository (gdfq: xushoukai/GDFQ)")
     p.add_argument("--method", default="gdfq", choices=sorted(gdfq_family.FAMILY),
-                   help="which entry of gdfq_family.FAMILY (only gdfq has been run)")
+                   help="which entry of gdfq_family.FAMILY: gdfq (xushoukai/GDFQ), qimera, ait (iamkanghyunchoi/ait, "
+                        "GDFQ_AIT), intraq (zysxmu/IntraQ), hast (lihuantong/HAST); clusterq: clusterq.py")
     p.add_argument("--schedule", default="cpu", help="conf/schedule/<name>.yaml: the budget of both sides")
     p.add_argument("--schedule-override", nargs="*", default=[],
                    help="schedule keys for both sides, e.g. epochs=2 iters_per_epoch=3 (smoke checks)")

@@ -14,8 +14,14 @@ What this module changes in a clone, at run time only, in the driver's child pro
     state_dict: the clone's resnet_cifar has the `out_feature` argument the trainers call), the test loader (the
     dfqbench test set), the device (.cuda() -> cpu, utils.data_parallel -> the model itself).
 
-`FAMILY` is the table of entry points. Only `gdfq` has been run (results/parity/gdfq/); the others are what their
-repositories' sources show and have not been run yet (`tested: False`): check them before trusting a number.
+IntraQ and HAST train on a fixed synthetic set that their own data_generate/generate_data.py writes (stage 1,
+pickles of `group` 1..4, 5 batches of 256 each, 1,000 Adam steps per batch) before main_direct.py (stage 2) reads
+it: `Entry.synth` runs that script in the same child, first, at the schedule's fixed_set_images /
+fixed_set_iterations (`Synth`), with the same teacher patch and its own source rewrites.
+
+`FAMILY` is the table of entry points. Every entry has been run end to end (`tested: True`): gdfq, qimera at the
+cpu schedule (results/parity/), ait, intraq and hast at smoke budgets (their rewrites found, the final epoch's
+top-1 read); a new entry starts at `tested: False`: check it before trusting a number.
 """
 
 from __future__ import annotations
@@ -42,6 +48,33 @@ class SourceRewrite:
 
 
 @dataclass(frozen=True)
+class Synth:
+    """Stage 1 of the fixed-set codes (IntraQ, HAST): `script` (relative to the clone) run as __main__ once per
+    group, `argv` ({model}, {batch}, {group}, {out} filled in), after `rewrites` of its `module`. The official
+    set is 4 groups x `per_group` batches of `batch`; the schedule's fixed_set_images becomes
+    ceil(images / per_group / batch) groups of up to `per_group` batches."""
+    script: str
+    module: str
+    argv: tuple
+    rewrites: tuple
+    batch: int = 256
+    per_group: int = 5
+
+
+def synth_layout(images: int, batch: int = 256, per_group: int = 5) -> tuple[int, int, int]:
+    """(batch, batches per group, groups) of a fixed set of `images`: the code's stage 1 writes equal groups of up
+    to `per_group` batches (its own set: 5,120 = 4 x 5 x 256)."""
+    batch = min(batch, images)
+    batches = -(-images // batch)
+    per = min(per_group, batches)
+    groups = -(-batches // per)
+    if batches * batch != images or groups * per != batches:
+        raise SystemExit(f"fixed_set_images {images}: not whole groups of up to {per_group} batches of {batch} "
+                         f"(the code's stage 1 writes equal groups)")
+    return batch, per, groups
+
+
+@dataclass(frozen=True)
 class Entry:
     repo: str                      # owner/name
     main: str                      # the entry script, relative to the clone (or its subdir)
@@ -52,6 +85,13 @@ class Entry:
     extra_argv: tuple = ()         # more arguments of main()
     rewrites: tuple = field(default_factory=tuple)
     tested: bool = False
+    id_argv: bool = True           # main() takes --id S (manualSeed S+1); False: a rewrite sets manualSeed
+    synth: Synth | None = None     # stage 1 (the fixed synthetic set) before main()
+    hocon_extra: tuple = ()        # more hocon keys: (key, value) with {data_head}/{label_head}/{model} filled in
+    distributed: bool = False      # main() calls torch.distributed (env:// with one process, as a launcher's);
+                                   # without a GPU its `DDP` name -> OneProcessDDP
+    stubs: tuple = ()              # modules imported but not needed (not installed): "torch.utils.tensorboard"
+    aliases: tuple = ()            # (module, name, from_module): names a newer pytorchcv moved
 
 
 def _budget_rewrites(main_mod: str, trainer_mod: str, trainer_cls: str = "Trainer", run_cls: str = "ExperimentDesign",
@@ -77,10 +117,24 @@ def _budget_rewrites(main_mod: str, trainer_mod: str, trainer_cls: str = "Traine
     return tuple(out)
 
 
+def _copy_sources(owner: str, attr: str, files=("main_direct.py", "trainer_direct.py")) -> tuple:
+    """The IntraQ/HAST ExperimentDesign copies its own sources from the working directory ('./main_direct.py') into
+    its log folder; the driver runs in a scratch folder: copy them from the clone."""
+    return tuple(SourceRewrite(owner, attr, f"'./{f}'", f"'{{root}}/{f}'",
+                               why="the code copies its own source into its log folder from the working "
+                                   "directory; the driver's working directory is a scratch folder")
+                 for f in files)
+
+
+def _plateau_verbose(method: str) -> SourceRewrite:
+    return SourceRewrite("distill_data:DistillData", method, "verbose=False,", "",
+                         why="ReduceLROnPlateau's `verbose` (False: prints nothing) was removed in PyTorch 2.x "
+                             "(TypeError); the same scheduler")
+
+
 FAMILY: dict[str, Entry] = {
     "gdfq": Entry("xushoukai/GDFQ", "main.py", "trainer", "cifar100_resnet20.hocon",
                   rewrites=_budget_rewrites("main", "trainer", accuracy_view=True), tested=True),
-    # the forks (entry points read from their sources; not run yet)
     # run_cifar10_4bit.sh's flags: superposed samples (prob 0.4, 2 classes) and random embeddings; without them
     # main.py's defaults train GDFQ with teacher-classifier embeddings (multi_label_prob 0.0), not Qimera
     "qimera": Entry("iamkanghyunchoi/qimera", "main.py", "trainer", "cifar10_resnet20.hocon", dataset="cifar10",
@@ -94,14 +148,99 @@ FAMILY: dict[str, Entry] = {
                     extra_argv=("--multi_label_prob", "0.4", "--multi_label_num", "2", "--randemb"), tested=True),
     # GDFQ_AIT/run_cifar10_4bit.sh's flags (its --qw/--qa come from the hocon the driver writes)
     "ait": Entry("iamkanghyunchoi/ait", "main.py", "trainer", "cifar10_resnet20.hocon", subdir="GDFQ_AIT",
-                 dataset="cifar10", rewrites=_budget_rewrites("main", "trainer"),
+                 dataset="cifar10", rewrites=_budget_rewrites("main", "trainer") + (SourceRewrite(
+                     "main", "main", "default=[100,200,300]", "default={milestones}",
+                     why="gradient inundation's threshold x0.1 epochs (--threshold_decay_ep, type=int: a list "
+                         "cannot be passed on the command line; its default is the paper's lr milestones "
+                         "100/200/300) -> the schedule's milestones"),),
                  extra_argv=("--ce_scale", "0.0", "--kd_scale", "1.0", "--lrs", "0.0001", "--passing_threshold", "0.001",
-                             "--adalr")),
-    "intraq": Entry("zysxmu/IntraQ", "main_direct.py", "trainer_direct", "cifar10_resnet20.hocon", dataset="cifar10",
-                    rewrites=_budget_rewrites("main_direct", "trainer_direct", calib_in_trainer=2)),
-    "hast": Entry("lihuantong/HAST", "main_direct.py", "trainer_direct", "config/cifar10_resnet20.hocon",
-                  dataset="cifar10", rewrites=_budget_rewrites("main_direct", "trainer_direct", calib_in_trainer=2,
-                                                                gpu_assert=False)),
+                             "--adalr"), tested=True),
+    # README's stage 1 (data_generate/run_generate_cifar10.sh) then stage 2 (main_direct.py --model_name
+    # resnet20_cifar10 --conf_path cifar10_resnet20.hocon --id 0)
+    "intraq": Entry(
+        "zysxmu/IntraQ", "main_direct.py", "trainer_direct", "cifar10_resnet20.hocon", dataset="cifar10",
+        extra_argv=("--model_name", "resnet20_cifar10"),
+        rewrites=_budget_rewrites("main_direct", "trainer_direct", calib_in_trainer=2) + _copy_sources(
+            "main_direct:ExperimentDesign", "__init__") + (
+            SourceRewrite("main_direct:ExperimentDesign", "__init__",
+                          "os.path.join(self.settings.save_path, conf_path)",
+                          "os.path.join(self.settings.save_path, os.path.basename(conf_path))",
+                          why="the copy of the hocon: os.path.join(save_path, <absolute path>) is the file itself "
+                              "(shutil.SameFileError); the code was run with a relative --conf_path"),
+            SourceRewrite("trainer_direct:Trainer", "train", "if epoch == 4:", "if epoch == {calib_epochs}:",
+                          why="the end of the generator warm-up (hard-coded 4, as `epoch < 4`): the generator "
+                              "moves to the CPU"),
+            SourceRewrite("main_direct:direct_dataset", "__init__", '"Path_to_data_pickle"', '"{data_head}"',
+                          why="the stage-1 pickles (README: edit this placeholder) -> the ones the driver's stage 1 "
+                              "wrote"),
+            SourceRewrite("main_direct:direct_dataset", "__init__", '"Path_to_label_pickle"', '"{label_head}"',
+                          why="the stage-1 label pickles (README: edit this placeholder)"),
+            SourceRewrite("main_direct:direct_dataset", "__init__", "for i in range(1,5):",
+                          "for i in range(1, {groups} + 1):",
+                          why="the number of stage-1 groups (hard-coded 4) -> the driver's stage 1's"),
+        ),
+        synth=Synth("data_generate/generate_data.py", "distill_data", argv=(
+            "--model={model}", "--batch_size={batch}", "--test_batch_size=512", "--group={group}",
+            "--targetPro=0.95", "--cosineMargin=0.05", "--cosineMargin_upper=0.8", "--augMargin=0.5",
+            "--save_path_head={out}"), rewrites=(
+            SourceRewrite("distill_data:DistillData", "getDistilData_hardsample_cosineDistanceEMA_interClass_aug",
+                          "if i == 5:", "if i == {synth_batches}:",
+                          why="synthesized batches per group (hard-coded 5) -> the schedule's fixed_set_images"),
+            SourceRewrite("distill_data:DistillData", "getDistilData_hardsample_cosineDistanceEMA_interClass_aug",
+                          "for it in range(500*2):", "for it in range({fixed_set_iterations}):",
+                          why="Adam steps per synthesized batch (hard-coded 1,000) -> the schedule's "
+                              "fixed_set_iterations"),
+            _plateau_verbose("getDistilData_hardsample_cosineDistanceEMA_interClass_aug"),
+        )),
+        tested=True),
+    # README: stage 1 (data_generate/run_generate_cifar10.sh: beta 10, gamma 2) then run.sh
+    # (python -m torch.distributed.launch --nproc_per_node 1 main_direct.py --conf_path <config/cifar10_resnet20.hocon>)
+    "hast": Entry(
+        "lihuantong/HAST", "main_direct.py", "trainer_direct", "config/cifar10_resnet20.hocon", dataset="cifar10",
+        extra_argv=("--local_rank", "0"), id_argv=False, distributed=True,
+        hocon_extra=(("model_name", "{model}"), ("generateDataPath", "{data_head}"),
+                     ("generateLabelPath", "{label_head}")),
+        stubs=("torch.utils.tensorboard",),
+        aliases=(("pytorchcv.models.mobilenet", "DwsConvBlock", "pytorchcv.models.common.conv"),),
+        rewrites=_budget_rewrites("main_direct", "trainer_direct", calib_in_trainer=2, gpu_assert=False)
+        + _copy_sources("main_direct:ExperimentDesign", "prepare") + (
+            SourceRewrite("main_direct", "main", "option.manualSeed = 1", "option.manualSeed = {manual_seed}",
+                          why="the seed (hard-coded 1, no --id) -> the driver's seed + 1, as --id S gives the "
+                              "other codes (seed 0: the code's own 1)"),
+            SourceRewrite("trainer_direct:Trainer", "train", "if epoch == 4:", "if epoch == {calib_epochs}:",
+                          why="the end of the generator warm-up (hard-coded 4, as `epoch < 4`): BN hooks removed, "
+                              "activation ranges all-reduced, the feature-alignment hooks registered"),
+            SourceRewrite("main_direct:direct_dataset", "__init__", "for i in range(1,5):",
+                          "for i in range(1, {groups} + 1):",
+                          why="the number of stage-1 groups (hard-coded 4) -> the driver's stage 1's"),
+            SourceRewrite("main_direct:ExperimentDesign", "prepare", "torch.cuda.set_device(self.args.local_rank)",
+                          "pass", why="no GPU: no CUDA device to select", cpu_only=True),
+            SourceRewrite("main_direct:ExperimentDesign", "prepare", "dist.init_process_group(backend='nccl')",
+                          "dist.init_process_group(backend='gloo')",
+                          why="no GPU: the CPU backend of the same one-process group", cpu_only=True),
+            SourceRewrite("main_direct", "main", "args = parser.parse_args()",
+                          "args = parser.parse_args()\n\targs.local_rank = torch.device('cpu')",
+                          why="no GPU: the code moves every tensor with .to(args.local_rank) (CUDA device 0 as "
+                              "torch.distributed.launch passes it) -> the CPU", cpu_only=True),
+            SourceRewrite("main_direct:ExperimentDesign", "set_logger",
+                          "logging.INFO if self.args.local_rank in [-1, 0] else logging.WARN", "logging.INFO",
+                          why="no GPU: local_rank is the CPU device, not 0; the one process is rank 0 (INFO)",
+                          cpu_only=True),
+        ),
+        synth=Synth("data_generate/generate_data.py", "distill_data", argv=(
+            "--model={model}", "--batch_size={batch}", "--test_batch_size=512", "--group={group}", "--beta=10",
+            "--gamma=2", "--save_path_head={out}"), rewrites=(
+            SourceRewrite("distill_data:DistillData", "getDistilData_hardsample",
+                          "for i in range(1280//batch_size):", "for i in range({synth_batches}):",
+                          why="synthesized batches per group (hard-coded 1280 // 256 = 5) -> the schedule's "
+                              "fixed_set_images"),
+            SourceRewrite("distill_data:DistillData", "getDistilData_hardsample",
+                          "for it in range(500*2):", "for it in range({fixed_set_iterations}):",
+                          why="Adam steps per synthesized batch (hard-coded 1,000) -> the schedule's "
+                              "fixed_set_iterations"),
+            _plateau_verbose("getDistilData_hardsample"),
+        )),
+        tested=True),
 }
 
 
@@ -150,9 +289,14 @@ def rewrite_function(owner, attr: str, replacements: list[tuple[str, str, int]])
 def apply_rewrites(entry: Entry, values: dict, cpu: bool) -> list[str]:
     """Apply entry.rewrites ({...} in `new` filled from `values`) to the imported modules (sys.modules). Returns
     the patch descriptions."""
+    return apply_source_rewrites(entry.rewrites, values, cpu)
+
+
+def apply_source_rewrites(rewrites, values: dict, cpu: bool) -> list[str]:
+    """Apply SourceRewrites ({...} in `new` filled from `values`) to the imported modules (sys.modules)."""
     grouped: dict[tuple[str, str], list] = {}
     notes = []
-    for rw in entry.rewrites:
+    for rw in rewrites:
         if rw.cpu_only and not cpu:
             continue
         new = rw.new.format(**values)
@@ -181,3 +325,54 @@ def purge_modules(prefixes: tuple[str, ...]) -> None:
     for name in list(sys.modules):
         if name.split(".")[0] in prefixes:
             del sys.modules[name]
+
+
+def stub_module(name: str) -> str:
+    """A stand-in for a module the code imports but does not use here (not installed); returns the note."""
+    import types
+    if name != "torch.utils.tensorboard":
+        raise SystemExit(f"no stub for {name}")
+    import torch.utils
+    tb = types.ModuleType(name)
+
+    class SummaryWriter:  # writes nothing
+        def __init__(self, *args, **kwargs):
+            pass
+
+        def __getattr__(self, attr):
+            return lambda *args, **kwargs: None
+
+    tb.SummaryWriter = SummaryWriter
+    sys.modules[name] = tb
+    torch.utils.tensorboard = tb
+    return f"{name}.SummaryWriter (tensorboard is not installed; the code's only use is commented out) -> a writer " \
+           f"that writes nothing"
+
+
+def add_alias(module: str, name: str, source: str) -> str | None:
+    """`module.name` = `source.name` where `module` lacks it (a class a newer pytorchcv moved); the note or None."""
+    import importlib
+    mod = importlib.import_module(module)
+    if hasattr(mod, name):
+        return None
+    setattr(mod, name, getattr(importlib.import_module(source), name))
+    return (f"{module}.{name} -> {source}.{name} (the installed pytorchcv moved it; the code only tests "
+            f"isinstance() with it, for MobileNet)")
+
+
+def one_process_ddp():
+    """A stand-in for DistributedDataParallel in a one-process group on the CPU, where DDP refuses a module with
+    SyncBatchNorm layers (HAST converts the teacher and the student): `.module` and forward() as DDP's; with one
+    process DDP's gradient all-reduce (mean over 1) and its start-up broadcast from rank 0 change nothing, and the
+    code passes broadcast_buffers=False."""
+    from torch import nn
+
+    class OneProcessDDP(nn.Module):
+        def __init__(self, module, device_ids=None, output_device=None, broadcast_buffers=True, **kwargs):
+            super().__init__()
+            self.module = module
+
+        def forward(self, *args, **kwargs):
+            return self.module(*args, **kwargs)
+
+    return OneProcessDDP
