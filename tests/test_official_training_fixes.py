@@ -101,6 +101,40 @@ def test_hast_yaml_aligns_attention_and_synthesizes_without_augmentation_on_cifa
     assert hast.generator_spec["source_settings"]["augment_prob"] == 0.0
 
 
+def _linear(w):
+    m = nn.Linear(2, 2, bias=False)
+    m.weight.data = torch.tensor(w)
+    return m
+
+
+@pytest.mark.parametrize("through_teacher", [True, False])
+def test_hast_perturbation_direction_goes_through_the_teacher_only_when_asked(through_teacher):
+    # teacher T(x) = A x, student S(x) = B x, the `l1` term mean|S(x) - T(x)| over 2 logits of 1 sample:
+    # grad_x = (B - A)^T sign(Bx - Ax) / 2 through both networks (HAST's code), B^T sign(Bx - Ax) / 2 through the
+    # student only
+    from dfqbench.train.losses import LogitL1
+    a, b = [[1.0, 2.0], [0.0, 1.0]], [[3.0, 0.0], [1.0, 1.0]]
+    teacher, student = _linear(a), _linear(b)
+    for p in teacher.parameters():
+        p.requires_grad_(False)
+    x = torch.tensor([[1.0, -1.0]], requires_grad=True)  # Bx - Ax = [3, 0] - [-1, -1] = [4, 1]: signs [1, 1]
+    step = Step(x, None, teacher=teacher, student=student, teacher_grad=through_teacher)
+    grad, = torch.autograd.grad(LogitL1()(step), x)
+    expected = [(3 - 1 + 1 - 0) / 2, (0 - 2 + 1 - 1) / 2] if through_teacher else [(3 + 1) / 2, (0 + 1) / 2]
+    assert grad[0].tolist() == pytest.approx(expected)
+    # the student's parameter gradient is the same either way: the teacher's outputs do not depend on it
+    student.zero_grad()
+    LogitL1()(Step(x, None, teacher=teacher, student=student, teacher_grad=through_teacher)).backward()
+    assert student.weight.grad.flatten().tolist() == pytest.approx([0.5, -0.5, 0.5, -0.5])
+
+
+def test_hast_yaml_takes_the_perturbation_through_the_teacher_and_a_bad_value_is_refused():
+    assert build_method(compose_cfg("method=hast")).settings.perturb_through_teacher is True
+    assert build_method(compose_cfg("method=intraq")).settings.perturb_through_teacher is False
+    with pytest.raises(ValueError, match=r"method.perturb_through_teacher='yes' is not valid; valid: \[True, False\]"):
+        build_method(compose_cfg("method=hast", "method.perturb_through_teacher=yes"))
+
+
 # ---------------------------------------------------------------------------------------------- IntraQ
 def test_fixed_set_crops_every_image_and_flips_half_by_default():
     fixed = FixedSet(3, (1, 8, 8), source="uniform_noise")

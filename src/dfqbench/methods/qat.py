@@ -38,7 +38,8 @@ class GeneratorQAT(Method):
                  stop_after_epoch: int | None = None, keep_checkpoint: bool = False,
                  warmup_generator: dict | None = None, warmup_generator_losses: dict | None = None,
                  student_mode: str = "eval", range_tracking: str = "ema", schedule_overrides: dict | None = None,
-                 student_batches: str = "reuse", student_eval_in_generator_step: bool = False, **kwargs):
+                 student_batches: str = "reuse", student_eval_in_generator_step: bool = False,
+                 perturb_through_teacher: bool = False, **kwargs):
         super().__init__(name, **kwargs)
         if not schedule:
             raise ValueError("method.schedule is missing: the method yaml needs `schedule: ${schedule}`")
@@ -69,7 +70,8 @@ class GeneratorQAT(Method):
         self.settings = _train_settings(student_optim or {}, generator_optim or {}, lr_decay, generator_steps,
                                         student_steps, ema_beta, inundation or {}, perturb_epsilon,
                                         best_epoch_on_test, stop_after_epoch, keep_checkpoint, student_mode,
-                                        range_tracking, student_batches, student_eval_in_generator_step)
+                                        range_tracking, student_batches, student_eval_in_generator_step,
+                                        perturb_through_teacher)
         self.spec = {"generator": self.generator_spec, "generator_losses": generator_losses,
                      "warmup_generator": self.warmup_spec, "warmup_generator_losses": warmup_generator_losses,
                      "student_losses": student_losses, "schedule": self.schedule.to_dict(),
@@ -172,7 +174,7 @@ def _keys(key: str, given: dict, valid: tuple[str, ...]) -> None:
 def _train_settings(student_optim, generator_optim, lr_decay, generator_steps, student_steps, ema_beta,
                     inundation, perturb_epsilon, best_epoch_on_test, stop_after_epoch,
                     keep_checkpoint, student_mode="eval", range_tracking="ema", student_batches="reuse",
-                    student_eval_in_generator_step=False) -> TrainSettings:
+                    student_eval_in_generator_step=False, perturb_through_teacher=False) -> TrainSettings:
     _keys("method.student_optim", student_optim, ("lr", "momentum", "nesterov", "weight_decay"))
     _keys("method.generator_optim", generator_optim, ("lr", "betas"))
     _keys("method.inundation", inundation, ("enabled", "threshold", "bisection_steps"))
@@ -181,7 +183,8 @@ def _train_settings(student_optim, generator_optim, lr_decay, generator_steps, s
                               ("method.range_tracking", range_tracking, MODES),
                               ("method.student_batches", student_batches, ("reuse", "fresh", "fresh_eval")),
                               ("method.student_eval_in_generator_step", student_eval_in_generator_step,
-                               (True, False))):
+                               (True, False)),
+                              ("method.perturb_through_teacher", perturb_through_teacher, (True, False))):
         if value not in valid:
             raise ValueError(f"{key}={value!r} is not valid; valid: {list(valid)}")
     for key, value in (("method.generator_steps", generator_steps), ("method.student_steps", student_steps)):
@@ -220,4 +223,5 @@ def _train_settings(student_optim, generator_optim, lr_decay, generator_steps, s
         best_epoch_on_test=bool(best_epoch_on_test), stop_after_epoch=stop_after_epoch,
         keep_checkpoint=bool(keep_checkpoint), student_mode=student_mode, range_tracking=range_tracking,
         student_batches=student_batches, student_eval_in_generator_step=bool(student_eval_in_generator_step),
+        perturb_through_teacher=bool(perturb_through_teacher),
     )

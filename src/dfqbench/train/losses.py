@@ -31,8 +31,9 @@ class Step:
     def __init__(self, images: torch.Tensor, targets: torch.Tensor | None, teacher: Callable | None = None,
                  student: Callable | None = None, teacher_logits: torch.Tensor | None = None,
                  bn_stats: Callable[[], list] | None = None, taps: tuple | None = None,
-                 teacher_features: dict | None = None, epoch: int | None = None):
+                 teacher_features: dict | None = None, epoch: int | None = None, teacher_grad: bool = False):
         self.images = images
+        self.teacher_grad = teacher_grad  # student terms differentiate through the teacher too (as_target)
         self.epoch = epoch  # the trainer's 0-based epoch (terms gated by epoch: class_bns); None outside it
         self._targets, self._teacher, self._student = targets, teacher, student
         self._teacher_logits, self._student_logits, self._bn_stats = teacher_logits, None, bn_stats
@@ -87,6 +88,12 @@ class Step:
     def student_stages(self) -> list[torch.Tensor]:
         self.student_logits
         return self._student_features["stages"]
+
+    def as_target(self, value: torch.Tensor) -> torch.Tensor:
+        """A teacher value where a student term compares against it: detached, unless the step differentiates
+        through the teacher (HAST's code takes its perturbation direction through both networks; the student's
+        parameter gradients are the same either way)."""
+        return value if self.teacher_grad else value.detach()
 
     @property
     def targets(self) -> torch.Tensor:
@@ -496,7 +503,7 @@ class DistillationKL(LossTerm):
     def __call__(self, step):
         t = self.temperature
         log_p = F.log_softmax(step.student_logits / t, dim=1)
-        q = F.softmax(step.teacher_logits.detach() / t, dim=1)
+        q = F.softmax(step.as_target(step.teacher_logits) / t, dim=1)
         kl = F.kl_div(log_p, q, reduction="sum") / log_p.shape[0]  # batchmean
         if self.reduction == "mean":
             kl = kl / log_p.shape[1]
@@ -516,7 +523,7 @@ class LogitL1(LossTerm):
     """ZAQ-style: mean absolute difference of student and teacher logits."""
 
     def __call__(self, step):
-        return (step.student_logits - step.teacher_logits.detach()).abs().mean()
+        return (step.student_logits - step.as_target(step.teacher_logits)).abs().mean()
 
 
 @register(STUDENT_LOSSES, "difference_entropy")
@@ -532,7 +539,7 @@ class DifferenceEntropy(LossTerm):
 
     def __call__(self, step):
         t = self.temperature
-        return -t * t * difference_entropy(step.teacher_logits.detach(), step.student_logits, t).mean()
+        return -t * t * difference_entropy(step.as_target(step.teacher_logits), step.student_logits, t).mean()
 
 
 @register(STUDENT_LOSSES, "feature_mse")
@@ -543,7 +550,7 @@ class FeatureMSE(LossTerm):
     features = frozenset({"penultimate"})
 
     def __call__(self, step):
-        return F.mse_loss(step.student_features.flatten(1), step.teacher_features.detach().flatten(1))
+        return F.mse_loss(step.student_features.flatten(1), step.as_target(step.teacher_features).flatten(1))
 
 
 def channel_attention(f: torch.Tensor) -> torch.Tensor:
@@ -561,7 +568,7 @@ class ChannelAttentionMSE(LossTerm):
 
     def __call__(self, step):
         student, teacher = step.student_feature_set["residual_branches"], step.teacher_feature_set["residual_branches"]
-        return sum(F.mse_loss(channel_attention(s), channel_attention(t.detach()))
+        return sum(F.mse_loss(channel_attention(s), channel_attention(step.as_target(t)))
                    for s, t in zip(student, teacher, strict=True))
 
 
@@ -607,7 +614,7 @@ class StudentSCRM(_SCRMTerm):
     relations (scrm_distance, teacher side detached)."""
 
     def __call__(self, step):
-        return scrm_distance(step.student_stages, [t.detach() for t in step.teacher_stages], self.gamma)
+        return scrm_distance(step.student_stages, [step.as_target(t) for t in step.teacher_stages], self.gamma)
 
 
 @register(GENERATOR_LOSSES, "scrm")

@@ -77,6 +77,9 @@ class TrainSettings:
     inundation_threshold: float | None = None  # AIT's passing threshold; None = plain SGD steps
     inundation_bisection_steps: int = 5
     perturb_epsilon: float = 0.0  # HAST: also train on x + eps * sign(grad_x student loss); 0 = off
+    # HAST's code: grad_x of the clean loss flows through the teacher's logits and features too (it reruns the
+    # teacher on x with grad); False: through the student only (the teacher's outputs are fixed targets)
+    perturb_through_teacher: bool = False
     clip_lr_ratio: float = 0.1  # learned clipping values (parameters named `clip`, DFQF): lr ratio, plain SGD
     decay_generator: bool = True  # the generator's lr follows the milestones too (DFQF's stage 1: it does not)
     best_epoch_on_test: bool = False
@@ -287,8 +290,12 @@ class Trainer:
                     continue
                 if cfg.perturb_epsilon:
                     images = images.detach().requires_grad_(True)
-                step = Step(images, targets, teacher_logits=teacher_logits, student=self.student, taps=self.taps,
-                            teacher_features=teacher_features)
+                if cfg.perturb_epsilon and cfg.perturb_through_teacher:  # the teacher reruns on x, with grad
+                    step = Step(images, targets, teacher=self.teacher, student=self.student, taps=self.taps,
+                                teacher_grad=True)
+                else:
+                    step = Step(images, targets, teacher_logits=teacher_logits, student=self.student,
+                                taps=self.taps, teacher_features=teacher_features)
                 loss, terms = weighted_sum(self.student_terms, step)
                 if cfg.perturb_epsilon:
                     loss, terms = self._with_hard_samples(loss, terms, images, targets)
