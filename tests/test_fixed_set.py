@@ -146,3 +146,43 @@ def test_intraq_calibrates_on_a_warmup_generator_and_resumes_with_it(tmp_path, c
                                          "the main generator, but method.generator.name=fixed_set trains none"):
         GeneratorQAT(schedule=SCHEDULE, generator={"name": "fixed_set"}, generator_losses=None,
                      student_losses={"kd": {}}, warmup_generator_losses={"ce": {}})
+
+
+@pytest.mark.parametrize("warmup_batch,expect", [(None, [4, 4]), (2, [2, 4])])
+def test_the_warmup_generator_draws_intraqs_hard_coded_batch_and_the_main_one_the_schedules(warmup_batch, expect):
+    """IntraQ/HAST's trainer_direct.py trains its warm-up generator (and calibrates the ranges) on batches of 16
+    whatever the fine-tuning batch (method.warmup_batch_size); the main generator keeps the schedule's batch."""
+    from dfqbench.train.generators import GENERATORS
+    from dfqbench.train.losses import STUDENT_LOSSES
+    from dfqbench.train.schedule import Schedule
+    from dfqbench.train.trainer import Trainer, TrainSettings
+
+    torch.manual_seed(0)
+
+    def net():
+        return nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(), nn.AdaptiveAvgPool2d(1),
+                             nn.Flatten(), nn.Linear(4, 3)).eval()
+    seen = []
+
+    class Spy:
+        needs_bn_stats, features, weight = False, frozenset(), 1.0
+
+        def __call__(self, step):
+            seen.append(step.images.shape[0])
+            return step.teacher_logits.pow(2).mean()
+
+    warm, main = (GENERATORS["dcgan3"](3, (3, 8, 8), latent_dim=4, ngf=2) for _ in range(2))
+    schedule = Schedule(name="t", epochs=2, iters_per_epoch=1, batch_size=4, warmup_epochs=1, calib_epochs=1,
+                        milestones=[])
+    Trainer(net(), net(), main, [("main", Spy())], [("kd", STUDENT_LOSSES["kd"]())], schedule,
+            TrainSettings(warmup_batch_size=warmup_batch), torch.device("cpu"), 0, warmup_generator=warm,
+            warmup_terms=[("warm", Spy())]).fit()
+    assert seen == expect
+
+
+def test_intraq_yaml_warms_up_at_batch_16_and_a_bad_batch_is_refused():
+    assert build_method(compose_cfg("method=intraq")).settings.warmup_batch_size == 16
+    assert build_method(compose_cfg("method=hast")).settings.warmup_batch_size == 16
+    assert build_method(compose_cfg("method=gdfq")).settings.warmup_batch_size is None
+    with pytest.raises(ValueError, match=r"method.warmup_batch_size=0 must be null or a positive integer"):
+        build_method(compose_cfg("method=intraq", "method.warmup_batch_size=0"))

@@ -39,7 +39,7 @@ class GeneratorQAT(Method):
                  warmup_generator: dict | None = None, warmup_generator_losses: dict | None = None,
                  student_mode: str = "eval", range_tracking: str = "ema", schedule_overrides: dict | None = None,
                  student_batches: str = "reuse", student_eval_in_generator_step: bool = False,
-                 perturb_through_teacher: bool = False, **kwargs):
+                 perturb_through_teacher: bool = False, warmup_batch_size: int | None = None, **kwargs):
         super().__init__(name, **kwargs)
         if not schedule:
             raise ValueError("method.schedule is missing: the method yaml needs `schedule: ${schedule}`")
@@ -71,7 +71,7 @@ class GeneratorQAT(Method):
                                         student_steps, ema_beta, inundation or {}, perturb_epsilon,
                                         best_epoch_on_test, stop_after_epoch, keep_checkpoint, student_mode,
                                         range_tracking, student_batches, student_eval_in_generator_step,
-                                        perturb_through_teacher)
+                                        perturb_through_teacher, warmup_batch_size)
         self.spec = {"generator": self.generator_spec, "generator_losses": generator_losses,
                      "warmup_generator": self.warmup_spec, "warmup_generator_losses": warmup_generator_losses,
                      "student_losses": student_losses, "schedule": self.schedule.to_dict(),
@@ -174,7 +174,8 @@ def _keys(key: str, given: dict, valid: tuple[str, ...]) -> None:
 def _train_settings(student_optim, generator_optim, lr_decay, generator_steps, student_steps, ema_beta,
                     inundation, perturb_epsilon, best_epoch_on_test, stop_after_epoch,
                     keep_checkpoint, student_mode="eval", range_tracking="ema", student_batches="reuse",
-                    student_eval_in_generator_step=False, perturb_through_teacher=False) -> TrainSettings:
+                    student_eval_in_generator_step=False, perturb_through_teacher=False,
+                    warmup_batch_size=None) -> TrainSettings:
     _keys("method.student_optim", student_optim, ("lr", "momentum", "nesterov", "weight_decay"))
     _keys("method.generator_optim", generator_optim, ("lr", "betas"))
     _keys("method.inundation", inundation, ("enabled", "threshold", "bisection_steps"))
@@ -187,6 +188,9 @@ def _train_settings(student_optim, generator_optim, lr_decay, generator_steps, s
                               ("method.perturb_through_teacher", perturb_through_teacher, (True, False))):
         if value not in valid:
             raise ValueError(f"{key}={value!r} is not valid; valid: {list(valid)}")
+    if warmup_batch_size is not None and (isinstance(warmup_batch_size, bool) or not isinstance(warmup_batch_size, int)
+                                          or warmup_batch_size < 1):
+        raise ValueError(f"method.warmup_batch_size={warmup_batch_size!r} must be null or a positive integer")
     for key, value in (("method.generator_steps", generator_steps), ("method.student_steps", student_steps)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ValueError(f"{key}={value!r} must be a positive integer")
@@ -223,5 +227,5 @@ def _train_settings(student_optim, generator_optim, lr_decay, generator_steps, s
         best_epoch_on_test=bool(best_epoch_on_test), stop_after_epoch=stop_after_epoch,
         keep_checkpoint=bool(keep_checkpoint), student_mode=student_mode, range_tracking=range_tracking,
         student_batches=student_batches, student_eval_in_generator_step=bool(student_eval_in_generator_step),
-        perturb_through_teacher=bool(perturb_through_teacher),
+        perturb_through_teacher=bool(perturb_through_teacher), warmup_batch_size=warmup_batch_size,
     )

@@ -80,6 +80,9 @@ class TrainSettings:
     # HAST's code: grad_x of the clean loss flows through the teacher's logits and features too (it reruns the
     # teacher on x with grad); False: through the student only (the teacher's outputs are fixed targets)
     perturb_through_teacher: bool = False
+    # IntraQ/HAST's code: the warm-up generator's batch (and the calibration batches it feeds) is hard-coded to
+    # 16 images, whatever the fine-tuning batch; None = the schedule's batch_size
+    warmup_batch_size: int | None = None
     clip_lr_ratio: float = 0.1  # learned clipping values (parameters named `clip`, DFQF): lr ratio, plain SGD
     decay_generator: bool = True  # the generator's lr follows the milestones too (DFQF's stage 1: it does not)
     best_epoch_on_test: bool = False
@@ -261,8 +264,11 @@ class Trainer:
         elif self.warmup_terms and epoch < s.warmup_epochs:  # AdvKD: the generator's own warm-up losses
             gen_terms = self.warmup_terms
         student_mode = self.student.training
+        batch_size = s.batch_size
+        if generator is self.warmup_gen and cfg.warmup_batch_size:
+            batch_size = cfg.warmup_batch_size
         for _ in range(cfg.generator_steps if opt_g else 0):
-            sample = generator.sample(s.batch_size, self.rng).to(self.device)
+            sample = generator.sample(batch_size, self.rng).to(self.device)
             images = generator(sample)
             if cfg.student_eval_in_generator_step:
                 self.student.eval()
