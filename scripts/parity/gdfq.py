@@ -36,7 +36,13 @@ The forks (--method, gdfq_family.FAMILY) add what their sources need, each liste
   - hast: main() is a torch.distributed one (no --id: manualSeed = S + 1 by a rewrite of its hard-coded 1), run as
     `torch.distributed.launch --nproc_per_node 1` would (env://, one process, --local_rank 0); without a GPU the
     gloo backend, .to(local_rank) -> the CPU and DistributedDataParallel (which refuses SyncBatchNorm on the CPU)
-    -> a one-process stand-in. Its console output goes to train_test.log only.
+    -> a one-process stand-in. Its console output goes to train_test.log only;
+  - adasg (AdaSG_code/CIFAR), adadfq (AdaDFQ/CIFAR): hfutqian's GDFQ forks, with cifar10_resnet20.hocon (batch 16 in
+    the code; the schedule's batch appended as for GDFQ) and dataset "cifar100" (their main.py knows no other CIFAR
+    name). Breakages of the shipped code mended at run time: main.py's ImageNet branch does not compile (an `if`
+    without a body: `pass`), options.py does not read the hocon's `network` (nor AdaDFQ's alpha_ds, alpha_as,
+    lambda_l, lambda_u, beta, gamma: read as shipped), marginal_loss's zero vector is hard-coded to batch 16 (->
+    the batch's size; at 16 the same).
 Every epoch's test result is read as Trainer.test returns it (the line the code prints or logs); the record's
 `top1` is the FINAL epoch's (what dfqbench reports), `official_best_top1` the code's own "Best Result" (best
 epoch on the test set), labelled.
@@ -233,7 +239,7 @@ def child(a) -> None:
     block = gdfq_family.write_hocon(root / entry.conf, conf, appended)
     patches.append(f"hocon: {entry.conf} with {json.dumps(appended, sort_keys=True)} appended")
 
-    main_mod = gdfq_family.import_file(root / entry.main, Path(entry.main).stem)
+    main_mod = gdfq_family.import_file(root / entry.main, Path(entry.main).stem, entry.script_rewrites, patches)
     trainer_mod = sys.modules[entry.trainer]
     if entry.distributed and not cuda:
         main_mod.DDP = gdfq_family.one_process_ddp()
@@ -442,7 +448,8 @@ def main(argv=None) -> None:
     p.add_argument("--official", required=True, help="a clone of the method's repository (gdfq: xushoukai/GDFQ)")
     p.add_argument("--method", default="gdfq", choices=sorted(gdfq_family.FAMILY),
                    help="which entry of gdfq_family.FAMILY: gdfq (xushoukai/GDFQ), qimera, ait (iamkanghyunchoi/ait, "
-                        "GDFQ_AIT), intraq (zysxmu/IntraQ), hast (lihuantong/HAST); clusterq: clusterq.py")
+                        "GDFQ_AIT), intraq (zysxmu/IntraQ), hast (lihuantong/HAST), adasg (hfutqian/AdaSG, "
+                        "AdaSG_code/CIFAR), adadfq (hfutqian/AdaDFQ, AdaDFQ/CIFAR); clusterq: clusterq.py")
     p.add_argument("--schedule", default="cpu", help="conf/schedule/<name>.yaml: the budget of both sides")
     p.add_argument("--schedule-override", nargs="*", default=[],
                    help="schedule keys for both sides, e.g. epochs=2 iters_per_epoch=3 (smoke checks)")

@@ -1,15 +1,17 @@
 """Run-time patching shared by the parity drivers of the GDFQ training family (xushoukai/GDFQ and the forks built on
-its code: Qimera, AIT, IntraQ, HAST). Their repositories share one frame: a main script (`--conf_path X.hocon
---id N`) whose ExperimentDesign loads pytorchcv teachers, wraps them in ZeroQ-style quantizers, builds a
-Trainer(trainer.py / trainer_direct.py) and calls run(); the budget is partly in the hocon file (nEpochs,
-batchSize, warmup_epochs, step_S/step_G) and partly hard-coded (`iters = 200` in Trainer.train, `epoch < 4` for
-the activation-range calibration in ExperimentDesign.run).
+its code: Qimera, AIT, IntraQ, HAST, AdaSG, AdaDFQ). Their repositories share one frame: a main script
+(`--conf_path X.hocon --id N`) whose ExperimentDesign loads pytorchcv teachers, wraps them in ZeroQ-style
+quantizers, builds a Trainer(trainer.py / trainer_direct.py) and calls run(); the budget is partly in the hocon
+file (nEpochs, batchSize, warmup_epochs, step_S/step_G) and partly hard-coded (`iters = 200` in Trainer.train,
+`epoch < 4` for the activation-range calibration in ExperimentDesign.run).
 
 What this module changes in a clone, at run time only, in the driver's child process:
   - the hocon file: the clone's own, with the budget appended (HOCON: a later key overrides an earlier one);
   - source rewrites of named functions: exact substrings of the clone's source, each found the stated number of
     times or the run stops (`SourceRewrite`); the rewritten function is compiled from the clone's text and set on
     its class; every rewrite is listed in the record;
+  - an entry script that does not compile as shipped (AdaSG/AdaDFQ's main.py): exact substring rewrites of its
+    text before it is compiled (`Entry.script_rewrites`, `import_file`), keeping every line where it is;
   - the teacher (pytorchcv get_model -> the clone's own pytorchcv architecture with the dfqbench checkpoint's
     state_dict: the clone's resnet_cifar has the `out_feature` argument the trainers call), the test loader (the
     dfqbench test set), the device (.cuda() -> cpu, utils.data_parallel -> the model itself).
@@ -20,8 +22,10 @@ it: `Entry.synth` runs that script in the same child, first, at the schedule's f
 fixed_set_iterations (`Synth`), with the same teacher patch and its own source rewrites.
 
 `FAMILY` is the table of entry points. Every entry has been run end to end (`tested: True`): gdfq, qimera at the
-cpu schedule (results/parity/), ait, intraq and hast at smoke budgets (their rewrites found, the final epoch's
-top-1 read); a new entry starts at `tested: False`: check it before trusting a number.
+cpu schedule (results/parity/), ait, intraq and hast at smoke budgets, adasg and adadfq at a smoke budget and a
+4 x 30-iteration sanity budget (their rewrites found, the final epoch's top-1 read); a new entry starts at
+`tested: False`: check it before trusting a number. tests/test_parity_gdfq_family.py finds every rewrite's anchor
+in the clones (or mirrors) present.
 """
 
 from __future__ import annotations
@@ -92,6 +96,8 @@ class Entry:
                                    # without a GPU its `DDP` name -> OneProcessDDP
     stubs: tuple = ()              # modules imported but not needed (not installed): "torch.utils.tensorboard"
     aliases: tuple = ()            # (module, name, from_module): names a newer pytorchcv moved
+    script_rewrites: tuple = ()    # SourceRewrites (attr "") of the entry script's text before it is compiled, for
+                                   # a script that does not compile as shipped; line numbers kept (import_file)
 
 
 def _budget_rewrites(main_mod: str, trainer_mod: str, trainer_cls: str = "Trainer", run_cls: str = "ExperimentDesign",
@@ -130,6 +136,32 @@ def _plateau_verbose(method: str) -> SourceRewrite:
     return SourceRewrite("distill_data:DistillData", method, "verbose=False,", "",
                          why="ReduceLROnPlateau's `verbose` (False: prints nothing) was removed in PyTorch 2.x "
                              "(TypeError); the same scheduler")
+
+
+def _ada_rewrites(hocon_keys: tuple = ()) -> tuple:
+    """hfutqian's AdaSG and AdaDFQ (<code>/CIFAR: the same main.py, options.py, utils/ and trainer.py frame, GDFQ's
+    code): the budget, GDFQ's utils/compute.py, and two breakages of the shipped code."""
+    reads = "".join(f"\n\tself.{k} = self.conf['{k}']" for k in ("network", *hocon_keys))
+    return _budget_rewrites("main", "trainer", accuracy_view=True) + (
+        SourceRewrite("options:Option", "__init__", "self.b2 = self.conf['b2']", "self.b2 = self.conf['b2']" + reads,
+                      why="the shipped options.py (GDFQ's) does not read the hocon keys the code uses: "
+                          "ExperimentDesign._set_model reads settings.network (AttributeError)"
+                          + (", trainer.train settings." + "/".join(hocon_keys) if hocon_keys else "")
+                          + "; each is read from the hocon as shipped"),
+        SourceRewrite("trainer", "marginal_loss", "torch.zeros(16)", "torch.zeros(h_info_prime.shape[0])",
+                      why="the hinge's zero vector is hard-coded to 16 entries ('#batch size 16', the hocon's "
+                          "batchSize): torch.max(h', zeros(16)) cannot broadcast at another batch (RuntimeError) -> "
+                          "one entry per sample; at batch 16 the same tensor"),
+    )
+
+
+# main.py's ImageNet branch of _set_model: `if self.settings.network in [...]:` with its body at the `if`'s own
+# indentation (IndentationError: the file does not compile, on any Python 3)
+_ADA_MAIN_FIX = SourceRewrite(
+    "main", "", 'if self.settings.network in ["resnet18", "mobilenetv2_w1", "resnet50"]:',
+    'if self.settings.network in ["resnet18", "mobilenetv2_w1", "resnet50"]: pass',
+    why="main.py does not compile as shipped (IndentationError): the ImageNet branch's `if` has no indented body; "
+        "`pass` gives it one (the lines below it stay unconditional; never reached on CIFAR)")
 
 
 FAMILY: dict[str, Entry] = {
@@ -241,6 +273,21 @@ FAMILY: dict[str, Entry] = {
             _plateau_verbose("getDistilData_hardsample"),
         )),
         tested=True),
+    # AdaSG_code/CIFAR/run_cifar10_3bit.sh: main.py --conf_path=./cifar10_resnet20.hocon --id=01 (no other flags).
+    # main.py knows only dataset "cifar100" (generator, per-epoch test): the shipped cifar10 hocon's "cifar10"
+    # stops main() at `assert False, "invalid data set"`; the driver's hocon sets "cifar100", as for GDFQ, and
+    # paramscheck puts back the teacher's 10 classes. marginal_loss's zero vector follows the batch (at the
+    # hocon's batch 16 that changes nothing); options.py is made to read the hocon's `network`.
+    "adasg": Entry("hfutqian/AdaSG", "main.py", "trainer", "cifar10_resnet20.hocon", subdir="AdaSG_code/CIFAR",
+                   script_rewrites=(_ADA_MAIN_FIX,), rewrites=_ada_rewrites(), tested=True),
+    # AdaDFQ/CIFAR (no CIFAR-10 script; the README's command with cifar10_resnet20.hocon): AdaSG's frame with the
+    # margin bounds and loss weights in the hocon (alpha_ds 0.2, alpha_as 0.1, lambda_l 0.1, lambda_u 0.8, beta 1,
+    # gamma 1), which its options.py (identical to AdaSG's) does not read: read as shipped, the driver appends
+    # none of them. Same dataset / marginal_loss notes as adasg (at batch 16 the zero vector is unchanged).
+    "adadfq": Entry("hfutqian/AdaDFQ", "main.py", "trainer", "cifar10_resnet20.hocon", subdir="AdaDFQ/CIFAR",
+                    script_rewrites=(_ADA_MAIN_FIX,),
+                    rewrites=_ada_rewrites(("alpha_ds", "alpha_as", "lambda_l", "lambda_u", "beta", "gamma")),
+                    tested=True),
 }
 
 
@@ -311,12 +358,30 @@ def apply_source_rewrites(rewrites, values: dict, cpu: bool) -> list[str]:
     return notes
 
 
-def import_file(path: Path, name: str):
-    """Import the clone's entry script as module `name` (its `if __name__ == '__main__'` stays idle)."""
+def import_file(path: Path, name: str, rewrites=(), notes: list | None = None):
+    """Import the clone's entry script as module `name` (its `if __name__ == '__main__'` stays idle). `rewrites`
+    (SourceRewrites of the whole text, e.g. Entry.script_rewrites) are made to the text before it is compiled,
+    each found `count` times; they must keep every line where it is, so that later function rewrites
+    (inspect.getsource reads the file) see the same lines. Their descriptions are appended to `notes`."""
     spec = importlib.util.spec_from_file_location(name, str(path))
     mod = importlib.util.module_from_spec(spec)
     sys.modules[name] = mod
-    spec.loader.exec_module(mod)
+    if not rewrites:
+        spec.loader.exec_module(mod)
+        return mod
+    src = Path(path).read_text()
+    lines = src.count("\n")
+    for rw in rewrites:
+        found = src.count(rw.old)
+        if found != rw.count:
+            raise SystemExit(f"{path.name}: {rw.old!r} found {found} times in the clone's source, expected "
+                             f"{rw.count}; this clone differs from the one the driver was written for")
+        src = src.replace(rw.old, rw.new)
+        if notes is not None:
+            notes.append(f"{rw.owner} (the file's text, before it is compiled): {rw.old!r} -> {rw.new!r} ({rw.why})")
+    if src.count("\n") != lines:
+        raise SystemExit(f"{path.name}: the text rewrites moved lines (function rewrites read the file)")
+    exec(compile(src, str(path), "exec"), mod.__dict__)
     return mod
 
 
