@@ -9,6 +9,7 @@ and listed in the record ("patches").
 
 from __future__ import annotations
 
+import argparse
 import csv
 import json
 import math
@@ -240,3 +241,29 @@ def rel(path: Path) -> str:
 
 def fmt(v: float, digits: int = 2) -> str:
     return "" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.{digits}f}"
+
+
+def add_cell_arguments(p, method: str, quant_help: str, overrides_help: str, variant: str) -> None:
+    """The arguments every training-method driver shares after its budget and its own knob: the teacher and test
+    set, threads/device, the dfqbench side, where records go, which seeds, --resume, and the child's hidden ones.
+    `variant` names what else a kept official run must match under --resume (e.g. "lr", "alpha")."""
+    p.add_argument("--model", default="resnet20_cifar10")
+    p.add_argument("--dataset", default="cifar10")
+    p.add_argument("--teacher", nargs="*", default=[], help="more dfqbench overrides for the teacher")
+    p.add_argument("--max-samples", type=int, default=None, help="dataset.max_samples (default: full test set)")
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--cpu", action="store_true", help="stay on the CPU even with a GPU")
+    p.add_argument("--dfqbench", action="store_true", help="also run dfqbench on the same cell, write parity.csv")
+    p.add_argument("--quant", default="gdfq", help=quant_help)
+    p.add_argument("--method-overrides", nargs="*", default=[], help=overrides_help)
+    p.add_argument("--out", default="", help=f"records folder (default results/parity/{method})")
+    p.add_argument("--tag", default="", help="a sub-folder of the cell and a variant of the csv row's method")
+    p.add_argument("--csv", default=str(PARITY_CSV))
+    p.add_argument("--official-seeds", type=int, nargs="*", default=None, help="official seeds (default --seeds)")
+    p.add_argument("--dfqbench-seeds", type=int, nargs="*", default=None, help="dfqbench seeds (default --seeds)")
+    p.add_argument("--resume", action="store_true",
+                   help=f"keep finished seeds: official-s<S>.json (same code, schedule, bits, {variant}) and "
+                        "dfqbench-<quant>-s<S>.record.json (same schedule and bits)")
+    p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--seed", type=int, default=0, help=argparse.SUPPRESS)
+    p.add_argument("--scratch", default="", help=argparse.SUPPRESS)

@@ -459,28 +459,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="official --seed S (the code seeds torch/numpy/random with it) / dfqbench seed=S")
     p.add_argument("--alpha", type=float, default=None,
                    help="the code's --alpha (SCRM weight; default: the code's 1); another value names the cell")
-    p.add_argument("--model", default="resnet20_cifar10")
-    p.add_argument("--dataset", default="cifar10")
-    p.add_argument("--teacher", nargs="*", default=[], help="more dfqbench overrides for the teacher")
-    p.add_argument("--max-samples", type=int, default=None, help="dataset.max_samples (default: full test set)")
-    p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--cpu", action="store_true", help="stay on the CPU even with a GPU")
-    p.add_argument("--dfqbench", action="store_true", help="also run dfqbench on the same cell, write parity.csv")
-    p.add_argument("--quant", default="gdfq", help="dfqbench preset of the dfqbench side (default gdfq)")
-    p.add_argument("--method-overrides", nargs="*", default=[],
-                   help="more dfqbench overrides (method.X=Y) for the dfqbench runs (the schedule they give applies "
-                        "to both sides)")
-    p.add_argument("--out", default="", help=f"records folder (default results/parity/{METHOD})")
-    p.add_argument("--tag", default="", help="a sub-folder of the cell and a variant of the csv row's method")
-    p.add_argument("--csv", default=str(common.PARITY_CSV))
-    p.add_argument("--official-seeds", type=int, nargs="*", default=None, help="official seeds (default --seeds)")
-    p.add_argument("--dfqbench-seeds", type=int, nargs="*", default=None, help="dfqbench seeds (default --seeds)")
-    p.add_argument("--resume", action="store_true",
-                   help="keep finished seeds: official-s<S>.json (same code, schedule, bits, alpha) and "
-                        "dfqbench-<quant>-s<S>.record.json (same schedule and bits)")
-    p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
-    p.add_argument("--seed", type=int, default=0, help=argparse.SUPPRESS)
-    p.add_argument("--scratch", default="", help=argparse.SUPPRESS)
+    common.add_cell_arguments(
+        p, METHOD, quant_help="dfqbench preset of the dfqbench side (default gdfq)",
+        overrides_help="more dfqbench overrides (method.X=Y) for the dfqbench runs (the schedule they give applies "
+                       "to both sides)", variant="alpha")
 
 
 def main(argv=None) -> None:
