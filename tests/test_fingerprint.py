@@ -261,3 +261,31 @@ def test_a_run_says_what_it_resolved_and_writes_a_log_file(tmp_path, cifar10_roo
     for needle in (f"sha256 {TEACHER_SHA256}", "device: cpu", f"output: {tmp_path.resolve()}",
                    "command: python -m dfqbench", f"quantized top-1 {record['top1']:.2f}"):
         assert needle in log, needle
+
+
+def test_the_code_digest_leaves_out_only_what_renders_tables(tmp_path):
+    """records.py loaded from a copy of the package: editing the tables or figures code keeps the digest (a
+    finished sweep stays finished), editing a quantizer or a top-level module does not."""
+    import importlib.util
+    from pathlib import Path
+    pkg = tmp_path / "dfqbench"
+    shutil.copytree(Path(records.__file__).parent, pkg, ignore=shutil.ignore_patterns("__pycache__", "*.so"))
+
+    def digest() -> str:
+        spec = importlib.util.spec_from_file_location("records_copy", pkg / "records.py")
+        mod = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(mod)
+        return mod.code_digest()
+
+    base = digest()
+    assert base == records.code_digest()
+    for rel in ("results/markdown.py", "tables.py", "plots.py"):
+        with open(pkg / rel, "a") as f:
+            f.write("\n# edited\n")
+        assert digest() == base, rel
+    for rel in ("quant/quantizers/layers.py", "runner.py", "results_helper.py"):
+        with open(pkg / rel, "a") as f:
+            f.write("\n# edited\n")
+        changed = digest()
+        assert changed != base, rel
+        base = changed

@@ -24,7 +24,8 @@ import gdfq_family  # noqa: E402
 # what scripts/parity/gdfq.py's child fills in (stage 2) and synthesize() (stage 1), none equal to the
 # codes' own (4 calibration epochs, seed 1) so that every rewrite changes its text
 VALUES = {"iters_per_epoch": 60, "calib_epochs": 3, "milestones": [8], "manual_seed": 3, "root": "/clone",
-          "model": "resnet20_cifar10", "data_head": "/s/data_group", "label_head": "/s/label_group", "groups": 1}
+          "model": "resnet20_cifar10", "data_head": "/s/data_group", "label_head": "/s/label_group", "groups": 1,
+          "warmup_batch": 64}
 SYNTH_VALUES = {"synth_batches": 1, "fixed_set_iterations": 200}
 
 
@@ -34,6 +35,9 @@ def test_entry_fills_in(name):
     assert entry.tested
     for rw in entry.rewrites:
         assert rw.why and rw.old != rw.new.format(**VALUES)
+    for rw in entry.warmup_batch_rewrites:  # 16 -> the driver's --warmup-batch
+        assert rw.why and "16" in rw.old and "64" in rw.new.format(**VALUES) and "16" not in rw.new
+    assert bool(entry.warmup_batch_rewrites) == (name in ("intraq", "hast"))
     for rw in entry.script_rewrites:  # the script's text before it is compiled: no line may move
         assert rw.why and rw.old != rw.new and rw.old.count("\n") == rw.new.count("\n")
     for key, value in entry.hocon_extra:
@@ -140,12 +144,14 @@ def test_rewrite_anchors_found_in_the_clone(name):
     read = clone_reader(entry.repo)
     if read is None:
         pytest.skip(f"no clone of {entry.repo} here ({CLONES}/off-*, {MIRRORS})")
-    checked = check_rewrites(read, entry.subdir, entry.rewrites, VALUES, script=entry.main,
+    # the driver's --warmup-batch rewrites go in the same call as the entry's (one recompile per function)
+    rewrites = entry.rewrites + entry.warmup_batch_rewrites
+    checked = check_rewrites(read, entry.subdir, rewrites, VALUES, script=entry.main,
                              script_rewrites=entry.script_rewrites)
     if entry.synth:
         base = str(Path(entry.subdir or ".", entry.synth.script).parent)
         checked += check_rewrites(read, base, entry.synth.rewrites, SYNTH_VALUES)
-    assert checked == len(entry.rewrites) + (len(entry.synth.rewrites) if entry.synth else 0)
+    assert checked == len(rewrites) + (len(entry.synth.rewrites) if entry.synth else 0)
 
 
 @pytest.mark.parametrize("name", ["adasg", "adadfq"])

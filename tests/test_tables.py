@@ -11,6 +11,7 @@ import pandas as pd
 import pytest
 
 from dfqbench import tables
+from dfqbench.results import entries
 from dfqbench.reported import load_reported, method_key, parse_seed
 from dfqbench.results.names import split_reported, split_run_method
 from dfqbench.results.parity import agrees
@@ -279,3 +280,30 @@ def test_bad_method_source_block_is_a_one_line_error(source, message):
     assert Method("m", source={"paper": "p", "code": "none", "fidelity": "reconstruction",
                                "inferred": ["lr"]}).fidelity == "reconstruction"
     assert Method("m").fidelity == "reproduction"
+
+
+def test_diverged_runs_are_listed_under_the_tables(tmp_path):
+    """A failed record of a diverged training is a result (listed, with where it diverged); a run that failed for
+    another reason, and a diverged one under superseded/, are not."""
+    runs, out = tmp_path / "runs", tmp_path / "out"
+    _record(runs, "z0", seed=0, top1=80.0)
+    cfg = {"schedule": {"name": "cpu"}}
+    _record(runs, "iq1", method="intraq", seed=1, status="failed", config=cfg,
+            error="TrainingDiverged: training diverged: student loss term 'kd' is nan at epoch 8/10, iteration "
+                  "35/60; the last good checkpoint is kept: /x/checkpoint.pt")
+    _record(runs, "iq2", method="intraq", seed=2, status="failed", config=cfg, error="ValueError: bad")
+    _record(runs, "superseded/iq0", method="intraq", seed=0, status="failed", config=cfg,
+            error="TrainingDiverged: training diverged: generator loss term 'ce' is inf at epoch 1/10, iteration 1/60")
+    diverged = entries.collect_diverged([runs])
+    assert diverged[["method", "seed", "schedule"]].values.tolist() == [["intraq", 1, "cpu"]]
+    tables.main([str(runs), "--results", str(out), "--reported", str(tmp_path / "none")])
+    text = (out / "baselines.md").read_text()
+    section = text.split("## Runs whose training diverged", 1)[1]
+    row = next(line for line in section.splitlines() if "| intraq" in line)
+    assert "student loss term 'kd' is nan at epoch 8/10, iteration 35/60 |" in row
+    assert "checkpoint" not in row and "[record](../runs/iq1/record.json)" in row
+    assert "ValueError" not in text and "epoch 1/10" not in text
+
+
+def test_no_diverged_section_without_diverged_runs(built):
+    assert "## Runs whose training diverged" not in (built / "baselines.md").read_text()

@@ -58,6 +58,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import sys
 import time
 from pathlib import Path
@@ -181,7 +182,8 @@ def child(a) -> None:
         common.cpu_only_cuda_calls(device)
         patches.append(".cuda() -> cpu")
     values = {"iters_per_epoch": int(sched["iters_per_epoch"]), "calib_epochs": int(sched["calib_epochs"]),
-              "milestones": list(sched["milestones"]), "manual_seed": a.seed + 1, "root": str(root), "model": arch}
+              "milestones": list(sched["milestones"]), "manual_seed": a.seed + 1, "root": str(root), "model": arch,
+              "warmup_batch": a.warmup_batch}
     synth = synthesize(a, entry, root, sched, arch, patch_get_model, patches) if entry.synth else {}
     values.update({k: synth[k] for k in ("data_head", "label_head", "groups") if k in synth})
 
@@ -246,7 +248,9 @@ def child(a) -> None:
         patches.append(f"{Path(entry.main).stem}.DDP (DistributedDataParallel, which refuses SyncBatchNorm layers "
                        f"on the CPU) -> a one-process stand-in: .module and forward() as DDP's (with one process "
                        f"DDP's gradient all-reduce and start-up broadcast change nothing; broadcast_buffers=False)")
-    patches += gdfq_family.apply_rewrites(entry, values, cpu=not cuda)
+    # one call: a function is recompiled once from the clone's text with all of its rewrites
+    patches += gdfq_family.apply_source_rewrites(
+        entry.rewrites + (entry.warmup_batch_rewrites if a.warmup_batch else ()), values, cpu=not cuda)
 
     # observe (not change): every epoch's test error and training seconds, the teacher's test error
     Trainer = trainer_mod.Trainer
@@ -411,19 +415,21 @@ def check_quantizers(a) -> None:
 
 # --- parent ----------------------------------------------------------------------------------------------------------
 
-def _keep_seed(cell: Path, seed: int, r: dict, commit: str, wbit: int, abit: int) -> dict:
+def _keep_seed(cell: Path, seed: int, r: dict, commit: str, wbit: int, abit: int,
+               warmup_batch: int | None = None) -> dict:
     """One official seed's result, with the code's own log copied beside it, kept as official-s<seed>.json."""
     log = r.get("official_log")
     if log and Path(log).is_absolute():
         if Path(log).exists():
             (cell / f"official-s{seed}.train_test.log.txt").write_text(Path(log).read_text())
         r["official_log"] = common.rel(cell / f"official-s{seed}.train_test.log.txt")
-    r.update(seed=seed, official_commit=commit, wbit=wbit, abit=abit)
+    r.update(seed=seed, official_commit=commit, wbit=wbit, abit=abit, warmup_batch=warmup_batch)
     common.write_json(cell / f"official-s{seed}.json", r)
     return r
 
 
-def _finished_seed(cell: Path, seed: int, commit: str, sched: dict, wbit: int, abit: int) -> dict | None:
+def _finished_seed(cell: Path, seed: int, commit: str, sched: dict, wbit: int, abit: int,
+                   warmup_batch: int | None = None) -> dict | None:
     """A finished official seed (--resume): its official-s<seed>.json, or the result line that ends its driver log
     (a driver stopped after that seed); None if there is none for this commit, schedule and bit-widths."""
     path = cell / f"official-s{seed}.json"
@@ -435,11 +441,13 @@ def _finished_seed(cell: Path, seed: int, commit: str, sched: dict, wbit: int, a
             r = json.loads(log.read_text().strip().splitlines()[-1])
         except (OSError, ValueError, IndexError):
             return None
-        if f"--seed {seed} " not in log.read_text().splitlines()[0] + " ":
+        command = log.read_text().splitlines()[0] + " "
+        if f"--seed {seed} " not in command:
             return None
-        r = _keep_seed(cell, seed, r, commit, wbit, abit)
+        ran_with = re.search(r"--warmup-batch (\d+) ", command)
+        r = _keep_seed(cell, seed, r, commit, wbit, abit, int(ran_with.group(1)) if ran_with else None)
     ok = (r.get("official_commit") == commit and r.get("schedule") == sched and r.get("wbit") == wbit
-          and r.get("abit") == abit and "top1" in r)
+          and r.get("abit") == abit and r.get("warmup_batch") == warmup_batch and "top1" in r)
     return r if ok else None
 
 
@@ -468,6 +476,9 @@ def main(argv=None) -> None:
     p.add_argument("--dfqbench", action="store_true", help="also run dfqbench on the same cell, write parity.csv")
     p.add_argument("--quant", default="gdfq", help="dfqbench preset for --dfqbench (default gdfq)")
     p.add_argument("--method-overrides", nargs="*", default=[], help="more dfqbench overrides for --dfqbench")
+    p.add_argument("--warmup-batch", type=int, default=None,
+                   help="IntraQ/HAST: the generator warm-up's batch on both sides (the code's hard-coded 16 -> N; "
+                        "dfqbench method.warmup_batch_size=N): a labelled variant cell, tag warmupB<N>")
     p.add_argument("--out", default="")
     p.add_argument("--tag", default="")
     p.add_argument("--csv", default=str(common.PARITY_CSV))
@@ -489,6 +500,12 @@ def main(argv=None) -> None:
         (check_quantizers if a.check else child)(a)
         return
     entry = gdfq_family.FAMILY[a.method]
+    if a.warmup_batch is not None and (a.warmup_batch < 1 or not entry.warmup_batch_rewrites):
+        with_it = sorted(k for k, e in gdfq_family.FAMILY.items() if e.warmup_batch_rewrites)
+        p.error(f"--warmup-batch {a.warmup_batch}: a positive batch, for a method with a generator warm-up "
+                f"({', '.join(with_it)}), not {a.method}")
+    if a.warmup_batch and not a.tag:
+        a.tag = f"warmupB{a.warmup_batch}"
     marker = f"{entry.subdir}/{entry.trainer}.py" if entry.subdir else f"{entry.trainer}.py"
     repo, commit = common.clone_identity(Path(a.official), entry.repo, marker)
     sched = schedule_of(a.schedule, a.schedule_override)
@@ -510,7 +527,7 @@ def main(argv=None) -> None:
     dfqbench_seeds = a.seeds if a.dfqbench_seeds is None else a.dfqbench_seeds
     runs = []
     for seed in official_seeds:
-        done = _finished_seed(cell, seed, commit, sched, a.wbit, a.abit) if a.resume else None
+        done = _finished_seed(cell, seed, commit, sched, a.wbit, a.abit, a.warmup_batch) if a.resume else None
         if done is not None:
             runs.append(done)
             print(f"official {a.method} seed {seed}: reusing {common.rel(cell / f'official-s{seed}.json')}", flush=True)
@@ -522,8 +539,9 @@ def main(argv=None) -> None:
         args += ["--teacher", *a.teacher] if a.teacher else []
         args += ["--max-samples", str(a.max_samples)] if a.max_samples else []
         args += ["--cpu"] if a.cpu else []
+        args += ["--warmup-batch", str(a.warmup_batch)] if a.warmup_batch else []
         r = common.run_child(Path(__file__), args, cell / f"official-s{seed}.log.txt", env=env)
-        r = _keep_seed(cell, seed, r, commit, a.wbit, a.abit)
+        r = _keep_seed(cell, seed, r, commit, a.wbit, a.abit, a.warmup_batch)
         runs.append(r)
         print(f"official {a.method} W{a.wbit}A{a.abit} [{a.schedule}] seed {seed}: final-epoch top-1 {r['top1']:.2f} "
               f"(official best epoch {r['official_best_epoch']}: {r['official_best_top1']:.2f}), "
@@ -549,14 +567,15 @@ def main(argv=None) -> None:
         cell, a.quant, dfqbench_seeds, a.resume, lambda seed: [
             f"method={a.method}", f"quant={a.quant}", f"schedule={a.schedule}", f"wbit={a.wbit}", f"abit={a.abit}",
             f"seed={seed}", f"threads={a.threads}", *[f"schedule.{o}" for o in a.schedule_override],
+            *([f"method.warmup_batch_size={a.warmup_batch}"] if a.warmup_batch else []),
             *a.method_overrides, *common.teacher_overrides(a)], a.method)
     d_top1 = common.mean_std([r["top1"] for r in ours])
     d_secs = common.mean_std([r["quantize_time_s"] for r in ours])
     print(f"dfqbench method={a.method} quant={a.quant} schedule={a.schedule} W{a.wbit}A{a.abit}: top-1 "
           f"{d_top1[0]:.2f} +- {d_top1[1]:.2f}, quantize {d_secs[0]:.0f} s", flush=True)
     common.upsert_parity_row({
-        "method": a.method, "quant": a.quant, "schedule": a.schedule, "wbit": a.wbit, "abit": a.abit,
-        "n_seeds": min(len(runs), len(ours)), "official_top1_mean": common.fmt(top1[0]), "official_top1_std": common.fmt(top1[1]),
+        "method": f"{a.method}-{a.tag}" if a.tag else a.method, "quant": a.quant, "schedule": a.schedule,
+        "wbit": a.wbit, "abit": a.abit, "n_seeds": min(len(runs), len(ours)), "official_top1_mean": common.fmt(top1[0]), "official_top1_std": common.fmt(top1[1]),
         "dfqbench_top1_mean": common.fmt(d_top1[0]), "dfqbench_top1_std": common.fmt(d_top1[1]),
         "official_s": common.fmt(secs[0], 0), "dfqbench_s": common.fmt(d_secs[0], 0), "official_repo": repo,
         "official_commit": commit,

@@ -98,6 +98,8 @@ class Entry:
     aliases: tuple = ()            # (module, name, from_module): names a newer pytorchcv moved
     script_rewrites: tuple = ()    # SourceRewrites (attr "") of the entry script's text before it is compiled, for
                                    # a script that does not compile as shipped; line numbers kept (import_file)
+    warmup_batch_rewrites: tuple = ()  # applied only for the driver's --warmup-batch N ({warmup_batch}): the
+                                       # generator warm-up's hard-coded batch -> N (a labelled variant cell)
 
 
 def _budget_rewrites(main_mod: str, trainer_mod: str, trainer_cls: str = "Trainer", run_cls: str = "ExperimentDesign",
@@ -121,6 +123,19 @@ def _budget_rewrites(main_mod: str, trainer_mod: str, trainer_cls: str = "Traine
                                  "if epoch < {calib_epochs}:", count=calib_in_trainer,
                                  why="the trainer's own calibration-epoch test (hard-coded 4)"))
     return tuple(out)
+
+
+def _warmup_batch(device_call: str) -> tuple:
+    """IntraQ/HAST warm up their GDFQ generator (and calibrate the activation ranges on its images) at a batch of
+    16 hard-coded in Trainer.train; `device_call` is how the line moves the tensor (.cuda() / .to(...))."""
+    why = ("the generator warm-up's batch (hard-coded 16; dfqbench: method.warmup_batch_size) -> the driver's "
+           "--warmup-batch: a labelled variant, not the code's own setting")
+    return (SourceRewrite("trainer_direct:Trainer", "train",
+                          f"torch.randn(16, self.settings.latent_dim)){device_call}",
+                          f"torch.randn({{warmup_batch}}, self.settings.latent_dim)){device_call}", why=why),
+            SourceRewrite("trainer_direct:Trainer", "train",
+                          f"torch.randint(0, self.settings.nClasses, (16,))){device_call}",
+                          f"torch.randint(0, self.settings.nClasses, ({{warmup_batch}},))){device_call}", why=why))
 
 
 def _copy_sources(owner: str, attr: str, files=("main_direct.py", "trainer_direct.py")) -> tuple:
@@ -224,7 +239,7 @@ FAMILY: dict[str, Entry] = {
                               "fixed_set_iterations"),
             _plateau_verbose("getDistilData_hardsample_cosineDistanceEMA_interClass_aug"),
         )),
-        tested=True),
+        warmup_batch_rewrites=_warmup_batch(".cuda()"), tested=True),
     # README: stage 1 (data_generate/run_generate_cifar10.sh: beta 10, gamma 2) then run.sh
     # (python -m torch.distributed.launch --nproc_per_node 1 main_direct.py --conf_path <config/cifar10_resnet20.hocon>)
     "hast": Entry(
@@ -272,7 +287,7 @@ FAMILY: dict[str, Entry] = {
                               "fixed_set_iterations"),
             _plateau_verbose("getDistilData_hardsample"),
         )),
-        tested=True),
+        warmup_batch_rewrites=_warmup_batch(".to(self.args.local_rank)"), tested=True),
     # AdaSG_code/CIFAR/run_cifar10_3bit.sh: main.py --conf_path=./cifar10_resnet20.hocon --id=01 (no other flags).
     # main.py knows only dataset "cifar100" (generator, per-epoch test): the shipped cifar10 hocon's "cifar10"
     # stops main() at `assert False, "invalid data set"`; the driver's hocon sets "cifar100", as for GDFQ, and

@@ -72,13 +72,20 @@ def _digest(obj) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
+# what only renders finished records (tables, figures): editing it cannot change a run's numbers, so it is left
+# out of the code digest (a finished sweep stays finished after a change to the tables)
+RENDER_ONLY = ("results/", "tables.py", "plots.py")
+
+
 @functools.cache
 def code_digest(subpackage: str = "") -> str:
-    """sha256 (first 16 hex) of every dfqbench source file (path and content), or of one subpackage's
-    (`synth`), read once per process."""
+    """sha256 (first 16 hex) of every dfqbench source file (path and content) that can change a run's numbers
+    (RENDER_ONLY left out), or of one subpackage's (`synth`), read once per process."""
     here = Path(__file__).resolve().parent
     h = hashlib.sha256()
     for path in sorted((here / subpackage).rglob("*.py")):
+        if path.relative_to(here).as_posix().startswith(RENDER_ONLY):
+            continue
         h.update(path.relative_to(here).as_posix().encode() + b"\0" + path.read_bytes() + b"\0")
     return h.hexdigest()[:16]
 

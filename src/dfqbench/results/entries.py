@@ -84,6 +84,38 @@ def finished_records(root: Path, leave_out: tuple[str, ...] = (SUPERSEDED, TUNIN
             yield path, record
 
 
+DIVERGED = "TrainingDiverged"  # a failed record's error when its training diverged (dfqbench.train.errors)
+
+
+def diverged_records(root: Path, leave_out: tuple[str, ...] = (SUPERSEDED, TUNING)):
+    """(path, record) of every failed record.json under root whose training diverged: a result (the recipe is
+    unstable at that budget), not a missing run; other failures are left out."""
+    for path in sorted(Path(root).rglob("record.json")):
+        if set(leave_out) & set(path.relative_to(root).parts):
+            continue
+        try:
+            record = json.loads(path.read_text())
+        except (OSError, ValueError):
+            continue
+        if record.get("status") == "failed" and str(record.get("error", "")).startswith(DIVERGED):
+            yield path, record
+
+
+def collect_diverged(roots: list[Path]) -> pd.DataFrame:
+    """One row per diverged run under the roots (tuning/ and superseded/ left out): the cell, seed, error."""
+    rows = []
+    for root in roots:
+        for path, record in diverged_records(root):
+            method, variant = split_run_method(str(record.get("method")))
+            rows.append({**{k: record.get(k) for k in ("model", "dataset", "quant", "wbit", "abit", "seed")},
+                         "method": method, "variant": variant,
+                         "schedule": str(((record.get("config") or {}).get("schedule") or {}).get("name") or ""),
+                         "device": str(record.get("device") or ""), "error": str(record.get("error")),
+                         "record": str(path)})
+    return pd.DataFrame(rows, columns=["model", "dataset", "method", "variant", "quant", "schedule", "wbit",
+                                       "abit", "seed", "device", "error", "record"])
+
+
 def collect_runs(roots: list[Path]) -> pd.DataFrame:
     """Every finished record.json under the roots, one row per run (a config computed twice, e.g. in two sweep
     roots, counts once per device); records under a `superseded/` folder are left out."""

@@ -12,13 +12,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import json
-
 import pandas as pd
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from .entries import TUNING, finished_records
+from .entries import TUNING, diverged_records, finished_records
 from .format import cell, md_table
 from .names import split_run_method
 
@@ -33,19 +31,7 @@ def _setting(record: dict) -> tuple[str, str]:
     return "", ""
 
 
-DIVERGED = "TrainingDiverged"
 COLUMNS = [*KEYS, "method", "setting", "value", "top1", "fp32_top1", "diverged", "device", "record"]
-
-
-def _diverged_records(folder: Path):
-    """(path, record) of every failed study record whose error is a diverged training."""
-    for path in sorted(folder.rglob("record.json")):
-        try:
-            record = json.loads(path.read_text())
-        except (OSError, ValueError):
-            continue
-        if record.get("status") == "failed" and str(record.get("error", "")).startswith(DIVERGED):
-            yield path, record
 
 
 def study_runs(roots: list[Path]) -> pd.DataFrame:
@@ -57,7 +43,7 @@ def study_runs(roots: list[Path]) -> pd.DataFrame:
         if not folder.is_dir():
             continue
         found = [(p, r, False) for p, r in finished_records(folder, leave_out=())]
-        found += [(p, r, True) for p, r in _diverged_records(folder)]
+        found += [(p, r, True) for p, r in diverged_records(folder, leave_out=())]
         for path, r, diverged in found:
             method, variant = split_run_method(str(r.get("method")))
             if not variant.startswith("tune_"):
