@@ -270,7 +270,7 @@ def test_parent_writes_records_and_an_unofficial_row(tmp_path, monkeypatch):
              "ensemble": ["a", "b", "c"], "lr_s": 0.1}
         return r
 
-    def fake_dfqbench(overrides, dest, log):
+    def fake_dfqbench(overrides, dest, log, allow_diverged=False):
         seed = int(next(o for o in overrides if o.startswith("seed=")).split("=")[1])
         r = {"status": "done", "seed": seed, "wbit": 4, "abit": 4, "top1": 80.0 + seed, "quantize_time_s": 9.0,
              "info": {"training": {"epochs": 2, "iters_per_epoch": 1, "batch_size": 16, "train_time_s": 8.0}}}
@@ -326,7 +326,7 @@ def test_dfqbench_side_reuses_accepted_records_and_refuses_a_run_of_other_settin
     does not, and stops when a fresh run does not match."""
     runs = []
 
-    def fake_run(overrides, dest, log):
+    def fake_run(overrides, dest, log, allow_diverged=False):
         runs.append(overrides)
         record = {"top1": 80.0 + len(runs), "quantize_time_s": 1.0, "seed": int(overrides[0])}
         dest.with_name(dest.name + ".record.json").write_text(json.dumps(record))
@@ -340,3 +340,47 @@ def test_dfqbench_side_reuses_accepted_records_and_refuses_a_run_of_other_settin
     assert [r["top1"] for r in ours] == [70.0, 81.0] and runs == [["1"]]
     with pytest.raises(SystemExit, match="did not run the cell's settings"):
         common.dfqbench_side(tmp_path, "gdfq", [2], False, lambda s: [str(s)], "m", accept=lambda r, s: False)
+
+
+def test_dfqbench_side_keeps_a_diverged_seed_only_when_the_driver_allows_it(tmp_path, monkeypatch):
+    """A kept record of a diverged training (a failed record, no top1) is a result for a driver that allows it
+    (gdfq.py: the row counts it in dfqbench_diverged); any other driver reruns the seed."""
+    runs = []
+
+    def fake_run(overrides, dest, log, allow_diverged=False):
+        runs.append((overrides, allow_diverged))
+        return {"status": "done", "top1": 81.0, "quantize_time_s": 1.0}
+
+    monkeypatch.setattr(common, "run_dfqbench", fake_run)
+    failed = {"status": "failed", "error": "TrainingDiverged: training diverged: student loss term 'kd' is nan at "
+                                           "epoch 6/10, iteration 41/60; the last good checkpoint is kept: /x"}
+    (tmp_path / "dfqbench-gdfq-s0.record.json").write_text(json.dumps(failed))
+    ours = common.dfqbench_side(tmp_path, "gdfq", [0], True, lambda s: [str(s)], "m", allow_diverged=True)
+    assert ours == [failed] and runs == [] and common.diverged(ours[0])
+    assert common._outcome(failed) == "training diverged: student loss term 'kd' is nan at epoch 6/10, iteration 41/60"
+    ours = common.dfqbench_side(tmp_path, "gdfq", [0], True, lambda s: [str(s)], "m")
+    assert [r["top1"] for r in ours] == [81.0] and runs == [(["0"], False)]
+    assert not common.diverged({"status": "failed", "error": "ValueError: x"})
+
+
+def test_run_dfqbench_returns_a_diverged_record_only_when_allowed(tmp_path, monkeypatch):
+    """run_dfqbench: a non-zero exit with a diverged record is that record (allow_diverged) or an error; a
+    non-zero exit with any other failed record is always an error."""
+    import subprocess
+
+    def fake_subprocess(error):
+        def run(cmd, **kwargs):
+            folder = Path(next(c for c in cmd if c.startswith("hydra.run.dir=")).split("=", 1)[1])
+            (folder / "record.json").write_text(json.dumps({"status": "failed", "error": error}))
+            return subprocess.CompletedProcess(cmd, 1)
+        return run
+
+    dest, log = tmp_path / "dfqbench-gdfq-s0", tmp_path / "log.txt"
+    monkeypatch.setattr(common.subprocess, "run", fake_subprocess("TrainingDiverged: training diverged: x"))
+    assert common.run_dfqbench(["seed=0"], dest, log, allow_diverged=True)["status"] == "failed"
+    assert json.loads((tmp_path / "dfqbench-gdfq-s0.record.json").read_text())["status"] == "failed"
+    with pytest.raises(subprocess.CalledProcessError):
+        common.run_dfqbench(["seed=0"], dest, log)
+    monkeypatch.setattr(common.subprocess, "run", fake_subprocess("ValueError: bad"))
+    with pytest.raises(subprocess.CalledProcessError):
+        common.run_dfqbench(["seed=0"], dest, log, allow_diverged=True)

@@ -231,7 +231,7 @@ def test_parent_writes_records_and_the_row_and_resumes(tmp_path, monkeypatch):
                 "quant_top1_before_training": 80.0, "train_s": 10.0, "wall_s": 11.0, "s_per_iteration": 1.0,
                 "n_test": 100, "device": "cpu", "model": "resnet20_cifar10", "dataset": "cifar10"}
 
-    def fake_dfqbench(overrides, dest, log):
+    def fake_dfqbench(overrides, dest, log, allow_diverged=False):
         seed = int(next(o for o in overrides if o.startswith("seed=")).split("=")[1])
         assert "method=zaq" in overrides and "schedule.epochs=2" in overrides
         r = {"status": "done", "seed": seed, "wbit": 4, "abit": 4, "top1": 30.0 + seed, "quantize_time_s": 9.0,

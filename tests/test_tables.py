@@ -307,3 +307,25 @@ def test_diverged_runs_are_listed_under_the_tables(tmp_path):
 
 def test_no_diverged_section_without_diverged_runs(built):
     assert "## Runs whose training diverged" not in (built / "baselines.md").read_text()
+
+
+def test_parity_row_whose_dfqbench_seeds_diverged(tmp_path):
+    """parity.csv's optional dfqbench_diverged: every seed diverged -> no top-1, the verdict says so with the
+    note; some diverged -> the mean of the others and how many more diverged."""
+    ref = tmp_path / "ref"
+    ref.mkdir()
+    header = PARITY.splitlines()[0].rstrip() + ",dfqbench_diverged"
+    (ref / "parity.csv").write_text("\n".join([
+        header,
+        "intraq,gdfq,cpu,4,4,3,9.97,0.06,,,198,,zysxmu/IntraQ,5228f76,official collapses too,resnet20_cifar10,"
+        "cifar10,3",
+        "hast,gdfq,cpu,4,4,3,85.61,0.35,86.0,0.3,427,722,lihuantong/HAST,83dfc16,,resnet20_cifar10,cifar10,1",
+        "gdfq,gdfq,cpu,4,4,3,83.57,0.62,83.93,0.45,1,1,xushoukai/GDFQ,0123,,resnet20_cifar10,cifar10,"]) + "\n")
+    _record(tmp_path / "runs", "z0")
+    tables.main([str(tmp_path / "runs"), "--results", str(tmp_path / "out"), "--reported", str(ref)])
+    rows = {line.split("|")[1].strip(): line for line in (tmp_path / "out" / "parity.md").read_text().splitlines()
+            if line.startswith("| ") and "Method" not in line}
+    assert re.search(r"\| diverged \(3 seeds\) +\|", rows["intraq"])
+    assert "dfqbench diverged in every seed (official collapses too)" in rows["intraq"]
+    assert "86.00 ± 0.30, 1 more diverged" in rows["hast"] and "| yes " in rows["hast"]
+    assert "diverged" not in rows["gdfq"]

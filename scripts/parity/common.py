@@ -25,7 +25,7 @@ REPO = Path(__file__).resolve().parents[2]
 PARITY_CSV = REPO / "results" / "parity.csv"
 CSV_COLUMNS = ["method", "quant", "schedule", "wbit", "abit", "n_seeds", "official_top1_mean", "official_top1_std",
                "dfqbench_top1_mean", "dfqbench_top1_std", "official_s", "dfqbench_s", "official_repo",
-               "official_commit", "note", "model", "dataset", "device"]
+               "official_commit", "note", "model", "dataset", "device", "dfqbench_diverged"]
 _KEY = ("method", "quant", "schedule", "wbit", "abit", "model", "dataset", "device")
 
 
@@ -111,10 +111,18 @@ def cpu_only_cuda_calls(device) -> None:
 
 # --- dfqbench runs of the same cell ---------------------------------------------------------------------------
 
-def run_dfqbench(overrides: list[str], dest: Path, log: Path) -> dict:
+DIVERGED = "TrainingDiverged"  # a failed dfqbench record's error when its training diverged
+
+
+def diverged(record: dict) -> bool:
+    return record.get("status") == "failed" and str(record.get("error", "")).startswith(DIVERGED)
+
+
+def run_dfqbench(overrides: list[str], dest: Path, log: Path, allow_diverged: bool = False) -> dict:
     """`python -m dfqbench <overrides>` (force=true) in a scratch run folder; its record is kept as
     `<dest>.record.json` (not record.json: `make tables` does not count these runs twice beside the sweeps';
-    results/parity.csv holds their summary), its output appended to `log`."""
+    results/parity.csv holds their summary), its output appended to `log`. With `allow_diverged` a run whose
+    training diverged returns its failed record (a result at that budget); any other failure stops."""
     import shutil
     import tempfile
     dest.parent.mkdir(parents=True, exist_ok=True)
@@ -123,33 +131,43 @@ def run_dfqbench(overrides: list[str], dest: Path, log: Path) -> dict:
         with open(log, "a") as f:
             f.write("$ " + " ".join(cmd) + "\n")
             f.flush()
-            subprocess.run(cmd, check=True, cwd=REPO, stdout=f, stderr=subprocess.STDOUT)
-        record = json.loads((Path(tmp) / "record.json").read_text())
+            proc = subprocess.run(cmd, cwd=REPO, stdout=f, stderr=subprocess.STDOUT)
+        path = Path(tmp) / "record.json"
+        record = json.loads(path.read_text()) if path.exists() else {}
+        if proc.returncode != 0 and not (allow_diverged and diverged(record)):
+            raise subprocess.CalledProcessError(proc.returncode, cmd)
         shutil.copy(Path(tmp) / "record.json", dest.with_name(dest.name + ".record.json"))
     return record
 
 
 def dfqbench_side(cell: Path, quant: str, seeds, resume: bool, overrides, label: str,
-                  accept=lambda record, seed: True) -> list[dict]:
+                  accept=lambda record, seed: True, allow_diverged: bool = False) -> list[dict]:
     """dfqbench's runs of a parity cell, one per seed (`overrides(seed)`): a kept record is reused with --resume
-    when `accept` says it ran the cell's settings; a new run that does not is an error. Returns the records."""
+    when `accept` says it ran the cell's settings; a new run that does not is an error. Returns the records;
+    with `allow_diverged` a seed whose training diverged is its failed record (no top1)."""
     ours = []
     for seed in seeds:
         dest = cell / f"dfqbench-{quant}-s{seed}"
         kept = dest.with_name(dest.name + ".record.json")
         if resume and kept.exists():
             r = json.loads(kept.read_text())
-            if accept(r, seed):
+            if accept(r, seed) and (allow_diverged or not diverged(r)):
                 ours.append(r)
-                print(f"dfqbench {label} seed {seed}: reusing {rel(kept)} (top-1 {r['top1']:.2f})", flush=True)
+                print(f"dfqbench {label} seed {seed}: reusing {rel(kept)} ({_outcome(r)})", flush=True)
                 continue
-        r = run_dfqbench(overrides(seed), dest, cell / "dfqbench.log.txt")
+        r = run_dfqbench(overrides(seed), dest, cell / "dfqbench.log.txt", allow_diverged)
         if not accept(r, seed):
             raise SystemExit(f"the dfqbench run of seed {seed} did not run the cell's settings (see {rel(dest)})")
         ours.append(r)
-        print(f"dfqbench {label} seed {seed}: top-1 {r['top1']:.2f}, quantize {r['quantize_time_s']:.0f} s",
-              flush=True)
+        print(f"dfqbench {label} seed {seed}: {_outcome(r)}", flush=True)
     return ours
+
+
+def _outcome(record: dict) -> str:
+    if diverged(record):
+        return "training diverged: " + record["error"].split("training diverged: ", 1)[-1].split(";", 1)[0]
+    secs = record.get("quantize_time_s")
+    return f"top-1 {record['top1']:.2f}" + (f", quantize {secs:.0f} s" if secs is not None else "")
 
 
 # --- the child process that runs the official code ------------------------------------------------------------

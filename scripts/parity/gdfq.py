@@ -568,14 +568,21 @@ def main(argv=None) -> None:
             f"method={a.method}", f"quant={a.quant}", f"schedule={a.schedule}", f"wbit={a.wbit}", f"abit={a.abit}",
             f"seed={seed}", f"threads={a.threads}", *[f"schedule.{o}" for o in a.schedule_override],
             *([f"method.warmup_batch_size={a.warmup_batch}"] if a.warmup_batch else []),
-            *a.method_overrides, *common.teacher_overrides(a)], a.method)
-    d_top1 = common.mean_std([r["top1"] for r in ours])
-    d_secs = common.mean_std([r["quantize_time_s"] for r in ours])
-    print(f"dfqbench method={a.method} quant={a.quant} schedule={a.schedule} W{a.wbit}A{a.abit}: top-1 "
-          f"{d_top1[0]:.2f} +- {d_top1[1]:.2f}, quantize {d_secs[0]:.0f} s", flush=True)
+            *a.method_overrides, *common.teacher_overrides(a)], a.method, allow_diverged=True)
+    finished = [r for r in ours if not common.diverged(r)]
+    n_diverged = len(ours) - len(finished)
+    d_top1 = common.mean_std([r["top1"] for r in finished]) if finished else (None, None)
+    d_secs = common.mean_std([r["quantize_time_s"] for r in finished]) if finished else (None, None)
+    diverged_note = (f"; dfqbench: {n_diverged} of {len(ours)} seeds diverged (TrainingDiverged, no top-1: "
+                     + ", ".join(common._outcome(r).split(": ", 1)[1] for r in ours if common.diverged(r)) + ")"
+                     if n_diverged else "")
+    print(f"dfqbench method={a.method} quant={a.quant} schedule={a.schedule} W{a.wbit}A{a.abit}: "
+          + "; ".join(filter(None, [f"top-1 {d_top1[0]:.2f} +- {d_top1[1]:.2f}, quantize {d_secs[0]:.0f} s"
+                                    if finished else "", diverged_note.removeprefix("; ")])), flush=True)
     common.upsert_parity_row({
         "method": f"{a.method}-{a.tag}" if a.tag else a.method, "quant": a.quant, "schedule": a.schedule,
-        "wbit": a.wbit, "abit": a.abit, "n_seeds": min(len(runs), len(ours)), "official_top1_mean": common.fmt(top1[0]), "official_top1_std": common.fmt(top1[1]),
+        "wbit": a.wbit, "abit": a.abit, "n_seeds": min(len(runs), len(ours)),
+        "official_top1_mean": common.fmt(top1[0]), "official_top1_std": common.fmt(top1[1]),
         "dfqbench_top1_mean": common.fmt(d_top1[0]), "dfqbench_top1_std": common.fmt(d_top1[1]),
         "official_s": common.fmt(secs[0], 0), "dfqbench_s": common.fmt(d_secs[0], 0), "official_repo": repo,
         "official_commit": commit,
@@ -585,8 +592,18 @@ def main(argv=None) -> None:
                 f"{sched['calib_epochs']}, milestones {sched['milestones']}); official seeds "
                 f"{' '.join(map(str, official_seeds))} (--id S, manualSeed S+1), dfqbench seeds "
                 f"{' '.join(map(str, dfqbench_seeds))}; seconds = training; {runs[0]['n_test']} test images; "
-                f"records {common.rel(cell)}",
+                f"records {common.rel(cell)}" + _official_nan_note(cell, official_seeds) + diverged_note
+                + (f"; warm-up batch {a.warmup_batch} on both sides (the code's: 16)" if a.warmup_batch else ""),
+        "dfqbench_diverged": n_diverged,
         "model": runs[0]["model"], "dataset": runs[0]["dataset"], "device": runs[0]["device"]}, Path(a.csv))
+
+
+def _official_nan_note(cell: Path, seeds) -> str:
+    """How many official seeds' own logs show a NaN training loss (the code goes on training and testing)."""
+    logs = [cell / f"official-s{seed}.train_test.log.txt" for seed in seeds]
+    nan = [seed for seed, log in zip(seeds, logs) if log.exists() and re.search(r"loss: nan\b", log.read_text())]
+    return (f"; official: the training loss is NaN in the logs of seeds {' '.join(map(str, nan))} of "
+            f"{len(seeds)}" if nan else "")
 
 
 if __name__ == "__main__":

@@ -22,7 +22,15 @@ def agrees(dfqbench: float, official: float, dfqbench_std: float, official_std: 
     return abs(dfqbench - official) <= max(TOLERANCE, 2 * max(stds, default=0.0))
 
 
+def _diverged(row) -> int:
+    """How many dfqbench seeds of the row diverged (the optional `dfqbench_diverged` column)."""
+    n = pd.to_numeric(getattr(row, "dfqbench_diverged", ""), errors="coerce")
+    return 0 if pd.isna(n) else int(n)
+
+
 def _verdict(row) -> str:
+    if _diverged(row) and pd.isna(row.dfqbench_top1_mean):
+        return f"dfqbench diverged in every seed ({row.note})"
     if pd.isna(row.dfqbench_top1_mean) or pd.isna(row.official_top1_mean):
         return "not run"
     if agrees(row.dfqbench_top1_mean, row.official_top1_mean, row.dfqbench_top1_std, row.official_top1_std):
@@ -41,7 +49,9 @@ def parity_table(parity: pd.DataFrame) -> pd.DataFrame:
             "Convention": r.quant, "Schedule": r.schedule or "post-training", "W": str(r.wbit), "A": str(r.abit),
             "Device": cell(r.device) or "not stated", "Seeds": cell(n),
             "Official top-1": mean_std(r.official_top1_mean, r.official_top1_std, n),
-            "dfqbench top-1": mean_std(r.dfqbench_top1_mean, r.dfqbench_top1_std, n),
+            "dfqbench top-1": (f"diverged ({_diverged(r)} seeds)" if _diverged(r) and pd.isna(r.dfqbench_top1_mean)
+                               else mean_std(r.dfqbench_top1_mean, r.dfqbench_top1_std, n)
+                               + (f", {_diverged(r)} more diverged" if _diverged(r) else "")),
             "Official s": cell(r.official_s, 0), "dfqbench s": cell(r.dfqbench_s, 0), "Agrees": _verdict(r),
             "Official code": f"{r.official_repo}@{str(r.official_commit)[:10]}", "Row": f"{PARITY_FILE}:{r.line}"})
     return pd.DataFrame(rows)
