@@ -70,18 +70,21 @@ SUPERSEDED = "superseded"  # <root>/superseded/...: records kept for the record,
 TUNING = "tuning"  # <root>/tuning/...: the tuning-robustness study's variants (dfqbench.tuning), a table of their own
 
 
-def finished_records(root: Path, leave_out: tuple[str, ...] = (SUPERSEDED, TUNING)):
-    """(path, record) of every finished record.json under root, in path order; `superseded/` and `tuning/`
-    folders left out (unless `leave_out` says otherwise)."""
+def _records(root: Path, leave_out: tuple[str, ...]):
+    """(path, record) of every readable record.json under root, in path order, outside the `leave_out` folders."""
     for path in sorted(Path(root).rglob("record.json")):
         if set(leave_out) & set(path.relative_to(root).parts):
             continue
         try:
-            record = json.loads(path.read_text())
+            yield path, json.loads(path.read_text())
         except (OSError, ValueError):
             continue
-        if record.get("status") == "done":
-            yield path, record
+
+
+def finished_records(root: Path, leave_out: tuple[str, ...] = (SUPERSEDED, TUNING)):
+    """(path, record) of every finished record.json under root, in path order; `superseded/` and `tuning/`
+    folders left out (unless `leave_out` says otherwise)."""
+    return ((p, r) for p, r in _records(root, leave_out) if r.get("status") == "done")
 
 
 DIVERGED = "TrainingDiverged"  # a failed record's error when its training diverged (dfqbench.train.errors)
@@ -90,15 +93,8 @@ DIVERGED = "TrainingDiverged"  # a failed record's error when its training diver
 def diverged_records(root: Path, leave_out: tuple[str, ...] = (SUPERSEDED, TUNING)):
     """(path, record) of every failed record.json under root whose training diverged: a result (the recipe is
     unstable at that budget), not a missing run; other failures are left out."""
-    for path in sorted(Path(root).rglob("record.json")):
-        if set(leave_out) & set(path.relative_to(root).parts):
-            continue
-        try:
-            record = json.loads(path.read_text())
-        except (OSError, ValueError):
-            continue
-        if record.get("status") == "failed" and str(record.get("error", "")).startswith(DIVERGED):
-            yield path, record
+    return ((p, r) for p, r in _records(root, leave_out)
+            if r.get("status") == "failed" and str(r.get("error", "")).startswith(DIVERGED))
 
 
 def collect_diverged(roots: list[Path]) -> pd.DataFrame:
