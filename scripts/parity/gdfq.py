@@ -465,35 +465,18 @@ def main(argv=None) -> None:
     p.add_argument("--abit", type=int, default=4)
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2],
                    help="official --id S (manualSeed S+1) / dfqbench seed=S (default 0 1 2)")
-    p.add_argument("--model", default="resnet20_cifar10")
-    p.add_argument("--dataset", default="cifar10")
-    p.add_argument("--teacher", nargs="*", default=[], help="more dfqbench overrides for the teacher")
-    p.add_argument("--max-samples", type=int, default=None, help="dataset.max_samples (default: full test set)")
-    p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--cpu", action="store_true", help="stay on the CPU even with a GPU")
     p.add_argument("--deps", default=str(DEFAULT_DEPS) if DEFAULT_DEPS.is_dir() else "",
                    help="a folder with the official code's extra packages (pyhocon, termcolor), put on PYTHONPATH")
-    p.add_argument("--dfqbench", action="store_true", help="also run dfqbench on the same cell, write parity.csv")
-    p.add_argument("--quant", default="gdfq", help="dfqbench preset for --dfqbench (default gdfq)")
-    p.add_argument("--method-overrides", nargs="*", default=[], help="more dfqbench overrides for --dfqbench")
     p.add_argument("--warmup-batch", type=int, default=None,
                    help="IntraQ/HAST: the generator warm-up's batch on both sides (the code's hard-coded 16 -> N; "
                         "dfqbench method.warmup_batch_size=N): a labelled variant cell, tag warmupB<N>")
-    p.add_argument("--out", default="")
-    p.add_argument("--tag", default="")
-    p.add_argument("--csv", default=str(common.PARITY_CSV))
-    p.add_argument("--official-seeds", type=int, nargs="*", default=None, help="official seeds (default --seeds)")
-    p.add_argument("--dfqbench-seeds", type=int, nargs="*", default=None, help="dfqbench seeds (default --seeds)")
-    p.add_argument("--resume", action="store_true",
-                   help="keep finished seeds: official-s<S>.json (same commit, schedule, bits) or the result line "
-                        "of a finished official-s<S>.log.txt; dfqbench-<quant>-s<S>.record.json")
     p.add_argument("--check-quantizers", dest="check_only", action="store_true",
                    help="only compare the clone's quantizers with dfqbench's quant=<--quant> (seconds, no training): "
                         "<cell>/quantizer-check.json")
-    p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    common.add_cell_arguments(p, "<method>", "dfqbench preset for --dfqbench (default gdfq)",
+                              "more dfqbench overrides for --dfqbench",
+                              "warm-up batch; or the result line of a finished official-s<S>.log.txt")
     p.add_argument("--check", action="store_true", help=argparse.SUPPRESS)
-    p.add_argument("--seed", type=int, default=0, help=argparse.SUPPRESS)
-    p.add_argument("--scratch", default="", help=argparse.SUPPRESS)
     p.add_argument("--schedule-json", default="{}", help=argparse.SUPPRESS)
     a = p.parse_args(argv)
     if a.child:

@@ -332,7 +332,8 @@ def add_arguments(p: argparse.ArgumentParser, spec: DriverSpec) -> None:
                        "also follows them where they change the convention or the schedule", variant="lr")
 
 
-def _child_args(a, seed: int, scratch: Path) -> list[str]:
+def child_args(a, seed: int, scratch: Path, knob: list[str] = ()) -> list[str]:
+    """The child's command line: the cell's arguments, then the driver's own `knob` (e.g. ["--lr-s", "0.1"])."""
     args = ["--official", str(Path(a.official).resolve()), "--model", a.model, "--dataset", a.dataset,
             "--seed", str(seed), "--wbit", str(a.wbit), "--abit", str(a.abit), "--threads", str(a.threads),
             "--scratch", str(scratch), "--schedule", a.schedule, "--quant", a.quant]
@@ -340,13 +341,9 @@ def _child_args(a, seed: int, scratch: Path) -> list[str]:
     args += ["--method-overrides", *a.method_overrides] if a.method_overrides else []
     args += ["--teacher", *a.teacher] if a.teacher else []
     args += ["--max-samples", str(a.max_samples)] if a.max_samples else []
-    args += ["--lr-s", repr(a.lr_s)] if a.lr_s is not None else []
+    args += list(knob)
     args += ["--cpu"] if a.cpu else []
     return args
-
-
-RESUME_KEYS = ("official_commit", "code_sha256", "schedule", "wbit", "abit", "lr_s", "quant", "method_overrides",
-               "max_samples", "model", "dataset")
 
 
 def expected_settings(a, spec: DriverSpec, commit: str, sched: dict) -> dict:
@@ -373,6 +370,52 @@ def _dfqbench_matches(r: dict, sched: dict, a, seed: int) -> bool:
             and t.get("batch_size") == sched["batch_size"])
 
 
+def run_official_seeds(a, cell: Path, method: str, seeds, expected: dict, script: Path, child_args, env: dict,
+                       repo: str, commit: str, describe) -> list[dict]:
+    """Each official seed in a child process (`child_args(a, seed, scratch)`), its result kept as
+    official-s<S>.json; with --resume a kept one whose settings equal `expected` is reused. `describe(r)` -> the
+    printed summary of a new seed."""
+    runs = []
+    for seed in seeds:
+        path = cell / f"official-s{seed}.json"
+        if a.resume and path.exists():
+            old = json.loads(path.read_text())
+            if "top1" in old and {k: old.get(k) for k in expected} == expected:
+                runs.append(old)
+                print(f"official {method} seed {seed}: reusing {common.rel(path)}", flush=True)
+                continue
+            print(f"official {method} seed {seed}: {common.rel(path)} was run with other settings; running it "
+                  f"again", flush=True)
+        scratch = Path("/tmp") / f"parity-{method}-{os.getpid()}-s{seed}"
+        r = common.run_child(script, child_args(a, seed, scratch), cell / f"official-s{seed}.log.txt", env=env)
+        r.update(seed=seed, official_repo=repo, official_commit=commit)
+        differs = {k: (r.get(k), v) for k, v in expected.items() if r.get(k) != v}
+        if differs:
+            raise SystemExit(f"the child ran with other settings than the parent's: {differs}")
+        common.write_json(path, r)
+        runs.append(r)
+        print(f"official {method} W{a.wbit}A{a.abit} [{a.schedule}] seed {seed}: {describe(r)}", flush=True)
+    return runs
+
+
+def dfqbench_cell(a, cell: Path, method: str, sched: dict, seeds) -> tuple[list[dict], tuple, tuple]:
+    """dfqbench's seeds of the cell (common.dfqbench_side, kept records checked against the schedule and bits),
+    summarized into <cell>/dfqbench.json. Returns (records, top-1 mean/std, training seconds mean/std)."""
+    ours = common.dfqbench_side(
+        cell, a.quant, seeds, a.resume,
+        lambda seed: [*method_overrides_list(a, method, seed), f"threads={a.threads}",
+                      *(["device=cpu"] if a.cpu else [])],
+        method, accept=lambda r, seed: _dfqbench_matches(r, sched, a, seed))
+    d_top1 = common.mean_std([r["top1"] for r in ours])
+    d_secs = common.mean_std([r["info"]["training"]["train_time_s"] for r in ours])
+    print(f"dfqbench method={method} quant={a.quant} schedule={a.schedule} W{a.wbit}A{a.abit}: top-1 "
+          f"{d_top1[0]:.2f} +- {d_top1[1]:.2f}, training {d_secs[0]:.0f} s", flush=True)
+    common.write_json(cell / "dfqbench.json", {"seeds": seeds, "top1_mean": round(d_top1[0], 4),
+                                              "top1_std": round(d_top1[1], 4), "train_s_mean": round(d_secs[0], 3),
+                                              "overrides": method_overrides_list(a, method)})
+    return ours, d_top1, d_secs
+
+
 def parent(a, spec: DriverSpec, script: Path, describe_official) -> None:
     """Run the official seeds in child processes (one per seed), then with --dfqbench the dfqbench seeds, write
     the records and the parity.csv row. `describe_official(sched, runs)` -> the note's part on the official side."""
@@ -383,29 +426,13 @@ def parent(a, spec: DriverSpec, script: Path, describe_official) -> None:
     env = {"OMP_NUM_THREADS": str(a.threads), "MKL_NUM_THREADS": str(a.threads)}
     official_seeds = a.seeds if a.official_seeds is None else a.official_seeds
     dfqbench_seeds = a.seeds if a.dfqbench_seeds is None else a.dfqbench_seeds
-    runs = []
-    expected = expected_settings(a, spec, commit, sched)
-    for seed in official_seeds:
-        path = cell / f"official-s{seed}.json"
-        if a.resume and path.exists():
-            old = json.loads(path.read_text())
-            if "top1" in old and {k: old.get(k) for k in RESUME_KEYS} == expected:
-                runs.append(old)
-                print(f"official {spec.method} seed {seed}: reusing {common.rel(path)}", flush=True)
-                continue
-            print(f"official {spec.method} seed {seed}: {common.rel(path)} was run with other settings; running "
-                  f"it again", flush=True)
-        scratch = Path("/tmp") / f"parity-{spec.method}-{os.getpid()}-s{seed}"
-        r = common.run_child(script, _child_args(a, seed, scratch), cell / f"official-s{seed}.log.txt", env=env)
-        r.update(seed=seed, official_repo=repo, official_commit=commit)
-        differs = {k: (r.get(k), v) for k, v in expected.items() if r.get(k) != v}
-        if differs:
-            raise SystemExit(f"the child ran with other settings than the parent's: {differs}")
-        common.write_json(path, r)
-        runs.append(r)
-        print(f"official {spec.method} W{a.wbit}A{a.abit} [{a.schedule}] seed {seed}: final-epoch top-1 "
-              f"{r['top1']:.2f} (dfqbench's evaluation of the same student {r['dfqbench_eval_top1']:.2f}), train "
-              f"{r['train_s']:.0f} s ({r['s_per_iteration']:.2f} s/iteration), wall {r['wall_s']:.0f} s", flush=True)
+    knob = ["--lr-s", repr(a.lr_s)] if a.lr_s is not None else []
+    runs = run_official_seeds(
+        a, cell, spec.method, official_seeds, expected_settings(a, spec, commit, sched), script,
+        lambda a, seed, scratch: child_args(a, seed, scratch, knob), env, repo, commit,
+        lambda r: f"final-epoch top-1 {r['top1']:.2f} (dfqbench's evaluation of the same student "
+                  f"{r['dfqbench_eval_top1']:.2f}), train {r['train_s']:.0f} s ({r['s_per_iteration']:.2f} "
+                  f"s/iteration), wall {r['wall_s']:.0f} s")
     top1 = common.mean_std([r["top1"] for r in runs])
     secs = common.mean_std([r["train_s"] for r in runs])
     record = {"method": spec.method, "tag": tag, "official_repo": repo, "official_commit": commit,
@@ -423,18 +450,7 @@ def parent(a, spec: DriverSpec, script: Path, describe_official) -> None:
           flush=True)
     if not a.dfqbench:
         return
-    ours = common.dfqbench_side(
-        cell, a.quant, dfqbench_seeds, a.resume,
-        lambda seed: [*method_overrides_list(a, spec.method, seed), f"threads={a.threads}",
-                      *(["device=cpu"] if a.cpu else [])],
-        spec.method, accept=lambda r, seed: _dfqbench_matches(r, sched, a, seed))
-    d_top1 = common.mean_std([r["top1"] for r in ours])
-    d_secs = common.mean_std([r["info"]["training"]["train_time_s"] for r in ours])
-    print(f"dfqbench method={spec.method} quant={a.quant} schedule={a.schedule} W{a.wbit}A{a.abit}: top-1 "
-          f"{d_top1[0]:.2f} +- {d_top1[1]:.2f}, training {d_secs[0]:.0f} s", flush=True)
-    common.write_json(cell / "dfqbench.json", {"seeds": dfqbench_seeds, "top1_mean": round(d_top1[0], 4),
-                                              "top1_std": round(d_top1[1], 4), "train_s_mean": round(d_secs[0], 3),
-                                              "overrides": method_overrides_list(a, spec.method)})
+    ours, d_top1, d_secs = dfqbench_cell(a, cell, spec.method, sched, dfqbench_seeds)
     common.upsert_parity_row({
         "method": spec.method + (f"-{tag}" if tag else ""), "quant": a.quant, "schedule": a.schedule,
         "wbit": a.wbit, "abit": a.abit, "n_seeds": min(len(runs), len(ours)),

@@ -327,10 +327,6 @@ def child(a) -> None:
 
 # --- parent: seeds, records, dfqbench runs, the parity.csv row ---------------------------------------------------------
 
-RESUME_KEYS = ("official_commit", "code_sha256", "schedule", "wbit", "abit", "alpha", "method_overrides",
-               "max_samples", "model", "dataset")
-
-
 def expected_settings(a, commit: str, sched: dict) -> dict:
     clone = Path(a.official).resolve()
     return {"official_commit": commit, "code_sha256": {f: tp.file_sha256(clone / f) for f in CODE_FILES},
@@ -347,16 +343,7 @@ def cell_of(a) -> tuple[Path, str]:
 
 
 def child_args(a, seed: int, scratch: Path) -> list[str]:
-    args = ["--official", str(Path(a.official).resolve()), "--model", a.model, "--dataset", a.dataset,
-            "--seed", str(seed), "--wbit", str(a.wbit), "--abit", str(a.abit), "--threads", str(a.threads),
-            "--scratch", str(scratch), "--schedule", a.schedule, "--quant", a.quant]
-    args += ["--schedule-override", *a.schedule_override] if a.schedule_override else []
-    args += ["--method-overrides", *a.method_overrides] if a.method_overrides else []
-    args += ["--teacher", *a.teacher] if a.teacher else []
-    args += ["--max-samples", str(a.max_samples)] if a.max_samples else []
-    args += ["--alpha", repr(float(a.alpha))] if a.alpha is not None else []
-    args += ["--cpu"] if a.cpu else []
-    return args
+    return tp.child_args(a, seed, scratch, ["--alpha", repr(float(a.alpha))] if a.alpha is not None else [])
 
 
 def parent(a) -> None:
@@ -368,31 +355,12 @@ def parent(a) -> None:
     env = {"OMP_NUM_THREADS": str(a.threads), "MKL_NUM_THREADS": str(a.threads)}
     official_seeds = a.seeds if a.official_seeds is None else a.official_seeds
     dfqbench_seeds = a.seeds if a.dfqbench_seeds is None else a.dfqbench_seeds
-    expected = expected_settings(a, commit, sched)
-    runs = []
-    for seed in official_seeds:
-        path = cell / f"official-s{seed}.json"
-        if a.resume and path.exists():
-            old = json.loads(path.read_text())
-            if "top1" in old and {k: old.get(k) for k in RESUME_KEYS} == expected:
-                runs.append(old)
-                print(f"official {METHOD} seed {seed}: reusing {common.rel(path)}", flush=True)
-                continue
-            print(f"official {METHOD} seed {seed}: {common.rel(path)} was run with other settings; running it "
-                  f"again", flush=True)
-        scratch = Path("/tmp") / f"parity-{METHOD}-{os.getpid()}-s{seed}"
-        r = common.run_child(Path(__file__).resolve(), child_args(a, seed, scratch), cell / f"official-s{seed}.log.txt",
-                             env=env)
-        r.update(seed=seed, official_repo=repo, official_commit=commit)
-        differs = {k: (r.get(k), v) for k, v in expected.items() if r.get(k) != v}
-        if differs:
-            raise SystemExit(f"the child ran with other settings than the parent's: {differs}")
-        common.write_json(path, r)
-        runs.append(r)
-        print(f"official {METHOD} W{a.wbit}A{a.abit} [{a.schedule}] seed {seed}: final-epoch top-1 {r['top1']:.2f} "
-              f"(official best epoch {r['official_best_epoch']}: {r['official_best_top1']:.2f}; before training "
-              f"{r['quant_top1_before_training']:.2f}), train {r['train_s']:.0f} s ({r['s_per_iteration']:.2f} "
-              f"s/iteration), wall {r['wall_s']:.0f} s", flush=True)
+    runs = tp.run_official_seeds(
+        a, cell, METHOD, official_seeds, expected_settings(a, commit, sched), Path(__file__).resolve(), child_args,
+        env, repo, commit, lambda r: f"final-epoch top-1 {r['top1']:.2f} (official best epoch "
+                                     f"{r['official_best_epoch']}: {r['official_best_top1']:.2f}; before training "
+                                     f"{r['quant_top1_before_training']:.2f}), train {r['train_s']:.0f} s "
+                                     f"({r['s_per_iteration']:.2f} s/iteration), wall {r['wall_s']:.0f} s")
     top1 = common.mean_std([r["top1"] for r in runs])
     best = common.mean_std([r["official_best_top1"] for r in runs])
     secs = common.mean_std([r["train_s"] for r in runs])
@@ -415,18 +383,7 @@ def parent(a) -> None:
           f"({repo}@{commit[:10]})", flush=True)
     if not a.dfqbench:
         return
-    ours = common.dfqbench_side(
-        cell, a.quant, dfqbench_seeds, a.resume,
-        lambda seed: [*tp.method_overrides_list(a, METHOD, seed), f"threads={a.threads}",
-                      *(["device=cpu"] if a.cpu else [])],
-        METHOD, accept=lambda r, seed: tp._dfqbench_matches(r, sched, a, seed))
-    d_top1 = common.mean_std([r["top1"] for r in ours])
-    d_secs = common.mean_std([r["info"]["training"]["train_time_s"] for r in ours])
-    print(f"dfqbench method={METHOD} quant={a.quant} schedule={a.schedule} W{a.wbit}A{a.abit}: top-1 "
-          f"{d_top1[0]:.2f} +- {d_top1[1]:.2f}, training {d_secs[0]:.0f} s", flush=True)
-    common.write_json(cell / "dfqbench.json", {"seeds": dfqbench_seeds, "top1_mean": round(d_top1[0], 4),
-                                              "top1_std": round(d_top1[1], 4), "train_s_mean": round(d_secs[0], 3),
-                                              "overrides": tp.method_overrides_list(a, METHOD)})
+    ours, d_top1, d_secs = tp.dfqbench_cell(a, cell, METHOD, sched, dfqbench_seeds)
     scrm = "SCRM alpha 1 as the code" if alpha_of(a) == DEFAULT_ALPHA else f"--alpha {alpha_of(a):g} (SCRM weight)"
     common.upsert_parity_row({
         "method": METHOD + (f"-{tag}" if tag else ""), "quant": a.quant, "schedule": a.schedule,
