@@ -56,6 +56,33 @@ def test_real_and_other_domain_sources_read_image_folders(cifar10_root):
         assert other.shape == (5, 3, 32, 32) and _pixels(other).min() >= -1e-3
 
 
+def test_listed_source_reads_the_named_images_in_the_file_order(tmp_path):
+    from PIL import Image
+
+    root = tmp_path / "train"
+    for name, value in (("a/1.png", 10), ("a/2.png", 200), ("b/3.png", 51)):
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        Image.new("RGB", (32, 32), (value, value, value)).save(root / name)
+    listing = tmp_path / "calib.txt"
+    listing.write_text(f"b/3.png\n{root / 'a/1.png'}\n\na/2.png\n")  # relative to train_root, or absolute
+    ctx = _ctx(train_root=str(root), calib_list=str(listing))
+    batches = calibration_batches("listed", None, ctx, 2, 1)
+    pixels = _pixels(torch.cat(batches)) * 255
+    assert [tuple(b.shape) for b in batches] == [(1, 3, 32, 32)] * 2
+    assert torch.allclose(pixels[:, :, 0, 0], torch.tensor([[51.0] * 3, [10.0] * 3]), atol=1e-3)  # file order
+    assert len(ctx.info["calib_list_sha256"]) == 64
+    other_seed = _ctx(train_root=str(root), calib_list=str(listing))
+    other_seed.seed = 7  # the list fixes the set: no draw
+    assert torch.equal(torch.cat(calibration_batches("listed", None, other_seed, 2, 1)), torch.cat(batches))
+    with pytest.raises(ConfigError, match="names 3 images; the method asks for 4"):
+        calibration_batches("listed", None, ctx, 4, 4)
+    listing.write_text("a/1.png\nc/9.png\n")
+    with pytest.raises(ConfigError, match=r"names 1 image\(s\) that do not exist, e.g. .*c/9.png"):
+        calibration_batches("listed", None, ctx, 2, 2)
+    with pytest.raises(ConfigError, match="calib_data=listed needs paths.calib_list"):
+        calibration_batches("listed", None, _ctx(train_root=str(root)), 2, 2)
+
+
 def test_missing_folders_and_unknown_sources_are_one_line_errors(tmp_path):
     with pytest.raises(ConfigError, match=r"calib_data=real needs the training images: dataset.train_root="):
         calibration_batches("real", None, _ctx(train_root=None), 4, 4)

@@ -289,3 +289,14 @@ def test_the_code_digest_leaves_out_only_what_renders_tables(tmp_path):
         changed = digest()
         assert changed != base, rel
         base = changed
+
+
+def test_new_convention_keys_at_their_neutral_values_keep_the_config_hash():
+    base = {"method": {"name": "rtn"}, "quant": {"name": "gdfq", "fold_bn": True, "layers": {"first_wbit": 8}}}
+    neutral = {"method": {"name": "rtn"}, "quant": {"name": "gdfq", "fold_bn": True, "fold_scope": "graph",
+                                                    "layers": {"first_wbit": 8, "norm_abit": None}}}
+    assert records.config_hash(neutral) == records.config_hash(base)
+    for key, value in (("fold_scope", "module"), ("norm_abit", 8)):
+        changed = json.loads(json.dumps(neutral))
+        (changed["quant"] if key == "fold_scope" else changed["quant"]["layers"])[key] = value
+        assert records.config_hash(changed) != records.config_hash(base)  # computes something else: a new hash

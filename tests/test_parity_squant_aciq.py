@@ -266,8 +266,23 @@ def test_official_aciq_preset_composes():
     conv = build_convention(cfg, method)
     assert conv.act.sites == "layer_outputs" and conv.fold_bn and conv.layers.first_wbit == 8
     assert conv.layers.second_abit == 8 and conv.layers.last_wbit is None and conv.layers.last_abit is None
+    assert conv.fold_scope == "module" and conv.layers.norm_abit == 8  # search_absorbe_bn; BatchNorm2dWithId
     assert (method.stats, method.calib_data, method.calib_images) == ("calib", "real", 32)
     assert (method.calib_stats, method.signed_range, method.bit_alloc, method.weight_correction, method.relu_clip) \
         == ("per_image", "min_anchored", "bits_by_std", "mean", "one_sided")
     other = compose_cfg("method=rtn", "quant=official_aciq")  # another method ignores aciq's settings
     build_convention(other, build_method(other))
+
+
+def test_aciq_driver_pairs_dfqbench_with_the_images_each_official_seed_drew():
+    import sys
+    from pathlib import Path
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts" / "parity"))
+    import aciq as driver
+
+    runs = [{"seed": 0, "calib_list": "results/parity/aciq/w4a4/official-s0.calib.txt"}, {"seed": 1}]
+    over = driver.paired_overrides(runs, 0, "official_aciq")
+    assert over[0] == "quant.method_settings.aciq.calib_data=listed"
+    assert over[1].startswith("paths.calib_list=/") and over[1].endswith("results/parity/aciq/w4a4/official-s0.calib.txt")
+    assert driver.paired_overrides(runs, 1, "official_aciq") == []  # an older run without its drawn images
+    assert driver.paired_overrides(runs, 0, "aciq") == []  # the data-free preset reads no training images

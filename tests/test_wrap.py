@@ -7,7 +7,9 @@ import torch
 from torch import nn
 
 from dfqbench.quant import Convention, act_quantizers, quantize_model, weight_quantizers
+from dfqbench.quant.quantizers import ActQuantizer
 from dfqbench.quant.transforms.bn_fold import fold_batchnorm
+from dfqbench.quant.transforms.graph import module_of
 from dfqbench.quant.transforms.bn_stats import Gaussian, relu_moments
 from dfqbench.quant.transforms.equalize import absorb_high_bias, equalize, find_pairs
 
@@ -79,6 +81,64 @@ def test_bn_folding_preserves_the_function_and_records_statistics():
     assert not any(isinstance(m, nn.BatchNorm2d) for m in folded.modules())
     assert torch.allclose(folded(x), ref, atol=1e-5)
     assert torch.allclose(folded.conv1.out_mean, model.bn1.bias)
+
+
+class PreActBlock(nn.Module):
+    """stem conv, then a pre-activation unit: (bn-relu-conv) twice + identity; a conv-bn pair inside `proj`."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, padding=1, bias=False)
+        self.pre1 = nn.Sequential(nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1, bias=False))
+        self.pre2 = nn.Sequential(nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1, bias=False))
+        self.proj = nn.Sequential(nn.Conv2d(8, 4, 1, bias=False), nn.BatchNorm2d(4))
+
+    def forward(self, x):
+        x = self.stem(x)
+        return self.proj(x + self.pre2(self.pre1(x)))
+
+
+def _preact(seed=0):
+    torch.manual_seed(seed)
+    model = PreActBlock()
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.running_mean.uniform_(-1, 1), m.running_var.uniform_(0.5, 2), m.weight.data.uniform_(0.5, 1.5)
+            m.bias.data.uniform_(-0.5, 0.5)
+    return model.eval()
+
+
+def test_module_fold_scope_folds_only_a_conv_with_the_batchnorm_registered_after_it():
+    model, x = _preact(), torch.randn(2, 3, 8, 8)
+    ref = model(x)
+    graph = fold_batchnorm(copy.deepcopy(model), "graph")  # pre1's conv -> pre2's BN is a graph pair too
+    module = fold_batchnorm(copy.deepcopy(model), "module")
+    bns = lambda gm: sorted(n for n, m in gm.named_modules() if isinstance(m, nn.BatchNorm2d))  # noqa: E731
+    assert bns(graph) == ["pre1.0"]  # its input (the stem) is also read by the identity
+    assert bns(module) == ["pre1.0", "pre2.0"]
+    assert torch.allclose(graph(x), ref, atol=1e-5) and torch.allclose(module(x), ref, atol=1e-5)
+    bn = model.proj[1]
+    factor = bn.weight / torch.sqrt(bn.running_var + bn.eps)  # the folded sibling pair, by hand
+    assert torch.allclose(module.get_submodule("proj.0").weight, model.proj[0].weight * factor.view(-1, 1, 1, 1))
+    assert torch.allclose(module.get_submodule("proj.0").bias, bn.bias - bn.running_mean * factor)
+    with pytest.raises(ValueError, match="fold scope 'all' is not valid; choose one of: graph, module"):
+        fold_batchnorm(copy.deepcopy(model), "all")
+
+
+def test_norm_abit_quantizes_each_unfolded_batchnorm_output():
+    spec = {"name": "aciq_like", "fold_bn": True, "fold_scope": "module",
+            "act": {"sites": "layer_outputs", "granularity": "per_channel"}, "layers": {"norm_abit": 8}}
+    gm = quantize_model(_preact(), Convention.from_dict(spec), wbit=4, abit=4)
+    readers = {n.args[0].target: module_of(gm, n).bits for n in gm.graph.nodes
+               if isinstance(module_of(gm, n), ActQuantizer)}
+    # every conv output at abit, the two pre-activation BatchNorms at 8; the folded proj BN is gone
+    assert readers == {"stem": 4, "pre1.0": 8, "pre1.2": 4, "pre2.0": 8, "pre2.2": 4, "proj.0": 4}
+    without = quantize_model(_preact(), Convention.from_dict({**spec, "layers": {}}), wbit=4, abit=4)
+    assert len(act_quantizers(without)) == 4
+    with pytest.raises(ValueError, match=r"quant.layers.norm_abit=8 is only read with quant.act.sites=layer_outputs"):
+        Convention.from_dict({**spec, "act": {"sites": "after_relu"}})
+    with pytest.raises(ValueError, match="quant.fold_scope='sibling' is not valid; choose one of: graph, module"):
+        Convention.from_dict({**spec, "fold_scope": "sibling"})
 
 
 def test_cross_layer_equalization_is_exact_and_equalizes_ranges():

@@ -220,6 +220,13 @@ def child(a) -> None:
         dataset = torchvision.datasets.ImageFolder(str(train), transforms.Compose(
             [transforms.ToTensor(), transforms.Normalize(mean, std)]))
         what = f"the training split {train} ({len(dataset)} images; {a.calib_images} drawn by the shuffle)"
+        drawn: list[str] = []  # the images the shuffle draws, for dfqbench's side (paths.calib_list)
+        getitem = type(dataset).__getitem__
+
+        def logged(self, i):
+            drawn.append(str(Path(self.samples[i][0]).relative_to(train)))
+            return getitem(self, i)
+        type(dataset).__getitem__ = logged
     else:
         xs, ys = zip(*[(x.contiguous().cpu(), y.cpu()) for x, y in data.batches(1000, "cpu")])
         dataset = Tensors(torch.cat(xs), torch.cat(ys))
@@ -248,6 +255,8 @@ def child(a) -> None:
               "n_test": data.num_samples}
     if out is not None:
         result["top1"] = float(out[1])
+    if a.step.startswith("collect"):
+        result["calib_files"] = drawn[:a.calib_images]  # the loader may read ahead of the -cs stop
     print(__import__("json").dumps(result))
 
 
@@ -305,6 +314,10 @@ def main(argv=None) -> None:
             steps[step] = common.run_child(Path(__file__), [*common_args, "--step", step],
                                            cell / f"official-s{seed}.{step}.log.txt")
         r = dict(steps["use"])
+        files = steps["collect"].get("calib_files")
+        if files and files == steps["collect_pc"].get("calib_files"):  # both collections saw the same images
+            (cell / f"official-s{seed}.calib.txt").write_text("\n".join(files) + "\n")
+            r["calib_list"] = common.rel(cell / f"official-s{seed}.calib.txt")
         r.update(seed=seed, collect_s=round(steps["collect"]["wall_s"] + steps["collect_pc"]["wall_s"], 3),
                  collect_argv=[steps["collect"]["argv"], steps["collect_pc"]["argv"]])
         runs.append(r)
@@ -332,10 +345,11 @@ def main(argv=None) -> None:
         for seed in a.seeds:
             over = ["method=aciq", f"quant={quant}", f"wbit={a.wbit}", f"abit={a.abit}", f"seed={seed}",
                     f"method.calib_images={a.calib_images}", f"threads={a.threads}", *a.method_overrides,
-                    *common.teacher_overrides(a)]
+                    *common.teacher_overrides(a), *paired_overrides(runs, seed, quant)]
             ours.append(common.run_dfqbench(over, cell / f"dfqbench-{quant}-s{seed}", cell / "dfqbench.log.txt"))
         d_top1 = common.mean_std([r["top1"] for r in ours])
         d_secs = common.mean_std([r["quantize_time_s"] for r in ours])
+        paired = all(paired_overrides(runs, seed, quant) for seed in a.seeds)
         print(f"dfqbench method=aciq quant={quant} W{a.wbit}A{a.abit}: top-1 {d_top1[0]:.2f} +- {d_top1[1]:.2f}",
               flush=True)
         common.upsert_parity_row({
@@ -345,10 +359,20 @@ def main(argv=None) -> None:
             "dfqbench_top1_std": common.fmt(d_top1[1]), "official_s": common.fmt(secs[0]),
             "dfqbench_s": common.fmt(d_secs[0]), "official_repo": repo, "official_commit": commit,
             "note": f"{QUANT_NOTES.get(quant, 'dfqbench quant=' + quant)}; statistics-image seeds "
-                    f"{' '.join(map(str, a.seeds))} ({a.calib_images} training images); "
+                    f"{' '.join(map(str, a.seeds))} ({a.calib_images} training images"
+                    f"{', the same images on both sides (official-s<seed>.calib.txt)' if paired else ''}); "
                     f"official flags {a.flags}; official_s = statistics collection, dfqbench_s = "
                     f"quantization; {runs[0]['n_test']} test images; records {common.rel(cell)}",
             "model": runs[0]["model"], "dataset": runs[0]["dataset"], "device": runs[0]["device"]}, Path(a.csv))
+
+
+def paired_overrides(runs: list[dict], seed: int, quant: str) -> list[str]:
+    """dfqbench's statistics on the images the official run of `seed` drew (its calib.txt), where the preset
+    reads training images (quant=official_aciq: calib_data real); [] otherwise (an older official.json)."""
+    listing = next((r.get("calib_list") for r in runs if r["seed"] == seed), None)
+    if not listing or quant != "official_aciq":
+        return []
+    return ["quant.method_settings.aciq.calib_data=listed", f"paths.calib_list={common.REPO / listing}"]
 
 
 if __name__ == "__main__":

@@ -39,7 +39,8 @@ FINGERPRINT_FIELDS = ("config_hash", "config", "checkpoint", "data", "device", "
 # keys added after records were made, left out of the hash at their neutral value so that those records keep
 # their hash (and their place in the tables): each computes nothing different from before the key existed
 _NEUTRAL = {("export",): "none", ("quant", "layers", "input_range"): "calibrated", ("bit_pairs",): None,
-            ("quant", "bias"): "float", ("compile",): "none", ("method", "generator", "mix_norm"): "vector"}
+            ("quant", "bias"): "float", ("compile",): "none", ("method", "generator", "mix_norm"): "vector",
+            ("quant", "fold_scope"): "graph", ("quant", "layers", "norm_abit"): None}
 
 
 def _drop_neutral(config: dict) -> dict:

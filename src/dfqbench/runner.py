@@ -239,6 +239,7 @@ def _run(cfg: DictConfig, run_dir: Path, overrides: list[str] | None) -> dict:
                            mean=data.mean.flatten(), std=data.std.flatten(), model_sha256=loaded.sha256,
                            cache_dir=cfg.paths.cache_dir, train_root=train_root(cfg.dataset),
                            other_domain_root=cfg.paths.get("other_domain_root"), run_dir=run_dir,
+                           calib_list=cfg.paths.get("calib_list"),
                            compile=cfg.get("compile", "none"),
                            test_eval=lambda m: evaluate(m, data, cfg.eval.batch_size, device)["top1"])
         t0 = time.perf_counter()

@@ -391,7 +391,7 @@ class ACIQ(PresetSettingsMethod):
         batches = None
         if self.stats == "calib":  # before any folding: distillation needs the model's own BatchNorms
             batches = calibration_batches(self.calib_data, model, ctx, self.calib_images, self.calib_batch_size)
-        gm = fold_batchnorm(model) if ctx.convention.fold_bn else trace(model)
+        gm = fold_batchnorm(model, ctx.convention.fold_scope) if ctx.convention.fold_bn else trace(model)
         moments = None
         if batches is not None:
             moments = ImageMoments(gm, batches) if self.calib_stats == "per_image" else ChannelMoments(gm, batches)

@@ -35,6 +35,7 @@ class QuantContext:
     cache_dir: str | None = None
     train_root: str | None = None  # the data set's training images (ImageFolder), when present
     other_domain_root: str | None = None  # a folder of images from another domain
+    calib_list: str | None = None  # a text file naming calibration images (method.calib_data=listed)
     run_dir: Path | None = None  # the run's folder: training methods keep their resumable checkpoint there
     test_eval: Callable[[nn.Module], float] | None = None  # top-1 on the test set: only for flagged best-epoch runs
     compile: str = "none"  # the generator-QAT trainer's torch.compile mode (config `compile`)

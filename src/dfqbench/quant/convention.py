@@ -54,6 +54,9 @@ class ActSpec:
 
 
 INPUT_RANGES = ("calibrated", "pixels")
+# which conv -> BatchNorm pairs fold_bn folds (transforms.bn_fold): graph, every BatchNorm reading a conv/linear
+# output that nothing else reads; module, only a BatchNorm registered right after that conv in the same parent module
+FOLD_SCOPES = ("graph", "module")
 
 
 @dataclass
@@ -65,6 +68,9 @@ class LayerBits:
     second_abit: int | None = None  # the quantizer(s) feeding the 2nd layer (BRECQ: 8)
     last_abit: int | None = None  # the quantizer(s) feeding the last layer
     input_abit: int | None = None  # the input image; null = not quantized
+    # with act.sites=layer_outputs: the output of each BatchNorm left unfolded, quantized at this bit-width (null:
+    # float); the ACIQ code's BatchNorm2dWithId quantizes it with its default int8 quantizer
+    norm_abit: int | None = None
     # calibrated: the image quantizer is set as any other, by the method (from its data, or from noise);
     # pixels: fixed to what a normalized image can hold, [(0 - mean) / std, (1 - mean) / std] (the deployed
     # input is a real image, whatever data the method saw), and left alone by every method's calibration
@@ -82,6 +88,7 @@ class Convention:
     act: ActSpec = field(default_factory=ActSpec)
     layers: LayerBits = field(default_factory=LayerBits)
     fold_bn: bool = False
+    fold_scope: str = "graph"  # FOLD_SCOPES
     backend: str = "torch"
     description: str = ""
     # settings a method takes under this convention, by method name ({aciq: {stats: calib, ...}}): an official
@@ -136,6 +143,10 @@ class Convention:
         _choice("quant.weight.symmetric_grid", self.weight.symmetric_grid, SYMMETRIC_GRIDS)
         _choice("quant.act.symmetric_grid", self.act.symmetric_grid, SYMMETRIC_GRIDS)
         _choice("quant.bias", self.bias, BIAS_GRIDS)
+        _choice("quant.fold_scope", self.fold_scope, FOLD_SCOPES)
+        if self.layers.norm_abit is not None and self.act.sites != "layer_outputs":
+            raise ValueError(f"quant.layers.norm_abit={self.layers.norm_abit!r} is only read with "
+                             f"quant.act.sites=layer_outputs, not {self.act.sites!r}; set quant.layers.norm_abit=null")
         if self.act.sites == "op_outputs":
             if not self.act.ops or not isinstance(self.act.ops, (list, tuple)):
                 raise ValueError(f"quant.act.sites=op_outputs needs quant.act.ops, a list of: {', '.join(OP_KINDS)}")

@@ -26,6 +26,7 @@ from ..records import code_digest
 SOURCES: dict[str, str] = {
     "distill": "dfqbench.synth.calib_data:distill_source",  # ZeroQ BN-statistics distillation
     "real": "dfqbench.synth.calib_data:real_source",  # the teacher's own training images (the upper bound)
+    "listed": "dfqbench.synth.calib_data:listed_source",  # the images a file names, in its order (a run's own set)
     "other_domain": "dfqbench.synth.calib_data:other_domain_source",  # images of another data set, resized
     "uniform_noise": "dfqbench.synth.calib_data:uniform_noise_source",  # pixels ~ U(0, 1)
     "gaussian_noise": "dfqbench.synth.calib_data:gaussian_noise_source",  # pixels ~ N(0.5, 0.25^2), clipped
@@ -109,12 +110,13 @@ def _image_files(folder: Path) -> list[Path]:
     return sorted(p for p in folder.rglob("*") if p.suffix.lower() in _IMAGE_SUFFIXES)
 
 
-def _load_images(files: list[Path], num_images: int, ctx, what: str) -> torch.Tensor:
+def _load_images(files: list[Path], num_images: int, ctx, what: str, shuffle: bool = True) -> torch.Tensor:
     from PIL import Image
 
     if not files:
         raise ConfigError(f"calibration source {what}: no images found")
-    order = torch.randperm(len(files), generator=ctx.generator())[:num_images]
+    order = torch.randperm(len(files), generator=ctx.generator())[:num_images] if shuffle else \
+        torch.arange(min(num_images, len(files)))
     size = ctx.input_shape[1:]
     out = []
     for i in order.tolist():
@@ -138,6 +140,28 @@ def real_source(model, ctx, num_images: int, batch_size: int) -> list[torch.Tens
         raise ConfigError(f"method.calib_data=real needs the training images: dataset.train_root={ctx.train_root} "
                           f"is not a folder (ImageFolder layout)")
     return _split(_load_images(_image_files(root), num_images, ctx, f"real ({root})"), batch_size)
+
+
+def listed_source(model, ctx, num_images: int, batch_size: int) -> list[torch.Tensor]:
+    """The first `num_images` images named in the text file paths.calib_list (one path per line, absolute or
+    relative to the training images' folder), in the file's order: a calibration set fixed outside dfqbench (an
+    official run's drawn images, a paper's published list). Its sha256 goes into the record."""
+    listing = Path(os.path.expanduser(str(ctx.calib_list or "")))
+    if not ctx.calib_list or not listing.is_file():
+        raise ConfigError(f"method.calib_data=listed needs paths.calib_list, a text file of image paths (one per "
+                          f"line): {ctx.calib_list!r} is not a file (or set DFQ_CALIB_LIST)")
+    root = Path(os.path.expanduser(str(ctx.train_root or ".")))
+    names = [line.strip() for line in listing.read_text().splitlines() if line.strip()]
+    files = [Path(n) if Path(n).is_absolute() else root / n for n in names]
+    missing = [str(f) for f in files[:num_images] if not f.is_file()]
+    if missing:
+        raise ConfigError(f"paths.calib_list={str(listing)!r} names {len(missing)} image(s) that do not exist, "
+                          f"e.g. {missing[0]!r} (relative paths are read under dataset.train_root={ctx.train_root})")
+    if len(files) < num_images:
+        raise ConfigError(f"paths.calib_list={str(listing)!r} names {len(files)} images; the method asks for "
+                          f"{num_images}")
+    ctx.info["calib_list_sha256"] = hashlib.sha256(listing.read_bytes()).hexdigest()
+    return _split(_load_images(files, num_images, ctx, f"listed ({listing})", shuffle=False), batch_size)
 
 
 def other_domain_source(model, ctx, num_images: int, batch_size: int) -> list[torch.Tensor]:

@@ -4,16 +4,16 @@ from __future__ import annotations
 
 from torch import fx, nn
 
-from .bn_fold import fold_batchnorm
+from .bn_fold import NORM_TYPES, fold_batchnorm
 from ..convention import Convention
-from .graph import insert_after, is_passthrough, layer_nodes, layers_fed_by, module_of, relu_kind, trace
+from .graph import insert_after, is_layer, is_passthrough, layer_nodes, layers_fed_by, module_of, relu_kind, trace
 from .ops import op_output_sites
 from ..quantizers import ActQuantizer, WeightQuantizer, is_quant_layer, quant_class_for
 
 
 def quantize_model(model: nn.Module, convention: Convention, wbit: int, abit: int) -> fx.GraphModule:
     """Return a traced copy-in-place of `model` with quantizers; the float parameters are shared, not copied."""
-    gm = fold_batchnorm(model) if convention.fold_bn else trace(model)
+    gm = fold_batchnorm(model, convention.fold_scope) if convention.fold_bn else trace(model)
     layers = layer_nodes(gm)
     if not layers:
         raise ValueError("the model has no Conv1d/Conv2d/Linear layer to quantize")
@@ -34,6 +34,8 @@ def quantize_model(model: nn.Module, convention: Convention, wbit: int, abit: in
         a_bits = abit
         if site.op == "placeholder":
             a_bits = bits.input_abit
+        elif isinstance(module_of(gm, site), NORM_TYPES):
+            a_bits = bits.norm_abit
         elif second is not None and bits.second_abit and (
                 second in fed or (convention.act.sites == "layer_outputs" and site is first)):
             a_bits = bits.second_abit
@@ -114,7 +116,8 @@ def _act_sites(gm: fx.GraphModule, convention: Convention) -> list[fx.Node]:
     if convention.act.sites == "after_relu":
         sites += [n for n in gm.graph.nodes if relu_kind(gm, n)]
     elif convention.act.sites == "layer_outputs":
-        sites += layer_nodes(gm)
+        norms = convention.layers.norm_abit is not None
+        sites += [n for n in gm.graph.nodes if is_layer(gm, n) or (norms and isinstance(module_of(gm, n), NORM_TYPES))]
     elif convention.act.sites == "op_outputs":
         sites += [n for n in op_output_sites(gm, convention.act.ops) if n not in sites]
     else:  # layer_inputs: the tensor each layer reads, shared with every other reader (e.g. a residual identity)
