@@ -98,6 +98,25 @@ def test_a_fixed_set_trains_no_generator_and_refuses_generator_losses():
         fixed.sample(2, torch.Generator())
 
 
+def test_fixed_set_synthesis_labels_are_each_image_class_j_mod_c():
+    fixed = FixedSet(3, (1, 4, 4), source="intraq", crop_prob=0.0, flip_prob=0.0, labels="synthesis")
+    fixed.images = torch.arange(7.0).reshape(7, 1, 1, 1).expand(7, 1, 4, 4).contiguous()  # image j holds j
+    s = fixed.sample(32, torch.Generator().manual_seed(0))
+    drawn = s.images[:, 0, 0, 0].long()
+    assert torch.equal(s.targets, F.one_hot(drawn % 3, 3).float()) and len(set(drawn.tolist())) > 3
+    step = Step(s.images, s.targets, teacher=lambda x: torch.zeros(len(x), 3))
+    assert torch.equal(step.targets.argmax(1), drawn % 3)  # the CE reads these, not the teacher's argmax (0)
+    assert FixedSet(3, (1, 4, 4), source="hast", labels="teacher").labels == "teacher"
+    teacher_labels = FixedSet(3, (1, 4, 4), source="intraq", crop_prob=0.0, flip_prob=0.0)
+    teacher_labels.images = fixed.images
+    assert teacher_labels.sample(4, torch.Generator()).targets is None  # the step takes the teacher's argmax
+    with pytest.raises(ValueError, match="labels='class' is not valid; choose one of: teacher, synthesis"):
+        FixedSet(3, (1, 4, 4), labels="class")
+    with pytest.raises(ValueError, match="labels=synthesis needs a source that synthesizes per class .*"
+                                         "not source='distill'"):
+        FixedSet(3, (1, 4, 4), source="distill", labels="synthesis")
+
+
 def test_yamls_compose_intraq_hast_and_zaq():
     intraq, hast, zaq = (build_method(compose_cfg(f"method={m}")) for m in ("intraq", "hast", "zaq"))
     assert intraq.generator_terms == [] and [n for n, _ in intraq.student_terms] == ["kd", "ce"]

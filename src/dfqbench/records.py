@@ -40,7 +40,8 @@ FINGERPRINT_FIELDS = ("config_hash", "config", "checkpoint", "data", "device", "
 # their hash (and their place in the tables): each computes nothing different from before the key existed
 _NEUTRAL = {("export",): "none", ("quant", "layers", "input_range"): "calibrated", ("bit_pairs",): None,
             ("quant", "bias"): "float", ("compile",): "none", ("method", "generator", "mix_norm"): "vector",
-            ("quant", "fold_scope"): "graph", ("quant", "layers", "norm_abit"): None}
+            ("quant", "fold_scope"): "graph", ("quant", "layers", "norm_abit"): None,
+            ("method", "generator", "labels"): "teacher"}
 
 
 def _drop_neutral(config: dict) -> dict:

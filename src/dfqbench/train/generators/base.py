@@ -326,6 +326,10 @@ class UnconditionalGenerator(nn.Module):
         return self.trunk(s.z[:, 0])
 
 
+FIXED_SET_LABELS = ("teacher", "synthesis")
+LABELLED_SOURCES = ("intraq", "hast")  # dfqbench.synth.labelled: image j synthesized for class j mod C
+
+
 @register(GENERATORS, "fixed_set")
 class FixedSet(nn.Module):
     """No generator: a fixed synthetic set (IntraQ, HAST) made once before training by a calibration source of
@@ -333,8 +337,9 @@ class FixedSet(nn.Module):
     teacher, settings and seed. Each batch draws images uniformly with replacement and applies RandomResizedCrop
     (scale `crop_scale`) with probability `crop_prob` and a horizontal flip with probability `flip_prob` (IntraQ's
     and HAST's fine-tuning: torchvision's RandomResizedCrop on every image, then RandomHorizontalFlip: 1 and 0.5).
-    Labels: none are stored; losses that need one use the teacher's prediction (for the intraq/hast sources
-    it agrees with the synthesis label on the images the teacher fits). The set's size and the synthesis steps
+    Labels (`labels`): "teacher", losses that need one use the teacher's prediction on the drawn (augmented)
+    image; "synthesis", the class each image was synthesized for (the intraq/hast sources make image j for class
+    j mod C, so the set's order carries it), as IntraQ's and HAST's code train the student's CE. The set's size and the synthesis steps
     come from the schedule (`fixed_set_images`, `fixed_set_iterations`). Nothing is trained: the method's
     generator_losses must be empty."""
 
@@ -342,11 +347,18 @@ class FixedSet(nn.Module):
 
     def __init__(self, num_classes: int, image_shape, teacher_fc: torch.Tensor | None = None,
                  source: str = "intraq", source_settings: dict | None = None, crop_prob: float = 1.0,
-                 flip_prob: float = 0.5, crop_scale: tuple[float, float] = (0.5, 1.0), synthesis_batch: int = 256):
+                 flip_prob: float = 0.5, crop_scale: tuple[float, float] = (0.5, 1.0), synthesis_batch: int = 256,
+                 labels: str = "teacher"):
         super().__init__()
         from ...synth.calib_data import check_source
 
         self.source = check_source(source, "method.generator.source")
+        if labels not in FIXED_SET_LABELS:
+            raise ValueError(f"labels={labels!r} is not valid; choose one of: {', '.join(FIXED_SET_LABELS)}")
+        if labels == "synthesis" and self.source not in LABELLED_SOURCES:
+            raise ValueError(f"labels=synthesis needs a source that synthesizes per class "
+                             f"({', '.join(LABELLED_SOURCES)}), not source={self.source!r}; use labels=teacher")
+        self.labels, self.num_classes = labels, num_classes
         self.source_settings = dict(source_settings or {})
         for key, value in (("crop_prob", crop_prob), ("flip_prob", flip_prob)):
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value <= 1.0:
@@ -382,7 +394,10 @@ class FixedSet(nn.Module):
         idx = torch.randint(len(self.images), (batch_size,), generator=rng).to(self.images.device)
         images = crop_flip(self.images[idx], rng, scale=self.crop_scale, prob=self.crop_prob,
                            flip_prob=self.flip_prob)
-        return Sample(torch.zeros(batch_size, 1, 0), None, None, None, images)
+        targets = None  # None: the step takes the teacher's argmax
+        if self.labels == "synthesis":
+            targets = F.one_hot(idx % self.num_classes, self.num_classes).to(images.dtype)
+        return Sample(torch.zeros(batch_size, 1, 0), None, None, targets, images)
 
     def forward(self, s: Sample) -> torch.Tensor:
         return s.images.contiguous(memory_format=torch.channels_last)
