@@ -426,44 +426,29 @@ def child(a) -> None:
 
     timings: dict = {"blocks": []}
     captured: dict = {}
-    distill_data = official_main.distill_data
 
-    def timed_distill(*args, **kw):
-        t = time.perf_counter()
-        out = distill_data(*args, **kw)
-        timings["distill_s"] = time.perf_counter() - t
-        captured["shape"] = list(out.shape)
-        return out
+    def timed(owner, name: str, keep) -> None:
+        """owner.name -> the same function, its seconds and result handed to keep(seconds, result)."""
+        fn = getattr(owner, name)
 
-    official_main.distill_data = timed_distill
-    block = official_reconstruct.reconstruct_block
+        def wrapper(*args, **kw):
+            t = time.perf_counter()
+            out = fn(*args, **kw)
+            keep(time.perf_counter() - t, out, *args)
+            return out
+        setattr(owner, name, wrapper)
 
-    def timed_block(*args, **kw):
-        t = time.perf_counter()
-        out = block(*args, **kw)
-        timings["blocks"].append(round(time.perf_counter() - t, 3))
-        return out
+    def keep_distill(secs, out, *args):
+        timings["distill_s"], captured["shape"] = secs, list(out.shape)
 
-    official_reconstruct.reconstruct_block = timed_block
-    recon = official_main.reconstruct
+    def keep_eval(secs, acc, dataset=None, model=None, *args):
+        timings["eval_s"], captured["acc"], captured["qmodel"] = secs, acc, model
 
-    def timed_reconstruct(*args, **kw):
-        t = time.perf_counter()
-        out = recon(*args, **kw)
-        timings["reconstruct_s"] = time.perf_counter() - t
-        return out
-
-    official_main.reconstruct = timed_reconstruct
-
-    def kept_evaluate(dataset, model, *args, **kw):
-        t = time.perf_counter()
-        acc = evaluate_classifier(dataset, model, *args, **kw)
-        timings["eval_s"] = time.perf_counter() - t
-        captured["acc"] = acc
-        captured["qmodel"] = model
-        return acc
-
-    official_main.evaluate_classifier = kept_evaluate
+    timed(official_main, "distill_data", keep_distill)
+    timed(official_reconstruct, "reconstruct_block", lambda secs, out, *args: timings["blocks"].append(round(secs, 3)))
+    timed(official_main, "reconstruct", lambda secs, out, *args: timings.__setitem__("reconstruct_s", secs))
+    official_main.evaluate_classifier = evaluate_classifier
+    timed(official_main, "evaluate_classifier", keep_eval)
 
     torch.manual_seed(a.seed)
     np.random.seed(a.seed)
