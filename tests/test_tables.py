@@ -329,3 +329,24 @@ def test_parity_row_whose_dfqbench_seeds_diverged(tmp_path):
     assert "dfqbench diverged in every seed (official collapses too)" in rows["intraq"]
     assert "86.00 ± 0.30, 1 more diverged" in rows["hast"] and "| yes " in rows["hast"]
     assert "diverged" not in rows["gdfq"]
+
+
+def test_a_cell_whose_seeds_ran_different_settings_is_listed_with_the_keys(tmp_path):
+    from dfqbench.results.entries import collect_runs, mixed_settings
+
+    def config(seed, iterations, out):
+        return {"seed": seed, "method": {"name": "zeroq", "iterations": iterations}, "paths": {"output_dir": out}}
+    _record(tmp_path / "runs", "z0", seed=0, top1=80.0, config=config(0, 500, "a"))
+    _record(tmp_path / "runs", "z1", seed=1, top1=81.0, config=config(1, 500, "b"))  # paths: not a setting
+    _record(tmp_path / "runs", "z2", seed=2, top1=70.0, config=config(2, 100, "a"))  # a variant, same name
+    mixed = mixed_settings(collect_runs([tmp_path / "runs"]))
+    assert len(mixed) == 1 and mixed.iloc[0]["keys"] == ["method.iterations"]
+    assert len(mixed.iloc[0]["records"]) == 3
+    (tmp_path / "runs" / "z2").rename(tmp_path / "z2-elsewhere")
+    assert mixed_settings(collect_runs([tmp_path / "runs"])).empty  # seeds and paths differ only
+    (tmp_path / "z2-elsewhere").rename(tmp_path / "runs" / "z2")
+    out = tmp_path / "out"
+    tables.main([str(tmp_path / "runs"), "--results", str(out), "--reported", str(tmp_path / "none")])
+    rows = _md_tables((out / "baselines.md").read_text(), "## Cells whose seeds ran with different settings")
+    assert [(r["Method"], r["Records"], r["Settings that differ"]) for r in rows] == \
+        [("zeroq", "3", "`method.iterations`")]

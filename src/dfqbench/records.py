@@ -55,10 +55,15 @@ def _drop_neutral(config: dict) -> dict:
     return config
 
 
+def hashed_config(config: dict) -> dict:
+    """The part of a resolved config that config_hash digests: without location/verbosity keys and keys at their
+    neutral value (_NEUTRAL)."""
+    return _without(_drop_neutral(config), _NOT_HASHED, _NOT_HASHED_NESTED)
+
+
 def config_hash(config: dict) -> str:
-    """sha256 (first 16 hex) of the resolved config without location/verbosity keys (and keys at their neutral
-    value: _NEUTRAL)."""
-    return _digest(_without(_drop_neutral(config), _NOT_HASHED, _NOT_HASHED_NESTED))
+    """sha256 (first 16 hex) of hashed_config(config)."""
+    return _digest(hashed_config(config))
 
 
 def _without(config: dict, keys: set, nested: set) -> dict:

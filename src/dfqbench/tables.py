@@ -76,9 +76,10 @@ def main(argv: list[str] | None = None) -> None:
     rel = {k: {kind: os.path.relpath(p, out) for kind, p in v.items()} for k, v in figures.items()}
     where = ", ".join(f"`{r}`" for r in roots)
     diverged = model.collect_diverged(roots)
+    mixed = model.mixed_settings(runs)
     (out / "baselines.md").write_text(render_baselines(entries, teachers, out, titles,
                                                        {k: v.get("bits") for k, v in rel.items()}, len(runs), where,
-                                                       diverged))
+                                                       diverged, mixed))
     (out / "README.md").write_text(render_leaderboard(entries, teachers, titles, rel, len(runs)))
     if len(parity):
         (out / "parity.md").write_text(render_parity(parity))

@@ -24,6 +24,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from .. import records
 from ..reported import COLUMNS as REPORTED_COLUMNS
 from .names import split_reported, split_run_method
 
@@ -126,6 +127,37 @@ def collect_runs(roots: list[Path]) -> pd.DataFrame:
                          "mixed_precision": bool((record.get("info") or {}).get("mixed_precision"))})
     df = pd.DataFrame(rows, columns=RUN_COLUMNS)
     return df.drop_duplicates(subset=["config_hash", "checkpoint_sha256", "n_test", "device"], keep="last")
+
+
+def _flat(config: dict, prefix: str = "") -> dict[str, str]:
+    out = {}
+    for k, v in config.items():
+        if isinstance(v, dict) and v:
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = json.dumps(v, sort_keys=True, default=str)
+    return out
+
+
+def _settings(record_path: str) -> dict[str, str]:
+    """A record's hashed config (records.hashed_config) without its seed, flattened to dotted keys."""
+    config = records.hashed_config(json.loads(Path(record_path).read_text()).get("config") or {})
+    return _flat({k: v for k, v in config.items() if k != "seed"})
+
+
+def mixed_settings(runs: pd.DataFrame) -> pd.DataFrame:
+    """The cells of `reproduced` (one mean over seeds each) whose records ran with different settings, and the
+    config keys whose values differ between them: a run with non-default method settings under the default
+    method name would otherwise be averaged into the method's cell unseen (name a variant method.name=m-<v>)."""
+    rows = []
+    for key, g in runs.groupby(_GROUP, dropna=False, sort=True):
+        if len(g) < 2:
+            continue
+        flats = [_settings(p) for p in g.record]
+        differ = sorted(k for k in set().union(*flats) if len({f.get(k) for f in flats}) > 1)
+        if differ:
+            rows.append({**dict(zip(_GROUP, key)), "keys": differ, "records": sorted(g.record)})
+    return pd.DataFrame(rows, columns=[*_GROUP, "keys", "records"])
 
 
 def reproduced(runs: pd.DataFrame) -> pd.DataFrame:
