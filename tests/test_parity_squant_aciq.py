@@ -267,6 +267,7 @@ def test_official_aciq_preset_composes():
     assert conv.act.sites == "layer_outputs" and conv.fold_bn and conv.layers.first_wbit == 8
     assert conv.layers.second_abit == 8 and conv.layers.last_wbit is None and conv.layers.last_abit is None
     assert conv.fold_scope == "module" and conv.layers.norm_abit == 8  # search_absorbe_bn; BatchNorm2dWithId
+    assert method.first_output_range == "mean_minmax"  # the code's 'ignored' conv0_activation
     assert (method.stats, method.calib_data, method.calib_images) == ("calib", "real", 32)
     assert (method.calib_stats, method.signed_range, method.bit_alloc, method.weight_correction, method.relu_clip) \
         == ("per_image", "min_anchored", "bits_by_std", "mean", "one_sided")
@@ -286,3 +287,33 @@ def test_aciq_driver_pairs_dfqbench_with_the_images_each_official_seed_drew():
     assert over[1].startswith("paths.calib_list=/") and over[1].endswith("results/parity/aciq/w4a4/official-s0.calib.txt")
     assert driver.paired_overrides(runs, 1, "official_aciq") == []  # an older run without its drawn images
     assert driver.paired_overrides(runs, 0, "aciq") == []  # the data-free preset reads no training images
+
+
+@pytest.mark.parametrize("relu", [True, False])
+def test_aciq_first_output_range_mean_minmax_is_the_mean_of_per_image_extremes(relu):
+    from dfqbench.quant.transforms.graph import module_of, trace
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU() if relu else nn.Identity(), nn.Conv2d(4, 2, 1)).eval()
+    x = torch.randn(5, 3, 6, 6)
+    gm = trace(model)
+    moments = ImageMoments(gm, [x])
+    conv = Convention.from_dict({"name": "t", "act": {"sites": "layer_outputs", "granularity": "per_channel"},
+                                 "layers": {"second_abit": 8}})
+    q = quantize_model(gm, conv, 4, 4)
+    ctx = QuantContext(conv, 4, 4, 0, torch.device("cpu"), (3, 6, 6), 2, progress=False)
+    ours = ACIQ(stats="calib", calib_stats="per_image", first_output_range="mean_minmax")
+    ours._set_activation_ranges(q, moments, ctx)
+    first = next(module_of(q, n) for n in q.graph.nodes if n.op == "call_module" and n.args
+                 and getattr(n.args[0], "target", None) == "0" and module_of(q, n) is not q.get_submodule("2"))
+    with torch.no_grad():
+        y = model[0](x).reshape(5, -1)
+    lo = 0.0 if relu else float(y.amin(1).mean())  # the code's half_range before a ReLU
+    assert not first.per_channel and first.bits == 8
+    assert float(first.lo) == pytest.approx(lo, abs=1e-6) and float(first.hi) == pytest.approx(float(y.amax(1).mean()))
+    default = quantize_model(trace(model), conv, 4, 4)
+    ACIQ(stats="calib", calib_stats="per_image")._set_activation_ranges(default, ImageMoments(trace(model), [x]), ctx)
+    assert any(m.per_channel and m.bits == 8 for m in default.modules() if hasattr(m, "per_channel") and
+               hasattr(m, "bits") and not hasattr(m, "weight"))  # aciq: the first output per channel, as before
+    with pytest.raises(ValueError, match="method.first_output_range='max' is not valid; choose one of: aciq, "
+                                         "mean_minmax"):
+        ACIQ(first_output_range="max")

@@ -25,7 +25,7 @@ from torch import fx, nn
 from ..quant import quantize_model
 from ..quant.transforms.bn_fold import fold_batchnorm
 from ..quant.transforms.bn_stats import BNStatistics
-from ..quant.transforms.graph import is_passthrough, module_of, relu_kind, trace
+from ..quant.transforms.graph import is_passthrough, layer_nodes, module_of, relu_kind, trace
 from ..quant.quantizers import ActQuantizer, WeightQuantizer
 from ..quant.quantizers.ranges import Grid, estimate_range, fake_quant, grid_from_range
 from ..synth.calib_data import calibration_batches, check_source
@@ -342,6 +342,9 @@ BIT_ALLOCS = ("levels_by_range", "bits_by_std")
 WEIGHT_CORRECTIONS = ("mean_std", "mean")
 CALIB_STATS = ("pooled", "per_image")
 SIGNED_RANGES = ("centred", "min_anchored")
+# the first layer's output quantizer (layer_outputs): aciq, as any other; mean_minmax, per tensor from the mean over
+# the images of each image's min and max, unclipped (the code's "ignored" conv0_activation, with calib_stats=per_image)
+FIRST_OUTPUT_RANGES = ("aciq", "mean_minmax")
 
 
 def _followed_by_relu(gm: fx.GraphModule, node: fx.Node) -> str | None:
@@ -355,13 +358,13 @@ class ACIQ(PresetSettingsMethod):
                  calib_images: int = 32, calib_batch_size: int = 32, bit_alloc_weights: bool = True,
                  bit_alloc_acts: bool = True, bias_correction: bool = True, relu_clip: str = "one_sided",
                  bit_alloc: str = "levels_by_range", weight_correction: str = "mean_std", calib_stats: str = "pooled",
-                 signed_range: str = "centred", **kwargs):
+                 signed_range: str = "centred", first_output_range: str = "aciq", **kwargs):
         super().__init__(name, **kwargs)
         self._settings = dict(prior=prior, stats=stats, calib_data=calib_data, calib_images=calib_images,
                               calib_batch_size=calib_batch_size, bit_alloc_weights=bit_alloc_weights,
                               bit_alloc_acts=bit_alloc_acts, bias_correction=bias_correction, relu_clip=relu_clip,
                               bit_alloc=bit_alloc, weight_correction=weight_correction, calib_stats=calib_stats,
-                              signed_range=signed_range)
+                              signed_range=signed_range, first_output_range=first_output_range)
         self._configure(self._settings)
 
     def _configure(self, st: dict) -> None:
@@ -370,7 +373,8 @@ class ACIQ(PresetSettingsMethod):
                                     ("bit_alloc", st["bit_alloc"], BIT_ALLOCS),
                                     ("weight_correction", st["weight_correction"], WEIGHT_CORRECTIONS),
                                     ("calib_stats", st["calib_stats"], CALIB_STATS),
-                                    ("signed_range", st["signed_range"], SIGNED_RANGES)):
+                                    ("signed_range", st["signed_range"], SIGNED_RANGES),
+                                    ("first_output_range", st["first_output_range"], FIRST_OUTPUT_RANGES)):
             if value not in choices:
                 raise ValueError(f"method.{key}={value!r} is not valid; choose one of: {', '.join(choices)}")
         self.calib_data = check_source(st["calib_data"])
@@ -383,7 +387,7 @@ class ACIQ(PresetSettingsMethod):
         self.bit_alloc_weights, self.bit_alloc_acts = st["bit_alloc_weights"], st["bit_alloc_acts"]
         self.bias_correction, self.bit_alloc = st["bias_correction"], st["bit_alloc"]
         self.weight_correction, self.calib_stats = st["weight_correction"], st["calib_stats"]
-        self.signed_range = st["signed_range"]
+        self.signed_range, self.first_output_range = st["signed_range"], st["first_output_range"]
         self.stochastic = self.stats == "calib"  # the calibration images depend on the seed
 
     def quantize(self, model, ctx):
@@ -409,6 +413,7 @@ class ACIQ(PresetSettingsMethod):
     @torch.no_grad()
     def _set_activation_ranges(self, gm: fx.GraphModule, moments, ctx) -> None:
         stats = BNStatistics(gm) if moments is None else None
+        first = layer_nodes(gm)[0] if self.first_output_range == "mean_minmax" else None
         mean_bits = []
         for node in list(gm.graph.nodes):
             q = module_of(gm, node)
@@ -421,6 +426,11 @@ class ACIQ(PresetSettingsMethod):
                     floor, ceil = 0.0, (6.0 if kind == "relu6" else math.inf)
             if isinstance(module_of(gm, src), (nn.Sigmoid, nn.Hardsigmoid)):
                 q.set_range(0.0, 1.0)
+                continue
+            if src is first and node.args[0] is first and isinstance(moments, ImageMoments):
+                m = moments.of(src, per_channel=False)
+                q.per_channel = False  # before a ReLU the code's half_range puts the low end at 0
+                q.set_range(torch.zeros_like(m["min"]) if _followed_by_relu(gm, node) else m["min"], m["max"])
                 continue
             low = None  # the per-image minimum (min_anchored signed ranges)
             per_channel = q.per_channel
