@@ -237,3 +237,9 @@ def test_bn_statistics_live_on_the_models_device():
     assert all(g.mean.device.type == "meta" and g.std.device.type == "meta" for g in stats.stats.values() if g)
     fc = next(n for n in gm.graph.nodes if n.target == "fc")
     assert stats.of(fc).mean.shape == (4,)
+
+
+def test_a_batchnorm_site_of_another_placement_takes_abit_not_norm_abit():
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.Conv2d(4, 2, 1)).eval()  # conv reads a BN
+    gm = quantize_model(model, Convention.from_dict({"name": "in", "act": {"sites": "layer_inputs"}}), 4, 4)
+    assert [q.bits for q in act_quantizers(gm)] == [4]  # norm_abit is null: the BN output site takes abit

@@ -427,7 +427,7 @@ class ACIQ(PresetSettingsMethod):
             if isinstance(module_of(gm, src), (nn.Sigmoid, nn.Hardsigmoid)):
                 q.set_range(0.0, 1.0)
                 continue
-            if src is first and node.args[0] is first and isinstance(moments, ImageMoments):
+            if node.args[0] is first and isinstance(moments, ImageMoments):
                 m = moments.of(src, per_channel=False)
                 q.per_channel = False  # before a ReLU the code's half_range puts the low end at 0
                 q.set_range(torch.zeros_like(m["min"]) if _followed_by_relu(gm, node) else m["min"], m["max"])

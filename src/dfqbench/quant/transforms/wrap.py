@@ -34,8 +34,8 @@ def quantize_model(model: nn.Module, convention: Convention, wbit: int, abit: in
         a_bits = abit
         if site.op == "placeholder":
             a_bits = bits.input_abit
-        elif isinstance(module_of(gm, site), NORM_TYPES):
-            a_bits = bits.norm_abit
+        elif bits.norm_abit is not None and isinstance(module_of(gm, site), NORM_TYPES):
+            a_bits = bits.norm_abit  # an unfolded BatchNorm's output (only a layer_outputs site: validate())
         elif second is not None and bits.second_abit and (
                 second in fed or (convention.act.sites == "layer_outputs" and site is first)):
             a_bits = bits.second_abit
