@@ -209,7 +209,10 @@ def test_fp32_comes_from_the_data(built):
 def test_official_rows_and_parity_page(built):
     parity = {r["Method"]: r for r in _md_tables((built / "parity.md").read_text(), "| Method")}
     assert parity["zeroq"]["Agrees"] == "yes"  # |81.0 - 81.2| <= max(0.3, 2 x 1.41)
-    assert parity["qimera + ait"]["Agrees"] == "no: gap +2.00 (lr differs)"
+    assert parity["qimera + ait"]["Agrees"] == f"no: gap +2.00 (note {parity['qimera + ait']['Row']})"
+    notes = (built / "parity.md").read_text().split("## Notes of the rows that do not agree", 1)[1]
+    assert f"- **{parity['qimera + ait']['Row']}** (qimera + ait, gdfq, W4A4): lr differs" in notes
+    assert "zeroq" not in notes  # an agreeing row's note stays in the CSV
     assert parity["zeroq"]["Official top-1"] == "81.20 ± 0.20" and parity["zeroq"]["Seeds"] == "3"
     md = (built / "baselines.md").read_text()
     official = _md_tables(md, "### Official code run here")
@@ -326,7 +329,10 @@ def test_parity_row_whose_dfqbench_seeds_diverged(tmp_path):
     rows = {line.split("|")[1].strip(): line for line in (tmp_path / "out" / "parity.md").read_text().splitlines()
             if line.startswith("| ") and "Method" not in line}
     assert re.search(r"\| diverged \(3 seeds\) +\|", rows["intraq"])
-    assert "dfqbench diverged in every seed (official collapses too)" in rows["intraq"]
+    assert "dfqbench diverged in every seed (note parity.csv:" in rows["intraq"]
+    assert "official collapses too" not in rows["intraq"]
+    notes = (tmp_path / "out" / "parity.md").read_text().split("## Notes of the rows that do not agree", 1)[1]
+    assert "(intraq, gdfq, W4A4): official collapses too" in notes and "hast" not in notes
     assert "86.00 ± 0.30, 1 more diverged" in rows["hast"] and "| yes " in rows["hast"]
     assert "diverged" not in rows["gdfq"]
 
