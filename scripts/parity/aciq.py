@@ -297,11 +297,8 @@ def main(argv=None) -> None:
     repo, commit = common.clone_identity(Path(a.official), DEFAULT_REPO, "inference/inference_sim.py")
     out = Path(a.out) / a.tag if a.tag else Path(a.out)
     cell = out / f"w{a.wbit}a{a.abit}"
-    runs = []
-    old = common.reusable_official(cell / "official.json", a.seeds, commit) if a.reuse_official else None
-    if old and (old.get("flags") != a.flags or old.get("calib_images") != a.calib_images):
-        old = None
-    for seed in ([] if old else a.seeds):
+
+    def run_seed(seed: int) -> dict:
         scratch = Path("/tmp") / f"parity-aciq-{os.getpid()}-s{seed}"
         common_args = ["--official", str(Path(a.official).resolve()), "--model", a.model, "--dataset", a.dataset,
                        "--seed", str(seed), "--wbit", str(a.wbit), "--abit", str(a.abit), "--threads", str(a.threads),
@@ -318,53 +315,38 @@ def main(argv=None) -> None:
         if files and files == steps["collect_pc"].get("calib_files"):  # both collections saw the same images
             (cell / f"official-s{seed}.calib.txt").write_text("\n".join(files) + "\n")
             r["calib_list"] = common.rel(cell / f"official-s{seed}.calib.txt")
-        r.update(seed=seed, collect_s=round(steps["collect"]["wall_s"] + steps["collect_pc"]["wall_s"], 3),
+        r.update(collect_s=round(steps["collect"]["wall_s"] + steps["collect_pc"]["wall_s"], 3),
                  collect_argv=[steps["collect"]["argv"], steps["collect_pc"]["argv"]])
-        runs.append(r)
         print(f"official ACIQ W{a.wbit}A{a.abit} seed {seed}: top-1 {r['top1']:.2f}, "
               f"statistics {r['collect_s']:.0f} s, quantize+eval {r['wall_s']:.0f} s", flush=True)
-    if old:
-        runs = old["runs"]
-        print(f"official ACIQ W{a.wbit}A{a.abit}: reusing {common.rel(cell / 'official.json')}", flush=True)
-    top1 = common.mean_std([r["top1"] for r in runs])
-    secs = common.mean_std([r["collect_s"] for r in runs])
-    record = {"method": "aciq", "official_repo": repo, "official_commit": commit, "wbit": a.wbit, "abit": a.abit,
-              "seeds": a.seeds, "top1_mean": round(top1[0], 4), "top1_std": round(top1[1], 4),
-              "statistics_s_mean": round(secs[0], 3), "runs": runs, "model": runs[0]["model"],
-              "dataset": runs[0]["dataset"], "n_test": runs[0]["n_test"], "device": runs[0]["device"],
-              "teacher_overrides": common.teacher_overrides(a), "calib_images": a.calib_images, "flags": a.flags,
-              "created_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
-    if not old:
-        common.write_json(cell / "official.json", record)
-    print(f"official ACIQ W{a.wbit}A{a.abit}: top-1 {top1[0]:.2f} +- {top1[1]:.2f} over seeds {a.seeds} "
-          f"({repo}@{commit[:10]})", flush=True)
+        return r
+
+    runs, reused = common.official_runs(cell, a, "ACIQ", commit, a.wbit, a.abit, run_seed,
+                                        same={"flags": a.flags, "calib_images": a.calib_images})
+    official = common.official_summary(cell, a, "aciq", "ACIQ", repo, commit, a.wbit, a.abit, runs, reused,
+                                       seconds="collect_s", seconds_field="statistics_s_mean",
+                                       calib_images=a.calib_images, flags=a.flags)
     if not a.dfqbench:
         return
     for quant in a.quant:
-        ours = []
-        for seed in a.seeds:
-            over = ["method=aciq", f"quant={quant}", f"wbit={a.wbit}", f"abit={a.abit}", f"seed={seed}",
+        def overrides(seed: int, quant=quant) -> list[str]:
+            return ["method=aciq", f"quant={quant}", f"wbit={a.wbit}", f"abit={a.abit}", f"seed={seed}",
                     f"method.calib_images={a.calib_images}", f"threads={a.threads}", *a.method_overrides,
                     *common.teacher_overrides(a), *paired_overrides(runs, seed, quant)]
-            ours.append(common.run_dfqbench(over, cell / f"dfqbench-{quant}-s{seed}", cell / "dfqbench.log.txt"))
+        ours = common.dfqbench_side(cell, quant, a.seeds, False, overrides, f"method=aciq quant={quant}")
         d_top1 = common.mean_std([r["top1"] for r in ours])
         d_secs = common.mean_std([r["quantize_time_s"] for r in ours])
         paired = all(paired_overrides(runs, seed, quant) for seed in a.seeds)
         print(f"dfqbench method=aciq quant={quant} W{a.wbit}A{a.abit}: top-1 {d_top1[0]:.2f} +- {d_top1[1]:.2f}",
               flush=True)
-        common.upsert_parity_row({
-            "method": "aciq", "quant": quant, "schedule": "", "wbit": a.wbit, "abit": a.abit,
-            "n_seeds": len(a.seeds), "official_top1_mean": common.fmt(top1[0]),
-            "official_top1_std": common.fmt(top1[1]), "dfqbench_top1_mean": common.fmt(d_top1[0]),
-            "dfqbench_top1_std": common.fmt(d_top1[1]), "official_s": common.fmt(secs[0]),
-            "dfqbench_s": common.fmt(d_secs[0]), "official_repo": repo, "official_commit": commit,
-            "note": f"{QUANT_NOTES.get(quant, 'dfqbench quant=' + quant)}; statistics-image seeds "
-                    f"{' '.join(map(str, a.seeds))} ({a.calib_images} training images"
-                    f"{', the same images on both sides (official-s<seed>.calib.txt)' if paired else ''}); "
-                    f"official flags {a.flags}; official_s = statistics collection, dfqbench_s = "
-                    f"quantization; {runs[0]['n_test']} test images; records {common.rel(cell)}",
-            "model": runs[0]["model"], "dataset": runs[0]["dataset"], "device": runs[0]["device"]}, Path(a.csv))
-
+        common.write_row(
+            a.csv, method="aciq", quant=quant, wbit=a.wbit, abit=a.abit, n_seeds=len(a.seeds), official=official,
+            dfqbench=(d_top1, d_secs), repo=repo, commit=commit, run=runs[0],
+            note=f"{QUANT_NOTES.get(quant, 'dfqbench quant=' + quant)}; statistics-image seeds "
+                 f"{' '.join(map(str, a.seeds))} ({a.calib_images} training images"
+                 f"{', the same images on both sides (official-s<seed>.calib.txt)' if paired else ''}); "
+                 f"official flags {a.flags}; official_s = statistics collection, dfqbench_s = "
+                 f"quantization; {runs[0]['n_test']} test images; records {common.rel(cell)}")
 
 def paired_overrides(runs: list[dict], seed: int, quant: str) -> list[str]:
     """dfqbench's statistics on the images the official run of `seed` drew (its calib.txt), where the preset

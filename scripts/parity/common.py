@@ -190,15 +190,89 @@ def run_child(script: Path, args: list[str], log: Path, env: dict | None = None)
 
 # --- records and results/parity.csv ---------------------------------------------------------------------------
 
-def reusable_official(path: Path, seeds: list[int], commit: str) -> dict | None:
-    """An earlier official record for the same seeds and commit (--reuse-official), else None."""
-    try:
-        old = json.loads(Path(path).read_text())
-    except (OSError, ValueError):
-        return None
-    if old.get("seeds") != list(seeds) or old.get("official_commit") != commit:
-        return None
-    return old
+def official_runs(cell: Path, a, label: str, commit: str, wbit: int, abit: int, run_seed,
+                  same: dict | None = None) -> tuple[list[dict], bool]:
+    """The official side's runs of a post-training cell, one per seed of `a.seeds` (`run_seed(seed)` -> the
+    child's result; the seed is added). With --reuse-official an earlier <cell>/official.json of the same commit,
+    teacher and `same` fields (the driver's settings, e.g. its flags) gives the seeds it holds: all of them ->
+    (its runs, True), the file stays as it is; some -> those are kept and the others run."""
+    earlier = {}
+    path = cell / "official.json"
+    if getattr(a, "reuse_official", False) and path.exists():
+        prev = json.loads(path.read_text())
+        if prev.get("official_commit") == commit and prev.get("teacher_overrides") == teacher_overrides(a) and all(
+                prev.get(k) == v for k, v in (same or {}).items()):
+            if prev.get("seeds") == list(a.seeds):
+                print(f"official {label} W{wbit}A{abit}: reusing {rel(path)}", flush=True)
+                return prev["runs"], True
+            earlier = {r["seed"]: r for r in prev["runs"]}
+    runs = []
+    for seed in a.seeds:
+        if seed in earlier:
+            runs.append(earlier[seed])
+            print(f"official {label} W{wbit}A{abit} seed {seed}: reusing top-1 {earlier[seed]['top1']:.2f}",
+                  flush=True)
+            continue
+        r = run_seed(seed)
+        r["seed"] = seed
+        runs.append(r)
+    return runs, False
+
+
+def official_summary(cell: Path, a, method: str, label: str, repo: str, commit: str, wbit: int, abit: int,
+                     runs: list[dict], reused: bool, seconds: str = "quantize_s",
+                     seconds_field: str = "quantize_s_mean", **extra) -> tuple[tuple, tuple]:
+    """Top-1 and seconds (each run's `seconds`) mean/std over the official runs of a post-training cell, kept as
+    <cell>/official.json with `extra` fields (unless the runs were `reused` from it) and printed. Returns
+    ((top-1 mean, std), (seconds mean, std))."""
+    top1 = mean_std([r["top1"] for r in runs])
+    secs = mean_std([r[seconds] for r in runs if r.get(seconds) is not None])
+    first = runs[0]
+    if not reused:
+        write_json(cell / "official.json", {
+            "method": method, "official_repo": repo, "official_commit": commit, "wbit": wbit, "abit": abit,
+            "seeds": list(a.seeds), "top1_mean": round(top1[0], 4), "top1_std": round(top1[1], 4),
+            seconds_field: round(secs[0], 4), "runs": runs, "model": first["model"], "dataset": first["dataset"],
+            "n_test": first["n_test"], "device": first["device"], "teacher_overrides": teacher_overrides(a),
+            **extra, "created_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
+    print(f"official {label} W{wbit}A{abit}: top-1 {top1[0]:.2f} +- {top1[1]:.2f} over seeds {list(a.seeds)}, "
+          f"{seconds} {secs[0]:.2f} s ({repo}@{commit[:10]})", flush=True)
+    return top1, secs
+
+
+def batch_check_summary(runs: list[dict]) -> dict:
+    """The mean/std of the children's check "dfqbench on the official batch" (ZeroQ, DSG), when every run has it."""
+    if not runs or not all("check" in r for r in runs):
+        return {}
+    chk = mean_std([r["check"]["dfqbench_on_official_batch_top1"] for r in runs])
+    return {"dfqbench_on_official_batch_top1_mean": round(chk[0], 4),
+            "dfqbench_on_official_batch_top1_std": round(chk[1], 4)}
+
+
+def same_overrides(overrides):
+    """A dfqbench_side `accept`: a kept record ran exactly `overrides(seed)` (run_dfqbench's own two aside)."""
+    return lambda record, seed: [o for o in record.get("overrides", [])
+                                 if o not in ("force=true", "progress=false")] == overrides(seed)
+
+
+def fresh_seconds(ours: list[dict]) -> tuple[tuple[float, float], int]:
+    """quantize_time_s mean/std over the dfqbench runs that made their calibration images (a run whose images
+    came from dfqbench's calibration cache took ~0 s for them), and how many those are."""
+    fresh = [r for r in ours if not (r.get("info") or {}).get("calib_cached")]
+    return mean_std([r["quantize_time_s"] for r in fresh]), len(fresh)
+
+
+def write_row(csv_path, *, method: str, quant: str, wbit: int, abit: int, n_seeds: int, official: tuple,
+              dfqbench: tuple, repo: str, commit: str, note: str, run: dict, schedule: str = "") -> None:
+    """The results/parity.csv row of a cell: `official` / `dfqbench` = ((top-1 mean, std), (seconds mean, std));
+    model, dataset and device from an official `run`."""
+    (top1, secs), (d_top1, d_secs) = official, dfqbench
+    upsert_parity_row({
+        "method": method, "quant": quant, "schedule": schedule, "wbit": wbit, "abit": abit, "n_seeds": n_seeds,
+        "official_top1_mean": fmt(top1[0]), "official_top1_std": fmt(top1[1]), "dfqbench_top1_mean": fmt(d_top1[0]),
+        "dfqbench_top1_std": fmt(d_top1[1]), "official_s": fmt(secs[0]), "dfqbench_s": fmt(d_secs[0]),
+        "official_repo": repo, "official_commit": commit, "note": note, "model": run["model"],
+        "dataset": run["dataset"], "device": run["device"]}, Path(csv_path))
 
 
 def mean_std(values: list[float]) -> tuple[float, float]:
@@ -241,7 +315,7 @@ def _upsert_locked(row: dict, path: Path) -> None:
     columns = list(dict.fromkeys(columns))
     tmp = path.with_suffix(".csv.tmp")
     with open(tmp, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=columns)
+        w = csv.DictWriter(f, fieldnames=columns, lineterminator="\n")  # as committed: LF
         w.writeheader()
         for r in rows:
             w.writerow({c: r.get(c, "") for c in columns})

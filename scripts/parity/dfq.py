@@ -277,9 +277,8 @@ def main(argv=None) -> None:
         os.pathsep)}
     for bits in a.bits:
         cell = out / f"w{bits}a{bits}"
-        runs = []
-        old = common.reusable_official(cell / "official.json", a.seeds, commit) if a.reuse_official else None
-        for seed in ([] if old else a.seeds):
+
+        def run_seed(seed: int, bits=bits, cell=cell) -> dict:
             args = ["--official", str(Path(a.official).resolve()), "--model", a.model, "--dataset", a.dataset,
                     "--seed", str(seed), "--wbit", str(bits), "--abit", str(bits), "--bits-bias", str(a.bits_bias),
                     "--threads", str(a.threads)]
@@ -288,38 +287,22 @@ def main(argv=None) -> None:
             args += ["--teacher", *a.teacher] if a.teacher else []
             args += ["--max-samples", str(a.max_samples)] if a.max_samples else []
             r = common.run_child(Path(__file__), args, cell / f"official-s{seed}.log.txt", env=env)
-            r["seed"] = seed
-            runs.append(r)
             print(f"unofficial DFQ W{bits}A{bits} seed {seed}: top-1 {r['top1']:.2f}, quantize {r['quantize_s']} s, "
                   f"wall {r['wall_s']:.0f} s", flush=True)
-        if old:
-            runs = old["runs"]
-        top1 = common.mean_std([r["top1"] for r in runs])
-        secs = common.mean_std([r["quantize_s"] for r in runs])
-        record = {"method": "dfq", "official_repo": repo, "official_commit": commit, "unofficial": True,
-                  "wbit": bits, "abit": bits, "seeds": a.seeds, "top1_mean": round(top1[0], 4),
-                  "top1_std": round(top1[1], 4), "quantize_s_mean": round(secs[0], 4), "runs": runs,
-                  "model": runs[0]["model"], "dataset": runs[0]["dataset"], "n_test": runs[0]["n_test"],
-                  "device": runs[0]["device"], "teacher_overrides": common.teacher_overrides(a),
-                  "add_bits": a.add_bits or bits, "clip_inputs_at_zero": a.clip_inputs_at_zero,
-                  "created_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
-        if not old:
-            common.write_json(cell / "official.json", record)
-        print(f"unofficial DFQ W{bits}A{bits}: top-1 {top1[0]:.2f} +- {top1[1]:.2f} over seeds {a.seeds}, "
-              f"quantize {secs[0]:.2f} s ({repo}@{commit[:10]}, unofficial)", flush=True)
+            return r
+
+        variant = {"add_bits": a.add_bits or bits, "clip_inputs_at_zero": a.clip_inputs_at_zero}
+        runs, reused = common.official_runs(cell, a, "DFQ (unofficial code)", commit, bits, bits, run_seed, same=variant)
+        official = common.official_summary(cell, a, "dfq", "DFQ (unofficial code)", repo, commit, bits, bits, runs,
+                                           reused, unofficial=True, **variant)
         if not a.dfqbench:
             continue
         for quant in a.quant:
-            ours = []
-            for seed in a.seeds:
-                over = ["method=dfq", f"quant={quant}", f"wbit={bits}", f"abit={bits}", f"seed={seed}",
+            def overrides(seed: int, quant=quant, bits=bits) -> list[str]:
+                return ["method=dfq", f"quant={quant}", f"wbit={bits}", f"abit={bits}", f"seed={seed}",
                         f"threads={a.threads}", *common.teacher_overrides(a)]
-                dest = cell / f"dfqbench-{quant}-s{seed}"
-                kept = dest.with_name(dest.name + ".record.json")
-                if a.reuse_dfqbench and kept.exists():  # an earlier run of the same cell (same overrides)
-                    ours.append(json.loads(kept.read_text()))
-                    continue
-                ours.append(common.run_dfqbench(over, dest, cell / "dfqbench.log.txt"))
+            ours = common.dfqbench_side(cell, quant, a.seeds, a.reuse_dfqbench, overrides, f"method=dfq quant={quant}",
+                                        common.same_overrides(overrides))
             ablations = []  # the code's own ablation runs (--tag ablation-*), if any: the measured causes of a gap
             for f in sorted(Path(a.out).glob(f"ablation-*/{cell.name}/official.json")):
                 ab = json.loads(f.read_text())
@@ -331,20 +314,15 @@ def main(argv=None) -> None:
             d_secs = common.mean_std([r["quantize_time_s"] for r in ours])
             print(f"dfqbench method=dfq quant={quant} W{bits}A{bits}: top-1 {d_top1[0]:.2f} +- {d_top1[1]:.2f}, "
                   f"quantize {d_secs[0]:.2f} s", flush=True)
-            common.upsert_parity_row({
-                "method": "dfq", "quant": quant, "schedule": "", "wbit": bits, "abit": bits,
-                "n_seeds": len(a.seeds), "official_top1_mean": common.fmt(top1[0]),
-                "official_top1_std": common.fmt(top1[1]), "dfqbench_top1_mean": common.fmt(d_top1[0]),
-                "dfqbench_top1_std": common.fmt(d_top1[1]), "official_s": common.fmt(secs[0]),
-                "dfqbench_s": common.fmt(d_secs[0]), "official_repo": repo, "official_commit": commit,
-                "note": f"UNOFFICIAL code (jakc4103/DFQ; the paper has none), flow {' '.join(FLAGS)}; "
+            common.write_row(
+                a.csv, method="dfq", quant=quant, wbit=bits, abit=bits, n_seeds=len(a.seeds), official=official,
+                dfqbench=(d_top1, d_secs), repo=repo, commit=commit, run=runs[0],
+                note=f"UNOFFICIAL code (jakc4103/DFQ; the paper has none), flow {' '.join(FLAGS)}; "
                         f"{QUANT_NOTES.get(quant, 'dfqbench quant=' + quant)}; data-free and deterministic: seeds "
                         f"{' '.join(map(str, a.seeds))} change nothing; seconds = up to the test pass; "
                         f"{runs[0]['n_test']} test images; records {common.rel(cell)}"
                         + (f"; the gap measured on the code itself, changed at run time: {'; '.join(ablations)}"
-                           if ablations else ""),
-                "model": runs[0]["model"], "dataset": runs[0]["dataset"], "device": runs[0]["device"]},
-                Path(a.csv))
+                           if ablations else ""))
 
 
 if __name__ == "__main__":

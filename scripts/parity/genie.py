@@ -541,11 +541,8 @@ def main(argv=None) -> None:
            "OMP_NUM_THREADS": str(a.threads), "MKL_NUM_THREADS": str(a.threads)}
     print(f"budget (dfqbench method=genie {' '.join(a.method_overrides) or '(conf/method/genie.yaml)'}): "
           f"{budget_summary(kwargs)}; official main({', '.join(f'{k}={v}' for k, v in kwargs.items())})", flush=True)
-    old = common.reusable_official(cell / "official.json", a.seeds, commit) if a.reuse_official else None
-    if old and (old.get("main_kwargs") != kwargs or old.get("teacher_overrides") != common.teacher_overrides(a)):
-        old = None
-    runs = []
-    for seed in ([] if old else a.seeds):
+
+    def run_seed(seed: int) -> dict:
         args = ["--official", str(Path(a.official).resolve()), "--model", a.model, "--dataset", a.dataset,
                 "--seed", str(seed), "--wbit", str(a.wbit), "--abit", str(a.abit), "--threads", str(a.threads),
                 "--main-kwargs", json.dumps(kwargs)]
@@ -553,57 +550,37 @@ def main(argv=None) -> None:
         args += ["--max-samples", str(a.max_samples)] if a.max_samples else []
         args += ["--cpu"] if a.cpu else []
         r = common.run_child(Path(__file__), args, cell / f"official-s{seed}.log.txt", env)
-        r["seed"] = seed
-        runs.append(r)
         fp = r["fp32_check"]
         print(f"official Genie W{a.wbit}A{a.abit} seed {seed}: top-1 {r['top1']:.2f}, distill {r['distill_s']:.0f} s "
               f"({r['distill_s_per_step']:.3f} s/step), reconstruct {r['reconstruct_s']:.0f} s "
               f"({r['reconstruct_s_per_iteration'] * 1000:.1f} ms/iteration, {r['blocks']} blocks); FP32 through the "
               f"code {fp['official_path_top1']:.2f} (dfqbench {fp['dfqbench_top1']:.2f})", flush=True)
-    if old:
-        runs = old["runs"]
-        print(f"official Genie W{a.wbit}A{a.abit}: reusing {common.rel(cell / 'official.json')}", flush=True)
-    top1 = common.mean_std([r["top1"] for r in runs])
-    secs = common.mean_std([r["quantize_s"] for r in runs])
-    record = {"method": "genie", "official_repo": repo, "official_commit": commit, "wbit": a.wbit, "abit": a.abit,
-              "seeds": a.seeds, "top1_mean": round(top1[0], 4), "top1_std": round(top1[1], 4),
-              "quantize_s_mean": round(secs[0], 3), "runs": runs, "model": runs[0]["model"],
-              "dataset": runs[0]["dataset"], "n_test": runs[0]["n_test"], "device": runs[0]["device"],
-              "main_kwargs": kwargs, "budget": budget_summary(kwargs), "method_overrides": a.method_overrides,
-              "teacher_overrides": common.teacher_overrides(a), "created_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
-    if not old:
-        common.write_json(cell / "official.json", record)
-    print(f"official Genie W{a.wbit}A{a.abit}: top-1 {top1[0]:.2f} +- {top1[1]:.2f} over seeds {a.seeds}, "
-          f"quantize {secs[0]:.1f} s ({repo}@{commit[:10]})", flush=True)
+        return r
+
+    runs, reused = common.official_runs(cell, a, "Genie", commit, a.wbit, a.abit, run_seed,
+                                        same={"main_kwargs": kwargs})
+    official = common.official_summary(cell, a, "genie", "Genie", repo, commit, a.wbit, a.abit, runs, reused,
+                                       main_kwargs=kwargs, budget=budget_summary(kwargs),
+                                       method_overrides=a.method_overrides)
     if not a.dfqbench:
         return
-
-    def accept(r: dict, seed: int) -> bool:
-        return [o for o in r.get("overrides", []) if o not in ("force=true", "progress=false")] == \
-            dfqbench_overrides(a, seed)
-
     ours = common.dfqbench_side(cell, a.quant, a.seeds, a.reuse_dfqbench, lambda s: dfqbench_overrides(a, s),
-                                f"method=genie quant={a.quant}", accept)
+                                f"method=genie quant={a.quant}",
+                                common.same_overrides(lambda s: dfqbench_overrides(a, s)))
     d_top1 = common.mean_std([r["top1"] for r in ours])
-    fresh = [r for r in ours if not (r.get("info") or {}).get("calib_cached")]
-    d_secs = common.mean_std([r["quantize_time_s"] for r in fresh])
+    d_secs, n_fresh = common.fresh_seconds(ours)
     print(f"dfqbench method=genie quant={a.quant} W{a.wbit}A{a.abit}: top-1 {d_top1[0]:.2f} +- {d_top1[1]:.2f}, "
-          + (f"quantize {d_secs[0]:.1f} s" if fresh else "images from dfqbench's calibration cache (no seconds)"),
+          + (f"quantize {d_secs[0]:.1f} s" if n_fresh else "images from dfqbench's calibration cache (no seconds)"),
           flush=True)
-    common.upsert_parity_row({
-        "method": "genie" + (f"-{a.tag}" if a.tag else ""), "quant": a.quant,
-        "schedule": " ".join(a.method_overrides), "wbit": a.wbit, "abit": a.abit, "n_seeds": len(a.seeds),
-        "official_top1_mean": common.fmt(top1[0]), "official_top1_std": common.fmt(top1[1]),
-        "dfqbench_top1_mean": common.fmt(d_top1[0]), "dfqbench_top1_std": common.fmt(d_top1[1]),
-        "official_s": common.fmt(secs[0]), "dfqbench_s": common.fmt(d_secs[0]), "official_repo": repo,
-        "official_commit": commit,
-        "note": f"{QUANT_NOTES.get(a.quant, 'dfqbench quant=' + a.quant)}; budget {budget_summary(kwargs)} (dfqbench "
-                f"method=genie {' '.join(a.method_overrides) or 'defaults'}; official main() arguments); official "
-                f"model = the teacher rebuilt of the code's BasicBlock; seeds {' '.join(map(str, a.seeds))}; seconds "
-                f"= distillation + reconstruction (dfqbench: the {len(fresh)} seed(s) not read from its calibration "
-                f"cache); {runs[0]['n_test']} test images; records {common.rel(cell)}",
-        "model": runs[0]["model"], "dataset": runs[0]["dataset"], "device": runs[0]["device"]}, Path(a.csv))
-
+    common.write_row(
+        a.csv, method="genie" + (f"-{a.tag}" if a.tag else ""), quant=a.quant, schedule=" ".join(a.method_overrides),
+        wbit=a.wbit, abit=a.abit, n_seeds=len(a.seeds), official=official, dfqbench=(d_top1, d_secs), repo=repo,
+        commit=commit, run=runs[0],
+        note=f"{QUANT_NOTES.get(a.quant, 'dfqbench quant=' + a.quant)}; budget {budget_summary(kwargs)} (dfqbench "
+             f"method=genie {' '.join(a.method_overrides) or 'defaults'}; official main() arguments); official model = "
+             f"the teacher rebuilt of the code's BasicBlock; seeds {' '.join(map(str, a.seeds))}; seconds = "
+             f"distillation + reconstruction (dfqbench: the {n_fresh} seed(s) not read from its calibration cache); "
+             f"{runs[0]['n_test']} test images; records {common.rel(cell)}")
 
 if __name__ == "__main__":
     main()

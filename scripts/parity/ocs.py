@@ -313,9 +313,8 @@ def main(argv=None) -> None:
         os.pathsep)}
     for bits in a.bits:
         cell = out / f"w{bits}a{bits}"
-        runs = []
-        old = common.reusable_official(cell / "official.json", a.seeds, commit) if a.reuse_official else None
-        for seed in ([] if old else a.seeds):
+
+        def run_seed(seed: int, bits=bits, cell=cell) -> dict:
             scratch = Path("/tmp") / f"parity-ocs-{os.getpid()}-w{bits}-s{seed}"
             args = ["--official", str(Path(a.official).resolve()), "--model", a.model, "--dataset", a.dataset,
                     "--seed", str(seed), "--wbit", str(bits), "--abit", str(bits), "--batch-size", str(a.batch_size),
@@ -329,65 +328,44 @@ def main(argv=None) -> None:
             if r.get("official_log"):
                 (cell / f"official-s{seed}.distiller.log.txt").write_text(Path(r["official_log"]).read_text())
                 r["official_log"] = common.rel(cell / f"official-s{seed}.distiller.log.txt")
-            r["seed"] = seed
-            runs.append(r)
             print(f"official OCS W{bits}A{bits} seed {seed}: top-1 {r['top1']:.2f}, quantize {r['quantize_s']} s, "
                   f"wall {r['wall_s']:.0f} s, weights differing {r['check']['weights_differing']}/"
                   f"{r['check']['weights']}" + (f"; dfqbench on the same images {r['paired']['dfqbench_top1']:.2f}"
                                                 if 'paired' in r else ""), flush=True)
-        if old:
-            runs = old["runs"]
-            print(f"official OCS W{bits}A{bits}: reusing {common.rel(cell / 'official.json')}", flush=True)
-        top1 = common.mean_std([r["top1"] for r in runs])
-        secs = common.mean_std([r["quantize_s"] for r in runs if r["quantize_s"] is not None])
+            return r
+
+        runs, reused = common.official_runs(cell, a, "OCS", commit, bits, bits, run_seed)
         same = [r["paired"]["dfqbench_top1"] for r in runs if "paired" in r]
         same_ms = common.mean_std(same)
+        official = common.official_summary(cell, a, "ocs", "OCS", repo, commit, bits, bits, runs, reused,
+                                           paired_dfqbench_top1=same)
         if same:
             print(f"dfqbench quant=official_ocs on each official run's own profiling images: top-1 "
-                  f"{same_ms[0]:.2f} +- {same_ms[1]:.2f} (paired with the official {top1[0]:.2f} +- {top1[1]:.2f})",
-                  flush=True)
-        record = {"method": "ocs", "paired_dfqbench_top1": same, "official_repo": repo, "official_commit": commit,
-                  "wbit": bits, "abit": bits, "seeds": a.seeds, "top1_mean": round(top1[0], 4), "top1_std": round(top1[1], 4),
-                  "quantize_s_mean": round(secs[0], 4), "runs": runs, "model": runs[0]["model"],
-                  "dataset": runs[0]["dataset"], "n_test": runs[0]["n_test"], "device": runs[0]["device"],
-                  "teacher_overrides": common.teacher_overrides(a), "created_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
-        if not old:
-            common.write_json(cell / "official.json", record)
-        print(f"official OCS W{bits}A{bits}: top-1 {top1[0]:.2f} +- {top1[1]:.2f} over seeds {a.seeds}, "
-              f"quantize {secs[0]:.2f} s ({repo}@{commit[:10]})", flush=True)
+                  f"{same_ms[0]:.2f} +- {same_ms[1]:.2f} (paired with the official {official[0][0]:.2f} +- "
+                  f"{official[0][1]:.2f})", flush=True)
         if not a.dfqbench:
             continue
         for quant in a.quant:
-            ours = []
-            for seed in a.seeds:
+            def overrides(seed: int, quant=quant, bits=bits) -> list[str]:
                 over = ["method=ocs", f"quant={quant}", f"wbit={bits}", f"abit={bits}", f"seed={seed}",
                         f"threads={a.threads}", *common.teacher_overrides(a)]
                 if quant.startswith("official"):  # the code tests at -b 128; its output ranges are per batch
                     over.append(f"eval.batch_size={a.batch_size}")
-                dest = cell / f"dfqbench-{quant}-s{seed}"
-                kept = dest.with_name(dest.name + ".record.json")
-                if a.reuse_dfqbench and kept.exists():  # an earlier run of the same cell (same overrides)
-                    ours.append(json.loads(kept.read_text()))
-                    continue
-                ours.append(common.run_dfqbench(over, dest, cell / "dfqbench.log.txt"))
+                return over
+            ours = common.dfqbench_side(cell, quant, a.seeds, a.reuse_dfqbench, overrides, f"method=ocs quant={quant}",
+                                        common.same_overrides(overrides))
             d_top1 = common.mean_std([r["top1"] for r in ours])
             d_secs = common.mean_std([r["quantize_time_s"] for r in ours])
             print(f"dfqbench method=ocs quant={quant} W{bits}A{bits}: top-1 {d_top1[0]:.2f} +- {d_top1[1]:.2f}, "
                   f"quantize {d_secs[0]:.2f} s", flush=True)
-            common.upsert_parity_row({
-                "method": "ocs", "quant": quant, "schedule": "", "wbit": bits, "abit": bits,
-                "n_seeds": len(a.seeds), "official_top1_mean": common.fmt(top1[0]),
-                "official_top1_std": common.fmt(top1[1]), "dfqbench_top1_mean": common.fmt(d_top1[0]),
-                "dfqbench_top1_std": common.fmt(d_top1[1]), "official_s": common.fmt(secs[0]),
-                "dfqbench_s": common.fmt(d_secs[0]), "official_repo": repo, "official_commit": commit,
-                "note": f"{QUANT_NOTES.get(quant, 'dfqbench quant=' + quant)}; seeds {' '.join(map(str, a.seeds))} "
-                        f"pick the profiling images from the TRAIN split (never the test split)"
-                        + (f"; on each official run's own profiling images dfqbench gives {same_ms[0]:.2f} +- "
-                           f"{same_ms[1]:.2f}" if same and quant == "official_ocs" else "") + "; seconds = "
-                        f"quantization only; {runs[0]['n_test']} test images; records {common.rel(cell)}",
-                "model": runs[0]["model"], "dataset": runs[0]["dataset"], "device": runs[0]["device"]},
-                Path(a.csv))
-
+            common.write_row(
+                a.csv, method="ocs", quant=quant, wbit=bits, abit=bits, n_seeds=len(a.seeds), official=official,
+                dfqbench=(d_top1, d_secs), repo=repo, commit=commit, run=runs[0],
+                note=f"{QUANT_NOTES.get(quant, 'dfqbench quant=' + quant)}; seeds {' '.join(map(str, a.seeds))} "
+                     f"pick the profiling images from the TRAIN split (never the test split)"
+                     + (f"; on each official run's own profiling images dfqbench gives {same_ms[0]:.2f} +- "
+                        f"{same_ms[1]:.2f}" if same and quant == "official_ocs" else "") + "; seconds = "
+                     f"quantization only; {runs[0]['n_test']} test images; records {common.rel(cell)}")
 
 if __name__ == "__main__":
     main()

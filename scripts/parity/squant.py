@@ -231,9 +231,8 @@ def main(argv=None) -> None:
     out = Path(a.out) / a.tag if a.tag else Path(a.out)
     for bits in a.bits:
         cell = out / f"w{bits}a{bits}"
-        runs = []
-        old = common.reusable_official(cell / "official.json", a.seeds, commit) if a.reuse_official else None
-        for seed in ([] if old else a.seeds):
+
+        def run_seed(seed: int, bits=bits, cell=cell) -> dict:
             scratch = Path("/tmp") / f"parity-squant-{os.getpid()}-w{bits}-s{seed}"
             args = ["--official", str(Path(a.official).resolve()), "--model", a.model, "--dataset", a.dataset,
                     "--seed", str(seed), "--wbit", str(bits), "--abit", str(bits), "--batch-size", str(a.batch_size),
@@ -246,49 +245,30 @@ def main(argv=None) -> None:
             if r.get("official_log"):  # main.py's own log beside the driver's
                 (cell / f"official-s{seed}.squant.log.txt").write_text(Path(r["official_log"]).read_text())
                 r["official_log"] = common.rel(cell / f"official-s{seed}.squant.log.txt")
-            r["seed"] = seed
-            runs.append(r)
             print(f"official SQuant W{bits}A{bits} seed {seed}: top-1 {r['top1']:.2f}, quantize {r['quantize_s']} s, "
                   f"wall {r['wall_s']:.0f} s" + (f", weights differing {r['check']['weights_differing']}"
                                                  f"/{r['check']['weights']}" if 'check' in r else ""), flush=True)
-        if old:
-            runs = old["runs"]
-            print(f"official SQuant W{bits}A{bits}: reusing {common.rel(cell / 'official.json')}", flush=True)
-        top1 = common.mean_std([r["top1"] for r in runs])
-        secs = common.mean_std([r["quantize_s"] for r in runs if r["quantize_s"] is not None])
-        record = {"method": "squant", "official_repo": repo, "official_commit": commit, "wbit": bits, "abit": bits,
-                  "seeds": a.seeds, "top1_mean": round(top1[0], 4), "top1_std": round(top1[1], 4),
-                  "quantize_s_mean": round(secs[0], 4), "runs": runs, "model": runs[0]["model"],
-                  "dataset": runs[0]["dataset"], "n_test": runs[0]["n_test"], "device": runs[0]["device"],
-                  "teacher_overrides": common.teacher_overrides(a), "created_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
-        if not old:
-            common.write_json(cell / "official.json", record)
-        print(f"official SQuant W{bits}A{bits}: top-1 {top1[0]:.2f} +- {top1[1]:.2f} over seeds {a.seeds}, "
-              f"quantize {secs[0]:.2f} s ({repo}@{commit[:10]})", flush=True)
+            return r
+
+        runs, reused = common.official_runs(cell, a, "SQuant", commit, bits, bits, run_seed)
+        official = common.official_summary(cell, a, "squant", "SQuant", repo, commit, bits, bits, runs, reused)
         if not a.dfqbench:
             continue
         for quant in a.quant:
-            ours = []
-            for seed in a.seeds:
-                over = ["method=squant", f"quant={quant}", f"wbit={bits}", f"abit={bits}", f"method.noise_seed={seed}",
+            def overrides(seed: int, quant=quant, bits=bits) -> list[str]:
+                return ["method=squant", f"quant={quant}", f"wbit={bits}", f"abit={bits}", f"method.noise_seed={seed}",
                         f"method.batch_size={a.batch_size}", f"threads={a.threads}", *common.teacher_overrides(a)]
-                ours.append(common.run_dfqbench(over, cell / f"dfqbench-{quant}-s{seed}", cell / "dfqbench.log.txt"))
+            ours = common.dfqbench_side(cell, quant, a.seeds, False, overrides, f"method=squant quant={quant}")
             d_top1 = common.mean_std([r["top1"] for r in ours])
             d_secs = common.mean_std([r["quantize_time_s"] for r in ours])
             print(f"dfqbench method=squant quant={quant} W{bits}A{bits}: top-1 {d_top1[0]:.2f} +- {d_top1[1]:.2f}, "
                   f"quantize {d_secs[0]:.2f} s", flush=True)
-            common.upsert_parity_row({
-                "method": "squant", "quant": quant, "schedule": "", "wbit": bits, "abit": bits,
-                "n_seeds": len(a.seeds), "official_top1_mean": common.fmt(top1[0]),
-                "official_top1_std": common.fmt(top1[1]), "dfqbench_top1_mean": common.fmt(d_top1[0]),
-                "dfqbench_top1_std": common.fmt(d_top1[1]), "official_s": common.fmt(secs[0]),
-                "dfqbench_s": common.fmt(d_secs[0]), "official_repo": repo, "official_commit": commit,
-                "note": f"{QUANT_NOTES.get(quant, 'dfqbench quant=' + quant)}; noise seeds "
-                        f"{' '.join(map(str, a.seeds))}; seconds = quantization only (weights + noise pass); "
-                        f"{runs[0]['n_test']} test images; records {common.rel(cell)}",
-                "model": runs[0]["model"], "dataset": runs[0]["dataset"], "device": runs[0]["device"]},
-                Path(a.csv))
-
+            common.write_row(
+                a.csv, method="squant", quant=quant, wbit=bits, abit=bits, n_seeds=len(a.seeds), official=official,
+                dfqbench=(d_top1, d_secs), repo=repo, commit=commit, run=runs[0],
+                note=f"{QUANT_NOTES.get(quant, 'dfqbench quant=' + quant)}; noise seeds "
+                     f"{' '.join(map(str, a.seeds))}; seconds = quantization only (weights + noise pass); "
+                     f"{runs[0]['n_test']} test images; records {common.rel(cell)}")
 
 if __name__ == "__main__":
     main()

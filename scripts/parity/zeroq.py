@@ -271,9 +271,8 @@ def main(argv=None) -> None:
     cell = out / f"w{a.wbit}a{a.abit}"
     env = {"PYTHONPATH": os.pathsep.join(filter(None, [str(DEPS) if DEPS.is_dir() else "",
                                                        os.environ.get("PYTHONPATH", "")]))}
-    runs = []
-    old = common.reusable_official(cell / "official.json", a.seeds, commit) if a.reuse_official else None
-    for seed in ([] if old else a.seeds):
+
+    def run_seed(seed: int) -> dict:
         args = ["--official", str(Path(a.official).resolve()), "--model", a.model, "--dataset", a.dataset,
                 "--seed", str(seed), "--wbit", str(a.wbit), "--abit", str(a.abit), "--batch-size", str(a.batch_size),
                 "--test-batch-size", str(a.test_batch_size), "--threads", str(a.threads),
@@ -282,64 +281,35 @@ def main(argv=None) -> None:
         args += ["--max-samples", str(a.max_samples)] if a.max_samples else []
         args += [] if a.compare else ["--no-compare"]
         r = common.run_child(Path(__file__), args, cell / f"official-s{seed}.log.txt", env)
-        r["seed"] = seed
-        runs.append(r)
         chk = r.get("check", {})
         print(f"official ZeroQ W{a.wbit}A{a.abit} seed {seed}: top-1 {r['top1']:.2f}, quantize {r['quantize_s']:.0f} s"
               + (f"; dfqbench on the official batch {chk['dfqbench_on_official_batch_top1']:.2f}, weights differing "
                  f"{chk['weights_differing']}/{chk['weights']}, act range max rel diff "
                  f"{chk['act_range_max_rel_diff']:.2e}" if chk else ""), flush=True)
-    if old:
-        runs = old["runs"]
-        print(f"official ZeroQ W{a.wbit}A{a.abit}: reusing {common.rel(cell / 'official.json')}", flush=True)
-    top1 = common.mean_std([r["top1"] for r in runs])
-    secs = common.mean_std([r["quantize_s"] for r in runs])
-    record = {"method": "zeroq", "official_repo": repo, "official_commit": commit, "wbit": a.wbit, "abit": a.abit,
-              "seeds": a.seeds, "top1_mean": round(top1[0], 4), "top1_std": round(top1[1], 4),
-              "quantize_s_mean": round(secs[0], 3), "runs": runs, "model": runs[0]["model"],
-              "dataset": runs[0]["dataset"], "n_test": runs[0]["n_test"], "device": runs[0]["device"],
-              "teacher_overrides": common.teacher_overrides(a), "created_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
-    if all("check" in r for r in runs):
-        chk = common.mean_std([r["check"]["dfqbench_on_official_batch_top1"] for r in runs])
-        record.update(dfqbench_on_official_batch_top1_mean=round(chk[0], 4),
-                      dfqbench_on_official_batch_top1_std=round(chk[1], 4))
-    if not old:
-        common.write_json(cell / "official.json", record)
-    print(f"official ZeroQ W{a.wbit}A{a.abit}: top-1 {top1[0]:.2f} +- {top1[1]:.2f} over seeds {a.seeds}, "
-          f"quantize {secs[0]:.1f} s ({repo}@{commit[:10]})", flush=True)
+        return r
+
+    runs, reused = common.official_runs(cell, a, "ZeroQ", commit, a.wbit, a.abit, run_seed)
+    official = common.official_summary(cell, a, "zeroq", "ZeroQ", repo, commit, a.wbit, a.abit, runs, reused,
+                                       **common.batch_check_summary(runs))
     if not a.dfqbench:
         return
     for quant in a.quant:
-        ours = []
-        for seed in a.seeds:
-            over = ["method=zeroq", f"quant={quant}", f"wbit={a.wbit}", f"abit={a.abit}", f"seed={seed}",
+        def overrides(seed: int, quant=quant) -> list[str]:
+            return ["method=zeroq", f"quant={quant}", f"wbit={a.wbit}", f"abit={a.abit}", f"seed={seed}",
                     f"method.batch_size={a.batch_size}", f"threads={a.threads}", *common.teacher_overrides(a)]
-            kept = cell / f"dfqbench-{quant}-s{seed}.record.json"
-            if a.reuse_dfqbench and kept.exists() and [o for o in json.loads(kept.read_text()).get("overrides", [])
-                                                       if o not in ("force=true", "progress=false")] == over:
-                ours.append(json.loads(kept.read_text()))
-                print(f"dfqbench {quant} seed {seed}: reusing {common.rel(kept)}", flush=True)
-                continue
-            ours.append(common.run_dfqbench(over, cell / f"dfqbench-{quant}-s{seed}", cell / "dfqbench.log.txt"))
+        ours = common.dfqbench_side(cell, quant, a.seeds, a.reuse_dfqbench, overrides, f"method=zeroq quant={quant}",
+                                    common.same_overrides(overrides))
         d_top1 = common.mean_std([r["top1"] for r in ours])
-        # seconds of the runs that made their calibration images (a run whose images came from dfqbench's
-        # calibration cache took ~0 s for them)
-        fresh = [r for r in ours if not (r.get("info") or {}).get("calib_cached")]
-        d_secs = common.mean_std([r["quantize_time_s"] for r in fresh])
+        d_secs, n_fresh = common.fresh_seconds(ours)
         print(f"dfqbench method=zeroq quant={quant} W{a.wbit}A{a.abit}: top-1 {d_top1[0]:.2f} +- {d_top1[1]:.2f}, "
               f"quantize {d_secs[0]:.1f} s", flush=True)
-        common.upsert_parity_row({
-            "method": "zeroq", "quant": quant, "schedule": "", "wbit": a.wbit, "abit": a.abit,
-            "n_seeds": len(a.seeds), "official_top1_mean": common.fmt(top1[0]),
-            "official_top1_std": common.fmt(top1[1]), "dfqbench_top1_mean": common.fmt(d_top1[0]),
-            "dfqbench_top1_std": common.fmt(d_top1[1]), "official_s": common.fmt(secs[0]),
-            "dfqbench_s": common.fmt(d_secs[0]), "official_repo": repo, "official_commit": commit,
-            "note": f"{QUANT_NOTES.get(quant, 'dfqbench quant=' + quant)}; official bit-widths patched from W8A8; "
-                    f"seeds {' '.join(map(str, a.seeds))} (noise); seconds = distillation + "
-                    f"calibration (dfqbench: the {len(fresh)} seed(s) not read from its calibration cache); "
-                    f"{runs[0]['n_test']} test images; records {common.rel(cell)}",
-            "model": runs[0]["model"], "dataset": runs[0]["dataset"], "device": runs[0]["device"]}, Path(a.csv))
-
+        common.write_row(
+            a.csv, method="zeroq", quant=quant, wbit=a.wbit, abit=a.abit, n_seeds=len(a.seeds), official=official,
+            dfqbench=(d_top1, d_secs), repo=repo, commit=commit, run=runs[0],
+            note=f"{QUANT_NOTES.get(quant, 'dfqbench quant=' + quant)}; official bit-widths patched from W8A8; "
+                 f"seeds {' '.join(map(str, a.seeds))} (noise); seconds = distillation + calibration (dfqbench: the "
+                 f"{n_fresh} seed(s) not read from its calibration cache); {runs[0]['n_test']} test images; records "
+                 f"{common.rel(cell)}")
 
 if __name__ == "__main__":
     main()
