@@ -168,6 +168,11 @@ def test_baselines_rows_say_source_seeds_and_device(built):
     assert (rows[("zeroq", "cuda")]["Top-1"], rows[("zeroq", "cuda")]["Seeds"]) == ("84.00", "1")
     trained = _md_tables(md, "### Reproduced: convention `gdfq`, schedule `cpu`")
     assert [(r["Method"], r["Variant"], r["Top-1"]) for r in trained] == [("qimera", "ait", "86.00")]
+    # the cpu schedule's tables say what budget they are, in both pages; a post-training table has no such line
+    for page in (md, (built / "README.md").read_text()):
+        after = page.split("schedule `cpu`", 1)[1].split("|", 1)[0]
+        assert "Schedule `cpu`: a smoke budget: 600 iterations" in after
+    assert "Schedule `" not in md.split("### Reproduced: convention `gdfq`, post-training", 1)[1].split("|", 1)[0]
 
 
 def test_reported_rows_keep_their_notes_and_stay_apart(built):

@@ -29,6 +29,16 @@ METHOD_LABELS = {
     "percentile_calib": "percentile calibration (the percentile range estimator instead of min/max) on the "
                         "variant's images (variant `real`: training images, NOT data-free)",
 }
+# What a training schedule's numbers are, printed under each table of that schedule (conf/schedule/<name>.yaml
+# has the budget and why; docs/results.md the reading). A schedule not listed gets no line.
+SCHEDULE_NOTES = {
+    "cpu": "a smoke budget: 600 iterations of batch 64, 0.75 % of the papers' 80,000 at batch 200. At it the "
+           "training family stays near its calibrated start and its ranking follows each loss's step size more "
+           "than the method (docs/results.md); `schedule=paper` (GPU) is the papers' budget.",
+    "quick": "a minutes-long end-to-end check (30 iterations of batch 32), not a baseline.",
+    "paper_first10": "the paper schedule's first 10 of 400 epochs (2,000 iterations of batch 200): a longer "
+                     "probe, not the papers' budget.",
+}
 # Section titles of teachers that no paper reports on (a paper's rows carry their own table title, which wins).
 TEACHER_TITLES = {("vit_cifar10", "cifar10"): "ViT (CIFAR-10, transformer teacher trained here)"}
 
