@@ -60,3 +60,13 @@ def test_paths_come_from_environment(monkeypatch, tmp_path):
     monkeypatch.setenv("DFQ_MODELS_DIR", str(tmp_path / "m"))
     cfg = _compose()
     assert cfg.dataset.root == str(tmp_path) and cfg.paths.models_dir == str(tmp_path / "m")
+
+
+def test_cpu_long_is_the_cpu_warmup_with_six_times_the_student_steps():
+    cpu, long = (_compose("method=gdfq", f"schedule={s}").schedule for s in ("cpu", "cpu_long"))
+    for key in ("iters_per_epoch", "batch_size", "warmup_epochs", "calib_epochs", "fixed_set_images"):
+        assert long[key] == cpu[key], key
+    student = [(s.epochs - s.warmup_epochs) * s.iters_per_epoch for s in (cpu, long)]
+    assert student == [360, 2160]
+    # the learning-rate cut at the same point of the run: 80 %
+    assert [s.milestones[0] / s.epochs for s in (cpu, long)] == [0.8, 0.8]

@@ -14,6 +14,7 @@ the paper tables too), and writes into --results:
     parity.md     official code beside dfqbench (only with a parity.csv)
     deployed.md   fake-quant beside deployed (ONNX Runtime) top-1 of the export=onnx runs (only when there are any)
     tuning.md     the tuning-robustness study (records under <root>/tuning/, only when there are any)
+    ranking.md    the training family's ranking per schedule: seed stability, agreement across schedules
     plots/<model>-<dataset>.png, plots/<model>-<dataset>-time.png   (dfqbench.plots)
 """
 
@@ -33,6 +34,7 @@ from .results.leaderboard import render_leaderboard
 from .results.markdown import drops_beside_papers, render_baselines  # noqa: F401
 from .results.names import TEACHER_TITLES
 from .results.parity import render_parity
+from .results.ranking import render_ranking
 from .results.tuning import plot_study, render_tuning, study_runs
 
 
@@ -83,6 +85,9 @@ def main(argv: list[str] | None = None) -> None:
     (out / "README.md").write_text(render_leaderboard(entries, teachers, titles, rel, len(runs)))
     if len(parity):
         (out / "parity.md").write_text(render_parity(parity))
+    ranking = render_ranking(runs)
+    if ranking:
+        (out / "ranking.md").write_text(ranking)
     study = study_runs(roots)
     if len(study):
         plotted = plot_study(study, runs, out / "plots" / "tuning.png")

@@ -1,0 +1,142 @@
+"""ranking.md: whether a training schedule ranks the training family the same way under every seed, and the way
+a longer schedule does (the question behind `schedule=cpu` being a smoke budget).
+
+Per cell (teacher, convention, bits, device, schedule) of the runs that trained (a schedule set), every method
+with at least one finished seed: its mean top-1 and its rank by that mean; its rank under each seed that at
+least two methods share. Seed stability: Kendall's tau-b between the rankings of every two seeds, over the
+methods that ran both (1 = the same order, 0 = unrelated), and the share of method pairs whose order is the
+same under every shared seed. Across schedules of the same teacher, convention, bits and device: tau-b between
+their mean rankings over the methods both ran. The stable schedule is the shortest whose seeds agree with each
+other and with the longest schedule run.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+
+import pandas as pd
+
+from .format import cell, mean_std, md_table
+
+CELL = ["model", "dataset", "quant", "wbit", "abit", "device"]
+
+
+def kendall_tau_b(a: list[float], b: list[float]) -> float:
+    """Kendall's tau-b of two paired score lists (ties handled as tau-b does); NaN with fewer than 2 pairs or
+    when one side is all ties."""
+    concordant = discordant = only_a_tied = only_b_tied = 0
+    for i, j in itertools.combinations(range(len(a)), 2):
+        da, db = a[i] - a[j], b[i] - b[j]
+        if da == 0 and db == 0:
+            continue
+        if da == 0:
+            only_a_tied += 1
+        elif db == 0:
+            only_b_tied += 1
+        elif (da > 0) == (db > 0):
+            concordant += 1
+        else:
+            discordant += 1
+    untied_a = concordant + discordant + only_b_tied  # pairs that a orders
+    untied_b = concordant + discordant + only_a_tied
+    if untied_a == 0 or untied_b == 0:
+        return float("nan")
+    return (concordant - discordant) / math.sqrt(untied_a * untied_b)
+
+
+def _trained(runs: pd.DataFrame) -> pd.DataFrame | None:
+    """The runs that trained (a schedule set), device without its index ('cuda:0' -> 'cuda'); None if none."""
+    if runs.empty or "schedule" not in runs:
+        return None
+    runs = runs.reset_index(drop=True)
+    sched = runs.schedule.fillna("").astype(str)
+    trained = runs.assign(schedule=sched, device=runs.device.astype(str).str.split(":").str[0])[sched != ""]
+    return trained if len(trained) else None
+
+
+def seed_stability(per_seed: pd.DataFrame) -> dict:
+    """per_seed: index method, columns seed, values top-1 (NaN where a method lacks the seed). -> mean tau-b over
+    seed pairs, how many pairs, and the share of method pairs ordered the same under every seed both ran."""
+    taus = []
+    for s, t in itertools.combinations(per_seed.columns, 2):
+        both = per_seed[[s, t]].dropna()
+        if len(both) >= 2:
+            taus.append(kendall_tau_b(both[s].tolist(), both[t].tolist()))
+    taus = [x for x in taus if not math.isnan(x)]
+    same = total = 0
+    for m, n in itertools.combinations(per_seed.index, 2):
+        signs = {math.copysign(1, d) for d in (per_seed.loc[m] - per_seed.loc[n]).dropna() if d != 0}
+        if signs:
+            total += 1
+            same += len(signs) == 1
+    return {"tau": sum(taus) / len(taus) if taus else float("nan"), "seed_pairs": len(taus),
+            "same_order": same, "method_pairs": total}
+
+
+def ranking_cells(runs: pd.DataFrame) -> list[dict]:
+    """One dict per (cell, schedule) with at least two methods: its table, its seed stability."""
+    trained = _trained(runs)
+    if trained is None:
+        return []
+    out = []
+    for key, group in trained.groupby([*CELL, "schedule"], sort=True):
+        per_seed = group.pivot_table(index="config", columns="seed", values="top1", aggfunc="mean")
+        if len(per_seed) < 2:
+            continue
+        shared = [s for s in per_seed.columns if per_seed[s].notna().sum() >= 2]
+        means = group.groupby("config").top1.agg(["mean", "std", "count"]).sort_values("mean", ascending=False)
+        ranks = {s: per_seed[s].rank(ascending=False, method="min") for s in shared}
+        rows = [{"Method": config, "Seeds": str(int(r["count"])),
+                 "Top-1": mean_std(r["mean"], None if math.isnan(r["std"]) else r["std"], int(r["count"])),
+                 "Rank": str(i + 1),
+                 **{f"Rank s{s}": "" if math.isnan(ranks[s].get(config, math.nan)) else str(int(ranks[s][config]))
+                    for s in shared}}
+                for i, (config, r) in enumerate(means.iterrows())]
+        out.append({"key": dict(zip([*CELL, "schedule"], key)), "table": pd.DataFrame(rows),
+                    "means": means["mean"], "stability": seed_stability(per_seed[shared])})
+    return out
+
+
+def across_schedules(cells: list[dict]) -> pd.DataFrame:
+    """tau-b between the mean rankings of every two schedules of the same cell, over their common methods."""
+    rows = []
+    by_cell: dict[tuple, list[dict]] = {}
+    for c in cells:
+        by_cell.setdefault(tuple(c["key"][k] for k in CELL), []).append(c)
+    for key, group in by_cell.items():
+        for a, b in itertools.combinations(group, 2):
+            common = sorted(set(a["means"].index) & set(b["means"].index))
+            if len(common) < 2:
+                continue
+            tau = kendall_tau_b([a["means"][m] for m in common], [b["means"][m] for m in common])
+            rows.append({"Teacher": key[0], "Convention": key[2], "W": str(key[3]), "A": str(key[4]),
+                         "Device": key[5], "Schedules": f"{a['key']['schedule']} vs {b['key']['schedule']}",
+                         "Common methods": str(len(common)), "Kendall tau-b of the mean rankings": cell(tau)})
+    return pd.DataFrame(rows)
+
+
+def render_ranking(runs: pd.DataFrame) -> str | None:
+    """ranking.md's text, or None when no cell has two trained methods."""
+    cells = ranking_cells(runs)
+    if not cells:
+        return None
+    parts = ["# The training family's ranking per schedule", "",
+             "Generated by `make tables` from the finished records of runs with a training schedule: per teacher, "
+             "convention, bits, device and schedule, each method's mean top-1 (%) and rank, and its rank under each "
+             "seed that two or more methods share. Seed stability: Kendall's tau-b between the rankings of every "
+             "two seeds over the methods that ran both (1 = the same order; mean over seed pairs), and how many "
+             "method pairs keep their order under every shared seed. A schedule whose ranking means something has "
+             "tau near 1 between its seeds and with the longest schedule run (`Across schedules`, at the end).", ""]
+    for c in cells:
+        k, st = c["key"], c["stability"]
+        parts += [f"## `{k['model']}`, convention `{k['quant']}`, W{k['wbit']}A{k['abit']}, {k['device']}, "
+                  f"schedule `{k['schedule']}`", "",
+                  f"Seed stability: tau-b {cell(st['tau'])} (mean over {st['seed_pairs']} seed pairs); "
+                  f"{st['same_order']} of {st['method_pairs']} method pairs in the same order under every shared "
+                  "seed.", "", md_table(c["table"]), ""]
+    across = across_schedules(cells)
+    parts += ["## Across schedules", ""]
+    parts += [md_table(across), ""] if len(across) else [
+        "Only one schedule has two or more trained methods in a cell so far: nothing to compare yet.", ""]
+    return "\n".join(parts)
