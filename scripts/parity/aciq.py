@@ -333,15 +333,12 @@ def main(argv=None) -> None:
             return ["method=aciq", f"quant={quant}", f"wbit={a.wbit}", f"abit={a.abit}", f"seed={seed}",
                     f"method.calib_images={a.calib_images}", f"threads={a.threads}", *a.method_overrides,
                     *common.teacher_overrides(a), *paired_overrides(runs, seed, quant)]
-        ours = common.dfqbench_side(cell, quant, a.seeds, False, overrides, f"method=aciq quant={quant}")
-        d_top1 = common.mean_std([r["top1"] for r in ours])
-        d_secs = common.mean_std([r["quantize_time_s"] for r in ours])
+        ours, _ = common.post_training_side(cell, quant, a.seeds, False, overrides,
+                                            f"method=aciq quant={quant} W{a.wbit}A{a.abit}")
         paired = all(paired_overrides(runs, seed, quant) for seed in a.seeds)
-        print(f"dfqbench method=aciq quant={quant} W{a.wbit}A{a.abit}: top-1 {d_top1[0]:.2f} +- {d_top1[1]:.2f}",
-              flush=True)
         common.write_row(
             a.csv, method="aciq", quant=quant, wbit=a.wbit, abit=a.abit, n_seeds=len(a.seeds), official=official,
-            dfqbench=(d_top1, d_secs), repo=repo, commit=commit, run=runs[0],
+            dfqbench=ours, repo=repo, commit=commit, run=runs[0],
             note=f"{QUANT_NOTES.get(quant, 'dfqbench quant=' + quant)}; statistics-image seeds "
                  f"{' '.join(map(str, a.seeds))} ({a.calib_images} training images"
                  f"{', the same images on both sides (official-s<seed>.calib.txt)' if paired else ''}); "

@@ -262,6 +262,19 @@ def fresh_seconds(ours: list[dict]) -> tuple[tuple[float, float], int]:
     return mean_std([r["quantize_time_s"] for r in fresh]), len(fresh)
 
 
+def post_training_side(cell: Path, quant: str, seeds, resume: bool, overrides, label: str,
+                       accept=lambda record, seed: True) -> tuple[tuple, int]:
+    """dfqbench's seeds of a post-training cell (dfqbench_side), printed: ((top-1 mean, std), (seconds mean,
+    std) of the runs that made their calibration images), and how many those are."""
+    ours = dfqbench_side(cell, quant, seeds, resume, overrides, label, accept)
+    top1 = mean_std([r["top1"] for r in ours])
+    secs, n_fresh = fresh_seconds(ours)
+    print(f"dfqbench {label}: top-1 {top1[0]:.2f} +- {top1[1]:.2f}, "
+          + (f"quantize {secs[0]:.1f} s" if n_fresh else "images from dfqbench's calibration cache (no seconds)"),
+          flush=True)
+    return (top1, secs), n_fresh
+
+
 def write_row(csv_path, *, method: str, quant: str, wbit: int, abit: int, n_seeds: int, official: tuple,
               dfqbench: tuple, repo: str, commit: str, note: str, run: dict, schedule: str = "") -> None:
     """The results/parity.csv row of a cell: `official` / `dfqbench` = ((top-1 mean, std), (seconds mean, std));

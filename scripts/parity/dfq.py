@@ -292,7 +292,8 @@ def main(argv=None) -> None:
             return r
 
         variant = {"add_bits": a.add_bits or bits, "clip_inputs_at_zero": a.clip_inputs_at_zero}
-        runs, reused = common.official_runs(cell, a, "DFQ (unofficial code)", commit, bits, bits, run_seed, same=variant)
+        runs, reused = common.official_runs(cell, a, "DFQ (unofficial code)", commit, bits, bits, run_seed,
+                                            same=variant)
         official = common.official_summary(cell, a, "dfq", "DFQ (unofficial code)", repo, commit, bits, bits, runs,
                                            reused, unofficial=True, **variant)
         if not a.dfqbench:
@@ -301,8 +302,9 @@ def main(argv=None) -> None:
             def overrides(seed: int, quant=quant, bits=bits) -> list[str]:
                 return ["method=dfq", f"quant={quant}", f"wbit={bits}", f"abit={bits}", f"seed={seed}",
                         f"threads={a.threads}", *common.teacher_overrides(a)]
-            ours = common.dfqbench_side(cell, quant, a.seeds, a.reuse_dfqbench, overrides, f"method=dfq quant={quant}",
-                                        common.same_overrides(overrides))
+            ours, _ = common.post_training_side(cell, quant, a.seeds, a.reuse_dfqbench, overrides,
+                                                f"method=dfq quant={quant} W{bits}A{bits}",
+                                                common.same_overrides(overrides))
             ablations = []  # the code's own ablation runs (--tag ablation-*), if any: the measured causes of a gap
             for f in sorted(Path(a.out).glob(f"ablation-*/{cell.name}/official.json")):
                 ab = json.loads(f.read_text())
@@ -310,13 +312,9 @@ def main(argv=None) -> None:
                                                      else "32 bits (float)"))
                 what += ", layer-input ranges clipped at 0" if ab.get("clip_inputs_at_zero") else ""
                 ablations.append(f"{what}: {ab['top1_mean']:.2f} ({common.rel(f.parent)})")
-            d_top1 = common.mean_std([r["top1"] for r in ours])
-            d_secs = common.mean_std([r["quantize_time_s"] for r in ours])
-            print(f"dfqbench method=dfq quant={quant} W{bits}A{bits}: top-1 {d_top1[0]:.2f} +- {d_top1[1]:.2f}, "
-                  f"quantize {d_secs[0]:.2f} s", flush=True)
             common.write_row(
                 a.csv, method="dfq", quant=quant, wbit=bits, abit=bits, n_seeds=len(a.seeds), official=official,
-                dfqbench=(d_top1, d_secs), repo=repo, commit=commit, run=runs[0],
+                dfqbench=ours, repo=repo, commit=commit, run=runs[0],
                 note=f"UNOFFICIAL code (jakc4103/DFQ; the paper has none), flow {' '.join(FLAGS)}; "
                         f"{QUANT_NOTES.get(quant, 'dfqbench quant=' + quant)}; data-free and deterministic: seeds "
                         f"{' '.join(map(str, a.seeds))} change nothing; seconds = up to the test pass; "

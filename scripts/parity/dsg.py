@@ -286,19 +286,18 @@ def main(argv=None) -> None:
             return ["method=dsg", f"quant={quant}", f"wbit={a.wbit}", f"abit={a.abit}", f"seed={seed}",
                     f"method.batch_size={a.batch_size}", f"method.num_images={a.batch_size}", f"threads={a.threads}",
                     *a.method_overrides, *common.teacher_overrides(a)]
-        ours = common.dfqbench_side(cell, quant, a.seeds, a.reuse_dfqbench, overrides, f"method=dsg quant={quant}",
-                                    common.same_overrides(overrides))
-        d_top1 = common.mean_std([r["top1"] for r in ours])
-        d_secs, n_fresh = common.fresh_seconds(ours)
-        print(f"dfqbench method=dsg quant={quant} {' '.join(a.method_overrides)} W{a.wbit}A{a.abit}: top-1 "
-              f"{d_top1[0]:.2f} +- {d_top1[1]:.2f}, quantize {d_secs[0]:.1f} s", flush=True)
+        ours, n_fresh = common.post_training_side(
+            cell, quant, a.seeds, a.reuse_dfqbench, overrides,
+            f"method=dsg quant={quant} {' '.join(a.method_overrides)} W{a.wbit}A{a.abit}",
+            common.same_overrides(overrides))
         common.write_row(
             a.csv, method="dsg", quant=quant, wbit=a.wbit, abit=a.abit, n_seeds=len(a.seeds), official=official,
-            dfqbench=(d_top1, d_secs), repo=repo, commit=commit, run=runs[0],
+            dfqbench=ours, repo=repo, commit=commit, run=runs[0],
             note=f"{QUANT_NOTES.get(quant, 'dfqbench quant=' + quant)}; dfqbench overrides "
                  f"{' '.join(a.method_overrides) or 'none'}; seeds {' '.join(map(str, a.seeds))}; seconds = "
                  f"generation + calibration (dfqbench: the {n_fresh} seed(s) not read from its cache); "
                  f"{runs[0]['n_test']} test images; records {common.rel(cell)}")
+
 
 if __name__ == "__main__":
     main()

@@ -564,23 +564,21 @@ def main(argv=None) -> None:
                                        method_overrides=a.method_overrides)
     if not a.dfqbench:
         return
-    ours = common.dfqbench_side(cell, a.quant, a.seeds, a.reuse_dfqbench, lambda s: dfqbench_overrides(a, s),
-                                f"method=genie quant={a.quant}",
-                                common.same_overrides(lambda s: dfqbench_overrides(a, s)))
-    d_top1 = common.mean_std([r["top1"] for r in ours])
-    d_secs, n_fresh = common.fresh_seconds(ours)
-    print(f"dfqbench method=genie quant={a.quant} W{a.wbit}A{a.abit}: top-1 {d_top1[0]:.2f} +- {d_top1[1]:.2f}, "
-          + (f"quantize {d_secs[0]:.1f} s" if n_fresh else "images from dfqbench's calibration cache (no seconds)"),
-          flush=True)
+    def overrides(seed: int) -> list[str]:
+        return dfqbench_overrides(a, seed)
+    ours, n_fresh = common.post_training_side(cell, a.quant, a.seeds, a.reuse_dfqbench, overrides,
+                                              f"method=genie quant={a.quant} W{a.wbit}A{a.abit}",
+                                              common.same_overrides(overrides))
     common.write_row(
         a.csv, method="genie" + (f"-{a.tag}" if a.tag else ""), quant=a.quant, schedule=" ".join(a.method_overrides),
-        wbit=a.wbit, abit=a.abit, n_seeds=len(a.seeds), official=official, dfqbench=(d_top1, d_secs), repo=repo,
+        wbit=a.wbit, abit=a.abit, n_seeds=len(a.seeds), official=official, dfqbench=ours, repo=repo,
         commit=commit, run=runs[0],
         note=f"{QUANT_NOTES.get(a.quant, 'dfqbench quant=' + a.quant)}; budget {budget_summary(kwargs)} (dfqbench "
              f"method=genie {' '.join(a.method_overrides) or 'defaults'}; official main() arguments); official model = "
              f"the teacher rebuilt of the code's BasicBlock; seeds {' '.join(map(str, a.seeds))}; seconds = "
              f"distillation + reconstruction (dfqbench: the {n_fresh} seed(s) not read from its calibration cache); "
              f"{runs[0]['n_test']} test images; records {common.rel(cell)}")
+
 
 if __name__ == "__main__":
     main()

@@ -352,20 +352,18 @@ def main(argv=None) -> None:
                 if quant.startswith("official"):  # the code tests at -b 128; its output ranges are per batch
                     over.append(f"eval.batch_size={a.batch_size}")
                 return over
-            ours = common.dfqbench_side(cell, quant, a.seeds, a.reuse_dfqbench, overrides, f"method=ocs quant={quant}",
-                                        common.same_overrides(overrides))
-            d_top1 = common.mean_std([r["top1"] for r in ours])
-            d_secs = common.mean_std([r["quantize_time_s"] for r in ours])
-            print(f"dfqbench method=ocs quant={quant} W{bits}A{bits}: top-1 {d_top1[0]:.2f} +- {d_top1[1]:.2f}, "
-                  f"quantize {d_secs[0]:.2f} s", flush=True)
+            ours, _ = common.post_training_side(cell, quant, a.seeds, a.reuse_dfqbench, overrides,
+                                                f"method=ocs quant={quant} W{bits}A{bits}",
+                                                common.same_overrides(overrides))
             common.write_row(
                 a.csv, method="ocs", quant=quant, wbit=bits, abit=bits, n_seeds=len(a.seeds), official=official,
-                dfqbench=(d_top1, d_secs), repo=repo, commit=commit, run=runs[0],
+                dfqbench=ours, repo=repo, commit=commit, run=runs[0],
                 note=f"{QUANT_NOTES.get(quant, 'dfqbench quant=' + quant)}; seeds {' '.join(map(str, a.seeds))} "
                      f"pick the profiling images from the TRAIN split (never the test split)"
                      + (f"; on each official run's own profiling images dfqbench gives {same_ms[0]:.2f} +- "
                         f"{same_ms[1]:.2f}" if same and quant == "official_ocs" else "") + "; seconds = "
                      f"quantization only; {runs[0]['n_test']} test images; records {common.rel(cell)}")
+
 
 if __name__ == "__main__":
     main()

@@ -258,17 +258,15 @@ def main(argv=None) -> None:
             def overrides(seed: int, quant=quant, bits=bits) -> list[str]:
                 return ["method=squant", f"quant={quant}", f"wbit={bits}", f"abit={bits}", f"method.noise_seed={seed}",
                         f"method.batch_size={a.batch_size}", f"threads={a.threads}", *common.teacher_overrides(a)]
-            ours = common.dfqbench_side(cell, quant, a.seeds, False, overrides, f"method=squant quant={quant}")
-            d_top1 = common.mean_std([r["top1"] for r in ours])
-            d_secs = common.mean_std([r["quantize_time_s"] for r in ours])
-            print(f"dfqbench method=squant quant={quant} W{bits}A{bits}: top-1 {d_top1[0]:.2f} +- {d_top1[1]:.2f}, "
-                  f"quantize {d_secs[0]:.2f} s", flush=True)
+            ours, _ = common.post_training_side(cell, quant, a.seeds, False, overrides,
+                                                f"method=squant quant={quant} W{bits}A{bits}")
             common.write_row(
                 a.csv, method="squant", quant=quant, wbit=bits, abit=bits, n_seeds=len(a.seeds), official=official,
-                dfqbench=(d_top1, d_secs), repo=repo, commit=commit, run=runs[0],
+                dfqbench=ours, repo=repo, commit=commit, run=runs[0],
                 note=f"{QUANT_NOTES.get(quant, 'dfqbench quant=' + quant)}; noise seeds "
                      f"{' '.join(map(str, a.seeds))}; seconds = quantization only (weights + noise pass); "
                      f"{runs[0]['n_test']} test images; records {common.rel(cell)}")
+
 
 if __name__ == "__main__":
     main()

@@ -297,19 +297,17 @@ def main(argv=None) -> None:
         def overrides(seed: int, quant=quant) -> list[str]:
             return ["method=zeroq", f"quant={quant}", f"wbit={a.wbit}", f"abit={a.abit}", f"seed={seed}",
                     f"method.batch_size={a.batch_size}", f"threads={a.threads}", *common.teacher_overrides(a)]
-        ours = common.dfqbench_side(cell, quant, a.seeds, a.reuse_dfqbench, overrides, f"method=zeroq quant={quant}",
-                                    common.same_overrides(overrides))
-        d_top1 = common.mean_std([r["top1"] for r in ours])
-        d_secs, n_fresh = common.fresh_seconds(ours)
-        print(f"dfqbench method=zeroq quant={quant} W{a.wbit}A{a.abit}: top-1 {d_top1[0]:.2f} +- {d_top1[1]:.2f}, "
-              f"quantize {d_secs[0]:.1f} s", flush=True)
+        ours, n_fresh = common.post_training_side(cell, quant, a.seeds, a.reuse_dfqbench, overrides,
+                                                  f"method=zeroq quant={quant} W{a.wbit}A{a.abit}",
+                                                  common.same_overrides(overrides))
         common.write_row(
             a.csv, method="zeroq", quant=quant, wbit=a.wbit, abit=a.abit, n_seeds=len(a.seeds), official=official,
-            dfqbench=(d_top1, d_secs), repo=repo, commit=commit, run=runs[0],
+            dfqbench=ours, repo=repo, commit=commit, run=runs[0],
             note=f"{QUANT_NOTES.get(quant, 'dfqbench quant=' + quant)}; official bit-widths patched from W8A8; "
                  f"seeds {' '.join(map(str, a.seeds))} (noise); seconds = distillation + calibration (dfqbench: the "
                  f"{n_fresh} seed(s) not read from its calibration cache); {runs[0]['n_test']} test images; records "
                  f"{common.rel(cell)}")
+
 
 if __name__ == "__main__":
     main()
