@@ -70,3 +70,8 @@ def test_cpu_long_is_the_cpu_warmup_with_six_times_the_student_steps():
     assert student == [360, 2160]
     # the learning-rate cut at the same point of the run: 80 %
     assert [s.milestones[0] / s.epochs for s in (cpu, long)] == [0.8, 0.8]
+
+
+def test_lis_is_an_alias_of_mixmix():
+    lis, mixmix = (OmegaConf.to_container(_compose(f"method={m}").method, resolve=True) for m in ("lis", "mixmix"))
+    assert lis == mixmix and lis["name"] == "mixmix"
