@@ -384,3 +384,12 @@ def test_run_dfqbench_returns_a_diverged_record_only_when_allowed(tmp_path, monk
     monkeypatch.setattr(common.subprocess, "run", fake_subprocess("ValueError: bad"))
     with pytest.raises(subprocess.CalledProcessError):
         common.run_dfqbench(["seed=0"], dest, log, allow_diverged=True)
+
+
+def test_dfed_note_gives_the_codes_test_before_and_after_the_ranges_freeze():
+    runs = [{"epoch_top1": [70.0, 75.0, 40.0, 30.0], "calibration": {"frozen_at_epoch": 2}},
+            {"epoch_top1": [72.0, 71.0, 35.0, 20.0], "calibration": {"frozen_at_epoch": 2}}]
+    assert dfed._around_the_freeze(runs) == ("; the code's per-epoch test, mean over the seeds, '|' where the "
+                                             "ranges freeze: 71.0 73.0 | 37.5 25.0")
+    runs[1]["calibration"]["frozen_at_epoch"] = None  # never froze (calibration epochs >= epochs): nothing to say
+    assert dfed._around_the_freeze(runs) == ""

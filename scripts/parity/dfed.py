@@ -253,7 +253,19 @@ def describe_official(sched: dict, runs: list) -> str:
             f"{sched['batch_size']} --lr_milestone {' '.join(map(str, sched['milestones']))}, no warm-up, student "
             f"lr {r['lr_s']:g} (dfqbench 1e-4) in train mode, ensemble {len(r['ensemble'])} teachers as dfqbench's; "
             f"the student's ranges calibrated on the student-step batches of the first {sched['calib_epochs']} "
-            f"epochs")
+            f"epochs{_around_the_freeze(runs)}")
+
+
+def _around_the_freeze(runs: list) -> str:
+    """The code's own per-epoch test (mean over the seeds), '|' where the ranges freeze ('' for older runs)."""
+    frozen = {r.get("calibration", {}).get("frozen_at_epoch") for r in runs}
+    tests = [r.get("epoch_top1") or [] for r in runs]
+    if len(frozen) != 1 or None in frozen or not tests[0] or any(len(t) != len(tests[0]) for t in tests):
+        return ""
+    k = frozen.pop()
+    means = [f"{sum(col) / len(col):.1f}" for col in zip(*tests)]
+    return (f"; the code's per-epoch test, mean over the seeds, '|' where the ranges freeze: "
+            f"{' '.join(means[:k])} | {' '.join(means[k:])}")
 
 
 def main(argv=None) -> None:
