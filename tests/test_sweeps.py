@@ -110,6 +110,7 @@ def test_local_launchers_extend_the_plugins():
 # Methods the W = A presets leave out, and why (each has its own sweep, in its yaml's header)
 NOT_IN_WXAX_PRESETS = {"pnmq": "weight-only mixed precision at a compression ratio (method.compression_ratio=...)",
                        "mixmix": "needs the CIFAR-10 teacher pool (models/vgg8_bn_cifar10.pt, mobilenetv2_cifar10.pt)",
+                       "lis": "an alias of mixmix: its runs are mixmix's",
                        "dfed": "needs the CIFAR-10 teacher pool (models/vgg8_bn_cifar10.pt, mobilenetv2_cifar10.pt)"}
 # Transformer methods and baselines: the cifar10_vit preset (W4A8/W8A8/W4A4 under quant=psaqvit)
 VIT_METHODS = {"fp32", "minmax_calib", "percentile_calib", "gaussian_calib", "psaqvit", "psaqvit2"}
