@@ -28,15 +28,17 @@ def _runs(table: dict, schedule: str = "cpu") -> pd.DataFrame:
 
 def test_seed_stability_and_ranks_of_one_schedule():
     # seed 0 orders a > b > c, seed 1 b > a > c, seed 2 a > b > c; c runs seeds 0 and 1 only
-    runs = _runs({"a": [86.0, 85.0, 86.5], "b": [85.0, 85.5, 86.0], "c": [80.0, 81.0, None]})
+    runs = _runs({"a": [86.0, 85.0, 86.5], "b": [85.0, 85.5, 86.0], "c": [80.0, 81.0, None],
+                  "d": [90.0, None, None]})  # d: one seed, no pair of its counts
     cell, = ranking_cells(runs)
     st = cell["stability"]
     # tau-b per seed pair: (0,1) over a,b,c: 2 concordant, 1 discordant -> 1/3; (0,2) over a,b: 1; (1,2): -1
     assert st["tau"] == pytest.approx((1 / 3 + 1 - 1) / 3) and st["seed_pairs"] == 3
-    # a-b flips between seeds; a-c and b-c keep their order
+    # a-b flips between seeds; a-c and b-c keep their order; d's pairs (one seed) are not counted
     assert (st["same_order"], st["method_pairs"]) == (2, 3)
     table = cell["table"].set_index("Method")
-    assert table.loc["a", "Rank"] == "1" and table.loc["a", "Top-1"] == "85.83 ± 0.76"
+    assert table.loc["d", "Rank"] == "1" and table.loc["d", "Rank s0"] == "1" and table.loc["d", "Rank s1"] == ""
+    assert table.loc["a", "Rank"] == "2" and table.loc["a", "Top-1"] == "85.83 ± 0.76"
     assert table.loc["b", "Rank s1"] == "1" and table.loc["c", "Rank s2"] == "" and table.loc["c", "Seeds"] == "2"
 
 

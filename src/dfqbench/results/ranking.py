@@ -4,8 +4,8 @@ a longer schedule does (the question behind `schedule=cpu` being a smoke budget)
 Per cell (teacher, convention, bits, device, schedule) of the runs that trained (a schedule set), every method
 with at least one finished seed: its mean top-1 and its rank by that mean; its rank under each seed that at
 least two methods share. Seed stability: Kendall's tau-b between the rankings of every two seeds, over the
-methods that ran both (1 = the same order, 0 = unrelated), and the share of method pairs whose order is the
-same under every shared seed. Across schedules of the same teacher, convention, bits and device: tau-b between
+methods that ran both (1 = the same order, 0 = unrelated), and the share of method pairs (those run under two
+seeds or more) whose order is the same under every shared seed. Across schedules of the same teacher, convention, bits and device: tau-b between
 their mean rankings over the methods both ran. The stable schedule is the shortest whose seeds agree with each
 other and with the longest schedule run.
 """
@@ -66,8 +66,9 @@ def seed_stability(per_seed: pd.DataFrame) -> dict:
     taus = [x for x in taus if not math.isnan(x)]
     same = total = 0
     for m, n in itertools.combinations(per_seed.index, 2):
-        signs = {math.copysign(1, d) for d in (per_seed.loc[m] - per_seed.loc[n]).dropna() if d != 0}
-        if signs:
+        diffs = (per_seed.loc[m] - per_seed.loc[n]).dropna()
+        signs = {math.copysign(1, d) for d in diffs if d != 0}
+        if len(diffs) >= 2 and signs:  # a pair seen under one seed only says nothing about stability
             total += 1
             same += len(signs) == 1
     return {"tau": sum(taus) / len(taus) if taus else float("nan"), "seed_pairs": len(taus),
