@@ -255,20 +255,15 @@ def same_overrides(overrides):
                                  if o not in ("force=true", "progress=false")] == overrides(seed)
 
 
-def fresh_seconds(ours: list[dict]) -> tuple[tuple[float, float], int]:
-    """quantize_time_s mean/std over the dfqbench runs that made their calibration images (a run whose images
-    came from dfqbench's calibration cache took ~0 s for them), and how many those are."""
-    fresh = [r for r in ours if not (r.get("info") or {}).get("calib_cached")]
-    return mean_std([r["quantize_time_s"] for r in fresh]), len(fresh)
-
-
 def post_training_side(cell: Path, quant: str, seeds, resume: bool, overrides, label: str,
                        accept=lambda record, seed: True) -> tuple[tuple, int]:
     """dfqbench's seeds of a post-training cell (dfqbench_side), printed: ((top-1 mean, std), (seconds mean,
-    std) of the runs that made their calibration images), and how many those are."""
+    std) of the runs that made their calibration images), and how many those are (a run whose images came from
+    dfqbench's calibration cache took ~0 s for them)."""
     ours = dfqbench_side(cell, quant, seeds, resume, overrides, label, accept)
     top1 = mean_std([r["top1"] for r in ours])
-    secs, n_fresh = fresh_seconds(ours)
+    fresh = [r for r in ours if not (r.get("info") or {}).get("calib_cached")]
+    secs, n_fresh = mean_std([r["quantize_time_s"] for r in fresh]), len(fresh)
     print(f"dfqbench {label}: top-1 {top1[0]:.2f} +- {top1[1]:.2f}, "
           + (f"quantize {secs[0]:.1f} s" if n_fresh else "images from dfqbench's calibration cache (no seconds)"),
           flush=True)

@@ -8,7 +8,7 @@ import pandas as pd
 
 from .entries import collapsed, table_keys
 from .format import md_table, mean_std
-from .names import FIDELITY_LABELS, SCHEDULE_NOTES, display, legend
+from .names import FIDELITY_LABELS, display, legend, schedule_note
 
 
 def _bits(df: pd.DataFrame) -> list[tuple[int, int]]:
@@ -70,8 +70,7 @@ def teacher_board(model: str, dataset: str, title: str, entries: pd.DataFrame, t
     for conv, sched, n_test in table_keys(ours):
         rows = ours[(ours.convention == conv) & (ours.schedule == sched) & (ours.n_test == n_test)]
         what = f"schedule `{sched}`" if sched else "post-training"
-        note = [f"Schedule `{sched}`: {SCHEDULE_NOTES[sched]}", ""] if sched in SCHEDULE_NOTES else []
-        parts += [f"### Convention `{conv}`, {what}, {int(n_test)} test images", "", *note,
+        parts += [f"### Convention `{conv}`, {what}, {int(n_test)} test images", "", *schedule_note(sched),
                   md_table(grid(rows, "top1_mean", True, ["method", "variant", "device", "fidelity"])), ""]
     papers = entries[entries.source == "reported"]
     if len(papers):

@@ -14,7 +14,7 @@ import pandas as pd
 
 from .entries import collapsed, table_keys
 from .format import cell, links, mean_std, md_table
-from .names import FIDELITY_LABELS, SCHEDULE_NOTES, legend
+from .names import FIDELITY_LABELS, legend, schedule_note
 
 NOT_STATED = "not stated"
 SOURCES = [
@@ -104,10 +104,6 @@ def _heading(convention: str, schedule: str, n_test, full: float) -> str:
     return f"### Reproduced: convention `{convention}`, {what}{size}"
 
 
-def _schedule_note(schedule: str) -> list[str]:
-    return [f"Schedule `{schedule}`: {SCHEDULE_NOTES[schedule]}", ""] if schedule in SCHEDULE_NOTES else []
-
-
 def teacher_section(model: str, dataset: str, title: str, entries: pd.DataFrame, out_dir: Path,
                     plot: str | None) -> list[str]:
     parts = [f"## {title}: `{model}` / `{dataset}`", ""]
@@ -119,7 +115,7 @@ def teacher_section(model: str, dataset: str, title: str, entries: pd.DataFrame,
     full = ours.n_test.max() if len(ours) else None
     for conv, sched, n_test in table_keys(ours):
         rows = ours[(ours.convention == conv) & (ours.schedule == sched) & (ours.n_test == n_test)]
-        parts += [_heading(conv, sched, n_test, full), "", *_schedule_note(sched),
+        parts += [_heading(conv, sched, n_test, full), "", *schedule_note(sched),
                   md_table(reproduced_table(rows, out_dir)), ""]
     off = entries[entries.source == "official"]
     if len(off):

@@ -32,13 +32,21 @@ METHOD_LABELS = {
 # What a training schedule's numbers are, printed under each table of that schedule (conf/schedule/<name>.yaml
 # has the budget and why; docs/results.md the reading). A schedule not listed gets no line.
 SCHEDULE_NOTES = {
-    "cpu": "a smoke budget: 600 iterations of batch 64, 0.75 % of the papers' 80,000 at batch 200. At it the "
-           "training family stays near its calibrated start and its ranking follows each loss's step size more "
-           "than the method (docs/results.md); `schedule=paper` (GPU) is the papers' budget.",
+    "cpu": "a smoke budget: 600 iterations of batch 64, 0.75 % of the papers' 80,000 at batch 200. At it GDFQ "
+           "and Qimera end near where calibration put their students, and the family's ranking follows each "
+           "loss's effective step size more than the method (docs/results.md, results/ranking.md); "
+           "`schedule=paper` (GPU) is the papers' budget.",
     "quick": "a minutes-long end-to-end check (30 iterations of batch 32), not a baseline.",
     "paper_first10": "the paper schedule's first 10 of 400 epochs (2,000 iterations of batch 200): a longer "
                      "probe, not the papers' budget.",
 }
+
+
+def schedule_note(schedule: str) -> list[str]:
+    """The line (and a blank) under a table of this schedule, or nothing for a schedule without a note."""
+    return [f"Schedule `{schedule}`: {SCHEDULE_NOTES[schedule]}", ""] if schedule in SCHEDULE_NOTES else []
+
+
 # Section titles of teachers that no paper reports on (a paper's rows carry their own table title, which wins).
 TEACHER_TITLES = {("vit_cifar10", "cifar10"): "ViT (CIFAR-10, transformer teacher trained here)"}
 
