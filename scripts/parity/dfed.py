@@ -38,9 +38,10 @@ same final student.
 What still differs between the sides (the task report gives the verdicts): DFED's student trains in train mode
 (BatchNorm on batch statistics, running statistics from generated images) at SGD lr 0.1 (unless --lr-s),
 momentum 0.9, weight decay 5e-4, no Nesterov, from the first iteration; dfqbench's (GDFQ frame) in eval mode at
-lr 1e-4 Nesterov, weight decay 1e-4 after a 4-epoch generator-only warm-up; dfqbench's first student step reuses
-the generator step's batch (DFED: 5 fresh batches before the generator step); dfqbench's generator uses BN eps
-1e-5 where DFED's gan.Generator has eps 0.8 in its two conv blocks; the RNG streams.
+lr 1e-4 Nesterov, weight decay 1e-4 after a 4-epoch generator-only warm-up; in an iteration DFED takes its 5
+student steps before the generator step, dfqbench after it; the RNG streams. (Since 2026-12-04 both sides draw
+a fresh batch for every student step and use the generator's BN eps 0.8.) The ablations of the first two
+differences are in results/explore/dfed-student-mode/.
 
 Writes results/parity/dfed/[<tag>/]w<W>a<A>-<schedule>/ (as scripts/parity/advkd.py) and the results/parity.csv row
 (method `dfed` or `dfed-<tag>`).
