@@ -361,3 +361,16 @@ def test_a_cell_whose_seeds_ran_different_settings_is_listed_with_the_keys(tmp_p
     rows = _md_tables((out / "baselines.md").read_text(), "## Cells whose seeds ran with different settings")
     assert [(r["Method"], r["Records"], r["Settings that differ"]) for r in rows] == \
         [("zeroq", "3", "`method.iterations`")]
+
+
+def test_every_schedule_short_of_a_papers_budget_is_labelled_under_its_tables():
+    """A table of a schedule that is not a paper's (`paper*.yaml`) says what its budget is: a newcomer must not
+    read a smoke or probe budget as a baseline. A schedule added without a note fails here."""
+    from dfqbench.results.names import SCHEDULE_NOTES, schedule_note
+
+    names = {p.stem for p in (REPO / "conf" / "schedule").glob("*.yaml")}
+    probes = {n for n in names if not n.startswith("paper")} | {"paper_first10"}
+    assert {"cpu", "cpu_long", "quick", "smoke", "paper_first10"} <= probes
+    assert sorted(probes - set(SCHEDULE_NOTES)) == []
+    assert schedule_note("cpu_long")[0].startswith("Schedule `cpu_long`: the cpu schedule's warm-up with 6x")
+    assert schedule_note("paper") == []
