@@ -303,6 +303,27 @@ def test_parent_writes_records_and_an_unofficial_row(tmp_path, monkeypatch):
         tp.parent(p.parse_args(argv + ["--lr-s", "1e-4"]), dfed.SPEC, Path(dfed.__file__), dfed.describe_official)
     assert tp.cell_of(p.parse_args(argv + ["--lr-s", "1e-4"]), dfed.SPEC) == (tmp_path / "out" / "lrS0.0001" /
                                                                              "w4a4-cpu", "lrS0.0001")
+    # --dfqbench-variant: dfqbench runs with other settings beside the same official seeds (none run again)
+    seen = []
+    children.clear()
+    monkeypatch.setattr(common, "run_dfqbench",
+                        lambda overrides, dest, log, allow_diverged=False: seen.append((overrides, dest.name))
+                        or fake_dfqbench(overrides, dest, log))
+    variant = ["--dfqbench-variant", "code_loop", "++method.student_mode=train"]
+    tp.parent(p.parse_args(argv + ["--resume"] + variant), dfed.SPEC, Path(dfed.__file__), dfed.describe_official)
+    assert children == []
+    assert [d for _, d in seen] == ["dfqbench-gdfq-code_loop-s0", "dfqbench-gdfq-code_loop-s1"]
+    assert all("++method.student_mode=train" in o and o[-2:] == [f"seed={s}", "threads=1"]
+               for (o, _), s in zip(seen, (0, 1)))
+    rows = {r["method"]: r for r in csv.DictReader(open(tmp_path / "parity.csv"))}
+    assert sorted(rows) == ["dfed", "dfed-code_loop"]
+    assert rows["dfed-code_loop"]["official_top1_mean"] == "50.50"
+    assert rows["dfed-code_loop"]["note"].startswith("dfqbench with ++method.student_mode=train (variant code_loop")
+    assert json.loads((cell / "dfqbench-code_loop.json").read_text())["overrides"][-1] == "++method.student_mode=train"
+    assert (cell / "dfqbench.json").exists() and (cell / "dfqbench-gdfq-s0.record.json").exists()
+    with pytest.raises(SystemExit, match="expected a NAME"):
+        tp.parent(p.parse_args(argv + ["--resume", "--dfqbench-variant", "code loop", "x=1"]), dfed.SPEC,
+                  Path(dfed.__file__), dfed.describe_official)
 
 
 def test_same_code_as_tells_whether_the_code_files_changed_since_a_commit(tmp_path):

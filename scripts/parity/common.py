@@ -141,13 +141,14 @@ def run_dfqbench(overrides: list[str], dest: Path, log: Path, allow_diverged: bo
 
 
 def dfqbench_side(cell: Path, quant: str, seeds, resume: bool, overrides, label: str,
-                  accept=lambda record, seed: True, allow_diverged: bool = False) -> list[dict]:
+                  accept=lambda record, seed: True, allow_diverged: bool = False, variant: str = "") -> list[dict]:
     """dfqbench's runs of a parity cell, one per seed (`overrides(seed)`): a kept record is reused with --resume
     when `accept` says it ran the cell's settings; a new run that does not is an error. Returns the records;
-    with `allow_diverged` a seed whose training diverged is its failed record (no top1)."""
+    with `allow_diverged` a seed whose training diverged is its failed record (no top1). A `variant` (dfqbench
+    run with other settings beside the same official seeds) keeps its records as dfqbench-<quant>-<variant>-s<S>."""
     ours = []
     for seed in seeds:
-        dest = cell / f"dfqbench-{quant}-s{seed}"
+        dest = cell / f"dfqbench-{quant}{'-' + variant if variant else ''}-s{seed}"
         kept = dest.with_name(dest.name + ".record.json")
         if resume and kept.exists():
             r = json.loads(kept.read_text())

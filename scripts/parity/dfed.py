@@ -41,7 +41,12 @@ momentum 0.9, weight decay 5e-4, no Nesterov, from the first iteration; dfqbench
 lr 1e-4 Nesterov, weight decay 1e-4 after a 4-epoch generator-only warm-up; in an iteration DFED takes its 5
 student steps before the generator step, dfqbench after it; the RNG streams. (Since 2026-12-04 both sides draw
 a fresh batch for every student step and use the generator's BN eps 0.8.) The ablations of the first two
-differences are in results/explore/dfed-student-mode/.
+differences are in results/explore/dfed-student-mode/; the parity cell's second row runs dfqbench with both
+removed beside the same official seeds:
+
+    python scripts/parity/dfed.py --official /tmp/dfed-code --lr-s 1e-4 --dfqbench --resume \
+        --dfqbench-variant code_loop ++method.student_mode=train '++method.schedule_overrides={warmup_epochs:0}' \
+        method.name=dfed-student_train-no_warmup
 
 Writes results/parity/dfed/[<tag>/]w<W>a<A>-<schedule>/ (as scripts/parity/advkd.py) and the results/parity.csv row
 (method `dfed` or `dfed-<tag>`).

@@ -36,6 +36,7 @@ import hashlib
 import importlib.util
 import json
 import os
+import re
 import sys
 import time
 import types
@@ -330,6 +331,11 @@ def add_arguments(p: argparse.ArgumentParser, spec: DriverSpec) -> None:
         p, spec.method, quant_help="dfqbench preset of both sides' student (default gdfq)",
         overrides_help="more dfqbench overrides (method.X=Y) for the dfqbench runs; the official side's student "
                        "also follows them where they change the convention or the schedule", variant="lr")
+    p.add_argument("--dfqbench-variant", nargs="+", default=[], metavar=("NAME", "OVERRIDE"),
+                   help="NAME then dfqbench overrides for the dfqbench side ONLY (e.g. the code's loop shape: "
+                        "code_loop ++method.student_mode=train '++method.schedule_overrides={warmup_epochs:0}'): "
+                        "the official seeds are the cell's own, unchanged; the records are "
+                        "dfqbench-<quant>-NAME-s<S>, the parity.csv row's method gets -NAME")
 
 
 def child_args(a, seed: int, scratch: Path, knob: list[str] = ()) -> list[str]:
@@ -398,21 +404,34 @@ def run_official_seeds(a, cell: Path, method: str, seeds, expected: dict, script
     return runs
 
 
+def dfqbench_variant(a) -> tuple[str, list[str]]:
+    """(name, dfqbench-only overrides) of --dfqbench-variant, ("", []) without it."""
+    if not a.dfqbench_variant:
+        return "", []
+    name, *overrides = a.dfqbench_variant
+    if not re.fullmatch(r"[A-Za-z0-9_]+", name) or not overrides:
+        raise SystemExit(f"--dfqbench-variant {' '.join(a.dfqbench_variant)!r}: expected a NAME of letters, digits "
+                         f"and _ followed by at least one dfqbench override")
+    return name, overrides
+
+
 def dfqbench_cell(a, cell: Path, method: str, sched: dict, seeds) -> tuple[list[dict], tuple, tuple]:
     """dfqbench's seeds of the cell (common.dfqbench_side, kept records checked against the schedule and bits),
-    summarized into <cell>/dfqbench.json. Returns (records, top-1 mean/std, training seconds mean/std)."""
+    summarized into <cell>/dfqbench[-<variant>].json. Returns (records, top-1 mean/std, training s mean/std)."""
+    variant, extra = dfqbench_variant(a)
+    overrides = [*method_overrides_list(a, method), *extra]
     ours = common.dfqbench_side(
         cell, a.quant, seeds, a.resume,
-        lambda seed: [*method_overrides_list(a, method, seed), f"threads={a.threads}",
-                      *(["device=cpu"] if a.cpu else [])],
-        method, accept=lambda r, seed: _dfqbench_matches(r, sched, a, seed))
+        lambda seed: [*overrides, f"seed={seed}", f"threads={a.threads}", *(["device=cpu"] if a.cpu else [])],
+        method + (f" ({variant})" if variant else ""), accept=lambda r, seed: _dfqbench_matches(r, sched, a, seed),
+        variant=variant)
     d_top1 = common.mean_std([r["top1"] for r in ours])
     d_secs = common.mean_std([r["info"]["training"]["train_time_s"] for r in ours])
-    print(f"dfqbench method={method} quant={a.quant} schedule={a.schedule} W{a.wbit}A{a.abit}: top-1 "
-          f"{d_top1[0]:.2f} +- {d_top1[1]:.2f}, training {d_secs[0]:.0f} s", flush=True)
-    common.write_json(cell / "dfqbench.json", {"seeds": seeds, "top1_mean": round(d_top1[0], 4),
-                                              "top1_std": round(d_top1[1], 4), "train_s_mean": round(d_secs[0], 3),
-                                              "overrides": method_overrides_list(a, method)})
+    print(f"dfqbench method={method} {' '.join(extra)} quant={a.quant} schedule={a.schedule} W{a.wbit}A{a.abit}: "
+          f"top-1 {d_top1[0]:.2f} +- {d_top1[1]:.2f}, training {d_secs[0]:.0f} s", flush=True)
+    common.write_json(cell / f"dfqbench{'-' + variant if variant else ''}.json",
+                      {"seeds": seeds, "top1_mean": round(d_top1[0], 4), "top1_std": round(d_top1[1], 4),
+                       "train_s_mean": round(d_secs[0], 3), "overrides": overrides})
     return ours, d_top1, d_secs
 
 
@@ -451,14 +470,17 @@ def parent(a, spec: DriverSpec, script: Path, describe_official) -> None:
     if not a.dfqbench:
         return
     ours, d_top1, d_secs = dfqbench_cell(a, cell, spec.method, sched, dfqbench_seeds)
+    variant, extra = dfqbench_variant(a)
+    side = (f"dfqbench with {' '.join(extra)} (variant {variant}: the official seeds are the cell's, unchanged); "
+            if variant else "")
     common.upsert_parity_row({
-        "method": spec.method + (f"-{tag}" if tag else ""), "quant": a.quant, "schedule": a.schedule,
+        "method": "-".join(filter(None, (spec.method, tag, variant))), "quant": a.quant, "schedule": a.schedule,
         "wbit": a.wbit, "abit": a.abit, "n_seeds": min(len(runs), len(ours)),
         "official_top1_mean": common.fmt(top1[0]), "official_top1_std": common.fmt(top1[1]),
         "dfqbench_top1_mean": common.fmt(d_top1[0]), "dfqbench_top1_std": common.fmt(d_top1[1]),
         "official_s": common.fmt(secs[0], 0), "dfqbench_s": common.fmt(d_secs[0], 0), "official_repo": repo,
         "official_commit": commit,
-        "note": f"unofficial re-implementation ({spec.what}); no official code exists, and the code never "
+        "note": f"{side}unofficial re-implementation ({spec.what}); no official code exists, and the code never "
                 f"quantizes: both sides train dfqbench's quantized student (quant={a.quant}, W{a.wbit}A{a.abit}, "
                 f"weights dynamic); {describe_official(sched, runs)}; schedule {a.schedule} ({sched['epochs']} epochs "
                 f"x {sched['iters_per_epoch']} iterations, batch {sched['batch_size']}, warm-up "
