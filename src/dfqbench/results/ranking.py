@@ -133,11 +133,17 @@ def render_ranking(runs: pd.DataFrame) -> str | None:
         k, st = c["key"], c["stability"]
         parts += [f"## `{k['model']}`, convention `{k['quant']}`, W{k['wbit']}A{k['abit']}, {k['device']}, "
                   f"schedule `{k['schedule']}`", "",
-                  f"Seed stability: tau-b {cell(st['tau'])} (mean over {st['seed_pairs']} seed pairs); "
-                  f"{st['same_order']} of {st['method_pairs']} method pairs in the same order under every shared "
-                  "seed.", "", md_table(c["table"]), ""]
+                  _stability_line(st), "", md_table(c["table"]), ""]
     across = across_schedules(cells)
     parts += ["## Across schedules", ""]
     parts += [md_table(across), ""] if len(across) else [
         "Only one schedule has two or more trained methods in a cell so far: nothing to compare yet.", ""]
     return "\n".join(parts)
+
+
+def _stability_line(st: dict) -> str:
+    """The cell's seed-stability sentence; a cell with no two seeds shared by two methods says so."""
+    if not st["seed_pairs"]:
+        return ("Seed stability: not measurable yet (no two seeds that two or more methods both ran).")
+    return (f"Seed stability: tau-b {cell(st['tau'])} (mean over {st['seed_pairs']} seed pairs); "
+            f"{st['same_order']} of {st['method_pairs']} method pairs in the same order under every shared seed.")
