@@ -405,12 +405,14 @@ def run_official_seeds(a, cell: Path, method: str, seeds, expected: dict, script
 
 
 def dfqbench_variant(a) -> tuple[str, list[str]]:
-    """(name, dfqbench-only overrides) of --dfqbench-variant, ("", []) without it."""
-    if not a.dfqbench_variant:
+    """(name, dfqbench-only overrides) of --dfqbench-variant, ("", []) without it (or for a driver without the
+    option: zaq.py)."""
+    spec = getattr(a, "dfqbench_variant", None)
+    if not spec:
         return "", []
-    name, *overrides = a.dfqbench_variant
+    name, *overrides = spec
     if not re.fullmatch(r"[A-Za-z0-9_]+", name) or not overrides:
-        raise SystemExit(f"--dfqbench-variant {' '.join(a.dfqbench_variant)!r}: expected a NAME of letters, digits "
+        raise SystemExit(f"--dfqbench-variant {' '.join(spec)!r}: expected a NAME of letters, digits "
                          f"and _ followed by at least one dfqbench override")
     return name, overrides
 
