@@ -440,6 +440,7 @@ def dfqbench_cell(a, cell: Path, method: str, sched: dict, seeds) -> tuple[list[
 def parent(a, spec: DriverSpec, script: Path, describe_official) -> None:
     """Run the official seeds in child processes (one per seed), then with --dfqbench the dfqbench seeds, write
     the records and the parity.csv row. `describe_official(sched, runs)` -> the note's part on the official side."""
+    variant, extra = dfqbench_variant(a)  # a bad --dfqbench-variant stops here, before any official seed runs
     repo, commit = common.clone_identity(Path(a.official), spec.repo, spec.marker)
     cfg = method_config(method_overrides_list(a, spec.method))
     sched = effective_schedule(cfg)
@@ -472,7 +473,6 @@ def parent(a, spec: DriverSpec, script: Path, describe_official) -> None:
     if not a.dfqbench:
         return
     ours, d_top1, d_secs = dfqbench_cell(a, cell, spec.method, sched, dfqbench_seeds)
-    variant, extra = dfqbench_variant(a)
     side = (f"dfqbench with {' '.join(extra)} (variant {variant}: the official seeds are the cell's, unchanged); "
             if variant else "")
     common.upsert_parity_row({

@@ -144,6 +144,6 @@ def render_ranking(runs: pd.DataFrame) -> str | None:
 def _stability_line(st: dict) -> str:
     """The cell's seed-stability sentence; a cell with no two seeds shared by two methods says so."""
     if not st["seed_pairs"]:
-        return ("Seed stability: not measurable yet (no two seeds that two or more methods both ran).")
+        return "Seed stability: not measurable yet (no two seeds that two or more methods both ran)."
     return (f"Seed stability: tau-b {cell(st['tau'])} (mean over {st['seed_pairs']} seed pairs); "
             f"{st['same_order']} of {st['method_pairs']} method pairs in the same order under every shared seed.")
