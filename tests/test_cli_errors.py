@@ -85,7 +85,7 @@ def _assert_one_error(proc, run_dir, *needles):
 @pytest.mark.parametrize("args,needles", [
     (["model=resnet18", "model.pretrained=false"],  # dataset=cifar10 is the default
      ["model=resnet18 is a teacher for dataset=imagenet, not dataset=cifar10", "use dataset=imagenet",
-      "model=mobilenetv2_cifar10|resnet20_cifar10|seq_conv1d_cifar10|vgg8_bn_cifar10"]),
+      "model=mobilenetv2_cifar10|resnet20_cifar10|resnet56_cifar10|seq_conv1d_cifar10|vgg8_bn_cifar10"]),
     (["model=resnet20_cifar10", "dataset=imagenet"],
      ["model=resnet20_cifar10 is a teacher for dataset=cifar10, not dataset=imagenet",
       "model=deit_base|deit_small|deit_tiny|mobilenetv2_w1|resnet18|resnet50|swin_small|swin_tiny"]),

@@ -39,3 +39,15 @@ def test_no_accuracy_is_typed_into_the_docs():
     """Accuracies live in the generated tables (results/); a docs page that quotes one goes stale."""
     quoted = {p.name: re.findall(r"\b\d{2}\.\d{1,2} ± \d+\.\d+", p.read_text()) for p in PAGES}
     assert not any(quoted.values()), quoted
+
+
+@pytest.mark.parametrize("group", ["method", "model", "dataset", "quant", "schedule", "paths", "experiment", "logger"])
+def test_the_config_table_lists_every_option_of_each_group(group):
+    """docs/running.md's table of config groups is where a newcomer looks up what `group=` takes: an option added
+    to conf/<group>/ without a line there is invisible."""
+    row = next(line for line in (REPO / "docs" / "running.md").read_text().splitlines()
+               if line.startswith(f"| `{group}` |"))
+    listed = set(re.findall(r"`([a-z0-9_]+)`", row.split("|")[2]))
+    options = {p.stem for p in (REPO / "conf" / group).glob("*.yaml")}
+    assert options - listed == set(), f"conf/{group}/ options missing from docs/running.md: {options - listed}"
+    assert listed - options == set(), f"docs/running.md lists {group} options that conf/{group}/ lacks: {listed - options}"

@@ -1,12 +1,16 @@
 """Teachers from local files (the zoos' download paths pointed at disk), sha256 pinning."""
 
+import json
+import re
+from pathlib import Path
+
 import pytest
 import torch
 from omegaconf import OmegaConf
 
 from conftest import TEACHER_SHA256
 from dfqbench.errors import ConfigError
-from dfqbench.models import load_model
+from dfqbench.models import file_sha256, load_model
 
 
 def _cfg(**kw):
@@ -59,3 +63,21 @@ def test_random_weights_are_pinned_by_state_dict_digest():
     assert load_model(_cfg()).sha256 == first.sha256
     with pytest.raises(ConfigError, match="refusing"):
         load_model(_cfg(sha256="0" * 64))
+
+
+COMMITTED = sorted(p for p in (Path(__file__).resolve().parents[1] / "conf" / "model").glob("*.yaml")
+                   if str(OmegaConf.load(p).get("checkpoint") or "").startswith("models/"))
+
+
+@pytest.mark.parametrize("preset", COMMITTED, ids=lambda p: p.stem)
+def test_each_teacher_trained_here_is_committed_with_its_facts(preset):
+    """conf/model/<arch>.yaml, models/<arch>.pt and models/<arch>.json say the same thing: the file's sha256 is
+    the preset's and the facts file's, and the top-1 the preset's comment quotes is the facts file's."""
+    repo = preset.parents[2]
+    cfg = OmegaConf.load(preset)
+    weights = repo / cfg.checkpoint
+    facts = json.loads(weights.with_suffix(".json").read_text())
+    assert file_sha256(weights) == cfg.sha256 == facts["sha256"]
+    assert facts["arch"] == cfg.arch and facts["test_top1"] > 10  # above chance on 10 classes
+    quoted = re.findall(r"test top-1 ([\d.]+)", preset.read_text())
+    assert quoted in ([], [f"{facts['test_top1']:.2f}"]), (quoted, facts["test_top1"])
