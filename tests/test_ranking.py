@@ -52,10 +52,24 @@ def test_two_schedules_compared_over_their_common_methods():
     # over a, b, c: cpu orders a > b > c, cpu_long b > c > a: 1 concordant (b, c), 2 discordant -> -1/3
     assert row["Schedules"] == "cpu vs cpu_long" and row["Common methods"] == "3"
     assert row["Kendall tau-b of the mean rankings"] == "-0.33"
+    assert row["Seed stability, first"] == row["Seed stability, second"] == "no shared seeds"
     text = render_ranking(runs)
     assert "schedule `cpu_long`" in text and "| cpu vs cpu_long" in text
     # one seed per method: no seed pair, and the page says so instead of an empty tau
     assert text.count("Seed stability: not measurable yet") == 2 and "tau-b  (" not in text
+
+
+def test_seed_stability_across_schedules_counts_only_the_common_methods():
+    # cpu: a and b swap between seeds, c and d (not run on cpu_long) keep their order; cpu_long: a > b under both
+    short = _runs({"a": [86.0, 85.0], "b": [85.0, 86.0], "c": [80.0, 80.0], "d": [79.0, 79.0]}, "cpu")
+    long = _runs({"a": [87.0, 86.5], "b": [86.0, 86.2]}, "cpu_long")
+    cells = ranking_cells(pd.concat([short, long]))
+    # over all four cpu methods: 5 of 6 pairs kept, tau-b (6 pairs, 1 discordant) = 4/6
+    assert cells[0]["stability"]["tau"] == pytest.approx(4 / 6)
+    row, = across_schedules(cells).to_dict("records")
+    # over a and b only: cpu's one pair flips (tau -1), cpu_long's holds (tau 1)
+    assert row["Seed stability, first"] == "-1.00 (1 seed pair; 0/1 kept)"
+    assert row["Seed stability, second"] == "1.00 (1 seed pair; 1/1 kept)"
 
 
 def test_no_page_without_two_trained_methods():

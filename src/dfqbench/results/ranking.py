@@ -95,12 +95,24 @@ def ranking_cells(runs: pd.DataFrame) -> list[dict]:
                     for s in shared}}
                 for i, (config, r) in enumerate(means.iterrows())]
         out.append({"key": dict(zip([*CELL, "schedule"], key)), "table": pd.DataFrame(rows),
-                    "means": means["mean"], "stability": seed_stability(per_seed[shared])})
+                    "means": means["mean"], "per_seed": per_seed, "stability": seed_stability(per_seed[shared])})
     return out
 
 
+def _common_stability(cell_: dict, common: list[str]) -> str:
+    """A schedule's seed stability over `common` methods only (two schedules compared like for like: a schedule
+    that ran more methods has more pairs to flip), as 'tau-b (seed pairs; method pairs kept)'."""
+    per_seed = cell_["per_seed"].loc[common]
+    st = seed_stability(per_seed[[s for s in per_seed.columns if per_seed[s].notna().sum() >= 2]])
+    if not st["seed_pairs"]:
+        return "no shared seeds"
+    n = st["seed_pairs"]
+    return f"{cell(st['tau'])} ({n} seed pair{'s' * (n != 1)}; {st['same_order']}/{st['method_pairs']} kept)"
+
+
 def across_schedules(cells: list[dict]) -> pd.DataFrame:
-    """tau-b between the mean rankings of every two schedules of the same cell, over their common methods."""
+    """tau-b between the mean rankings of every two schedules of the same cell, over their common methods, and
+    each schedule's seed stability over those methods."""
     rows = []
     by_cell: dict[tuple, list[dict]] = {}
     for c in cells:
@@ -113,7 +125,9 @@ def across_schedules(cells: list[dict]) -> pd.DataFrame:
             tau = kendall_tau_b([a["means"][m] for m in common], [b["means"][m] for m in common])
             rows.append({"Teacher": key[0], "Convention": key[2], "W": str(key[3]), "A": str(key[4]),
                          "Device": key[5], "Schedules": f"{a['key']['schedule']} vs {b['key']['schedule']}",
-                         "Common methods": str(len(common)), "Kendall tau-b of the mean rankings": cell(tau)})
+                         "Common methods": str(len(common)), "Kendall tau-b of the mean rankings": cell(tau),
+                         "Seed stability, first": _common_stability(a, common),
+                         "Seed stability, second": _common_stability(b, common)})
     return pd.DataFrame(rows)
 
 
@@ -135,7 +149,10 @@ def render_ranking(runs: pd.DataFrame) -> str | None:
                   f"schedule `{k['schedule']}`", "",
                   _stability_line(st), "", md_table(c["table"]), ""]
     across = across_schedules(cells)
-    parts += ["## Across schedules", ""]
+    parts += ["## Across schedules", "",
+              "Over the methods both schedules ran: Kendall's tau-b between their mean rankings, and each schedule's "
+              "seed stability over those methods only (mean tau-b over its seed pairs; method pairs kept in the same "
+              "order under every shared seed), so that two schedules are compared on the same pairs.", ""]
     parts += [md_table(across), ""] if len(across) else [
         "Only one schedule has two or more trained methods in a cell so far: nothing to compare yet.", ""]
     return "\n".join(parts)
@@ -145,5 +162,6 @@ def _stability_line(st: dict) -> str:
     """The cell's seed-stability sentence; a cell with no two seeds shared by two methods says so."""
     if not st["seed_pairs"]:
         return "Seed stability: not measurable yet (no two seeds that two or more methods both ran)."
-    return (f"Seed stability: tau-b {cell(st['tau'])} (mean over {st['seed_pairs']} seed pairs); "
+    n = st["seed_pairs"]
+    return (f"Seed stability: tau-b {cell(st['tau'])} (mean over {n} seed pair{'s' * (n != 1)}); "
             f"{st['same_order']} of {st['method_pairs']} method pairs in the same order under every shared seed.")
