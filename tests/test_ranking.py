@@ -36,6 +36,8 @@ def test_seed_stability_and_ranks_of_one_schedule():
     assert st["tau"] == pytest.approx((1 / 3 + 1 - 1) / 3) and st["seed_pairs"] == 3
     # a-b flips between seeds; a-c and b-c keep their order; d's pairs (one seed) are not counted
     assert (st["same_order"], st["method_pairs"]) == (2, 3)
+    # a-b: 0.33 apart, within max(0.3, 2 x 0.76); a-c and b-c: 5 points apart
+    assert st["separated"] == 2
     table = cell["table"].set_index("Method")
     assert table.loc["d", "Rank"] == "1" and table.loc["d", "Rank s0"] == "1" and table.loc["d", "Rank s1"] == ""
     assert table.loc["a", "Rank"] == "2" and table.loc["a", "Top-1"] == "85.83 ± 0.76"
@@ -60,16 +62,20 @@ def test_two_schedules_compared_over_their_common_methods():
 
 
 def test_seed_stability_across_schedules_counts_only_the_common_methods():
-    # cpu: a and b swap between seeds, c and d (not run on cpu_long) keep their order; cpu_long: a > b under both
+    # cpu: a and b swap between seeds, d (not run on cpu_long) keeps its place; cpu_long: c > a > b under both
     short = _runs({"a": [86.0, 85.0], "b": [85.0, 86.0], "c": [80.0, 80.0], "d": [79.0, 79.0]}, "cpu")
-    long = _runs({"a": [87.0, 86.5], "b": [86.0, 86.2]}, "cpu_long")
+    long = _runs({"a": [87.0, 86.5], "b": [85.5, 85.7], "c": [88.0, 88.2]}, "cpu_long")
     cells = ranking_cells(pd.concat([short, long]))
-    # over all four cpu methods: 5 of 6 pairs kept, tau-b (6 pairs, 1 discordant) = 4/6
-    assert cells[0]["stability"]["tau"] == pytest.approx(4 / 6)
+    # over all four cpu methods: 6 pairs, a-b discordant -> tau-b 4/6; every pair but a-b (equal means) separated
+    st = cells[0]["stability"]
+    assert st["tau"] == pytest.approx(4 / 6) and (st["same_order"], st["separated"]) == (5, 5)
     row, = across_schedules(cells).to_dict("records")
-    # over a and b only: cpu's one pair flips (tau -1), cpu_long's holds (tau 1)
-    assert row["Seed stability, first"] == "-1.00 (1 seed pair; 0/1 kept)"
-    assert row["Seed stability, second"] == "1.00 (1 seed pair; 1/1 kept)"
+    # over a, b, c: cpu's a-b flips (tau-b (2 - 1) / 3), a-c and b-c are separated (5.5 and 5.5 > 2 x 0.71);
+    # cpu_long keeps all three, each separated (a-b: 1.15 > 2 x 0.35)
+    assert row["Seed stability, first"] == "0.33 (1 seed pair; 2/3 kept, 2 separated)"
+    assert row["Seed stability, second"] == "1.00 (1 seed pair; 3/3 kept, 3 separated)"
+    # a-c and b-c are separated on both schedules, in opposite orders
+    assert row["Separated by both, same order"] == "0/2"
 
 
 def test_no_page_without_two_trained_methods():

@@ -5,9 +5,12 @@ Per cell (teacher, convention, bits, device, schedule) of the runs that trained 
 with at least one finished seed: its mean top-1 and its rank by that mean; its rank under each seed that at
 least two methods share. Seed stability: Kendall's tau-b between the rankings of every two seeds, over the
 methods that ran both (1 = the same order, 0 = unrelated), and the share of method pairs (those run under two
-seeds or more) whose order is the same under every shared seed. Across schedules of the same teacher, convention, bits and device: tau-b between
-their mean rankings over the methods both ran. The stable schedule is the shortest whose seeds agree with each
-other and with the longest schedule run.
+seeds or more) whose order is the same under every shared seed, and how many of those pairs the schedule separates
+(means more than max(0.3, 2 x the larger std) apart, parity's agreement rule: near-ties flip with the seed on any
+budget). Across schedules, also how many of the pairs both separate they order the same way.
+Across schedules of the same teacher, convention, bits and device: tau-b between their mean rankings over the
+methods both ran. The stable schedule is the shortest whose seeds agree with each other and with the longest
+schedule run.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ import math
 import pandas as pd
 
 from .format import cell, mean_std, md_table
+from .parity import TOLERANCE, agrees
 
 CELL = ["model", "dataset", "quant", "wbit", "abit", "device"]
 
@@ -64,15 +68,26 @@ def seed_stability(per_seed: pd.DataFrame) -> dict:
         if len(both) >= 2:
             taus.append(kendall_tau_b(both[s].tolist(), both[t].tolist()))
     taus = [x for x in taus if not math.isnan(x)]
-    same = total = 0
+    same = total = separated = 0
     for m, n in itertools.combinations(per_seed.index, 2):
         diffs = (per_seed.loc[m] - per_seed.loc[n]).dropna()
         signs = {math.copysign(1, d) for d in diffs if d != 0}
         if len(diffs) >= 2 and signs:  # a pair seen under one seed only says nothing about stability
             total += 1
             same += len(signs) == 1
+            separated += _separated(per_seed, m, n)
     return {"tau": sum(taus) / len(taus) if taus else float("nan"), "seed_pairs": len(taus),
-            "same_order": same, "method_pairs": total}
+            "same_order": same, "method_pairs": total, "separated": separated}
+
+
+def _separated(per_seed: pd.DataFrame, m: str, n: str) -> bool:
+    """Whether the mean top-1 of m and n differ by more than max(0.3, 2 x the larger std) (parity's agreement
+    rule): a pair the schedule tells apart. Near-ties flip with the seed on any budget; the share of pairs a
+    schedule separates is how much of its ranking means something."""
+    a, b = per_seed.loc[m].dropna(), per_seed.loc[n].dropna()
+    if len(a) < 2 or len(b) < 2:
+        return False
+    return not agrees(a.mean(), b.mean(), a.std(), b.std())
 
 
 def ranking_cells(runs: pd.DataFrame) -> list[dict]:
@@ -107,7 +122,18 @@ def _common_stability(cell_: dict, common: list[str]) -> str:
     if not st["seed_pairs"]:
         return "no shared seeds"
     n = st["seed_pairs"]
-    return f"{cell(st['tau'])} ({n} seed pair{'s' * (n != 1)}; {st['same_order']}/{st['method_pairs']} kept)"
+    return (f"{cell(st['tau'])} ({n} seed pair{'s' * (n != 1)}; {st['same_order']}/{st['method_pairs']} kept, "
+            f"{st['separated']} separated)")
+
+
+def _separated_agreement(a: dict, b: dict, common: list[str]) -> str:
+    """'k/n': of the method pairs both schedules separate, how many they order the same way."""
+    same = both = 0
+    for m, n in itertools.combinations(common, 2):
+        if _separated(a["per_seed"], m, n) and _separated(b["per_seed"], m, n):
+            both += 1
+            same += (a["means"][m] > a["means"][n]) == (b["means"][m] > b["means"][n])
+    return f"{same}/{both}"
 
 
 def across_schedules(cells: list[dict]) -> pd.DataFrame:
@@ -127,7 +153,8 @@ def across_schedules(cells: list[dict]) -> pd.DataFrame:
                          "Device": key[5], "Schedules": f"{a['key']['schedule']} vs {b['key']['schedule']}",
                          "Common methods": str(len(common)), "Kendall tau-b of the mean rankings": cell(tau),
                          "Seed stability, first": _common_stability(a, common),
-                         "Seed stability, second": _common_stability(b, common)})
+                         "Seed stability, second": _common_stability(b, common),
+                         "Separated by both, same order": _separated_agreement(a, b, common)})
     return pd.DataFrame(rows)
 
 
@@ -141,8 +168,11 @@ def render_ranking(runs: pd.DataFrame) -> str | None:
              "convention, bits, device and schedule, each method's mean top-1 (%) and rank, and its rank under each "
              "seed that two or more methods share. Seed stability: Kendall's tau-b between the rankings of every "
              "two seeds over the methods that ran both (1 = the same order; mean over seed pairs), and how many "
-             "method pairs keep their order under every shared seed. A schedule whose ranking means something has "
-             "tau near 1 between its seeds and with the longest schedule run (`Across schedules`, at the end).", ""]
+             "method pairs keep their order under every shared seed, and how many the schedule separates (means more "
+             "than max(0.3, 2 x the larger std) apart, parity's agreement rule: closer pairs are near-ties that "
+             "flip with the seed on any budget). A schedule whose ranking means something has tau near 1 between "
+             "its seeds and with the longest schedule run, and separates many pairs (`Across schedules`, at the "
+             "end).", ""]
     for c in cells:
         k, st = c["key"], c["stability"]
         parts += [f"## `{k['model']}`, convention `{k['quant']}`, W{k['wbit']}A{k['abit']}, {k['device']}, "
@@ -152,7 +182,9 @@ def render_ranking(runs: pd.DataFrame) -> str | None:
     parts += ["## Across schedules", "",
               "Over the methods both schedules ran: Kendall's tau-b between their mean rankings, and each schedule's "
               "seed stability over those methods only (mean tau-b over its seed pairs; method pairs kept in the same "
-              "order under every shared seed), so that two schedules are compared on the same pairs.", ""]
+              "order under every shared seed; pairs separated: means more than max(0.3, 2 x the larger std) apart), "
+              "so that two schedules are compared on the same pairs; and of the pairs both schedules separate, how "
+              "many they order the same way.", ""]
     parts += [md_table(across), ""] if len(across) else [
         "Only one schedule has two or more trained methods in a cell so far: nothing to compare yet.", ""]
     return "\n".join(parts)
@@ -164,4 +196,6 @@ def _stability_line(st: dict) -> str:
         return "Seed stability: not measurable yet (no two seeds that two or more methods both ran)."
     n = st["seed_pairs"]
     return (f"Seed stability: tau-b {cell(st['tau'])} (mean over {n} seed pair{'s' * (n != 1)}); "
-            f"{st['same_order']} of {st['method_pairs']} method pairs in the same order under every shared seed.")
+            f"{st['same_order']} of {st['method_pairs']} method pairs in the same order under every shared seed; "
+            f"{st['separated']} of the {st['method_pairs']} separated (means more than max({TOLERANCE}, 2 x the "
+            f"larger std) apart).")
