@@ -32,8 +32,9 @@ def test_seed_stability_and_ranks_of_one_schedule():
                   "d": [90.0, None, None]})  # d: one seed, no pair of its counts
     cell, = ranking_cells(runs)
     st = cell["stability"]
-    # tau-b per seed pair: (0,1) over a,b,c: 2 concordant, 1 discordant -> 1/3; (0,2) over a,b: 1; (1,2): -1
-    assert st["tau"] == pytest.approx((1 / 3 + 1 - 1) / 3) and st["seed_pairs"] == 3
+    # tau-b per seed pair: (0,1) over a,b,c (3 method pairs): 2 concordant, 1 discordant -> 1/3; (0,2) over a,b
+    # (1 pair): 1; (1,2): -1; weighted by the method pairs: (3 x 1/3 + 1 - 1) / 5
+    assert st["tau"] == pytest.approx(1 / 5) and st["seed_pairs"] == 3
     # a-b flips between seeds; a-c and b-c keep their order; d's pairs (one seed) are not counted
     assert (st["same_order"], st["method_pairs"]) == (2, 3)
     # a-b: 0.33 apart, within max(0.3, 2 x 0.76); a-c and b-c: 5 points apart
