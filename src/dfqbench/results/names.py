@@ -34,11 +34,13 @@ METHOD_LABELS = {
 SCHEDULE_NOTES = {
     "cpu": "a smoke budget: 600 iterations of batch 64, 0.75 % of the papers' 80,000 at batch 200. At it GDFQ "
            "and Qimera end near where calibration put their students, and the family's ranking follows each "
-           "loss's effective step size more than the method (docs/results.md, results/ranking.md); "
+           "loss's effective step size more than the method. Its tiers are those of the 4x longer cpu_long, "
+           "but the order inside a tier changes with the seed (docs/results.md, results/ranking.md); "
            "`schedule=paper` (GPU) is the papers' budget.",
     "cpu_long": "the cpu schedule's warm-up with 6x its student steps (2,400 iterations of batch 64, 3 % of "
-                "the papers' 80,000 at batch 200): a longer CPU probe of whether the cpu ranking holds "
-                "(results/ranking.md), not the papers' budget.",
+                "the papers' 80,000 at batch 200): a longer CPU probe of whether the cpu ranking holds. It sorts "
+                "the family into the same tiers as cpu (results/ranking.md, docs/results.md); it is not the "
+                "papers' budget.",
     "smoke": "a few iterations for the tests (2 epochs x 2 iterations of batch 16), not a baseline.",
     "quick": "a minutes-long end-to-end check (30 iterations of batch 32), not a baseline.",
     "paper_first10": "the paper schedule's first 10 of 400 epochs (2,000 iterations of batch 200): a longer "
