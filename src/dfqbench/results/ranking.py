@@ -92,6 +92,11 @@ def _separated(per_seed: pd.DataFrame, m: str, n: str) -> bool:
     return not agrees(a.mean(), b.mean(), a.std(), b.std())
 
 
+def _shared_seeds(per_seed: pd.DataFrame) -> list:
+    """The seeds that two or more of per_seed's methods ran."""
+    return [s for s in per_seed.columns if per_seed[s].notna().sum() >= 2]
+
+
 def ranking_cells(runs: pd.DataFrame) -> list[dict]:
     """One dict per (cell, schedule) with at least two methods: its table, its seed stability."""
     trained = _trained(runs)
@@ -102,7 +107,7 @@ def ranking_cells(runs: pd.DataFrame) -> list[dict]:
         per_seed = group.pivot_table(index="config", columns="seed", values="top1", aggfunc="mean")
         if len(per_seed) < 2:
             continue
-        shared = [s for s in per_seed.columns if per_seed[s].notna().sum() >= 2]
+        shared = _shared_seeds(per_seed)
         means = group.groupby("config").top1.agg(["mean", "std", "count"]).sort_values("mean", ascending=False)
         ranks = {s: per_seed[s].rank(ascending=False, method="min") for s in shared}
         rows = [{"Method": config, "Seeds": str(int(r["count"])),
@@ -118,9 +123,9 @@ def ranking_cells(runs: pd.DataFrame) -> list[dict]:
 
 def _common_stability(cell_: dict, common: list[str]) -> str:
     """A schedule's seed stability over `common` methods only (two schedules compared like for like: a schedule
-    that ran more methods has more pairs to flip), as 'tau-b (seed pairs; method pairs kept)'."""
+    that ran more methods has more pairs to flip), as 'tau-b (seed pairs; method pairs kept, separated)'."""
     per_seed = cell_["per_seed"].loc[common]
-    st = seed_stability(per_seed[[s for s in per_seed.columns if per_seed[s].notna().sum() >= 2]])
+    st = seed_stability(per_seed[_shared_seeds(per_seed)])
     if not st["seed_pairs"]:
         return "no shared seeds"
     n = st["seed_pairs"]
@@ -170,9 +175,9 @@ def render_ranking(runs: pd.DataFrame) -> str | None:
              "convention, bits, device and schedule, each method's mean top-1 (%) and rank, and its rank under each "
              "seed that two or more methods share. Seed stability: Kendall's tau-b between the rankings of every "
              "two seeds over the methods that ran both (1 = the same order; mean over seed pairs, each weighted by "
-             "the method pairs it compares), and how many "
-             "method pairs keep their order under every shared seed, and how many the schedule separates (means more "
-             "than max(0.3, 2 x the larger std) apart, parity's agreement rule: closer pairs are near-ties that "
+             "the method pairs it compares), how many method pairs keep their order under every shared seed, and "
+             f"how many the schedule separates (means more than max({TOLERANCE}, 2 x the larger std) apart, "
+             "parity's agreement rule: closer pairs are near-ties that "
              "flip with the seed on any budget). A schedule whose ranking means something has tau near 1 between "
              "its seeds and with the longest schedule run, and separates many pairs (`Across schedules`, at the "
              "end).", ""]
@@ -185,8 +190,8 @@ def render_ranking(runs: pd.DataFrame) -> str | None:
     parts += ["## Across schedules", "",
               "Over the methods both schedules ran: Kendall's tau-b between their mean rankings, and each schedule's "
               "seed stability over those methods only (tau-b's weighted mean over its seed pairs; method pairs "
-              "kept in the same order under every shared seed; pairs separated: means more than max(0.3, 2 x the "
-              "larger std) apart), so that two schedules are compared on the same pairs; and of the pairs both "
+              "kept in the same order under every shared seed; pairs separated: means more than "
+              f"max({TOLERANCE}, 2 x the larger std) apart), so that two schedules are compared on the same pairs; and of the pairs both "
               "schedules separate, how many they order the same way.", ""]
     parts += [md_table(across), ""] if len(across) else [
         "Only one schedule has two or more trained methods in a cell so far: nothing to compare yet.", ""]
