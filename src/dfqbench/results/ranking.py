@@ -191,8 +191,8 @@ def render_ranking(runs: pd.DataFrame) -> str | None:
               "Over the methods both schedules ran: Kendall's tau-b between their mean rankings, and each schedule's "
               "seed stability over those methods only (tau-b's weighted mean over its seed pairs; method pairs "
               "kept in the same order under every shared seed; pairs separated: means more than "
-              f"max({TOLERANCE}, 2 x the larger std) apart), so that two schedules are compared on the same pairs; and of the pairs both "
-              "schedules separate, how many they order the same way.", ""]
+              f"max({TOLERANCE}, 2 x the larger std) apart), so that two schedules are compared on the same "
+              "pairs; and of the pairs both schedules separate, how many they order the same way.", ""]
     parts += [md_table(across), ""] if len(across) else [
         "Only one schedule has two or more trained methods in a cell so far: nothing to compare yet.", ""]
     return "\n".join(parts)
