@@ -256,7 +256,7 @@ def test_parent_writes_records_and_an_unofficial_row(tmp_path, monkeypatch):
     monkeypatch.setattr(common, "clone_identity", lambda path, repo, marker: (repo, "c" * 40))
     children = []
 
-    def fake_child(script, args, log, env=None):
+    def fake_child(script, args, log, env=None, append=False):
         seed = int(args[args.index("--seed") + 1])
         children.append(seed)
         log.parent.mkdir(parents=True, exist_ok=True)

@@ -220,7 +220,7 @@ def test_parent_writes_records_and_the_row_and_resumes(tmp_path, monkeypatch):
     monkeypatch.setattr(common, "clone_identity", lambda path, repo, marker: (repo, "c" * 40))
     children = []
 
-    def fake_child(script, args, log, env=None):
+    def fake_child(script, args, log, env=None, append=False):
         child = _parse([*args, "--child"])
         children.append(child.seed)
         log.parent.mkdir(parents=True, exist_ok=True)
@@ -268,3 +268,105 @@ def test_parent_writes_records_and_the_row_and_resumes(tmp_path, monkeypatch):
     monkeypatch.setattr(common, "run_child", lambda *args, **kwargs: {**fake_child(*args, **kwargs), "wbit": 8})
     with pytest.raises(SystemExit, match="other settings"):
         zaq.main(argv)
+
+
+# --- resuming inside a seed ---------------------------------------------------------------------------------------
+
+class _Stop(Exception):
+    pass
+
+
+def _fake_main(run: zaq.EpochResume, epochs: int, stop_at: int | None = None):
+    """main.py's loop on a tiny student and generator: the same calls (train with keywords, both MultiStepLR
+    schedulers step, test), the same kinds of state (SGD momentum, Adam moments, a running-range buffer grown by
+    the test, torch.randn draws)."""
+    torch.manual_seed(0)
+    q = torch.nn.Linear(4, 2)
+    q.register_buffer("x_max", torch.zeros(1))
+    gen = torch.nn.Linear(3, 4)
+    opt_q = torch.optim.SGD(q.parameters(), lr=0.1, momentum=0.9, weight_decay=5e-4)
+    opt_g = torch.optim.Adam(gen.parameters(), lr=1e-2)
+    sched = [torch.optim.lr_scheduler.MultiStepLR(o, [2], 0.1) for o in (opt_q, opt_g)]
+
+    def train(args, p_model, q_model, generator, optimizer, epoch):
+        if epoch == stop_at:
+            raise _Stop
+        for _ in range(3):
+            oq, og = optimizer
+            oq.zero_grad()
+            q_model(generator(torch.randn(5, 3)).detach()).pow(2).mean().backward()
+            oq.step()
+            og.zero_grad()
+            (-q_model(generator(torch.randn(5, 3))).pow(2).mean()).backward()
+            og.step()
+        zaq.RecordingVisdom().line(X=[epoch], Y=[float(epoch)], win="Loss_Q")
+
+    def test(args, model, loader, epoch=0):
+        x = loader + epoch
+        with torch.no_grad():
+            model.x_max.copy_(torch.maximum(model.x_max, x.abs().max()))
+            return float(model(x).sum() + model.x_max)
+
+    train, test = run.wrap_train(train), run.wrap_test(test)
+    accs = [test(None, q, torch.ones(1, 4))]
+    for epoch in range(1, epochs + 1):
+        train(None, p_model=None, q_model=q, generator=gen, optimizer=[opt_q, opt_g], epoch=epoch)
+        for s in sched:
+            s.step()
+        accs.append(test(None, q, torch.ones(1, 4), epoch))
+        zaq.RecordingVisdom().line(X=[epoch], Y=[accs[-1]], win="Acc")
+    return q, gen, opt_q, accs
+
+
+def test_a_stopped_and_resumed_official_seed_ends_where_an_uninterrupted_one_does(tmp_path):
+    settings = {"argv": ["--seed", "0"]}
+    zaq.RecordingVisdom.lines = {}
+    q0, g0, o0, accs0 = _fake_main(zaq.EpochResume(None, settings, resume=False), 3)
+    lines0 = zaq.RecordingVisdom.lines
+    path = tmp_path / "official-s0.resume.pt"
+    zaq.RecordingVisdom.lines = {}
+    with pytest.raises(_Stop):  # killed during epoch 3: epochs 1 and 2 are kept
+        _fake_main(zaq.EpochResume(path, settings, resume=True), 3, stop_at=3)
+    assert torch.load(path, weights_only=False)["epoch"] == 2
+    zaq.RecordingVisdom.lines = {}
+    run = zaq.EpochResume(path, settings, resume=True)
+    q1, g1, o1, accs1 = _fake_main(run, 3)
+    assert run.resumed_from_epoch == 2 and len(run.train_s) == 3 and [t[0] for t in run.tests] == [0, 1, 2, 3]
+    assert accs1 == accs0 and [t[1] for t in run.tests] == accs0
+    for a, b in ((q0, q1), (g0, g1)):
+        for k, v in a.state_dict().items():
+            assert torch.equal(v, b.state_dict()[k]), k
+    assert o1.param_groups[0]["lr"] == pytest.approx(0.01) and zaq.RecordingVisdom.lines == lines0
+    run.done()
+    assert not path.exists()
+
+
+def test_a_kept_state_of_other_settings_or_without_resume_is_not_used(tmp_path):
+    path = tmp_path / "s.resume.pt"
+    with pytest.raises(_Stop):
+        _fake_main(zaq.EpochResume(path, {"argv": ["--seed", "0"]}, resume=True), 3, stop_at=2)
+    assert zaq.EpochResume(path, {"argv": ["--seed", "1"]}, resume=True).resumed_from_epoch is None
+    assert zaq.EpochResume(path, {"argv": ["--seed", "0"]}, resume=False).resumed_from_epoch is None
+    assert zaq.EpochResume(path, {"argv": ["--seed", "0"]}, resume=True).resumed_from_epoch == 1
+
+
+def test_the_child_gets_its_epoch_state_file_in_the_cell_and_the_resume_flag(tmp_path):
+    a = _parse(["--official", "c", "--out", str(tmp_path), "--resume"])
+    args = zaq.child_args(a, 2, Path("/tmp/s"))
+    assert args[args.index("--epoch-state") + 1] == str(tmp_path / "w4a4-cpu" / "official-s2.resume.pt")
+    child = _parse([*args, "--child"])
+    assert child.resume and child.epoch_state.endswith("official-s2.resume.pt")
+    assert "--resume" not in zaq.child_args(_parse(["--official", "c"]), 0, Path("/tmp/s"))
+
+
+def test_run_child_streams_the_log_keeps_earlier_attempts_and_reads_the_last_json_line(tmp_path):
+    script = tmp_path / "child.py"
+    script.write_text("import sys, json\nprint('progress', flush=True)\nprint('warn', file=sys.stderr)\n"
+                      "print(json.dumps({'top1': float(sys.argv[-1])}))\nsys.exit(int(float(sys.argv[-1]) < 0))\n")
+    log = tmp_path / "official-s0.log.txt"
+    assert common.run_child(script, ["1.5"], log)["top1"] == 1.5
+    with pytest.raises(SystemExit, match="exit 1"):
+        common.run_child(script, ["-2"], log, append=True)
+    text = log.read_text()
+    assert text.count("$ ") == 2 and text.count("progress") == 2 and "warn" in text and '{"top1": -2.0}' in text
+    assert common.run_child(script, ["3"], log)["top1"] == 3.0 and log.read_text().count("$ ") == 1

@@ -173,18 +173,24 @@ def _outcome(record: dict) -> str:
 
 # --- the child process that runs the official code ------------------------------------------------------------
 
-def run_child(script: Path, args: list[str], log: Path, env: dict | None = None) -> dict:
+def run_child(script: Path, args: list[str], log: Path, env: dict | None = None, append: bool = False) -> dict:
     """Run `script --child <args>` in a fresh process (the official code keeps global state: one run per
-    process); its stdout/stderr go to `log`; its last stdout line is a JSON result."""
+    process). Its stdout and stderr stream into `log` as it runs (a killed run keeps its log; `append` keeps the
+    earlier attempts', each after its own command line); its last stdout line is a JSON result."""
     log.parent.mkdir(parents=True, exist_ok=True)
     cmd = [python(), str(script), "--child", *args]
     t0 = time.perf_counter()
-    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, env={**os.environ, **(env or {})})
-    with open(log, "w") as f:
-        f.write("$ " + " ".join(cmd) + "\n" + proc.stderr + proc.stdout)
+    with open(log, "a" if append else "w") as f:
+        f.write("$ " + " ".join(cmd) + "\n")
+        f.flush()
+        proc = subprocess.run(cmd, cwd=REPO, stdout=f, stderr=subprocess.STDOUT, text=True,
+                              env={**os.environ, **(env or {}), "PYTHONUNBUFFERED": "1"})
     if proc.returncode != 0:
         raise SystemExit(f"official run failed (exit {proc.returncode}); see {log}")
-    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    last = [line for line in log.read_text().splitlines() if line.startswith("{")]
+    if not last:
+        raise SystemExit(f"the official run printed no JSON result; see {log}")
+    result = json.loads(last[-1])
     result["process_s"] = round(time.perf_counter() - t0, 3)
     return result
 

@@ -379,8 +379,8 @@ def _dfqbench_matches(r: dict, sched: dict, a, seed: int) -> bool:
 def run_official_seeds(a, cell: Path, method: str, seeds, expected: dict, script: Path, child_args, env: dict,
                        repo: str, commit: str, describe) -> list[dict]:
     """Each official seed in a child process (`child_args(a, seed, scratch)`), its result kept as
-    official-s<S>.json; with --resume a kept one whose settings equal `expected` is reused. `describe(r)` -> the
-    printed summary of a new seed."""
+    official-s<S>.json; with --resume a kept one whose settings equal `expected` is reused (and a rerun's log is
+    appended to the earlier attempts'). `describe(r)` -> the printed summary of a new seed."""
     runs = []
     for seed in seeds:
         path = cell / f"official-s{seed}.json"
@@ -393,7 +393,8 @@ def run_official_seeds(a, cell: Path, method: str, seeds, expected: dict, script
             print(f"official {method} seed {seed}: {common.rel(path)} was run with other settings; running it "
                   f"again", flush=True)
         scratch = Path("/tmp") / f"parity-{method}-{os.getpid()}-s{seed}"
-        r = common.run_child(script, child_args(a, seed, scratch), cell / f"official-s{seed}.log.txt", env=env)
+        r = common.run_child(script, child_args(a, seed, scratch), cell / f"official-s{seed}.log.txt", env=env,
+                             append=a.resume)
         r.update(seed=seed, official_repo=repo, official_commit=commit)
         differs = {k: (r.get(k), v) for k, v in expected.items() if r.get(k) != v}
         if differs:

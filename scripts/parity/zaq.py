@@ -49,6 +49,12 @@ at every test) and on the generator step's batches, the QuantAct placement (one 
 one per ReLU on dfqbench's), the order of the steps (dfqbench: the generator step first, its batch reused by the
 first student step), the RNG streams.
 
+An official seed takes hours at the cpu schedule (600 iterations; the reduced-budget run in
+results/parity/zaq/sanity-5x40-1000img measured 17.6 s/iteration on a shared machine; SCRM's 1024 x 1024 spatial
+relation matrices at batch 64 dominate its profile): each saves its state after every epoch to
+official-s<S>.resume.pt (EpochResume), and a rerun with --resume carries a stopped seed on from its last epoch, its
+log appended to the stopped attempt's.
+
 Writes results/parity/zaq/[<tag>/]w<W>a<A>-<schedule>/: official-s<S>.json and .log.txt per seed, official.json;
 with --dfqbench dfqbench-<quant>-s<S>.record.json, dfqbench.log.txt, dfqbench.json and the results/parity.csv row
 (method `zaq`, or `zaq-<tag>`).
@@ -137,6 +143,111 @@ def _unused(name: str):
     return fail
 
 
+# --- resuming inside a seed (an official seed takes hours at the cpu schedule) ----------------------------------
+
+class EpochResume:
+    """--resume inside one official seed. main.py's loop is: train(epoch), both schedulers step, test(epoch).
+    After each epoch's test this saves what main.main() carries into the next epoch (the student with its BN and
+    QuantAct buffers, the generator, both optimizers with the lr the schedulers left, the torch/numpy/random RNG
+    states) and what the driver observed, atomically, to `path`. A rerun with the same settings replays the kept
+    epochs without computing them (train returns at once, test returns the kept accuracy, main's schedulers still
+    step once per epoch) and loads the state at the last kept epoch's test, so the next epoch trains on from where
+    the stopped run was. The code's computation is unchanged: tests/test_parity_zaq.py checks that a stopped and
+    resumed run ends with the same weights as an uninterrupted one. Observation only, like the timers."""
+
+    def __init__(self, path: Path | None, settings: dict, resume: bool):
+        import torch
+        self.path, self.settings, self.kept = path, settings, None
+        if path is not None and resume and path.exists():
+            kept = torch.load(path, weights_only=False)
+            if kept.get("settings") == settings:
+                self.kept = kept
+                print(f"resuming after epoch {kept['epoch']} from {path}", file=sys.stderr, flush=True)
+            else:
+                print(f"{path} was saved with other settings: starting over", file=sys.stderr, flush=True)
+        self.tests: list[tuple[int, float, float]] = []  # (epoch, accuracy, seconds) of every test
+        self.train_s: list[float] = []
+        self.students: list = []  # the model the last test saw
+        self.live: dict = {}  # the generator and optimizers main() passes to train()
+        self.wall_before, self.t0 = 0.0, time.perf_counter()
+
+    @property
+    def resumed_from_epoch(self) -> int | None:
+        return None if self.kept is None else int(self.kept["epoch"])
+
+    @property
+    def wall_s(self) -> float:
+        return self.wall_before + time.perf_counter() - self.t0
+
+    def _replays(self, epoch: int) -> bool:
+        return self.kept is not None and epoch <= self.kept["epoch"]
+
+    def wrap_train(self, train):
+        def timed_train(args, *rest, **kwargs):
+            self.live.update(generator=kwargs["generator"], optimizers=list(kwargs["optimizer"]))
+            if self._replays(int(kwargs["epoch"])):
+                return None
+            t = time.perf_counter()
+            try:
+                return train(args, *rest, **kwargs)
+            finally:
+                self.train_s.append(time.perf_counter() - t)
+        return timed_train
+
+    def wrap_test(self, test):
+        def observed_test(args, model, test_loader, epoch=0):
+            self.students[:] = [model]
+            if self._replays(int(epoch)):
+                if epoch == self.kept["epoch"]:
+                    self._load(model)
+                return self.kept["tests"][int(epoch)][1]
+            t = time.perf_counter()
+            acc = test(args, model, test_loader, epoch)
+            self.tests.append((int(epoch), float(acc), time.perf_counter() - t))
+            if epoch >= 1 and self.path is not None:
+                self._save(int(epoch), model)
+            return acc
+        return observed_test
+
+    def _save(self, epoch: int, model) -> None:
+        import random
+
+        import numpy as np
+        import torch
+        state = {"settings": self.settings, "epoch": epoch, "q_model": model.state_dict(),
+                 "generator": self.live["generator"].state_dict(),
+                 "optimizers": [o.state_dict() for o in self.live["optimizers"]],
+                 "rng": {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "random": random.getstate()},
+                 "tests": list(self.tests), "train_s": list(self.train_s), "wall_s": self.wall_s,
+                 "visdom": json.loads(json.dumps(RecordingVisdom.lines))}
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.with_name(self.path.name + ".tmp")
+        torch.save(state, tmp)
+        os.replace(tmp, self.path)
+
+    def _load(self, model) -> None:
+        import random
+
+        import numpy as np
+        import torch
+        k = self.kept
+        model.load_state_dict(k["q_model"])
+        self.live["generator"].load_state_dict(k["generator"])
+        for opt, s in zip(self.live["optimizers"], k["optimizers"], strict=True):
+            opt.load_state_dict(s)
+        torch.set_rng_state(k["rng"]["torch"])
+        np.random.set_state(k["rng"]["numpy"])
+        random.setstate(k["rng"]["random"])
+        self.tests, self.train_s = [tuple(t) for t in k["tests"]], list(k["train_s"])
+        self.wall_before, self.t0 = float(k["wall_s"]), time.perf_counter()
+        RecordingVisdom.lines = json.loads(json.dumps(k["visdom"]))
+
+    def done(self) -> None:
+        """The run finished: its state is no longer needed."""
+        if self.path is not None:
+            self.path.unlink(missing_ok=True)
+
+
 # --- the teacher under the code's ResNet20 names ------------------------------------------------------------------
 
 _UNIT_PARTS = (("body.conv1.conv.", "conv1."), ("body.conv1.bn.", "bn1."), ("body.conv2.conv.", "conv2."),
@@ -189,7 +300,7 @@ def alpha_of(a) -> float:
     return DEFAULT_ALPHA if a.alpha is None else float(a.alpha)
 
 
-# --- child: one official run -------------------------------------------------------------------------------------------
+# --- child: one official run ------------------------------------------------------------------------------------------
 
 def child(a) -> None:
     import torch
@@ -261,31 +372,19 @@ def child(a) -> None:
                                         {"milestones": [int(m) for m in sched["milestones"]]})
     patches += notes
 
-    # observe (not change): every test's accuracy and seconds, every epoch's training seconds, the student
-    tests, train_s, students = [], [], []
-    train, test = main_mod.train, main_mod.test
-
-    def timed_train(args, *rest, **kwargs):
-        t = time.perf_counter()
-        try:
-            return train(args, *rest, **kwargs)
-        finally:
-            train_s.append(time.perf_counter() - t)
-
-    def observed_test(args, model, test_loader, epoch=0):
-        t = time.perf_counter()
-        acc = test(args, model, test_loader, epoch)
-        tests.append((int(epoch), float(acc), time.perf_counter() - t))
-        students[:] = [model]
-        return acc
-
-    main_mod.train, main_mod.test = timed_train, observed_test
+    # observe (not change): every test's accuracy and seconds, every epoch's training seconds, the student; with
+    # --resume, carry on from the last epoch a stopped run of the same settings saved
     argv = official_argv(a, sched, str(cfg.dataset.name), str(scratch / "data"), str(ckpt))
+    settings = {"argv": [x for x in argv if not x.startswith(str(scratch))], "teacher_sha256": loaded.sha256,
+                "code_sha256": {f: tp.file_sha256(clone / f) for f in CODE_FILES}, "n_test": data.num_samples,
+                "method_overrides": list(a.method_overrides), "patches": patches}
+    run = EpochResume(Path(a.epoch_state) if a.epoch_state else None, settings, a.resume)
+    main_mod.train, main_mod.test = run.wrap_train(main_mod.train), run.wrap_test(main_mod.test)
     sys.argv = ["main.py", *argv]
     os.chdir(scratch)
-    t0 = time.perf_counter()
     main_mod.main()
-    wall = time.perf_counter() - t0
+    wall = run.wall_s
+    tests, train_s, students = run.tests, run.train_s, run.students
     E, I = int(sched["epochs"]), int(sched["iters_per_epoch"])
     if len(tests) != E + 1 or len(train_s) != E or [t[0] for t in tests] != list(range(E + 1)):
         raise SystemExit(f"the official run did not finish: tests at epochs {[t[0] for t in tests]}, "
@@ -310,6 +409,7 @@ def child(a) -> None:
         "s_per_iteration": round(trained / (E * I), 3), "iterations": E * I,
         "student_steps": STUDENT_STEPS * E * I, "generator_steps": E * I,
         "argv": argv, "seed": a.seed, "alpha": alpha_of(a), "patches": patches, "teacher_check": teacher_check,
+        "resumed_from_epoch": run.resumed_from_epoch,
         "act_ranges": [[round(float(m.x_min), 6), round(float(m.x_max), 6)] for m in acts],
         "modules": {k: kinds[k] for k in ("Quant_Conv2d", "Quant_Linear", "QuantAct", "BatchNorm2d") if k in kinds},
         "visdom": RecordingVisdom.lines, "code_acc_list_csv": csv_log[-1].read_text().strip() if csv_log else None,
@@ -322,10 +422,11 @@ def child(a) -> None:
     print(f"official zaq: final-epoch top-1 {result['top1']:.2f} (best epoch {best[0]}: "
           f"{result['official_best_top1']:.2f}; before training {result['quant_top1_before_training']:.2f}), "
           f"{result['s_per_iteration']:.2f} s/iteration", file=sys.stderr)
+    run.done()
     print(json.dumps(result), flush=True)
 
 
-# --- parent: seeds, records, dfqbench runs, the parity.csv row ---------------------------------------------------------
+# --- parent: seeds, records, dfqbench runs, the parity.csv row --------------------------------------------------------
 
 def expected_settings(a, commit: str, sched: dict) -> dict:
     clone = Path(a.official).resolve()
@@ -343,7 +444,11 @@ def cell_of(a) -> tuple[Path, str]:
 
 
 def child_args(a, seed: int, scratch: Path) -> list[str]:
-    return tp.child_args(a, seed, scratch, ["--alpha", repr(float(a.alpha))] if a.alpha is not None else [])
+    """The child's command line; it saves its epochs' state to <cell>/official-s<S>.resume.pt (EpochResume) and
+    carries on from it with --resume."""
+    knob = ["--alpha", repr(float(a.alpha))] if a.alpha is not None else []
+    knob += ["--epoch-state", str(cell_of(a)[0] / f"official-s{seed}.resume.pt")] + (["--resume"] if a.resume else [])
+    return tp.child_args(a, seed, scratch, knob)
 
 
 def parent(a) -> None:
@@ -416,6 +521,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="official --seed S (the code seeds torch/numpy/random with it) / dfqbench seed=S")
     p.add_argument("--alpha", type=float, default=None,
                    help="the code's --alpha (SCRM weight; default: the code's 1); another value names the cell")
+    p.add_argument("--epoch-state", default="", help=argparse.SUPPRESS)  # the child's EpochResume file
     common.add_cell_arguments(
         p, METHOD, quant_help="dfqbench preset of the dfqbench side (default gdfq)",
         overrides_help="more dfqbench overrides (method.X=Y) for the dfqbench runs (the schedule they give applies "
