@@ -270,7 +270,7 @@ def test_parent_writes_records_and_an_unofficial_row(tmp_path, monkeypatch):
              "ensemble": ["a", "b", "c"], "lr_s": 0.1}
         return r
 
-    def fake_dfqbench(overrides, dest, log, allow_diverged=False):
+    def fake_dfqbench(overrides, dest, log, allow_diverged=False, in_sweeps=False):
         seed = int(next(o for o in overrides if o.startswith("seed=")).split("=")[1])
         r = {"status": "done", "seed": seed, "wbit": 4, "abit": 4, "top1": 80.0 + seed, "quantize_time_s": 9.0,
              "info": {"training": {"epochs": 2, "iters_per_epoch": 1, "batch_size": 16, "train_time_s": 8.0}}}
@@ -307,8 +307,8 @@ def test_parent_writes_records_and_an_unofficial_row(tmp_path, monkeypatch):
     seen = []
     children.clear()
     monkeypatch.setattr(common, "run_dfqbench",
-                        lambda overrides, dest, log, allow_diverged=False: seen.append((overrides, dest.name))
-                        or fake_dfqbench(overrides, dest, log))
+                        lambda overrides, dest, log, allow_diverged=False, in_sweeps=False:
+                        seen.append((overrides, dest.name)) or fake_dfqbench(overrides, dest, log))
     variant = ["--dfqbench-variant", "code_loop", "++method.student_mode=train"]
     tp.parent(p.parse_args(argv + ["--resume"] + variant), dfed.SPEC, Path(dfed.__file__), dfed.describe_official)
     assert children == []
@@ -347,7 +347,7 @@ def test_dfqbench_side_reuses_accepted_records_and_refuses_a_run_of_other_settin
     does not, and stops when a fresh run does not match."""
     runs = []
 
-    def fake_run(overrides, dest, log, allow_diverged=False):
+    def fake_run(overrides, dest, log, allow_diverged=False, in_sweeps=False):
         runs.append(overrides)
         record = {"top1": 80.0 + len(runs), "quantize_time_s": 1.0, "seed": int(overrides[0])}
         dest.with_name(dest.name + ".record.json").write_text(json.dumps(record))
@@ -368,7 +368,7 @@ def test_dfqbench_side_keeps_a_diverged_seed_only_when_the_driver_allows_it(tmp_
     (gdfq.py: the row counts it in dfqbench_diverged); any other driver reruns the seed."""
     runs = []
 
-    def fake_run(overrides, dest, log, allow_diverged=False):
+    def fake_run(overrides, dest, log, allow_diverged=False, in_sweeps=False):
         runs.append((overrides, allow_diverged))
         return {"status": "done", "top1": 81.0, "quantize_time_s": 1.0}
 

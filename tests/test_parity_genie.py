@@ -226,7 +226,7 @@ def test_parent_writes_the_record_and_the_parity_row(tmp_path, monkeypatch):
                 "model": "resnet20_cifar10", "dataset": "cifar10", "n_test": 100, "device": "cpu",
                 "fp32_check": {"official_path_top1": 87.0, "dfqbench_top1": 87.0}}
 
-    def fake_dfqbench(overrides, dest, log, allow_diverged=False):
+    def fake_dfqbench(overrides, dest, log, allow_diverged=False, in_sweeps=False):
         seed = int(next(o for o in overrides if o.startswith("seed=")).split("=")[1])
         return {"top1": 81.0 + seed, "quantize_time_s": 9.0, "overrides": [*overrides, "force=true"], "info": {}}
 

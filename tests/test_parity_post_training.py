@@ -29,7 +29,7 @@ def fakes(tmp_path, monkeypatch):
                 "dataset": "cifar10", "n_test": 100, "device": "cpu", "calib_files": [f"img{seed}.jpg"],
                 "argv": []}
 
-    def dfqbench(overrides, dest, log, allow_diverged=False):
+    def dfqbench(overrides, dest, log, allow_diverged=False, in_sweeps=False):
         seed = int(next(o for o in overrides if o.startswith("seed=")).split("=")[1])
         ran["dfqbench"].append(seed)
         r = {"status": "done", "seed": seed, "top1": 80.0 + seed, "quantize_time_s": 2.0, "info": {},

@@ -231,7 +231,7 @@ def test_parent_writes_records_and_the_row_and_resumes(tmp_path, monkeypatch):
                 "quant_top1_before_training": 80.0, "train_s": 10.0, "wall_s": 11.0, "s_per_iteration": 1.0,
                 "n_test": 100, "device": "cpu", "model": "resnet20_cifar10", "dataset": "cifar10"}
 
-    def fake_dfqbench(overrides, dest, log, allow_diverged=False):
+    def fake_dfqbench(overrides, dest, log, allow_diverged=False, in_sweeps=False):
         seed = int(next(o for o in overrides if o.startswith("seed=")).split("=")[1])
         assert "method=zaq" in overrides and "schedule.epochs=2" in overrides
         r = {"status": "done", "seed": seed, "wbit": 4, "abit": 4, "top1": 30.0 + seed, "quantize_time_s": 9.0,
@@ -370,3 +370,33 @@ def test_run_child_streams_the_log_keeps_earlier_attempts_and_reads_the_last_jso
     text = log.read_text()
     assert text.count("$ ") == 2 and text.count("progress") == 2 and "warn" in text and '{"top1": -2.0}' in text
     assert common.run_child(script, ["3"], log)["top1"] == 3.0 and log.read_text().count("$ ") == 1
+
+
+def test_the_dfqbench_side_in_sweeps_is_the_tables_run_of_the_cell_reused_not_recomputed(tmp_path, monkeypatch):
+    over = ["method=zaq", "quant=gdfq", "schedule=cpu", "wbit=4", "abit=4", "model=resnet20_cifar10",
+            "dataset=cifar10", "seed=1", "threads=1"]
+    # by hand, conf/config.yaml's hydra.sweep: results/sweeps/<model>-<dataset>/<quant>/<method>/w<W>a<A>-s<S>,
+    # the cpu schedule without a suffix, another schedule with -<name>
+    assert common.sweep_record_path(over) == \
+        common.REPO / "results/sweeps/resnet20_cifar10-cifar10/gdfq/zaq/w4a4-s1/record.json"
+    assert common.sweep_record_path([*over, "schedule=cpu_long"]).parent.name == "w4a4-s1-cpu_long"
+    sweep = tmp_path / "sweeps" / "record.json"
+    monkeypatch.setattr(common, "sweep_record_path", lambda overrides: sweep)
+    calls = []
+
+    def fake_run(cmd, cwd=None, stdout=None, stderr=None):
+        calls.append(cmd)
+        run_dir = [Path(c.split("=", 1)[1]) for c in cmd if c.startswith("hydra.run.dir=")]
+        out = run_dir[0] / "record.json" if run_dir else sweep
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps({"status": "done", "seed": 1, "top1": 12.5}))
+        return types.SimpleNamespace(returncode=0)
+
+    monkeypatch.setattr(common.subprocess, "run", fake_run)
+    dest = tmp_path / "cell" / "dfqbench-gdfq-s1"
+    r = common.run_dfqbench(over, dest, tmp_path / "cell" / "dfqbench.log.txt", in_sweeps=True)
+    assert r["top1"] == 12.5 and json.loads((tmp_path / "cell" / "dfqbench-gdfq-s1.record.json").read_text()) == r
+    common.run_dfqbench(over, dest, tmp_path / "cell" / "dfqbench.log.txt")  # the parity cell's own run
+    multirun = [cmd[cmd.index("dfqbench") + 1] == "-m" for cmd in calls]  # python -m dfqbench -m ...
+    assert multirun == [True, False] and "paths.output_dir=results" in calls[0]
+    assert "force=true" not in calls[0] and "force=true" in calls[1]

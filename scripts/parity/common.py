@@ -118,34 +118,59 @@ def diverged(record: dict) -> bool:
     return record.get("status") == "failed" and str(record.get("error", "")).startswith(DIVERGED)
 
 
-def run_dfqbench(overrides: list[str], dest: Path, log: Path, allow_diverged: bool = False) -> dict:
+SWEEPS_OUTPUT = "results"  # paths.output_dir of the tables' sweeps (results/sweeps/<subdir>/record.json)
+
+
+def sweep_record_path(overrides: list[str]) -> Path:
+    """Where `python -m dfqbench -m <overrides> paths.output_dir=results` keeps its record: hydra's sweep dir and
+    subdir of the composed config (conf/config.yaml), under the repository."""
+    from hydra import compose as hydra_compose, initialize_config_dir
+
+    from dfqbench.__main__ import CONF_DIR
+    with initialize_config_dir(version_base="1.3", config_dir=str(CONF_DIR)):
+        cfg = hydra_compose(config_name="config", overrides=[*overrides, f"paths.output_dir={SWEEPS_OUTPUT}"],
+                            return_hydra_config=True)
+    return REPO / str(cfg.hydra.sweep.dir) / str(cfg.hydra.sweep.subdir) / "record.json"
+
+
+def run_dfqbench(overrides: list[str], dest: Path, log: Path, allow_diverged: bool = False,
+                 in_sweeps: bool = False) -> dict:
     """`python -m dfqbench <overrides>` (force=true) in a scratch run folder; its record is kept as
     `<dest>.record.json` (not record.json: `make tables` does not count these runs twice beside the sweeps';
-    results/parity.csv holds their summary), its output appended to `log`. With `allow_diverged` a run whose
-    training diverged returns its failed record (a result at that budget); any other failure stops."""
+    results/parity.csv holds their summary), its output appended to `log`. With `in_sweeps` the run is instead the
+    tables' own sweep job of the same overrides (`-m`, paths.output_dir=results, no force): a finished one with the
+    same run fingerprint is reused by the runner, not computed again, and its record is copied to
+    `<dest>.record.json`. With `allow_diverged` a run whose training diverged returns its failed record (a result
+    at that budget); any other failure stops."""
     import shutil
     import tempfile
     dest.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="parity-dfqbench-") as tmp:
-        cmd = [python(), "-m", "dfqbench", *overrides, f"hydra.run.dir={tmp}", "force=true", "progress=false"]
+        if in_sweeps:
+            path = sweep_record_path(overrides)
+            cmd = [python(), "-m", "dfqbench", "-m", *overrides, f"paths.output_dir={SWEEPS_OUTPUT}", "progress=false"]
+        else:
+            path = Path(tmp) / "record.json"
+            cmd = [python(), "-m", "dfqbench", *overrides, f"hydra.run.dir={tmp}", "force=true", "progress=false"]
         with open(log, "a") as f:
             f.write("$ " + " ".join(cmd) + "\n")
             f.flush()
             proc = subprocess.run(cmd, cwd=REPO, stdout=f, stderr=subprocess.STDOUT)
-        path = Path(tmp) / "record.json"
         record = json.loads(path.read_text()) if path.exists() else {}
         if proc.returncode != 0 and not (allow_diverged and diverged(record)):
             raise subprocess.CalledProcessError(proc.returncode, cmd)
-        shutil.copy(Path(tmp) / "record.json", dest.with_name(dest.name + ".record.json"))
+        shutil.copy(path, dest.with_name(dest.name + ".record.json"))
     return record
 
 
 def dfqbench_side(cell: Path, quant: str, seeds, resume: bool, overrides, label: str,
-                  accept=lambda record, seed: True, allow_diverged: bool = False, variant: str = "") -> list[dict]:
+                  accept=lambda record, seed: True, allow_diverged: bool = False, variant: str = "",
+                  in_sweeps: bool = False) -> list[dict]:
     """dfqbench's runs of a parity cell, one per seed (`overrides(seed)`): a kept record is reused with --resume
     when `accept` says it ran the cell's settings; a new run that does not is an error. Returns the records;
     with `allow_diverged` a seed whose training diverged is its failed record (no top1). A `variant` (dfqbench
-    run with other settings beside the same official seeds) keeps its records as dfqbench-<quant>-<variant>-s<S>."""
+    run with other settings beside the same official seeds) keeps its records as dfqbench-<quant>-<variant>-s<S>.
+    `in_sweeps`: each run is the tables' sweep job of the same overrides (run_dfqbench)."""
     ours = []
     for seed in seeds:
         dest = cell / f"dfqbench-{quant}{'-' + variant if variant else ''}-s{seed}"
@@ -156,7 +181,7 @@ def dfqbench_side(cell: Path, quant: str, seeds, resume: bool, overrides, label:
                 ours.append(r)
                 print(f"dfqbench {label} seed {seed}: reusing {rel(kept)} ({_outcome(r)})", flush=True)
                 continue
-        r = run_dfqbench(overrides(seed), dest, cell / "dfqbench.log.txt", allow_diverged)
+        r = run_dfqbench(overrides(seed), dest, cell / "dfqbench.log.txt", allow_diverged, in_sweeps)
         if not accept(r, seed):
             raise SystemExit(f"the dfqbench run of seed {seed} did not run the cell's settings (see {rel(dest)})")
         ours.append(r)
@@ -361,6 +386,10 @@ def add_cell_arguments(p, method: str, quant_help: str, overrides_help: str, var
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--cpu", action="store_true", help="stay on the CPU even with a GPU")
     p.add_argument("--dfqbench", action="store_true", help="also run dfqbench on the same cell, write parity.csv")
+    p.add_argument("--dfqbench-in-sweeps", action="store_true",
+                   help="the dfqbench side is the tables' own sweep job of the cell (python -m dfqbench -m ... "
+                        "paths.output_dir=results): a finished one is reused, not computed again; its record is "
+                        "copied into the cell")
     p.add_argument("--quant", default="gdfq", help=quant_help)
     p.add_argument("--method-overrides", nargs="*", default=[], help=overrides_help)
     p.add_argument("--out", default="", help=f"records folder (default results/parity/{method})")

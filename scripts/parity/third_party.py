@@ -427,7 +427,7 @@ def dfqbench_cell(a, cell: Path, method: str, sched: dict, seeds) -> tuple[list[
         cell, a.quant, seeds, a.resume,
         lambda seed: [*overrides, f"seed={seed}", f"threads={a.threads}", *(["device=cpu"] if a.cpu else [])],
         method + (f" ({variant})" if variant else ""), accept=lambda r, seed: _dfqbench_matches(r, sched, a, seed),
-        variant=variant)
+        variant=variant, in_sweeps=a.dfqbench_in_sweeps)
     d_top1 = common.mean_std([r["top1"] for r in ours])
     d_secs = common.mean_std([r["info"]["training"]["train_time_s"] for r in ours])
     print(f"dfqbench method={method} {' '.join(extra)} quant={a.quant} schedule={a.schedule} W{a.wbit}A{a.abit}: "
