@@ -400,3 +400,18 @@ def test_the_dfqbench_side_in_sweeps_is_the_tables_run_of_the_cell_reused_not_re
     multirun = [cmd[cmd.index("dfqbench") + 1] == "-m" for cmd in calls]  # python -m dfqbench -m ...
     assert multirun == [True, False] and "paths.output_dir=results" in calls[0]
     assert "force=true" not in calls[0] and "force=true" in calls[1]
+
+
+def test_at_alpha_0_scrm_is_skipped_and_the_loss_is_unchanged():
+    main_mod = types.SimpleNamespace(SCRM="the code's")
+    patches = []
+    zaq.skip_scrm_at_alpha0(main_mod, 1.0, patches)
+    assert main_mod.SCRM == "the code's" and patches == []
+    zaq.skip_scrm_at_alpha0(main_mod, 0.0, patches)
+    assert patches[0].startswith("Z7")
+    g = [torch.randn(2, 3, 4, 4, requires_grad=True)]
+    logits = torch.randn(2, 10, requires_grad=True)
+    alpha = 0.0
+    loss = torch.nn.functional.l1_loss(logits, torch.zeros(2, 10)) + alpha * main_mod.SCRM()(g, g)
+    loss.backward()  # as main.py's loss_Q: alpha x SCRM adds nothing, and the gradient flows as before
+    assert float(loss) == pytest.approx(float(logits.abs().mean())) and logits.grad is not None

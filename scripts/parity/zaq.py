@@ -37,6 +37,8 @@ Run-time changes, each listed in the record's "patches":
      AttributeError once training is over) -> `args.weight_bit`;
   Z6 only with --cpu on a machine with a GPU: torch.cuda.is_available -> False (the code picks its device with
      it; without a GPU it runs on the CPU unpatched, it calls no .cuda()).
+  Z7 only with --alpha 0: main.py's SCRM -> a stand-in returning 0 (skip_scrm_at_alpha0): the code computes SCRM
+     and its backward at every step and multiplies them by alpha, which is most of an iteration's time on CPU.
 Not a change of the code: the child process keeps freed memory as every dfqbench run does (dfqbench.cpu_allocator,
 glibc's mmap/trim thresholds; speed only). Observation only: main.train and main.test are timed and their
 accuracies kept. The record's `top1` is the code's own test after the FINAL epoch; `official_best_top1` is the
@@ -141,6 +143,24 @@ def _unused(name: str):
     def fail(*args, **kwargs):
         raise RuntimeError(f"{name} is a stand-in of the parity driver (Z1): main.py does not use it")
     return fail
+
+
+def skip_scrm_at_alpha0(main_mod, alpha: float, patches: list[str]) -> None:
+    """Z7, only at --alpha 0: main.py builds SCRM() in train() and adds alpha x SCRM to both losses, so at alpha 0
+    it still computes SCRM and its backward (its 1,024 x 1,024 spatial relations are most of an iteration's time
+    on CPU) to multiply them by 0. The stand-in returns that 0 directly: the same losses and gradients, unless
+    SCRM is inf or NaN, where the code's 0 x SCRM would be NaN."""
+    if alpha != 0:
+        return
+    import torch
+
+    class NoSCRM(torch.nn.Module):
+        def forward(self, g_q, g_p):
+            return torch.zeros((), device=g_q[0].device)
+
+    main_mod.SCRM = NoSCRM
+    patches.append("Z7 --alpha 0: main.SCRM -> a stand-in returning 0 (the code computes SCRM and its backward to "
+                   "multiply them by alpha = 0; the same losses unless SCRM is inf/NaN)")
 
 
 # --- resuming inside a seed (an official seed takes hours at the cpu schedule) ----------------------------------
@@ -371,6 +391,7 @@ def child(a) -> None:
     main_mod, notes, _ = tp.load_module(clone / "main.py", "zaq_main", REWRITES,
                                         {"milestones": [int(m) for m in sched["milestones"]]})
     patches += notes
+    skip_scrm_at_alpha0(main_mod, alpha_of(a), patches)
 
     # observe (not change): every test's accuracy and seconds, every epoch's training seconds, the student; with
     # --resume, carry on from the last epoch a stopped run of the same settings saved
