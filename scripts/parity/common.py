@@ -60,12 +60,13 @@ def clone_identity(path: Path, default_repo: str, marker: str) -> tuple[str, str
 
 # --- the dfqbench teacher and test set, for the official code -------------------------------------------------
 
-def compose(overrides: list[str]):
+def compose(overrides: list[str], with_hydra: bool = False):
+    """dfqbench's composed config of these overrides (with hydra's own node when `with_hydra`)."""
     from hydra import compose as hydra_compose, initialize_config_dir
 
     from dfqbench.__main__ import CONF_DIR
     with initialize_config_dir(version_base="1.3", config_dir=str(CONF_DIR)):
-        return hydra_compose(config_name="config", overrides=list(overrides))
+        return hydra_compose(config_name="config", overrides=list(overrides), return_hydra_config=with_hydra)
 
 
 def teacher_overrides(a) -> list[str]:
@@ -124,12 +125,7 @@ SWEEPS_OUTPUT = "results"  # paths.output_dir of the tables' sweeps (results/swe
 def sweep_record_path(overrides: list[str]) -> Path:
     """Where `python -m dfqbench -m <overrides> paths.output_dir=results` keeps its record: hydra's sweep dir and
     subdir of the composed config (conf/config.yaml), under the repository."""
-    from hydra import compose as hydra_compose, initialize_config_dir
-
-    from dfqbench.__main__ import CONF_DIR
-    with initialize_config_dir(version_base="1.3", config_dir=str(CONF_DIR)):
-        cfg = hydra_compose(config_name="config", overrides=[*overrides, f"paths.output_dir={SWEEPS_OUTPUT}"],
-                            return_hydra_config=True)
+    cfg = compose([*overrides, f"paths.output_dir={SWEEPS_OUTPUT}"], with_hydra=True)
     return REPO / str(cfg.hydra.sweep.dir) / str(cfg.hydra.sweep.subdir) / "record.json"
 
 

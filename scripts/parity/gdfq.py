@@ -551,8 +551,8 @@ def main(argv=None) -> None:
             f"method={a.method}", f"quant={a.quant}", f"schedule={a.schedule}", f"wbit={a.wbit}", f"abit={a.abit}",
             f"seed={seed}", f"threads={a.threads}", *[f"schedule.{o}" for o in a.schedule_override],
             *([f"method.warmup_batch_size={a.warmup_batch}"] if a.warmup_batch else []),
-            *a.method_overrides, *common.teacher_overrides(a)], a.method, allow_diverged=True,
-        in_sweeps=a.dfqbench_in_sweeps)
+            *a.method_overrides, *common.teacher_overrides(a)],
+        a.method, allow_diverged=True, in_sweeps=a.dfqbench_in_sweeps)
     finished = [r for r in ours if not common.diverged(r)]
     n_diverged = len(ours) - len(finished)
     d_top1 = common.mean_std([r["top1"] for r in finished]) if finished else (None, None)

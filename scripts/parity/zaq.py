@@ -51,9 +51,9 @@ at every test) and on the generator step's batches, the QuantAct placement (one 
 one per ReLU on dfqbench's), the order of the steps (dfqbench: the generator step first, its batch reused by the
 first student step), the RNG streams.
 
-An official seed takes hours at the cpu schedule (600 iterations; the reduced-budget run in
-results/parity/zaq/sanity-5x40-1000img measured 17.6 s/iteration on a shared machine; SCRM's 1024 x 1024 spatial
-relation matrices at batch 64 dominate its profile): each saves its state after every epoch to
+At the code's --alpha 1 an official seed takes hours at the cpu schedule (600 iterations; the reduced-budget run
+in results/parity/zaq/sanity-5x40-1000img measured 17.6 s/iteration on a shared machine), at --alpha 0 with Z7
+under an hour (4.18 s/iteration, results/parity/zaq/alpha0/): each saves its state after every epoch to
 official-s<S>.resume.pt (EpochResume), and a rerun with --resume carries a stopped seed on from its last epoch, its
 log appended to the stopped attempt's.
 
@@ -65,6 +65,7 @@ with --dfqbench dfqbench-<quant>-s<S>.record.json, dfqbench.log.txt, dfqbench.js
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import os
 import re
@@ -163,7 +164,7 @@ def skip_scrm_at_alpha0(main_mod, alpha: float, patches: list[str]) -> None:
                    "multiply them by alpha = 0; the same losses unless SCRM is inf/NaN)")
 
 
-# --- resuming inside a seed (an official seed takes hours at the cpu schedule) ----------------------------------
+# --- resuming inside a seed (an official seed at --alpha 1 takes hours at the cpu schedule) --------------------
 
 class EpochResume:
     """--resume inside one official seed. main.py's loop is: train(epoch), both schedulers step, test(epoch).
@@ -239,7 +240,7 @@ class EpochResume:
                  "optimizers": [o.state_dict() for o in self.live["optimizers"]],
                  "rng": {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "random": random.getstate()},
                  "tests": list(self.tests), "train_s": list(self.train_s), "wall_s": self.wall_s,
-                 "visdom": json.loads(json.dumps(RecordingVisdom.lines))}
+                 "visdom": copy.deepcopy(RecordingVisdom.lines)}
         self.path.parent.mkdir(parents=True, exist_ok=True)
         tmp = self.path.with_name(self.path.name + ".tmp")
         torch.save(state, tmp)
@@ -260,7 +261,7 @@ class EpochResume:
         random.setstate(k["rng"]["random"])
         self.tests, self.train_s = [tuple(t) for t in k["tests"]], list(k["train_s"])
         self.wall_before, self.t0 = float(k["wall_s"]), time.perf_counter()
-        RecordingVisdom.lines = json.loads(json.dumps(k["visdom"]))
+        RecordingVisdom.lines = copy.deepcopy(k["visdom"])
 
     def done(self) -> None:
         """The run finished: its state is no longer needed."""
