@@ -51,6 +51,9 @@ def test_arguments_default_to_the_cpu_cell_of_three_seeds_at_w4a4_with_the_codes
     assert zaq.cell_of(a) == (tmp_path / "alpha0" / "w4a4-cpu", "alpha0")
     assert zaq.cell_of(_parse(["--official", "c", "--out", str(tmp_path), "--alpha", "1"]))[1] == ""
     assert zaq.cell_of(_parse(["--official", "c", "--out", str(tmp_path), "--tag", "x", "--alpha", "0"]))[1] == "x"
+    a = _parse(["--official", "c", "--out", str(tmp_path), "--alpha", "0", "--relu-per-use"])
+    assert zaq.cell_of(a) == (tmp_path / "alpha0-relu_per_use" / "w4a4-cpu", "alpha0-relu_per_use")
+    assert "--relu-per-use" in zaq.child_args(a, 0, tmp_path) and not a.tag
     with pytest.raises(SystemExit):
         _parse([])  # --official is required
 
@@ -195,6 +198,16 @@ def test_the_codes_resnet20_with_the_mapped_weights_is_the_teacher_and_quantizes
         q = quantization.quantize_model(net, types.SimpleNamespace(weight_bit=4, activation_bit=4))
         kinds = [type(m).__name__ for m in q.modules()]
         assert (kinds.count("Quant_Conv2d"), kinds.count("Quant_Linear"), kinds.count("QuantAct")) == (21, 1, 10)
+        # Z8 (--relu-per-use): the same network and logits, one QuantAct per ReLU use (9 blocks x 2 + the stem's)
+        code, notes, _ = tp.compile_rewritten(CLONE / "network" / "resnet20.py", zaq.RELU_PER_USE)
+        exec(code, network.resnet20.__dict__)
+        assert len(notes) == 2
+        net = network.get_model(types.SimpleNamespace(model="resnet20", num_classes=10))
+        net.load_state_dict(zaq.official_state_dict(teacher.state_dict()))
+        with torch.no_grad():
+            torch.testing.assert_close(net.eval()(x), teacher(x), rtol=0, atol=1e-5)
+        q = quantization.quantize_model(net, types.SimpleNamespace(weight_bit=4, activation_bit=4))
+        assert [type(m).__name__ for m in q.modules()].count("QuantAct") == 19
         with pytest.raises(RuntimeError, match="stand-in"):
             sys.modules["graphviz"].Digraph()
     finally:
@@ -264,6 +277,18 @@ def test_parent_writes_records_and_the_row_and_resumes(tmp_path, monkeypatch):
     assert children == [0, 1] and (tmp_path / "out" / "alpha0" / "w4a4-cpu" / "official.json").exists()
     rows = list(csv.DictReader(open(tmp_path / "parity.csv")))
     assert [r["method"] for r in rows] == ["zaq", "zaq-alpha0"]
+    assert "measured on the code itself" not in rows[1]["note"]
+    # the Z8 ablation is its own cell and row, and the plain cell's row then quotes it as a measured cause
+    children.clear()
+    zaq.main(argv + ["--alpha", "0", "--relu-per-use"])
+    assert children == [0, 1]
+    zaq.main(argv + ["--alpha", "0", "--resume"])
+    assert children == [0, 1]
+    rows = {r["method"]: r for r in csv.DictReader(open(tmp_path / "parity.csv"))}
+    assert list(rows) == ["zaq", "zaq-alpha0", "zaq-alpha0-relu_per_use"]
+    assert "Z8 --relu-per-use" in rows["zaq-alpha0-relu_per_use"]["note"]
+    assert "one QuantAct per ReLU use (Z8, dfqbench's placement) instead of one per block: 10.50 +- 0.71 over " \
+           "seeds 0 1, 80.00 before training" in rows["zaq-alpha0"]["note"]
     # a child that ran other settings is refused
     monkeypatch.setattr(common, "run_child", lambda *args, **kwargs: {**fake_child(*args, **kwargs), "wbit": 8})
     with pytest.raises(SystemExit, match="other settings"):

@@ -5,7 +5,7 @@ quant=gdfq schedule=<schedule>` on the same cell.
 
     git clone /work/.mirror/FLHonker+ZAQ-code/repo /tmp/off-FLHonker+ZAQ-code
     python scripts/parity/zaq.py --official /tmp/off-FLHonker+ZAQ-code [--schedule cpu] [--seeds 0 1 2] [--dfqbench]
-        [--resume] [--alpha 0]
+        [--resume] [--alpha 0] [--relu-per-use]
 
 The official side runs the clone's own main.main() in a child process per seed, with the code's arguments
 --model resnet20 --dataset cifar10 --ckpt <the teacher> --weight_bit W --activation_bit A --seed S and the budget as
@@ -39,6 +39,10 @@ Run-time changes, each listed in the record's "patches":
      it; without a GPU it runs on the CPU unpatched, it calls no .cuda()).
   Z7 only with --alpha 0: main.py's SCRM -> a stand-in returning 0 (skip_scrm_at_alpha0): the code computes SCRM
      and its backward at every step and multiplies them by alpha, which is most of an iteration's time on CPU.
+  Z8 only with --relu-per-use, an ablation (cell `<alpha tag>-relu_per_use`): network/resnet20.py's BasicBlock
+     gets a second ReLU module for its inner activation, so the code's own quantize_model gives each ReLU use its
+     own QuantAct (19 ranges, dfqbench's placement) instead of one range per block for both uses (10 ranges). The
+     plain cell's parity row then quotes this cell's official top-1 as the placement's measured share of the gap.
 Not a change of the code: the child process keeps freed memory as every dfqbench run does (dfqbench.cpu_allocator,
 glibc's mmap/trim thresholds; speed only). Observation only: main.train and main.test are timed and their
 accuracies kept. The record's `top1` is the code's own test after the FINAL epoch; `official_best_top1` is the
@@ -97,6 +101,18 @@ REWRITES = (
     tp.TextRewrite("Z5", "args.param_bits", "args.weight_bit",
                    why="the csv log's name after the last epoch: args has no param_bits (AttributeError once "
                        "training is over)"),
+)
+# Z8, an ablation (--relu-per-use): BasicBlock's one ReLU module, used twice, becomes two, so that the code's own
+# quantize_model gives each use its own QuantAct (19 ranges, dfqbench's after_relu placement) instead of one range
+# shared by the block's inner and output activations (10 ranges)
+RELU_PER_USE = (
+    tp.TextRewrite("Z8", "        self.bn2 = nn.BatchNorm2d(planes)\n        self.relu = nn.ReLU()\n",
+                   "        self.bn2 = nn.BatchNorm2d(planes)\n"
+                   "        self.relu = nn.ReLU(); self.relu_inner = nn.ReLU()\n",
+                   why="an ablation: a second ReLU module for the block's inner activation"),
+    tp.TextRewrite("Z8", "        out = self.relu(self.bn1(self.conv1(x)))\n        out = self.bn2",
+                   "        out = self.relu_inner(self.bn1(self.conv1(x)))\n        out = self.bn2",
+                   why="an ablation: the block's inner activation through its own ReLU module (same values)"),
 )
 
 # What differs between the official code and dfqbench's method=zaq (conf/method/zaq.yaml over gdfq.yaml,
@@ -359,6 +375,10 @@ def child(a) -> None:
     ckpt = scratch / "resnet20_dfqbench_teacher.pt"
     torch.save(state, ckpt)
     import network
+    if a.relu_per_use:
+        code, notes, _ = tp.compile_rewritten(clone / "network" / "resnet20.py", RELU_PER_USE)
+        exec(code, network.resnet20.__dict__)  # the module's classes redefined in place; get_model finds them there
+        patches.extend(notes)
     net = network.resnet20.ResNet20(num_classes=classes)
     net.load_state_dict(state)
     x, _ = next(iter(common.EvalLoader(data, 256, "cpu")))
@@ -430,7 +450,8 @@ def child(a) -> None:
         "test_s": round(sum(t[2] for t in tests), 3), "wall_s": round(wall, 3),
         "s_per_iteration": round(trained / (E * I), 3), "iterations": E * I,
         "student_steps": STUDENT_STEPS * E * I, "generator_steps": E * I,
-        "argv": argv, "seed": a.seed, "alpha": alpha_of(a), "patches": patches, "teacher_check": teacher_check,
+        "argv": argv, "seed": a.seed, "alpha": alpha_of(a), "relu_per_use": bool(a.relu_per_use), "patches": patches,
+        "teacher_check": teacher_check,
         "resumed_from_epoch": run.resumed_from_epoch,
         "act_ranges": [[round(float(m.x_min), 6), round(float(m.x_max), 6)] for m in acts],
         "modules": {k: kinds[k] for k in ("Quant_Conv2d", "Quant_Linear", "QuantAct", "BatchNorm2d") if k in kinds},
@@ -455,11 +476,12 @@ def expected_settings(a, commit: str, sched: dict) -> dict:
     return {"official_commit": commit, "code_sha256": {f: tp.file_sha256(clone / f) for f in CODE_FILES},
             "schedule": sched, "wbit": a.wbit, "abit": a.abit, "alpha": alpha_of(a),
             "method_overrides": list(a.method_overrides), "max_samples": a.max_samples, "model": a.model,
-            "dataset": a.dataset}
+            "dataset": a.dataset, **({"relu_per_use": True} if a.relu_per_use else {})}
 
 
 def cell_of(a) -> tuple[Path, str]:
-    tag = a.tag or ("" if alpha_of(a) == DEFAULT_ALPHA else f"alpha{alpha_of(a):g}")
+    tag = a.tag or "-".join(([] if alpha_of(a) == DEFAULT_ALPHA else [f"alpha{alpha_of(a):g}"])
+                            + (["relu_per_use"] if a.relu_per_use else []))
     out = Path(a.out) if a.out else common.REPO / "results" / "parity" / METHOD
     out = out / tag if tag else out
     return out / f"w{a.wbit}a{a.abit}-{a.schedule}", tag
@@ -469,6 +491,7 @@ def child_args(a, seed: int, scratch: Path) -> list[str]:
     """The child's command line; it saves its epochs' state to <cell>/official-s<S>.resume.pt (EpochResume) and
     carries on from it with --resume."""
     knob = ["--alpha", repr(float(a.alpha))] if a.alpha is not None else []
+    knob += ["--relu-per-use"] if a.relu_per_use else []
     knob += ["--epoch-state", str(cell_of(a)[0] / f"official-s{seed}.resume.pt")] + (["--resume"] if a.resume else [])
     return tp.child_args(a, seed, scratch, knob)
 
@@ -512,6 +535,9 @@ def parent(a) -> None:
         return
     ours, d_top1, d_secs = tp.dfqbench_cell(a, cell, METHOD, sched, dfqbench_seeds)
     scrm = "SCRM alpha 1 as the code" if alpha_of(a) == DEFAULT_ALPHA else f"--alpha {alpha_of(a):g} (SCRM weight)"
+    placement = ("Z8 --relu-per-use: the code's ResNet20 with one QuantAct per ReLU use (19 ranges, dfqbench's "
+                 "placement) instead of one per block" if a.relu_per_use else "")
+    ablation = relu_per_use_ablation(a) if not a.relu_per_use and not a.tag else ""
     common.upsert_parity_row({
         "method": METHOD + (f"-{tag}" if tag else ""), "quant": a.quant, "schedule": a.schedule,
         "wbit": a.wbit, "abit": a.abit, "n_seeds": min(len(runs), len(ours)),
@@ -521,15 +547,29 @@ def parent(a) -> None:
         "official_commit": commit,
         "note": f"official main.py on the teacher (its ResNet20 with the teacher's weights, its own quantize_model at "
                 f"W{a.wbit}A{a.abit}: QuantAct running min/max never frozen, also on the test images), lr_Q 0.1, "
-                f"lr_G 1e-3 Adam default betas, {scrm}; dfqbench method=zaq quant={a.quant} "
+                f"lr_G 1e-3 Adam default betas, {scrm}{'; ' + placement if placement else ''}; dfqbench "
+                f"method=zaq quant={a.quant} "
                 f"(no SCRM{', ' + ' '.join(a.method_overrides) if a.method_overrides else ''}); final epoch on both "
                 f"sides (the code's best epoch on test: {best[0]:.2f} +- {best[1]:.2f}); schedule {a.schedule} "
                 f"({sched['epochs']} epochs x {sched['iters_per_epoch']} iterations x 5+1 steps, batch "
                 f"{sched['batch_size']}, milestones {sched['milestones']}); official seeds "
                 f"{' '.join(map(str, official_seeds))} (--seed S), dfqbench seeds "
                 f"{' '.join(map(str, dfqbench_seeds))}; seconds = training; {runs[0]['n_test']} test images; "
-                f"records {common.rel(cell)}",
+                f"records {common.rel(cell)}{ablation}",
         "model": runs[0]["model"], "dataset": runs[0]["dataset"], "device": runs[0]["device"]}, Path(a.csv))
+
+
+def relu_per_use_ablation(a) -> str:
+    """The note's part for the same cell run with Z8 (--relu-per-use), if its official side is there: the code's
+    QuantAct placement measured as a cause of the gap."""
+    f = cell_of(argparse.Namespace(**{**vars(a), "relu_per_use": True}))[0] / "official.json"
+    if not f.is_file():
+        return ""
+    ab = json.loads(f.read_text())
+    before = common.mean_std([r["quant_top1_before_training"] for r in ab["runs"]])
+    return (f"; the gap measured on the code itself, changed at run time: one QuantAct per ReLU use (Z8, dfqbench's "
+            f"placement) instead of one per block: {ab['top1_mean']:.2f} +- {ab['top1_std']:.2f} over seeds "
+            f"{' '.join(map(str, ab['seeds']))}, {before[0]:.2f} before training ({common.rel(f.parent)})")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -543,6 +583,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="official --seed S (the code seeds torch/numpy/random with it) / dfqbench seed=S")
     p.add_argument("--alpha", type=float, default=None,
                    help="the code's --alpha (SCRM weight; default: the code's 1); another value names the cell")
+    p.add_argument("--relu-per-use", action="store_true",
+                   help="ablation Z8: one QuantAct per ReLU use in the code's ResNet20 (dfqbench's placement) instead "
+                        "of one per block; names the cell <alpha tag>-relu_per_use")
     p.add_argument("--epoch-state", default="", help=argparse.SUPPRESS)  # the child's EpochResume file
     common.add_cell_arguments(
         p, METHOD, quant_help="dfqbench preset of the dfqbench side (default gdfq)",
