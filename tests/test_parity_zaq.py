@@ -54,6 +54,9 @@ def test_arguments_default_to_the_cpu_cell_of_three_seeds_at_w4a4_with_the_codes
     a = _parse(["--official", "c", "--out", str(tmp_path), "--alpha", "0", "--relu-per-use"])
     assert zaq.cell_of(a) == (tmp_path / "alpha0-relu_per_use" / "w4a4-cpu", "alpha0-relu_per_use")
     assert "--relu-per-use" in zaq.child_args(a, 0, tmp_path) and not a.tag
+    a = _parse(["--official", "c", "--out", str(tmp_path), "--relu-per-use", "--frozen-test-ranges"])
+    assert zaq.cell_of(a)[1] == "relu_per_use-frozen_test_ranges"
+    assert "--frozen-test-ranges" in zaq.child_args(a, 0, tmp_path)
     with pytest.raises(SystemExit):
         _parse([])  # --official is required
 
@@ -214,6 +217,31 @@ def test_the_codes_resnet20_with_the_mapped_weights_is_the_teacher_and_quantizes
         tp.purge_modules(zaq.CLONE_MODULES)
 
 
+@needs_clone
+def test_z9_freezes_the_codes_ranges_during_a_test_only(monkeypatch):
+    """Z9: the code's own freeze_model / unfreeze_model around main.test: a test batch far outside the range
+    leaves x_max where the training batches put it, and the QuantAct tracks again afterwards."""
+    for name in zaq.CLONE_MODULES:
+        monkeypatch.delitem(sys.modules, name, raising=False)
+    for name in ("pydot", "graphviz"):  # imported by the package, as in the child (Z1)
+        monkeypatch.setitem(sys.modules, name, types.ModuleType(name))
+    sys.modules["graphviz"].Digraph = zaq._unused("graphviz.Digraph")
+    monkeypatch.syspath_prepend(str(CLONE))
+    try:
+        from quantization.quant_utils.quant_modules import QuantAct
+        q = torch.nn.Sequential(torch.nn.ReLU(), QuantAct(activation_bit=4))
+        q(torch.full((2, 3), 2.0))  # a "training" batch: range [0, 2]
+        main_mod = types.SimpleNamespace(test=lambda args, model, loader, epoch=0: float(model(loader).max()))
+        patches = []
+        zaq.freeze_ranges_at_test(main_mod, patches)
+        assert main_mod.test(None, q, torch.full((2, 3), 50.0), 1) == pytest.approx(2.0)  # clipped at the range
+        assert float(q[1].x_max) == 2.0 and q[1].running_stat and patches[0].startswith("Z9")
+        q(torch.full((2, 3), 5.0))
+        assert float(q[1].x_max) == 5.0
+    finally:
+        tp.purge_modules(zaq.CLONE_MODULES)
+
+
 def test_visdom_stand_in_keeps_the_line_values():
     zaq.RecordingVisdom.lines = {}
     v = zaq.RecordingVisdom(port="8097", env="ZAQ-main")
@@ -289,6 +317,11 @@ def test_parent_writes_records_and_the_row_and_resumes(tmp_path, monkeypatch):
     assert "Z8 --relu-per-use" in rows["zaq-alpha0-relu_per_use"]["note"]
     assert "one QuantAct per ReLU use (Z8, dfqbench's placement) instead of one per block: 10.50 +- 0.71 over " \
            "seeds 0 1, 80.00 before training" in rows["zaq-alpha0"]["note"]
+    zaq.main(argv + ["--alpha", "0", "--relu-per-use", "--frozen-test-ranges", "--official-seeds", "1"])
+    zaq.main(argv + ["--alpha", "0", "--resume"])
+    note = {r["method"]: r for r in csv.DictReader(open(tmp_path / "parity.csv"))}["zaq-alpha0"]["note"]
+    assert note.count("before training (") == 2 and "Z8, dfqbench's placement) instead of one per block and ranges " \
+        "frozen during the tests (Z9, as dfqbench: grown on generated batches only): 11.00 +- 0.00 over seeds 1" in note
     # a child that ran other settings is refused
     monkeypatch.setattr(common, "run_child", lambda *args, **kwargs: {**fake_child(*args, **kwargs), "wbit": 8})
     with pytest.raises(SystemExit, match="other settings"):

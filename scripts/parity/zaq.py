@@ -5,7 +5,7 @@ quant=gdfq schedule=<schedule>` on the same cell.
 
     git clone /work/.mirror/FLHonker+ZAQ-code/repo /tmp/off-FLHonker+ZAQ-code
     python scripts/parity/zaq.py --official /tmp/off-FLHonker+ZAQ-code [--schedule cpu] [--seeds 0 1 2] [--dfqbench]
-        [--resume] [--alpha 0] [--relu-per-use]
+        [--resume] [--alpha 0] [--relu-per-use] [--frozen-test-ranges]
 
 The official side runs the clone's own main.main() in a child process per seed, with the code's arguments
 --model resnet20 --dataset cifar10 --ckpt <the teacher> --weight_bit W --activation_bit A --seed S and the budget as
@@ -43,6 +43,9 @@ Run-time changes, each listed in the record's "patches":
      gets a second ReLU module for its inner activation, so the code's own quantize_model gives each ReLU use its
      own QuantAct (19 ranges, dfqbench's placement) instead of one range per block for both uses (10 ranges). The
      plain cell's parity row then quotes this cell's official top-1 as the placement's measured share of the gap.
+  Z9 only with --frozen-test-ranges, an ablation (cell `<tags>-frozen_test_ranges`): main.test runs after the
+     code's own freeze_model, so the ranges never grow on the test images (dfqbench's ranges see generated images
+     only); the plain cell's row quotes every ablation cell (Z8, Z9, both) that has its official side.
 Not a change of the code: the child process keeps freed memory as every dfqbench run does (dfqbench.cpu_allocator,
 glibc's mmap/trim thresholds; speed only). Observation only: main.train and main.test are timed and their
 accuracies kept. The record's `top1` is the code's own test after the FINAL epoch; `official_best_top1` is the
@@ -181,6 +184,32 @@ def skip_scrm_at_alpha0(main_mod, alpha: float, patches: list[str]) -> None:
 
 
 # --- resuming inside a seed (an official seed at --alpha 1 takes hours at the cpu schedule) --------------------
+
+def freeze_ranges_at_test(main_mod, patches: list[str]) -> None:
+    """Z9, an ablation (--frozen-test-ranges): main.test runs after the code's own freeze_model
+    (quantization/quantize_model.py: QuantAct.fix, running_stat False), so the QuantAct ranges never grow on the
+    test images: they come from the generated batches only, as dfqbench's. Afterwards running_stat is set back to
+    True by hand: the code's unfreeze_model calls a QuantAct.unfix that the code never defines. Before training
+    the ranges are still 0, where the code's AsymmetricQuantFunction takes each batch's own min/max
+    (x_min == x_max): that first test is labelled so."""
+    from quantization.quantize_model import freeze_model
+    test = main_mod.test
+
+    def test_with_frozen_ranges(args, model, test_loader, epoch=0):
+        freeze_model(model)
+        try:
+            return test(args, model, test_loader, epoch)
+        finally:
+            for m in model.modules():
+                if type(m).__name__ == "QuantAct":
+                    m.running_stat = True
+
+    main_mod.test = test_with_frozen_ranges
+    patches.append("Z9 main.test after the code's freeze_model (running_stat set back to True after it; the code's "
+                   "unfreeze_model calls an undefined QuantAct.unfix): the QuantAct ranges never grow on the test "
+                   "images (the test before training then quantizes each batch on its own min/max: the ranges are "
+                   "still 0)")
+
 
 class EpochResume:
     """--resume inside one official seed. main.py's loop is: train(epoch), both schedulers step, test(epoch).
@@ -421,6 +450,8 @@ def child(a) -> None:
                 "code_sha256": {f: tp.file_sha256(clone / f) for f in CODE_FILES}, "n_test": data.num_samples,
                 "method_overrides": list(a.method_overrides), "patches": patches}
     run = EpochResume(Path(a.epoch_state) if a.epoch_state else None, settings, a.resume)
+    if a.frozen_test_ranges:
+        freeze_ranges_at_test(main_mod, patches)
     main_mod.train, main_mod.test = run.wrap_train(main_mod.train), run.wrap_test(main_mod.test)
     sys.argv = ["main.py", *argv]
     os.chdir(scratch)
@@ -450,8 +481,8 @@ def child(a) -> None:
         "test_s": round(sum(t[2] for t in tests), 3), "wall_s": round(wall, 3),
         "s_per_iteration": round(trained / (E * I), 3), "iterations": E * I,
         "student_steps": STUDENT_STEPS * E * I, "generator_steps": E * I,
-        "argv": argv, "seed": a.seed, "alpha": alpha_of(a), "relu_per_use": bool(a.relu_per_use), "patches": patches,
-        "teacher_check": teacher_check,
+        "argv": argv, "seed": a.seed, "alpha": alpha_of(a), "relu_per_use": bool(a.relu_per_use),
+        "frozen_test_ranges": bool(a.frozen_test_ranges), "patches": patches, "teacher_check": teacher_check,
         "resumed_from_epoch": run.resumed_from_epoch,
         "act_ranges": [[round(float(m.x_min), 6), round(float(m.x_max), 6)] for m in acts],
         "modules": {k: kinds[k] for k in ("Quant_Conv2d", "Quant_Linear", "QuantAct", "BatchNorm2d") if k in kinds},
@@ -476,12 +507,14 @@ def expected_settings(a, commit: str, sched: dict) -> dict:
     return {"official_commit": commit, "code_sha256": {f: tp.file_sha256(clone / f) for f in CODE_FILES},
             "schedule": sched, "wbit": a.wbit, "abit": a.abit, "alpha": alpha_of(a),
             "method_overrides": list(a.method_overrides), "max_samples": a.max_samples, "model": a.model,
-            "dataset": a.dataset, **({"relu_per_use": True} if a.relu_per_use else {})}
+            "dataset": a.dataset, **({"relu_per_use": True} if a.relu_per_use else {}),
+            **({"frozen_test_ranges": True} if a.frozen_test_ranges else {})}
 
 
 def cell_of(a) -> tuple[Path, str]:
     tag = a.tag or "-".join(([] if alpha_of(a) == DEFAULT_ALPHA else [f"alpha{alpha_of(a):g}"])
-                            + (["relu_per_use"] if a.relu_per_use else []))
+                            + (["relu_per_use"] if a.relu_per_use else [])
+                            + (["frozen_test_ranges"] if a.frozen_test_ranges else []))
     out = Path(a.out) if a.out else common.REPO / "results" / "parity" / METHOD
     out = out / tag if tag else out
     return out / f"w{a.wbit}a{a.abit}-{a.schedule}", tag
@@ -492,6 +525,7 @@ def child_args(a, seed: int, scratch: Path) -> list[str]:
     carries on from it with --resume."""
     knob = ["--alpha", repr(float(a.alpha))] if a.alpha is not None else []
     knob += ["--relu-per-use"] if a.relu_per_use else []
+    knob += ["--frozen-test-ranges"] if a.frozen_test_ranges else []
     knob += ["--epoch-state", str(cell_of(a)[0] / f"official-s{seed}.resume.pt")] + (["--resume"] if a.resume else [])
     return tp.child_args(a, seed, scratch, knob)
 
@@ -535,9 +569,8 @@ def parent(a) -> None:
         return
     ours, d_top1, d_secs = tp.dfqbench_cell(a, cell, METHOD, sched, dfqbench_seeds)
     scrm = "SCRM alpha 1 as the code" if alpha_of(a) == DEFAULT_ALPHA else f"--alpha {alpha_of(a):g} (SCRM weight)"
-    placement = ("Z8 --relu-per-use: the code's ResNet20 with one QuantAct per ReLU use (19 ranges, dfqbench's "
-                 "placement) instead of one per block" if a.relu_per_use else "")
-    ablation = relu_per_use_ablation(a) if not a.relu_per_use and not a.tag else ""
+    changed = "; ".join(ABLATIONS[k][1] for k in ABLATIONS if getattr(a, k))
+    ablation = measured_ablations(a) if not any(getattr(a, k) for k in ABLATIONS) and not a.tag else ""
     common.upsert_parity_row({
         "method": METHOD + (f"-{tag}" if tag else ""), "quant": a.quant, "schedule": a.schedule,
         "wbit": a.wbit, "abit": a.abit, "n_seeds": min(len(runs), len(ours)),
@@ -547,7 +580,7 @@ def parent(a) -> None:
         "official_commit": commit,
         "note": f"official main.py on the teacher (its ResNet20 with the teacher's weights, its own quantize_model at "
                 f"W{a.wbit}A{a.abit}: QuantAct running min/max never frozen, also on the test images), lr_Q 0.1, "
-                f"lr_G 1e-3 Adam default betas, {scrm}{'; ' + placement if placement else ''}; dfqbench "
+                f"lr_G 1e-3 Adam default betas, {scrm}{'; ' + changed if changed else ''}; dfqbench "
                 f"method=zaq quant={a.quant} "
                 f"(no SCRM{', ' + ' '.join(a.method_overrides) if a.method_overrides else ''}); final epoch on both "
                 f"sides (the code's best epoch on test: {best[0]:.2f} +- {best[1]:.2f}); schedule {a.schedule} "
@@ -559,17 +592,32 @@ def parent(a) -> None:
         "model": runs[0]["model"], "dataset": runs[0]["dataset"], "device": runs[0]["device"]}, Path(a.csv))
 
 
-def relu_per_use_ablation(a) -> str:
-    """The note's part for the same cell run with Z8 (--relu-per-use), if its official side is there: the code's
-    QuantAct placement measured as a cause of the gap."""
-    f = cell_of(argparse.Namespace(**{**vars(a), "relu_per_use": True}))[0] / "official.json"
-    if not f.is_file():
-        return ""
-    ab = json.loads(f.read_text())
-    before = common.mean_std([r["quant_top1_before_training"] for r in ab["runs"]])
-    return (f"; the gap measured on the code itself, changed at run time: one QuantAct per ReLU use (Z8, dfqbench's "
-            f"placement) instead of one per block: {ab['top1_mean']:.2f} +- {ab['top1_std']:.2f} over seeds "
-            f"{' '.join(map(str, ab['seeds']))}, {before[0]:.2f} before training ({common.rel(f.parent)})")
+# the ablations (run-time changes of the code beyond Z1-Z7, each its own cell): flag -> (short, what it changes)
+ABLATIONS = {
+    "relu_per_use": ("one QuantAct per ReLU use (Z8, dfqbench's placement) instead of one per block",
+                     "Z8 --relu-per-use: the code's ResNet20 with one QuantAct per ReLU use (19 ranges, dfqbench's "
+                     "placement) instead of one per block"),
+    "frozen_test_ranges": ("ranges frozen during the tests (Z9, as dfqbench: grown on generated batches only)",
+                           "Z9 --frozen-test-ranges: the code's QuantAct ranges frozen during its tests"),
+}
+
+
+def measured_ablations(a) -> str:
+    """The note's part for the same cell run with ablations (every combination whose official side is there):
+    the share of the gap each change of the code explains, measured."""
+    import itertools
+    found = []
+    for n in range(1, len(ABLATIONS) + 1):
+        for combo in itertools.combinations(ABLATIONS, n):
+            f = cell_of(argparse.Namespace(**{**vars(a), **{k: k in combo for k in ABLATIONS}}))[0] / "official.json"
+            if not f.is_file():
+                continue
+            ab = json.loads(f.read_text())
+            before = common.mean_std([r["quant_top1_before_training"] for r in ab["runs"]])
+            found.append(f"{' and '.join(ABLATIONS[k][0] for k in combo)}: {ab['top1_mean']:.2f} +- "
+                         f"{ab['top1_std']:.2f} over seeds {' '.join(map(str, ab['seeds']))}, {before[0]:.2f} before "
+                         f"training ({common.rel(f.parent)})")
+    return f"; the gap measured on the code itself, changed at run time: {'; '.join(found)}" if found else ""
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -586,6 +634,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--relu-per-use", action="store_true",
                    help="ablation Z8: one QuantAct per ReLU use in the code's ResNet20 (dfqbench's placement) instead "
                         "of one per block; names the cell <alpha tag>-relu_per_use")
+    p.add_argument("--frozen-test-ranges", action="store_true",
+                   help="ablation Z9: the code's QuantAct ranges frozen during its tests (never grown on test "
+                        "images); names the cell <tags>-frozen_test_ranges")
     p.add_argument("--epoch-state", default="", help=argparse.SUPPRESS)  # the child's EpochResume file
     common.add_cell_arguments(
         p, METHOD, quant_help="dfqbench preset of the dfqbench side (default gdfq)",
