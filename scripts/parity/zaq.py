@@ -56,7 +56,8 @@ What still differs between the sides (see the module's DEVIATIONS and the task r
 dfqbench's zaq.yaml leaves it out), the code's activation ranges also grow on the test images (before training and
 at every test) and on the generator step's batches, the QuantAct placement (one per block on the code's ResNet20,
 one per ReLU on dfqbench's), the order of the steps (dfqbench: the generator step first, its batch reused by the
-first student step), the RNG streams.
+first student step), the RNG streams. The placement is the measured cause of the alpha-0 cell's gap: with Z8 the
+sides agree (results/parity/README.md, ZAQ).
 
 At the code's --alpha 1 an official seed takes hours at the cpu schedule (600 iterations; the reduced-budget run
 in results/parity/zaq/sanity-5x40-1000img measured 17.6 s/iteration on a shared machine), at --alpha 0 with Z7
