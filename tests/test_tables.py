@@ -374,3 +374,34 @@ def test_every_schedule_short_of_a_papers_budget_is_labelled_under_its_tables():
     assert sorted(probes - set(SCHEDULE_NOTES)) == []
     assert schedule_note("cpu_long")[0].startswith("Schedule `cpu_long`: the cpu schedule's warm-up with 6x")
     assert schedule_note("paper") == []
+
+
+def test_a_gap_that_a_sibling_row_closes_names_it(tmp_path):
+    """A row that does not agree names the row of the same cell that does, with one side the same runs: a dfqbench
+    preset (OCS) or an ablation of the official code (ZAQ's). Other bits, a row that does not agree either, or
+    both sides changed do not count."""
+    ref = tmp_path / "ref"
+    ref.mkdir()
+    cell = "resnet20_cifar10,cifar10"
+    (ref / "parity.csv").write_text("\n".join([
+        PARITY.splitlines()[0] + PARITY.splitlines()[1],
+        f"ocs,official_ocs,,4,4,3,50.15,3.04,52.51,1.98,8,5,cornell-zhang/dnn-quant-ocs,ca3a,,{cell}",
+        f"ocs,ocs,,4,4,3,50.15,3.04,84.64,0.0,8,0,cornell-zhang/dnn-quant-ocs,ca3a,preset,{cell}",
+        f"ocs,ocs,,5,5,3,60.0,0.1,84.0,0.1,8,0,cornell-zhang/dnn-quant-ocs,ca3a,other bits,{cell}",
+        f"zaq-alpha0,gdfq,cpu,4,4,3,58.17,2.07,69.31,2.89,2519,2006,FLHonker/ZAQ-code,e7e9,plain,{cell}",
+        f"zaq-alpha0-both,gdfq,cpu,4,4,3,66.0,0.9,67.0,0.5,1,1,FLHonker/ZAQ-code,e7e9,both changed,{cell}",
+        f"zaq-alpha0-relu_per_use,gdfq,cpu,4,4,3,66.85,0.93,69.31,2.89,2473,2006,FLHonker/ZAQ-code,e7e9,z8,{cell}",
+        f"dfq,dfq,,4,4,3,45.11,0.0,84.72,0.0,3,0,jakc4103/DFQ,6f15,no sibling agrees,{cell}",
+        f"dfq,official_dfq,,4,4,3,45.11,0.0,84.83,0.0,3,0,jakc4103/DFQ,6f15,no sibling agrees,{cell}"]) + "\n")
+    _record(tmp_path / "runs", "z0")
+    tables.main([str(tmp_path / "runs"), "--results", str(tmp_path / "out"), "--reported", str(ref)])
+    agrees = [line.split("|")[-4].strip() for line in (tmp_path / "out" / "parity.md").read_text().splitlines()
+              if line.startswith("| ") and "Method" not in line and "---" not in line]
+    assert agrees[0] == "yes"
+    assert agrees[1] == ("no: gap +34.49; closed by ocs official_ocs (dfqbench changed, parity.csv:2: agrees) "
+                         "(note parity.csv:3)")
+    assert agrees[2] == "no: gap +24.00 (note parity.csv:4)"
+    assert agrees[3] == ("no: gap +11.14; closed by zaq-alpha0-relu_per_use gdfq (official code changed, "
+                         "parity.csv:7: agrees) (note parity.csv:5)")
+    assert agrees[4] == "yes" and agrees[5] == "yes"
+    assert agrees[6] == "no: gap +39.61 (note parity.csv:8)"
