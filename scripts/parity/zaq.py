@@ -119,6 +119,16 @@ RELU_PER_USE = (
                    why="an ablation: the block's inner activation through its own ReLU module (same values)"),
 )
 
+# the ablations (run-time changes of the code beyond Z1-Z7, each its own cell): flag -> (short, what it changes)
+ABLATIONS = {
+    "relu_per_use": ("one QuantAct per ReLU use (Z8, dfqbench's placement) instead of one per block",
+                     "Z8 --relu-per-use: the code's ResNet20 with one QuantAct per ReLU use (19 ranges, dfqbench's "
+                     "placement) instead of one per block"),
+    "frozen_test_ranges": ("ranges frozen during the tests (Z9, as dfqbench: grown on generated batches only)",
+                           "Z9 --frozen-test-ranges: the code's QuantAct ranges frozen during its tests"),
+}
+
+
 # What differs between the official code and dfqbench's method=zaq (conf/method/zaq.yaml over gdfq.yaml,
 # src/dfqbench/train/trainer.py, losses.py, generators/base.py), as read line by line; the task report has them
 # with file:line on both sides.
@@ -482,8 +492,8 @@ def child(a) -> None:
         "test_s": round(sum(t[2] for t in tests), 3), "wall_s": round(wall, 3),
         "s_per_iteration": round(trained / (E * I), 3), "iterations": E * I,
         "student_steps": STUDENT_STEPS * E * I, "generator_steps": E * I,
-        "argv": argv, "seed": a.seed, "alpha": alpha_of(a), "relu_per_use": bool(a.relu_per_use),
-        "frozen_test_ranges": bool(a.frozen_test_ranges), "patches": patches, "teacher_check": teacher_check,
+        "argv": argv, "seed": a.seed, "alpha": alpha_of(a), **{k: bool(getattr(a, k)) for k in ABLATIONS},
+        "patches": patches, "teacher_check": teacher_check,
         "resumed_from_epoch": run.resumed_from_epoch,
         "act_ranges": [[round(float(m.x_min), 6), round(float(m.x_max), 6)] for m in acts],
         "modules": {k: kinds[k] for k in ("Quant_Conv2d", "Quant_Linear", "QuantAct", "BatchNorm2d") if k in kinds},
@@ -508,14 +518,12 @@ def expected_settings(a, commit: str, sched: dict) -> dict:
     return {"official_commit": commit, "code_sha256": {f: tp.file_sha256(clone / f) for f in CODE_FILES},
             "schedule": sched, "wbit": a.wbit, "abit": a.abit, "alpha": alpha_of(a),
             "method_overrides": list(a.method_overrides), "max_samples": a.max_samples, "model": a.model,
-            "dataset": a.dataset, **({"relu_per_use": True} if a.relu_per_use else {}),
-            **({"frozen_test_ranges": True} if a.frozen_test_ranges else {})}
+            "dataset": a.dataset, **{k: True for k in ABLATIONS if getattr(a, k)}}
 
 
 def cell_of(a) -> tuple[Path, str]:
     tag = a.tag or "-".join(([] if alpha_of(a) == DEFAULT_ALPHA else [f"alpha{alpha_of(a):g}"])
-                            + (["relu_per_use"] if a.relu_per_use else [])
-                            + (["frozen_test_ranges"] if a.frozen_test_ranges else []))
+                            + [k for k in ABLATIONS if getattr(a, k)])
     out = Path(a.out) if a.out else common.REPO / "results" / "parity" / METHOD
     out = out / tag if tag else out
     return out / f"w{a.wbit}a{a.abit}-{a.schedule}", tag
@@ -525,8 +533,7 @@ def child_args(a, seed: int, scratch: Path) -> list[str]:
     """The child's command line; it saves its epochs' state to <cell>/official-s<S>.resume.pt (EpochResume) and
     carries on from it with --resume."""
     knob = ["--alpha", repr(float(a.alpha))] if a.alpha is not None else []
-    knob += ["--relu-per-use"] if a.relu_per_use else []
-    knob += ["--frozen-test-ranges"] if a.frozen_test_ranges else []
+    knob += [f"--{k.replace('_', '-')}" for k in ABLATIONS if getattr(a, k)]
     knob += ["--epoch-state", str(cell_of(a)[0] / f"official-s{seed}.resume.pt")] + (["--resume"] if a.resume else [])
     return tp.child_args(a, seed, scratch, knob)
 
@@ -591,16 +598,6 @@ def parent(a) -> None:
                 f"{' '.join(map(str, dfqbench_seeds))}; seconds = training; {runs[0]['n_test']} test images; "
                 f"records {common.rel(cell)}{ablation}",
         "model": runs[0]["model"], "dataset": runs[0]["dataset"], "device": runs[0]["device"]}, Path(a.csv))
-
-
-# the ablations (run-time changes of the code beyond Z1-Z7, each its own cell): flag -> (short, what it changes)
-ABLATIONS = {
-    "relu_per_use": ("one QuantAct per ReLU use (Z8, dfqbench's placement) instead of one per block",
-                     "Z8 --relu-per-use: the code's ResNet20 with one QuantAct per ReLU use (19 ranges, dfqbench's "
-                     "placement) instead of one per block"),
-    "frozen_test_ranges": ("ranges frozen during the tests (Z9, as dfqbench: grown on generated batches only)",
-                           "Z9 --frozen-test-ranges: the code's QuantAct ranges frozen during its tests"),
-}
 
 
 def measured_ablations(a) -> str:
