@@ -66,7 +66,7 @@ reproduce-cifar10: setup  ## experiment=cifar10_resnet20 into results/ (finished
 # make parity OFFICIAL_<METHOD>=<the user's clone of its official repository> ...: each driver runs that clone on the
 # shared teacher and test set beside dfqbench (scripts/parity/<method>.py, results/parity/, results/parity.csv)
 PARITY_ARGS ?=
-PARITY_DRIVERS = SQUANT ACIQ OCS DFQ ZEROQ DSG GDFQ QIMERA CLUSTERQ PSAQVIT QASR ADVKD DFED ZAQ
+PARITY_DRIVERS = SQUANT ACIQ OCS DFQ ZEROQ DSG GDFQ QIMERA CLUSTERQ PSAQVIT QASR ADVKD DFED ZAQ_Z8 ZAQ
 PARITY_CMD_SQUANT = squant.py --bits 4 6 8 --dfqbench --quant official_squant squant
 PARITY_CMD_ACIQ = aciq.py --dfqbench --quant official_aciq aciq
 PARITY_CMD_OCS = ocs.py --dfqbench --quant official_ocs ocs
@@ -80,7 +80,11 @@ PARITY_CMD_PSAQVIT = psaqvit.py --modes 0 1 --bits w4a8 w8a8 w4a4 --seeds 0 1 2 
 PARITY_CMD_QASR = qasr.py --bits w6a6 w4a4 --seeds 0 1 2 --dfqbench --resume
 PARITY_CMD_ADVKD = advkd.py --schedule cpu --seeds 0 1 2 --dfqbench --resume
 PARITY_CMD_DFED = dfed.py --schedule cpu --seeds 0 1 2 --dfqbench --resume
-PARITY_CMD_ZAQ = zaq.py --schedule cpu --seeds 0 1 2 --dfqbench --resume
+# ZAQ: the committed cells are --alpha 0 (no SCRM, as zaq.yaml), the Z8 placement ablation first (the plain
+# cell's row quotes it); the same clone runs both
+OFFICIAL_ZAQ_Z8 ?= $(OFFICIAL_ZAQ)
+PARITY_CMD_ZAQ_Z8 = zaq.py --schedule cpu --seeds 0 1 2 --alpha 0 --relu-per-use --dfqbench --dfqbench-in-sweeps --resume
+PARITY_CMD_ZAQ = zaq.py --schedule cpu --seeds 0 1 2 --alpha 0 --dfqbench --dfqbench-in-sweeps --resume
 parity: setup  ## official code beside dfqbench -> results/parity/, results/parity.csv (OFFICIAL_SQUANT=clone OFFICIAL_ACIQ=clone OFFICIAL_OCS= OFFICIAL_DFQ= OFFICIAL_ZEROQ= OFFICIAL_DSG= OFFICIAL_GDFQ= OFFICIAL_CLUSTERQ= OFFICIAL_PSAQVIT=)
 	@test -n "$(strip $(foreach d,$(PARITY_DRIVERS),$(OFFICIAL_$(d))))" || { echo "make parity: set at least one of $(foreach d,$(PARITY_DRIVERS),OFFICIAL_$(d)=<clone>) (the repositories: results/parity/README.md)" >&2; exit 2; }
 	$(foreach d,$(PARITY_DRIVERS),$(if $(OFFICIAL_$(d)),$(PY) scripts/parity/$(word 1,$(PARITY_CMD_$(d))) --official $(OFFICIAL_$(d)) $(wordlist 2,99,$(PARITY_CMD_$(d))) $(PARITY_ARGS) &&)) true
