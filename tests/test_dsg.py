@@ -69,18 +69,21 @@ def test_margins_of_the_real_teacher_are_positive_and_finite(teacher):
     model = _teacher(teacher)
     bns = [m for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
     assert bn_input_sizes(model, bns, (3, 32, 32), "cpu") == [1024] * 7 + [256] * 7 + [64] * 7
-    margins = layer_margins(model, (3, 32, 32), DSGSettings(), "cpu")
+    margins = layer_margins(model, (3, 32, 32), DSGSettings(margins="gaussian"), "cpu")
     assert len(margins) == len(bns) == 21
     for (m, s), bn in zip(margins, bns):
         assert 0 < m < math.inf and 0 < s < math.inf
         assert s < m  # the std of n values scatters less than their mean: sqrt(2 (n - 1)) > sqrt(n)
         assert m < float(bn.running_var.sqrt().max())  # a fraction of the layer's spread
     assert layer_margins(model, (3, 32, 32), DSGSettings(margins="none"), "cpu") == [(0.0, 0.0)] * 21
+    # the default is the parity-checked zero margins (the official code run with zeros for its missing files)
+    assert DSGSettings().margins == "none"
+    assert layer_margins(model, (3, 32, 32), DSGSettings(), "cpu") == [(0.0, 0.0)] * 21
 
 
 def test_generated_batch_shape_normalization_and_cache(tmp_path):
     model, ctx = tiny_bn_model(), _ctx(tmp_path)
-    settings = DSGSettings(batch_size=6, iterations=150)
+    settings = DSGSettings(batch_size=6, iterations=150, margins="gaussian")  # the bounds below were set for it
     batches = dsg_batches(model, ctx, settings, 10)
     assert [tuple(b.shape) for b in batches] == [(6, 3, 8, 8), (4, 3, 8, 8)]
     x = torch.cat(batches)

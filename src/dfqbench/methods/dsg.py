@@ -25,7 +25,7 @@ class DSG(Method):
 
     def __init__(self, name: str = "dsg", calib_data: str = "dsg", num_images: int = 40, batch_size: int = 40,
                  iterations: int = 500, lr: float = 0.9, patience: int = 260, min_lr: float = 1e-4,
-                 margins: str = "gaussian", margin_percentile: float = 90.0, enhance_weight: float = 2.0,
+                 margins: str = "none", margin_percentile: float = 90.0, enhance_weight: float = 2.0,
                  ce_weight: float = 2.0, tv_weight: float = 0.01, l2_weight: float = 0.01, range: str = "ema",
                  percentile: float = 99.999, enhance: str = "official", enhance_layers: int = 20, **kwargs):
         super().__init__(name, **kwargs)
