@@ -74,6 +74,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import itertools
 import json
 import os
 import re
@@ -603,7 +604,6 @@ def parent(a) -> None:
 def measured_ablations(a) -> str:
     """The note's part for the same cell run with ablations (every combination whose official side is there):
     the share of the gap each change of the code explains, measured."""
-    import itertools
     found = []
     for n in range(1, len(ABLATIONS) + 1):
         for combo in itertools.combinations(ABLATIONS, n):
