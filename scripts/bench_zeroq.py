@@ -1,7 +1,7 @@
 """Benchmark: ZeroQ data distillation for one batch (paper settings) and FP32 vs quantized eval throughput.
 
     python scripts/bench_zeroq.py [--checkpoint PATH] [--data ROOT] [--images N] [--threads T] [--steps 500,300]
-                                  [--official ZEROQ_CLONE] [--out results/bench/bench_zeroq.md]
+                                  [--precisions fp32,bf16] [--official ZEROQ_CLONE] [--out results/bench/bench_zeroq.md]
 
 Everything is measured in this one run on this machine; the ratios are the figures to compare across machines,
 not the absolute seconds. With --official, the official code's getDistilData (amirgholami/ZeroQ, run by the
@@ -9,6 +9,9 @@ parity driver scripts/parity/zeroq.py on the same teacher, same threads) is time
 distillation <= 20 s on 2 threads at equal W4A4 accuracy. --steps times each step count in the same run (the
 paper's 500 first, whose batch the eval rows use); 300 steps give the same W4A4 top-1 as 500 over 8 seeds
 (results/explore/zeroq-steps/README.md), so a 300-step row under 20 s meets the goal with `method.iterations=300`.
+--precisions times the paper's step count (the first of --steps) at each synthesis precision (config `precision`);
+bf16 gives the same W4A4 top-1 as fp32 over 8 seeds (results/explore/zeroq-bf16/README.md). Every row's ratio is
+against the first row (the paper's steps at fp32), measured in the same run.
 """
 
 from __future__ import annotations
@@ -33,6 +36,7 @@ from dfqbench.models import load_model
 from dfqbench.quant import Convention, quantize_model
 from dfqbench.quant.calibration.calibrate import calibrate_on_batches
 from dfqbench.synth.bn_distill import DistillSettings, distill_bn_data
+from dfqbench.synth.bn_loop import PRECISIONS, synthesis_precision
 
 CONF = os.path.join(os.path.dirname(__file__), "..", "conf")
 REPO = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
@@ -51,22 +55,25 @@ def official_distill_seconds(clone: str, threads: int, checkpoint: str, data: st
     return float(record["runs"][0]["distill_s"])
 
 
-STEP_RECORDS = {  # the committed W4A4 full-test-set records of each step count (shared teacher, quant=gdfq)
-    500: "results/sweeps/resnet20_cifar10-cifar10/gdfq/zeroq/w4a4-s*/record.json",
-    300: "results/explore/zeroq-steps/sweeps/resnet20_cifar10-cifar10/gdfq/zeroq-steps300/w4a4-s*/record.json",
+SETTING_RECORDS = {  # the committed W4A4 full-test-set records of each setting (shared teacher, quant=gdfq)
+    "500 steps, fp32": "results/sweeps/resnet20_cifar10-cifar10/gdfq/zeroq/w4a4-s*/record.json",
+    "300 steps, fp32": "results/explore/zeroq-steps/sweeps/resnet20_cifar10-cifar10/gdfq/zeroq-steps300/"
+                       "w4a4-s*/record.json",
+    "500 steps, bf16": "results/explore/zeroq-bf16/sweeps/resnet20_cifar10-cifar10/gdfq/zeroq-bf16/"
+                       "w4a4-s*-bf16/record.json",
 }
 
 
-def accuracy_by_steps() -> list[str]:
-    """The accuracy side of the goal, read from the committed records (the eval rows use the first step count's
-    batch only): W4A4 top-1 mean +- std per step count."""
+def accuracy_by_setting() -> list[str]:
+    """The accuracy side of the goal, read from the committed records (the eval rows use the first row's batch
+    only): W4A4 top-1 mean +- std per setting."""
     import glob
     import statistics
     out = []
-    for steps, pattern in STEP_RECORDS.items():
+    for setting, pattern in SETTING_RECORDS.items():
         top1 = [json.load(open(p))["top1"] for p in sorted(glob.glob(os.path.join(REPO, pattern)))]
         if len(top1) > 1:
-            out.append(f"| W4A4 top-1 at {steps} steps ({len(top1)} seeds, `{pattern.rsplit('/', 2)[0]}/`) | "
+            out.append(f"| W4A4 top-1 at {setting} ({len(top1)} seeds, `{pattern.rsplit('/', 2)[0]}/`) | "
                        f"{statistics.mean(top1):.2f} +- {statistics.stdev(top1):.2f} |")
     return ["", "| records | W4A4 top-1 |", "|---|---|", *out] if out else []
 
@@ -80,6 +87,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--bits", type=int, default=4)
     parser.add_argument("--steps", default="500", help="comma-separated distillation step counts, timed in turn")
+    parser.add_argument("--precisions", default="fp32", help="comma-separated synthesis precisions "
+                        f"({', '.join(PRECISIONS)}), each timed at the first step count")
     parser.add_argument("--official", default=None, help="a clone of amirgholami/ZeroQ: time its distillation too")
     parser.add_argument("--out", default=None, help="also write the report (markdown) to this file")
     args = parser.parse_args()
@@ -97,13 +106,21 @@ def main() -> None:
 
     load = os.getloadavg()[0]
     timings, batches = [], None
-    for steps in [int(s) for s in args.steps.split(",")]:
-        settings = DistillSettings(iterations=steps)  # ZeroQ: one batch of 32, 500 Adam steps at lr 0.5
-        t0 = time.perf_counter()
-        out = distill_bn_data(model, (3, 32, 32), settings, torch.Generator().manual_seed(0), device)
-        timings.append((settings, time.perf_counter() - t0))
+    steps = [int(s) for s in args.steps.split(",")]
+    precisions = [p for p in args.precisions.split(",") if p]
+    bad = [p for p in precisions if p not in PRECISIONS]
+    if bad or precisions[:1] != ["fp32"]:
+        parser.error(f"--precisions {args.precisions!r}: start with fp32 (the baseline) and choose from "
+                     f"{', '.join(PRECISIONS)}")
+    runs = [(n, "fp32") for n in steps] + [(steps[0], p) for p in precisions[1:]]
+    for iterations, precision in runs:
+        settings = DistillSettings(iterations=iterations)  # ZeroQ: one batch of 32, 500 Adam steps at lr 0.5
+        with synthesis_precision(precision):
+            t0 = time.perf_counter()
+            out = distill_bn_data(model, (3, 32, 32), settings, torch.Generator().manual_seed(0), device)
+            timings.append((settings, precision, time.perf_counter() - t0))
         batches = batches or out
-    settings, distill_s = timings[0]
+    settings, _, distill_s = timings[0]
     qmodel = quantize_model(copy.deepcopy(model), Convention.from_dict({"name": "gdfq"}), args.bits, args.bits)
     calibrate_on_batches(qmodel, batches)
 
@@ -115,18 +132,20 @@ def main() -> None:
     lines = [f"measured {time.strftime('%Y-%m-%dT%H:%MZ', time.gmtime())}; load average at start {load:.2f} on "
              f"{os.cpu_count()} cores; threads {threads}; torch {torch.__version__}; glibc keeps freed memory: "
              f"{allocator}", "", "| stage | result |", "|---|---|",
-             *[f"| ZeroQ distillation, 1 batch x {s.batch_size} images x {s.iterations} steps "
-               f"| {sec:.1f} s (goal <= {GOAL_S:.0f} s on 2 threads: "
+             *[f"| ZeroQ distillation, 1 batch x {s.batch_size} images x {s.iterations} steps, {precision} "
+               f"| {sec:.1f} s, {sec / distill_s:.2f}x the first row (goal <= {GOAL_S:.0f} s on 2 threads: "
                f"{'met' if sec <= GOAL_S and threads == 2 else 'NOT met' if threads == 2 else 'not 2 threads'}) |"
-               for s, sec in timings]]
+               for s, precision, sec in timings]]
     if official_s is not None:
-        lines.append(f"| official ZeroQ getDistilData, same settings, same run | {official_s:.1f} s; dfqbench / official "
-                     f"= {distill_s / official_s:.2f}x |")
+        ratios = "; ".join(f"{s.iterations} steps {precision}: {sec / official_s:.2f}x"
+                           for s, precision, sec in timings)
+        lines.append(f"| official ZeroQ getDistilData, 500 steps fp32, same run | {official_s:.1f} s; dfqbench / "
+                     f"official: {ratios} |")
     lines += [f"| FP32 eval ({fp32['n']} images) | {fp32['images_per_s']:.0f} images/s, top-1 {fp32['top1']:.2f} |",
               f"| W{args.bits}A{args.bits} fake-quant eval (gdfq) | {quant['images_per_s']:.0f} images/s, "
               f"top-1 {quant['top1']:.2f} |",
               f"| quantized / FP32 throughput | {quant['images_per_s'] / fp32['images_per_s']:.2f}x |"]
-    lines += accuracy_by_steps()
+    lines += accuracy_by_setting()
     emit(lines, args.out)
 
 

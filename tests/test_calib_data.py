@@ -111,6 +111,13 @@ def test_synthetic_data_is_cached_per_teacher_settings_seed_and_code(tmp_path, m
     monkeypatch.setattr(calib_data, "code_digest", lambda subpackage="": "changed")
     calib_data.cached(ctx, "distill", {"iterations": 5}, compute)
     assert len(calls) == 4
+    # another synthesis precision makes other images; fp32 keeps the key it had before precision existed
+    ctx.precision = "bf16"
+    calib_data.cached(ctx, "distill", {"iterations": 5}, compute)
+    assert len(calls) == 5
+    ctx.precision = "fp32"
+    calib_data.cached(ctx, "distill", {"iterations": 5}, compute)
+    assert len(calls) == 5
 
 
 def test_crossdomain_cli_procedural_w8a8_is_within_half_a_point_and_bad_source_is_refused(
@@ -203,3 +210,39 @@ def test_the_shared_loop_freezes_the_teacher_runs_the_hooks_and_cleans_up():
     with pytest.raises(UnsupportedModel,
                        match=r"the probe needs a model with BatchNorm2d \(or, in a 1-D net, BatchNorm1d\) layers"):
         synthesize_batches(torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3)), Probe(), torch.device("cpu"))
+
+
+def test_bf16_precision_runs_the_teacher_convolutions_in_bf16_and_keeps_images_and_losses_float32():
+    from dfqbench.synth.bn_distill import DistillSettings, distill_bn_data
+    from dfqbench.synth.bn_loop import BNTaps, bn_layers, current_precision, synthesis_precision
+
+    model = _bn_model()
+    seen = []  # the dtype of the conv output (BN input) per forward, as the conv made it
+    model[0].register_forward_hook(lambda m, i, out: seen.append(out.dtype))
+    settings = DistillSettings(batch_size=4, iterations=40, lr=0.1)
+
+    def distill():
+        seen.clear()
+        return distill_bn_data(model, (3, 6, 6), settings, torch.Generator().manual_seed(0), torch.device("cpu"))
+
+    fp32 = distill()
+    assert set(seen) == {torch.float32}
+    with synthesis_precision("bf16"):
+        assert current_precision() == "bf16"
+        bf16 = distill()
+    assert set(seen) == {torch.bfloat16} and len(seen) == 40
+    assert current_precision() == "fp32"  # restored on exit
+    assert bf16[0].dtype == torch.float32 and not torch.equal(bf16[0], fp32[0])
+    assert torch.equal(distill()[0], fp32[0])  # fp32 outside the context: the same images as before
+
+    def bn_loss(x):  # ZeroQ's BN term in float32 for both batches
+        with torch.no_grad(), BNTaps(bn_layers(model, "t")) as taps:
+            model(x)
+            (a, (mean_t, std_t)), = taps.pairs()
+            return float(((a.mean((2, 3)) - mean_t) ** 2).sum() + ((a.std((2, 3)) - std_t) ** 2).sum())
+
+    start = bn_loss(torch.zeros(4, 3, 6, 6).uniform_(-0.1, 0.1))
+    assert bn_loss(bf16[0]) < 0.1 * start and bn_loss(bf16[0]) < 1.1 * bn_loss(fp32[0])  # as close as fp32 gets
+    with pytest.raises(ValueError, match=r"precision='fp16' is not valid; choose one of: fp32, bf16"):
+        with synthesis_precision("fp16"):
+            pass

@@ -31,6 +31,7 @@ def _assert_refused(proc, run_dir, *needles):
     ("wbit=33", ["wbit=33", "2 to 32"]),
     ("abit=four", ["abit=four", "2 to 32"]),
     ("compile=fast", ["compile='fast' is not valid", "none, default, reduce-overhead, max-autotune-no-cudagraphs"]),
+    ("precision=fp16", ["precision='fp16' is not valid", "fp32, bf16"]),
 ])
 def test_bad_choices_and_bit_widths(tmp_path, arg, needles):
     _assert_refused(run_cli(arg, f"hydra.run.dir={tmp_path}"), tmp_path, *needles)

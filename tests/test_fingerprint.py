@@ -300,3 +300,14 @@ def test_new_convention_keys_at_their_neutral_values_keep_the_config_hash():
         changed = json.loads(json.dumps(neutral))
         (changed["quant"] if key == "fold_scope" else changed["quant"]["layers"])[key] = value
         assert records.config_hash(changed) != records.config_hash(base)  # computes something else: a new hash
+
+
+def test_precision_fp32_keeps_the_config_hash_and_bf16_is_another_run():
+    base = {"method": {"name": "zeroq"}, "quant": {"name": "gdfq"}}
+    assert records.config_hash({**base, "precision": "fp32"}) == records.config_hash(base)
+    assert records.config_hash({**base, "precision": "bf16"}) != records.config_hash(base)
+
+
+def test_run_folders_of_another_precision_get_a_suffix():
+    from dfqbench.__main__ import precision_tag
+    assert (precision_tag("fp32"), precision_tag(None), precision_tag("bf16")) == ("", "", "-bf16")

@@ -38,7 +38,13 @@ def schedule_tag(name: str | None) -> str:
     return "" if not name or name == DEFAULT_SCHEDULE else f"-{name}"
 
 
+def precision_tag(name: str | None) -> str:
+    """Run-folder suffix of the synthesis precision: none for fp32, `-<name>` for another (its numbers differ)."""
+    return "" if not name or name == "fp32" else f"-{name}"
+
+
 OmegaConf.register_new_resolver("dfq_schedule_tag", schedule_tag, replace=True)
+OmegaConf.register_new_resolver("dfq_precision_tag", precision_tag, replace=True)
 
 
 def group_options(group: str) -> list[str]:

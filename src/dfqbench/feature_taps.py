@@ -24,6 +24,12 @@ from .errors import UnsupportedModel
 from .quant.quantizers import ActQuantizer
 
 FEATURE_KINDS = ("penultimate", "stages", "residual_branches", "bn_inputs")
+
+
+def as_float32(x: torch.Tensor) -> torch.Tensor:
+    """A kept feature as the losses read it: a bf16/fp16 one (a forward under autocast) in float32; a float32 one
+    is the same tensor, not a copy."""
+    return x.float() if x.is_floating_point() and x.dtype != torch.float32 else x
 _STAGE = re.compile(r"(^|\.)(stage|layer)\d+$")
 
 
@@ -38,7 +44,7 @@ class PenultimateTap:
         self.handle = linears[-1].register_forward_pre_hook(self._keep)
 
     def _keep(self, module, inputs):
-        self.value = inputs[0]
+        self.value = as_float32(inputs[0])
 
     def close(self) -> None:
         self.handle.remove()

@@ -32,6 +32,7 @@ from .errors import ConfigError
 from .method_overrides import apply_per_setting
 from .evaluate import evaluate
 from .methods.base import Method, QuantContext
+from .synth.bn_loop import PRECISIONS, synthesis_precision
 from .train.trainer import COMPILE_MODES
 from .models import check_model_dataset, load_model, resolve_weights
 from .quant import Convention, check_bits
@@ -55,6 +56,8 @@ def validate(cfg: DictConfig) -> None:
         raise ConfigError(f"device={cfg.device!r} is not valid; choose one of: auto, cpu, cuda")
     if cfg.get("compile", "none") not in COMPILE_MODES:
         raise ConfigError(f"compile={cfg.compile!r} is not valid; choose one of: {', '.join(COMPILE_MODES)}")
+    if cfg.get("precision", "fp32") not in PRECISIONS:
+        raise ConfigError(f"precision={cfg.precision!r} is not valid; choose one of: {', '.join(PRECISIONS)}")
     check_model_dataset(cfg.model, str(cfg.dataset.name))
     loggers.check_available(cfg)
     try:
@@ -240,10 +243,10 @@ def _run(cfg: DictConfig, run_dir: Path, overrides: list[str] | None) -> dict:
                            cache_dir=cfg.paths.cache_dir, train_root=train_root(cfg.dataset),
                            other_domain_root=cfg.paths.get("other_domain_root"), run_dir=run_dir,
                            calib_list=cfg.paths.get("calib_list"),
-                           compile=cfg.get("compile", "none"),
+                           compile=cfg.get("compile", "none"), precision=cfg.get("precision", "fp32"),
                            test_eval=lambda m: evaluate(m, data, cfg.eval.batch_size, device)["top1"])
         t0 = time.perf_counter()
-        with use_backend(resolve_backend_name(convention.backend, device)):
+        with use_backend(resolve_backend_name(convention.backend, device)), synthesis_precision(ctx.precision):
             qmodel = method.quantize(copy.deepcopy(model), ctx)
             quantize_s = time.perf_counter() - t0
             result = evaluate(qmodel.to(memory_format=torch.channels_last), data, cfg.eval.batch_size, device,

@@ -7,22 +7,57 @@ running statistics as targets), and per batch the step sequence zero-grad -> for
 optimizer and scheduler step. A `Synthesis` supplies what differs: how a batch starts and what is optimized
 (`new_batch`: the images themselves as an `ImageBatch`, or Genie's generator and latents), the loss, extra hooks
 on the teacher (`prepare`: Genie's swing, the penultimate feature) and what a finished batch yields (`finish`).
+
+Precision (config `precision`, set by the runner with `synthesis_precision`): "fp32" runs the teacher in float32;
+"bf16" runs its forward and backward under bfloat16 autocast (the convolutions in bf16), while the optimized
+images, the BN inputs the losses read (kept as float32) and the losses stay float32. On CPUs with AVX512-BF16 or
+AMX that makes ZeroQ's step about 1.4x faster (results/bench/bench_zeroq.md, with its accuracy records).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
 from ..errors import UnsupportedModel
+from ..feature_taps import as_float32
 
 EPS = 1e-6  # in the std targets sqrt(running_var + EPS) and the per-sample std
 
 Moments = Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]  # activation -> (mean, std)
+
+PRECISIONS = {"fp32": None, "bf16": torch.bfloat16}  # config `precision` -> the autocast dtype (None: off)
+_precision = "fp32"
+
+
+def check_precision(name: str) -> str:
+    if name not in PRECISIONS:
+        raise ValueError(f"precision={name!r} is not valid; choose one of: {', '.join(PRECISIONS)}")
+    return name
+
+
+@contextmanager
+def synthesis_precision(name: str):
+    """Every synthesis loop inside runs the teacher at this precision (a PRECISIONS key)."""
+    global _precision
+    previous, _precision = _precision, check_precision(name)
+    try:
+        yield name
+    finally:
+        _precision = previous
+
+
+def current_precision() -> str:
+    return _precision
+
+
+def _autocast(device: torch.device):
+    dtype = PRECISIONS[_precision]
+    return nullcontext() if dtype is None else torch.autocast(device.type, dtype=dtype)
 
 
 def bn_layers(model: nn.Module, what: str) -> list[nn.BatchNorm2d | nn.BatchNorm1d]:
@@ -62,7 +97,7 @@ class BNTaps:
         self.handles = [bn.register_forward_pre_hook(self._keep) for bn in bns]
 
     def _keep(self, module, inputs):
-        self.captured[module] = inputs[0]
+        self.captured[module] = as_float32(inputs[0])  # under bf16 autocast a bf16 conv output
 
     def clear(self) -> None:
         self.captured.clear()
@@ -151,6 +186,7 @@ def synthesize_batches(model: nn.Module, synthesis: Synthesis, device: torch.dev
     """`synthesis.num_batches` batches, each optimized for `synthesis.iterations` steps against `model`."""
     model = model.eval().to(device)
     batches = []
+    autocast = _autocast(device)
     with frozen(model), BNTaps(bn_layers(model, synthesis.what)) as taps:
         handles = synthesis.prepare(model, taps)
         try:
@@ -162,7 +198,9 @@ def synthesize_batches(model: nn.Module, synthesis: Synthesis, device: torch.dev
                     batch.zero_grad()
                     taps.clear()
                     x = batch.images()
-                    loss = synthesis.loss(batch, x, model(x), taps)
+                    with autocast:
+                        logits = model(x)
+                    loss = synthesis.loss(batch, x, logits.float(), taps)
                     loss.backward()
                     value = loss.item()
                     batch.step(i, value)

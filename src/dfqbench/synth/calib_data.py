@@ -69,9 +69,11 @@ def cached(ctx, name: str, settings: dict, compute: Callable[[], list[torch.Tens
     if not cache_dir or not getattr(ctx, "model_sha256", None):
         return compute()
     # the synthesis code is part of the key: a change to it (a loss, a gradient) makes new batches
+    precision = getattr(ctx, "precision", "fp32")  # in the key only where it is not the default: old keys hold
     key = hashlib.sha256(json.dumps({"model": ctx.model_sha256, "source": name, "settings": settings,
                                      "seed": ctx.seed, "shape": list(ctx.input_shape),
-                                     "code": code_digest("synth")},
+                                     "code": code_digest("synth"),
+                                     **({} if precision == "fp32" else {"precision": precision})},
                                     sort_keys=True, default=str).encode()).hexdigest()[:16]
     path = Path(os.path.expanduser(str(cache_dir))) / "calib" / f"{name}-{key}.pt"
     if path.exists():
