@@ -37,9 +37,17 @@ def test_cli_run_writes_the_record_and_skips_a_finished_rerun(tmp_path, cache_di
     assert abs(record["fp32_top1"] - record["top1"]) <= 1.0
     for key in ("FP32 top-1", "quantized top-1", "drop", "wall", "record.json"):
         assert key in proc.stdout
-    rerun = run_cli(*args, cache=cache_dir)
+    overrides = (tmp_path / ".hydra" / "overrides.yaml").read_text()
+    rerun = run_cli(*args, "progress=false", cache=cache_dir)  # progress: not in the fingerprint
     assert rerun.returncode == 0 and "skipped" in rerun.stderr
     assert json.loads((tmp_path / "record.json").read_text())["created_at"] == record["created_at"]
+    # the skipped job's Hydra files went to .hydra-pending and were dropped: .hydra still describes the record
+    assert (tmp_path / ".hydra" / "overrides.yaml").read_text() == overrides
+    assert not (tmp_path / ".hydra-pending").exists()
+    forced = run_cli(*args, "force=true", cache=cache_dir)  # computed again: its own files move in
+    assert forced.returncode == 0
+    assert "- force=true" in (tmp_path / ".hydra" / "overrides.yaml").read_text()
+    assert not (tmp_path / ".hydra-pending").exists()
 
 
 @pytest.mark.parametrize("method,quant,extra", [

@@ -18,7 +18,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
-from . import sweep
+from . import hydra_files, sweep
 from .errors import ConfigError, UnsupportedModel
 from .run_lock import RunInProgress
 from .train.errors import TrainingDiverged
@@ -45,6 +45,7 @@ def precision_tag(name: str | None) -> str:
 
 OmegaConf.register_new_resolver("dfq_schedule_tag", schedule_tag, replace=True)
 OmegaConf.register_new_resolver("dfq_precision_tag", precision_tag, replace=True)
+OmegaConf.register_new_resolver("dfq_hydra_subdir", hydra_files.output_subdir, replace=True)
 
 
 def group_options(group: str) -> list[str]:

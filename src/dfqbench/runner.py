@@ -25,7 +25,7 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from . import deploy, loggers, methods, records, run_lock
+from . import deploy, hydra_files, loggers, methods, records, run_lock
 from .cpu_allocator import keep_freed_memory
 from .data import data_identity, describe_identity, load_eval_set
 from .errors import ConfigError
@@ -171,7 +171,10 @@ def run(cfg: DictConfig, run_dir: Path, overrides: list[str] | None = None) -> d
     """Compute the run into run_dir (or return its finished record). Only one process works in a run folder at a
     time: another one holding it raises run_lock.RunInProgress before anything is checked or written."""
     with run_lock.hold(run_dir, "python -m dfqbench " + " ".join(overrides or [])):
-        return _run(cfg, run_dir, overrides)
+        try:
+            return _run(cfg, run_dir, overrides)
+        finally:
+            hydra_files.drop(run_dir)  # reused or refused: the .hydra files stay those of the record (adopted below)
 
 
 def _run(cfg: DictConfig, run_dir: Path, overrides: list[str] | None) -> dict:
@@ -199,6 +202,7 @@ def _run(cfg: DictConfig, run_dir: Path, overrides: list[str] | None) -> dict:
         log.info(why)
         done["skipped"] = True  # not in the file: tells a sweep's summary this run computed nothing
         return done
+    hydra_files.adopt(run_dir)  # computed (again): this job's .hydra files describe the record it writes
     if done is not None:
         log.info("force=true: computing %s again", run_dir / records.RECORD_NAME)
     elif why:

@@ -17,7 +17,7 @@ from pathlib import Path
 from hydra.core.utils import JobStatus
 from hydra.experimental.callback import Callback
 
-from . import records
+from . import hydra_files, records
 
 OUTCOMES_DIR = ".dfqbench-outcomes"
 # refused: bad input (ConfigError), no record; busy: another process was computing the run folder (run_lock)
@@ -51,7 +51,7 @@ def redundant_reason(cfg, method) -> str | None:
 def discard_job_dir(run_dir: Path) -> None:
     """Remove the folder Hydra made for a job that ran nothing, if it holds only Hydra's own files."""
     entries = list(run_dir.iterdir()) if run_dir.is_dir() else []
-    if all(p.name == ".hydra" or p.suffix == ".log" for p in entries):
+    if all(p.name in (hydra_files.CURRENT, hydra_files.PENDING) or p.suffix == ".log" for p in entries):
         shutil.rmtree(run_dir, ignore_errors=True)
 
 
