@@ -8,7 +8,8 @@ same run: ATen's fake-quant (`torch.fake_quantize_*`, what `quant.backend=torch`
 once. GB/s counts that read and write (8 bytes per element) for every row, so "vs copy" is the fraction of the
 copy's bandwidth reached. The fused rows compare per-channel min/max ranging + quantization in one Triton kernel
 with the built-in route (`torch.aminmax`, `ranges.grid_from_range`, `torch.fake_quantize_per_channel_affine`).
-Timing: CUDA events around a batch of calls (CPU: perf_counter), median of --repeats. Sizes that fit in L2 (on an
+Timing: CUDA events (CPU: perf_counter) around a batch of calls (2^25 elements in all on CUDA, 2^24 on CPU),
+median of --repeats batches. Sizes that fit in L2 (on an
 H100, 50 MB) can beat the HBM figure; the copy row has the same advantage.
 
 On CPU the rows compare, in the same run: ATen's kernels, dfqbench's `torch` backend (its one-pass C kernel,
@@ -88,7 +89,9 @@ def _timer(device: torch.device, repeats: int):
     """time(fn) -> median seconds per call; calls are batched so that each sample is long enough to measure."""
 
     def time_fn(fn, numel: int) -> float:
-        inner = max(1, 2**25 // numel) if device.type == "cuda" else 1
+        # each sample a batch of calls long enough to time: on CPU a lone 0.1 ms call is at the mercy of a noisy
+        # neighbour (medians of single calls at 2M elements moved 0.27-0.32x of copy between two quiet runs)
+        inner = max(1, 2**25 // numel) if device.type == "cuda" else max(1, 2**24 // numel)
         for _ in range(2):
             fn()
         samples = []
@@ -104,8 +107,9 @@ def _timer(device: torch.device, repeats: int):
                 samples.append(start.elapsed_time(end) / 1e3 / inner)
             else:
                 t0 = time.perf_counter()
-                fn()
-                samples.append(time.perf_counter() - t0)
+                for _ in range(inner):
+                    fn()
+                samples.append((time.perf_counter() - t0) / inner)
         return statistics.median(samples)
 
     return time_fn
@@ -257,7 +261,8 @@ def main() -> None:
              f"# Fake-quant kernels: {name}", "",
              f"torch {torch.__version__}" + (f", triton {__import__('triton').__version__}" if triton_backend else
                                                ", Triton rows need CUDA") +
-             f"; fp32, {BITS}-bit grid; median of {repeats}; GB/s = 8 bytes/element (read x + write y) / time" +
+             f"; fp32, {BITS}-bit grid; median of {repeats} batches of calls; "
+             "GB/s = 8 bytes/element (read x + write y) / time" +
              (f"; torch.compile's first call (the compile) {compile_s:.1f} s" if compiled is not None else ""), "",
              "| elements | op | ms | GB/s | vs copy |", "|---:|---|---:|---:|---:|"]
     print("\n".join(lines), flush=True)
