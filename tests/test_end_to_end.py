@@ -50,6 +50,12 @@ def test_cli_run_writes_the_record_and_skips_a_finished_rerun(tmp_path, cache_di
     assert not (tmp_path / ".hydra-pending").exists()
 
 
+def test_a_precision_that_no_synthesis_uses_is_warned_about(tmp_path, cache_dir, cifar10_root, teacher, caplog):
+    record = run(_real(cache_dir, cifar10_root, teacher, "method=rtn", "wbit=8", "abit=8", "precision=bf16"), tmp_path)
+    assert record["status"] == "done"
+    assert "precision=bf16 changed nothing: method=rtn synthesizes no images" in caplog.text
+
+
 @pytest.mark.parametrize("method,quant,extra", [
     ("dfq", "gdfq", []), ("dfq", "brecq", []), ("rtn", "brecq", []), ("fp32", "gdfq", []),
     ("zeroq", "gdfq", ["method.iterations=40"]), ("zeroq", "brecq", ["method.iterations=40"]),

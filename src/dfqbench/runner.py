@@ -250,8 +250,11 @@ def _run(cfg: DictConfig, run_dir: Path, overrides: list[str] | None) -> dict:
                            compile=cfg.get("compile", "none"), precision=cfg.get("precision", "fp32"),
                            test_eval=lambda m: evaluate(m, data, cfg.eval.batch_size, device)["top1"])
         t0 = time.perf_counter()
-        with use_backend(resolve_backend_name(convention.backend, device)), synthesis_precision(ctx.precision):
+        with use_backend(resolve_backend_name(convention.backend, device)), synthesis_precision(ctx.precision) as sp:
             qmodel = method.quantize(copy.deepcopy(model), ctx)
+            if sp.name != "fp32" and not sp.batches and not ctx.info.get("calib_cached"):  # cached: warned then
+                log.warning("precision=%s changed nothing: method=%s synthesizes no images through the shared "
+                            "BN-statistics loop (synth.bn_loop)", sp.name, method.name)
             quantize_s = time.perf_counter() - t0
             result = evaluate(qmodel.to(memory_format=torch.channels_last), data, cfg.eval.batch_size, device,
                               cfg.progress, desc="quantized eval")

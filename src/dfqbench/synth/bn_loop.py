@@ -11,7 +11,9 @@ on the teacher (`prepare`: Genie's swing, the penultimate feature) and what a fi
 Precision (config `precision`, set by the runner with `synthesis_precision`): "fp32" runs the teacher in float32;
 "bf16" runs its forward and backward under bfloat16 autocast (the convolutions in bf16), while the optimized
 images, the BN inputs the losses read (kept as float32) and the losses stay float32. On CPUs with AVX512-BF16 or
-AMX that makes ZeroQ's step about 1.4x faster (results/bench/bench_zeroq.md, with its accuracy records).
+AMX that makes ZeroQ's distillation about 1.3x faster (results/bench/bench_zeroq.md, with its accuracy records).
+Methods that do not synthesize through this loop (PSAQ-ViT's own loop, the weight-only and generator methods)
+ignore the setting; the runner warns when a non-fp32 precision found no loop to apply to.
 """
 
 from __future__ import annotations
@@ -31,7 +33,16 @@ EPS = 1e-6  # in the std targets sqrt(running_var + EPS) and the per-sample std
 Moments = Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]  # activation -> (mean, std)
 
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16}  # config `precision` -> the autocast dtype (None: off)
-_precision = "fp32"
+
+
+class PrecisionScope:
+    """The precision in force, and how many synthesis batches ran under it."""
+
+    def __init__(self, name: str):
+        self.name, self.batches = name, 0
+
+
+_scope = PrecisionScope("fp32")
 
 
 def check_precision(name: str) -> str:
@@ -42,21 +53,21 @@ def check_precision(name: str) -> str:
 
 @contextmanager
 def synthesis_precision(name: str):
-    """Every synthesis loop inside runs the teacher at this precision (a PRECISIONS key)."""
-    global _precision
-    previous, _precision = _precision, check_precision(name)
+    """Every synthesis loop inside runs the teacher at this precision (a PRECISIONS key); yields the scope."""
+    global _scope
+    previous, _scope = _scope, PrecisionScope(check_precision(name))
     try:
-        yield name
+        yield _scope
     finally:
-        _precision = previous
+        _scope = previous
 
 
 def current_precision() -> str:
-    return _precision
+    return _scope.name
 
 
 def _autocast(device: torch.device):
-    dtype = PRECISIONS[_precision]
+    dtype = PRECISIONS[_scope.name]
     return nullcontext() if dtype is None else torch.autocast(device.type, dtype=dtype)
 
 
@@ -192,6 +203,7 @@ def synthesize_batches(model: nn.Module, synthesis: Synthesis, device: torch.dev
         try:
             for b in range(synthesis.num_batches):
                 batch = synthesis.new_batch(b)
+                _scope.batches += 1
                 steps = tqdm(range(synthesis.iterations), desc=f"{synthesis.name} batch {b + 1}/"
                              f"{synthesis.num_batches}", disable=not progress, leave=False)
                 for i in steps:
