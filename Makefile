@@ -34,7 +34,7 @@ reported: setup  ## re-read the papers' numbers from the seed document
 OFFICIAL_ZEROQ ?=
 bench: setup  ## fake-quant kernels vs copy bandwidth, W4A4 vs FP32 eval, ZeroQ and PSAQ-ViT synthesis (OFFICIAL_ZEROQ=clone: its time too) -> results/bench/
 	$(PY) scripts/bench_fakequant.py --out results/bench/fakequant_cpu.md $(ARGS)
-	$(PY) scripts/bench_zeroq.py --steps 500,300 --precisions fp32,bf16 --out results/bench/bench_zeroq.md $(if $(OFFICIAL_ZEROQ),--official $(OFFICIAL_ZEROQ)) $(ARGS)
+	$(PY) scripts/bench_zeroq.py --steps 500,300 --precisions fp32,bf16 --repeats 3 --out results/bench/bench_zeroq.md $(if $(OFFICIAL_ZEROQ),--official $(OFFICIAL_ZEROQ)) $(ARGS)
 	$(PY) scripts/bench_psaqvit.py --out results/bench/bench_psaqvit.md $(ARGS)
 
 bench-ptq: setup  ## every post-training method: seconds to quantize ResNet-20 and its W4A4 top-1, one run

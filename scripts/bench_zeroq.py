@@ -1,7 +1,8 @@
 """Benchmark: ZeroQ data distillation for one batch (paper settings) and FP32 vs quantized eval throughput.
 
     python scripts/bench_zeroq.py [--checkpoint PATH] [--data ROOT] [--images N] [--threads T] [--steps 500,300]
-                                  [--precisions fp32,bf16] [--official ZEROQ_CLONE] [--out results/bench/bench_zeroq.md]
+                                  [--precisions fp32,bf16] [--repeats 3] [--official ZEROQ_CLONE]
+                                  [--out results/bench/bench_zeroq.md]
 
 Everything is measured in this one run on this machine; the ratios are the figures to compare across machines,
 not the absolute seconds. With --official, the official code's getDistilData (amirgholami/ZeroQ, run by the
@@ -11,7 +12,9 @@ paper's 500 first, whose batch the eval rows use); 300 steps give the same W4A4 
 (results/explore/zeroq-steps/README.md), so a 300-step row under 20 s meets the goal with `method.iterations=300`.
 --precisions times the paper's step count (the first of --steps) at each synthesis precision (config `precision`);
 bf16 gives the same W4A4 top-1 as fp32 over 8 seeds (results/explore/zeroq-bf16/README.md). Every row's ratio is
-against the first row (the paper's steps at fp32), measured in the same run.
+against the first row (the paper's steps at fp32), measured in the same run. --repeats times every setting that
+many times, in rounds over all of them, and reports the median with the range (one 20 s distillation moved by
+10-15 % between runs on these shared cores).
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ import argparse
 import copy
 import json
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -68,7 +72,6 @@ def accuracy_by_setting() -> list[str]:
     """The accuracy side of the goal, read from the committed records (the eval rows use the first row's batch
     only): W4A4 top-1 mean +- std per setting."""
     import glob
-    import statistics
     out = []
     for setting, pattern in SETTING_RECORDS.items():
         top1 = [json.load(open(p))["top1"] for p in sorted(glob.glob(os.path.join(REPO, pattern)))]
@@ -89,6 +92,8 @@ def main() -> None:
     parser.add_argument("--steps", default="500", help="comma-separated distillation step counts, timed in turn")
     parser.add_argument("--precisions", default="fp32", help="comma-separated synthesis precisions "
                         f"({', '.join(PRECISIONS)}), each timed at the first step count")
+    parser.add_argument("--repeats", type=int, default=1, help="time each setting this many times, in rounds; "
+                        "the rows give the median")
     parser.add_argument("--official", default=None, help="a clone of amirgholami/ZeroQ: time its distillation too")
     parser.add_argument("--out", default=None, help="also write the report (markdown) to this file")
     args = parser.parse_args()
@@ -105,7 +110,7 @@ def main() -> None:
     evaluate(model, data, 500, device)  # warm-up
 
     load = os.getloadavg()[0]
-    timings, batches = [], None
+    batches = None
     steps = [int(s) for s in args.steps.split(",")]
     precisions = [p for p in args.precisions.split(",") if p]
     bad = [p for p in precisions if p not in PRECISIONS]
@@ -113,14 +118,19 @@ def main() -> None:
         parser.error(f"--precisions {args.precisions!r}: start with fp32 (the baseline) and choose from "
                      f"{', '.join(PRECISIONS)}")
     runs = [(n, "fp32") for n in steps] + [(steps[0], p) for p in precisions[1:]]
-    for iterations, precision in runs:
-        settings = DistillSettings(iterations=iterations)  # ZeroQ: one batch of 32, 500 Adam steps at lr 0.5
-        with synthesis_precision(precision):
-            t0 = time.perf_counter()
-            out = distill_bn_data(model, (3, 32, 32), settings, torch.Generator().manual_seed(0), device)
-            timings.append((settings, precision, time.perf_counter() - t0))
-        batches = batches or out
-    settings, _, distill_s = timings[0]
+    seconds = {run: [] for run in runs}
+    for _ in range(args.repeats):  # rounds over every setting: a slow spell of the machine hits them alike
+        for iterations, precision in runs:
+            settings = DistillSettings(iterations=iterations)  # ZeroQ: one batch of 32, 500 Adam steps at lr 0.5
+            with synthesis_precision(precision):
+                t0 = time.perf_counter()
+                out = distill_bn_data(model, (3, 32, 32), settings, torch.Generator().manual_seed(0), device)
+                seconds[(iterations, precision)].append(time.perf_counter() - t0)
+            batches = batches or out
+    timings = [(DistillSettings(iterations=n), p, statistics.median(seconds[(n, p)]),
+                f" (median of {len(seconds[(n, p)])}: {min(seconds[(n, p)]):.1f}-{max(seconds[(n, p)]):.1f} s)"
+                if args.repeats > 1 else "") for n, p in runs]
+    settings, _, distill_s, _ = timings[0]
     qmodel = quantize_model(copy.deepcopy(model), Convention.from_dict({"name": "gdfq"}), args.bits, args.bits)
     calibrate_on_batches(qmodel, batches)
 
@@ -133,12 +143,12 @@ def main() -> None:
              f"{os.cpu_count()} cores; threads {threads}; torch {torch.__version__}; glibc keeps freed memory: "
              f"{allocator}", "", "| stage | result |", "|---|---|",
              *[f"| ZeroQ distillation, 1 batch x {s.batch_size} images x {s.iterations} steps, {precision} "
-               f"| {sec:.1f} s, {sec / distill_s:.2f}x the first row (goal <= {GOAL_S:.0f} s on 2 threads: "
+               f"| {sec:.1f} s{spread}, {sec / distill_s:.2f}x the first row (goal <= {GOAL_S:.0f} s on 2 threads: "
                f"{'met' if sec <= GOAL_S and threads == 2 else 'NOT met' if threads == 2 else 'not 2 threads'}) |"
-               for s, precision, sec in timings]]
+               for s, precision, sec, spread in timings]]
     if official_s is not None:
         ratios = "; ".join(f"{s.iterations} steps {precision}: {sec / official_s:.2f}x"
-                           for s, precision, sec in timings)
+                           for s, precision, sec, _ in timings)
         lines.append(f"| official ZeroQ getDistilData, 500 steps fp32, same run | {official_s:.1f} s; dfqbench / "
                      f"official: {ratios} |")
     lines += [f"| FP32 eval ({fp32['n']} images) | {fp32['images_per_s']:.0f} images/s, top-1 {fp32['top1']:.2f} |",
