@@ -40,7 +40,7 @@ from dfqbench.models import load_model
 from dfqbench.quant import Convention, quantize_model
 from dfqbench.quant.calibration.calibrate import calibrate_on_batches
 from dfqbench.synth.bn_distill import DistillSettings, distill_bn_data
-from dfqbench.synth.bn_loop import PRECISIONS, synthesis_precision
+from dfqbench.precision import PRECISIONS, scope as precision_scope
 
 CONF = os.path.join(os.path.dirname(__file__), "..", "conf")
 REPO = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
@@ -122,7 +122,7 @@ def main() -> None:
     for _ in range(args.repeats):  # rounds over every setting: a slow spell of the machine hits them alike
         for iterations, precision in runs:
             settings = DistillSettings(iterations=iterations)  # ZeroQ: one batch of 32, 500 Adam steps at lr 0.5
-            with synthesis_precision(precision):
+            with precision_scope(precision):
                 t0 = time.perf_counter()
                 out = distill_bn_data(model, (3, 32, 32), settings, torch.Generator().manual_seed(0), device)
                 seconds[(iterations, precision)].append(time.perf_counter() - t0)

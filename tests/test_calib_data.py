@@ -214,7 +214,8 @@ def test_the_shared_loop_freezes_the_teacher_runs_the_hooks_and_cleans_up():
 
 def test_bf16_precision_runs_the_teacher_convolutions_in_bf16_and_keeps_images_and_losses_float32():
     from dfqbench.synth.bn_distill import DistillSettings, distill_bn_data
-    from dfqbench.synth.bn_loop import BNTaps, bn_layers, current_precision, synthesis_precision
+    from dfqbench import precision
+    from dfqbench.synth.bn_loop import BNTaps, bn_layers
 
     model = _bn_model()
     seen = []  # the dtype of the conv output (BN input) per forward, as the conv made it
@@ -227,11 +228,11 @@ def test_bf16_precision_runs_the_teacher_convolutions_in_bf16_and_keeps_images_a
 
     fp32 = distill()
     assert set(seen) == {torch.float32}
-    with synthesis_precision("bf16"):
-        assert current_precision() == "bf16"
+    with precision.scope("bf16") as scope:
+        assert precision.current() == "bf16"
         bf16 = distill()
     assert set(seen) == {torch.bfloat16} and len(seen) == 40
-    assert current_precision() == "fp32"  # restored on exit
+    assert precision.current() == "fp32" and scope.uses == 1  # restored on exit; one loop ran under it
     assert bf16[0].dtype == torch.float32 and not torch.equal(bf16[0], fp32[0])
     assert torch.equal(distill()[0], fp32[0])  # fp32 outside the context: the same images as before
 
@@ -244,5 +245,5 @@ def test_bf16_precision_runs_the_teacher_convolutions_in_bf16_and_keeps_images_a
     start = bn_loss(torch.zeros(4, 3, 6, 6).uniform_(-0.1, 0.1))
     assert bn_loss(bf16[0]) < 0.1 * start and bn_loss(bf16[0]) < 1.1 * bn_loss(fp32[0])  # as close as fp32 gets
     with pytest.raises(ValueError, match=r"precision='fp16' is not valid; choose one of: fp32, bf16"):
-        with synthesis_precision("fp16"):
+        with precision.scope("fp16"):
             pass

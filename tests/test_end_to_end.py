@@ -53,7 +53,7 @@ def test_cli_run_writes_the_record_and_skips_a_finished_rerun(tmp_path, cache_di
 def test_a_precision_that_no_synthesis_uses_is_warned_about(tmp_path, cache_dir, cifar10_root, teacher, caplog):
     record = run(_real(cache_dir, cifar10_root, teacher, "method=rtn", "wbit=8", "abit=8", "precision=bf16"), tmp_path)
     assert record["status"] == "done"
-    assert "precision=bf16 changed nothing: method=rtn synthesizes no images" in caplog.text
+    assert "precision=bf16 changed nothing: method=rtn runs no teacher through the synthesis loop" in caplog.text
 
 
 @pytest.mark.parametrize("method,quant,extra", [

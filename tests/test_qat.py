@@ -350,3 +350,33 @@ def test_qimera_mix_norm_component_standardizes_each_component_over_features_and
     torch.testing.assert_close(seen["component"], seen["vector"])
     with pytest.raises(ValueError, match="mix_norm='batch' is not valid; choose one of: vector, component"):
         SuperposedGenerator(10, (3, 32, 32), latent_dim=8, mix_norm="batch")
+
+
+def test_bf16_precision_runs_teacher_and_generator_in_bf16_and_the_student_in_float32():
+    """precision=bf16: the teacher's and generator's convolutions under bf16 autocast, their outputs handed on as
+    float32 (the BN statistics the loss reads too); the student and its quantizers never see a bf16 tensor."""
+    from dfqbench import precision
+    from dfqbench.train.trainer import Trainer
+
+    torch.manual_seed(0)
+    teacher = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(), nn.AdaptiveAvgPool2d(1),
+                            nn.Flatten(), nn.Linear(4, 10)).eval()
+    student = nn.Sequential(copy.deepcopy(teacher[0]), ActQuantizer(4), *copy.deepcopy(teacher[1:]))
+    generator = ConditionalGenerator(10, (3, 8, 8))
+    seen = {"teacher": set(), "student": set(), "generator": set(), "student_in": set()}
+    teacher[0].register_forward_hook(lambda m, i, o: seen["teacher"].add(o.dtype))
+    student[0].register_forward_hook(lambda m, i, o: seen["student"].add(o.dtype))
+    student[0].register_forward_pre_hook(lambda m, i: seen["student_in"].add(i[0].dtype))
+    generator.register_forward_hook(lambda m, i, o: seen["generator"].add(o.dtype))
+    schedule = Schedule(name="t", epochs=2, iters_per_epoch=2, batch_size=4, warmup_epochs=0, calib_epochs=1,
+                        milestones=[])
+    terms = [("bns", BNStatLoss()), ("ce", StudentCE())]
+    with precision.scope("bf16") as scope:
+        trainer = Trainer(teacher, student, generator, terms, [("kd", DistillationKL())], schedule,
+                          TrainSettings(), torch.device("cpu"), 0)
+        info = trainer.fit()
+    assert scope.uses == 1 and info["precision"] == "bf16"
+    assert seen["teacher"] == {torch.bfloat16} and seen["generator"] == {torch.bfloat16}
+    assert seen["student"] == {torch.float32} and seen["student_in"] == {torch.float32}
+    assert all(math.isfinite(v) for v in info["final_losses"].values())
+    assert all(p.dtype == torch.float32 for p in (*student.parameters(), *generator.parameters()))

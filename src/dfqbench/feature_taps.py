@@ -21,15 +21,10 @@ import torch
 from torch import fx, nn
 
 from .errors import UnsupportedModel
+from .precision import as_float32
 from .quant.quantizers import ActQuantizer
 
 FEATURE_KINDS = ("penultimate", "stages", "residual_branches", "bn_inputs")
-
-
-def as_float32(x: torch.Tensor) -> torch.Tensor:
-    """A kept feature as the losses read it: a bf16/fp16 one (a forward under autocast) in float32; a float32 one
-    is the same tensor, not a copy."""
-    return x.float() if x.is_floating_point() and x.dtype != torch.float32 else x
 _STAGE = re.compile(r"(^|\.)(stage|layer)\d+$")
 
 
@@ -220,7 +215,7 @@ class FeatureTap:
 
     @property
     def value(self) -> dict:
-        return {kind: tap.value for kind, tap in self.taps.items()}
+        return {kind: as_float32(tap.value) for kind, tap in self.taps.items()}  # bf16 under autocast
 
     def close(self) -> None:
         for tap in self.taps.values():

@@ -25,14 +25,14 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from . import deploy, hydra_files, loggers, methods, records, run_lock
+from . import deploy, hydra_files, loggers, methods, precision, records, run_lock
 from .cpu_allocator import keep_freed_memory
 from .data import data_identity, describe_identity, load_eval_set
 from .errors import ConfigError
 from .method_overrides import apply_per_setting
 from .evaluate import evaluate
 from .methods.base import Method, QuantContext
-from .synth.bn_loop import PRECISIONS, synthesis_precision
+from .precision import PRECISIONS
 from .train.trainer import COMPILE_MODES
 from .models import check_model_dataset, load_model, resolve_weights
 from .quant import Convention, check_bits
@@ -250,11 +250,11 @@ def _run(cfg: DictConfig, run_dir: Path, overrides: list[str] | None) -> dict:
                            compile=cfg.get("compile", "none"), precision=cfg.get("precision", "fp32"),
                            test_eval=lambda m: evaluate(m, data, cfg.eval.batch_size, device)["top1"])
         t0 = time.perf_counter()
-        with use_backend(resolve_backend_name(convention.backend, device)), synthesis_precision(ctx.precision) as sp:
+        with use_backend(resolve_backend_name(convention.backend, device)), precision.scope(ctx.precision) as sp:
             qmodel = method.quantize(copy.deepcopy(model), ctx)
-            if sp.name != "fp32" and not sp.batches and not ctx.info.get("calib_cached"):  # cached: warned then
-                log.warning("precision=%s changed nothing: method=%s synthesizes no images through the shared "
-                            "BN-statistics loop (synth.bn_loop)", sp.name, method.name)
+            if sp.name != "fp32" and not sp.uses and not ctx.info.get("calib_cached"):  # cached: warned then
+                log.warning("precision=%s changed nothing: method=%s runs no teacher through the synthesis loop "
+                            "(synth.bn_loop) or the generator-QAT trainer", sp.name, method.name)
             quantize_s = time.perf_counter() - t0
             result = evaluate(qmodel.to(memory_format=torch.channels_last), data, cfg.eval.batch_size, device,
                               cfg.progress, desc="quantized eval")

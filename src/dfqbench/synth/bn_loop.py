@@ -8,68 +8,27 @@ optimizer and scheduler step. A `Synthesis` supplies what differs: how a batch s
 (`new_batch`: the images themselves as an `ImageBatch`, or Genie's generator and latents), the loss, extra hooks
 on the teacher (`prepare`: Genie's swing, the penultimate feature) and what a finished batch yields (`finish`).
 
-Precision (config `precision`, set by the runner with `synthesis_precision`): "fp32" runs the teacher in float32;
-"bf16" runs its forward and backward under bfloat16 autocast (the convolutions in bf16), while the optimized
-images, the BN inputs the losses read (kept as float32) and the losses stay float32. On CPUs with AVX512-BF16 or
-AMX that makes ZeroQ's distillation about 1.3x faster (results/bench/bench_zeroq.md, with its accuracy records).
-Methods that do not synthesize through this loop (PSAQ-ViT's own loop, the weight-only and generator methods)
-ignore the setting; the runner warns when a non-fp32 precision found no loop to apply to.
+The teacher's forward and backward run at the config's `precision` (dfqbench.precision): under bf16 autocast the
+BN inputs and logits the losses read come back as float32, and the images stay float32. ZeroQ's distillation is
+then about 1.3x faster on AVX512-BF16 CPUs at the same W4A4 top-1 (results/bench/bench_zeroq.md).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager
 
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from .. import precision
 from ..errors import UnsupportedModel
-from ..feature_taps import as_float32
+from ..precision import as_float32
 
 EPS = 1e-6  # in the std targets sqrt(running_var + EPS) and the per-sample std
 
 Moments = Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]  # activation -> (mean, std)
-
-PRECISIONS = {"fp32": None, "bf16": torch.bfloat16}  # config `precision` -> the autocast dtype (None: off)
-
-
-class PrecisionScope:
-    """The precision in force, and how many synthesis batches ran under it."""
-
-    def __init__(self, name: str):
-        self.name, self.batches = name, 0
-
-
-_scope = PrecisionScope("fp32")
-
-
-def check_precision(name: str) -> str:
-    if name not in PRECISIONS:
-        raise ValueError(f"precision={name!r} is not valid; choose one of: {', '.join(PRECISIONS)}")
-    return name
-
-
-@contextmanager
-def synthesis_precision(name: str):
-    """Every synthesis loop inside runs the teacher at this precision (a PRECISIONS key); yields the scope."""
-    global _scope
-    previous, _scope = _scope, PrecisionScope(check_precision(name))
-    try:
-        yield _scope
-    finally:
-        _scope = previous
-
-
-def current_precision() -> str:
-    return _scope.name
-
-
-def _autocast(device: torch.device):
-    dtype = PRECISIONS[_scope.name]
-    return nullcontext() if dtype is None else torch.autocast(device.type, dtype=dtype)
-
 
 def bn_layers(model: nn.Module, what: str) -> list[nn.BatchNorm2d | nn.BatchNorm1d]:
     """The model's BatchNorm2d layers; a model with none (a 1-D conv net: Conv1d -> BatchNorm1d) gives its
@@ -197,13 +156,12 @@ def synthesize_batches(model: nn.Module, synthesis: Synthesis, device: torch.dev
     """`synthesis.num_batches` batches, each optimized for `synthesis.iterations` steps against `model`."""
     model = model.eval().to(device)
     batches = []
-    autocast = _autocast(device)
+    autocast = precision.autocast(device)
     with frozen(model), BNTaps(bn_layers(model, synthesis.what)) as taps:
         handles = synthesis.prepare(model, taps)
         try:
             for b in range(synthesis.num_batches):
                 batch = synthesis.new_batch(b)
-                _scope.batches += 1
                 steps = tqdm(range(synthesis.iterations), desc=f"{synthesis.name} batch {b + 1}/"
                              f"{synthesis.num_batches}", disable=not progress, leave=False)
                 for i in steps:

@@ -20,6 +20,8 @@ scheduler state. After every epoch the student, generator, optimizers, EMA state
 into `<run_dir>/checkpoint.pt` (atomic write); a rerun resumes from it when its fingerprint (the method's
 settings, bits, seed, convention, teacher) matches. A NaN/inf loss stops training with TrainingDiverged naming
 the epoch, iteration and term, leaving the last good checkpoint.
+The teacher and the generator run at the config's `precision` (dfqbench.precision: under bf16 autocast their
+outputs come back as float32); the student and its fake quantization always run in float32.
 """
 
 from __future__ import annotations
@@ -36,6 +38,8 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from .. import precision
+from ..precision import as_float32
 from ..quant.quantizers import ActQuantizer
 from . import checkpoint as ckpt
 from .ema import EMARangeObserver
@@ -100,7 +104,7 @@ class BNRecorder:
 
     def _hook(self, bn, inputs):
         if self.recording:
-            var, mean = torch.var_mean(inputs[0], dim=(0, 2, 3), unbiased=False)
+            var, mean = torch.var_mean(as_float32(inputs[0]), dim=(0, 2, 3), unbiased=False)
             self.stats.append((mean, var, bn.running_mean, bn.running_var))
 
     def run(self, model: nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -165,6 +169,7 @@ class Trainer:
         self.stateful_terms = {n: t for n, t in generator_terms if hasattr(t, "state_dict")}
         self.compile_mode = compile_mode
         self._compile(compile_mode)
+        self.precision, self.autocast = precision.current(), precision.autocast(device)
 
     def _compile(self, mode: str) -> None:
         """torch.compile each network in place (nn.Module.compile: the state_dict keys and checkpoints do not
@@ -230,6 +235,8 @@ class Trainer:
                 "final_losses": {k: round(v, 6) for k, v in self.last.items()}}
         if self.compile_mode != "none":
             info["compile"] = self.compile_mode
+        if self.precision != "fp32":
+            info["precision"] = self.precision
         if resumed is not None:
             info["resumed_from_epoch"] = resumed
         if self.best is not None:  # only behind best_epoch_on_test: the table labels such runs
@@ -269,7 +276,7 @@ class Trainer:
             batch_size = cfg.warmup_batch_size
         for _ in range(cfg.generator_steps if opt_g else 0):
             sample = generator.sample(batch_size, self.rng).to(self.device)
-            images = generator(sample)
+            images = self._generate(generator, sample)
             if cfg.student_eval_in_generator_step:
                 self.student.eval()
             step = Step(images, sample.targets, teacher=self._teacher_forward, student=self.student,
@@ -297,7 +304,7 @@ class Trainer:
                 if cfg.perturb_epsilon:
                     images = images.detach().requires_grad_(True)
                 if cfg.perturb_epsilon and cfg.perturb_through_teacher:  # the teacher reruns on x, with grad
-                    step = Step(images, targets, teacher=self.teacher, student=self.student, taps=self.taps,
+                    step = Step(images, targets, teacher=self._teach, student=self.student, taps=self.taps,
                                 teacher_grad=True)
                 else:
                     step = Step(images, targets, teacher_logits=teacher_logits, student=self.student,
@@ -322,19 +329,28 @@ class Trainer:
         sample = self.generator.sample_for(torch.tensor([label]), self.rng)
         if not augment:
             sample.theta = None
-        images = self.generator(sample.to(self.device))
-        logits = self.bn.run(self.teacher, images) if self.bn else self.teacher(images)
-        return logits, list(self.bn.stats) if self.bn else []
+        images = self._generate(self.generator, sample.to(self.device))
+        return self._teacher_forward(images), list(self.bn.stats) if self.bn else []
 
     def _teacher_forward(self, images: torch.Tensor) -> torch.Tensor:
-        return self.bn.run(self.teacher, images) if self.bn else self.teacher(images)
+        """The teacher's logits, its BN-input statistics recorded on the way when a loss needs them."""
+        with self.autocast:
+            return as_float32(self.bn.run(self.teacher, images) if self.bn else self.teacher(images))
+
+    def _teach(self, images: torch.Tensor) -> torch.Tensor:
+        with self.autocast:
+            return as_float32(self.teacher(images))
+
+    def _generate(self, generator: nn.Module, sample) -> torch.Tensor:
+        with self.autocast:
+            return as_float32(generator(sample))
 
     def _with_hard_samples(self, loss, terms, images, targets):
         """HAST's sample-difficulty promotion: the same student loss on x + eps * sign(grad_x loss), added."""
         grad, = torch.autograd.grad(loss, images, retain_graph=True)
         hard = (images + self.settings.perturb_epsilon * grad.sign()).detach()
         with torch.no_grad():
-            teacher_logits = self.teacher(hard)
+            teacher_logits = self._teach(hard)
             features = self.taps[0].value if self.taps else None
         step = Step(hard, targets, teacher_logits=teacher_logits, student=self.student, taps=self.taps,
                     teacher_features=features)
@@ -347,10 +363,10 @@ class Trainer:
         mode = generator.training
         generator.train(mode and self.settings.student_batches != "fresh_eval")
         try:
-            images = generator(sample)
+            images = self._generate(generator, sample)
         finally:
             generator.train(mode)
-        step = Step(images, sample.targets, teacher=self.teacher, taps=self.taps)
+        step = Step(images, sample.targets, teacher=self._teach, taps=self.taps)
         return images, step.targets, step.teacher_logits, step.teacher_feature_set if self.taps else None
 
     def _checked(self, loss: torch.Tensor, terms: dict, phase: str, epoch: int, it: int) -> float:
