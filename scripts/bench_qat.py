@@ -3,7 +3,7 @@
     python scripts/bench_qat.py [--batch 200] [--iters 5] [--threads T] [--device cpu|cuda] [--bits 4]
                                 [--methods gdfq,ait] [--memory-format channels_last|contiguous]
                                 [--backend auto|torch|triton] [--compile none,default,reduce-overhead]
-                                [--out FILE]
+                                [--precisions fp32,bf16] [--out FILE]
 
 Rows (all on the same batch size, measured in this process one after another):
 - FP32 fwd+bwd: the float ResNet-20 in eval mode, forward + backward of a cross-entropy loss: the baseline.
@@ -13,7 +13,8 @@ Rows (all on the same batch size, measured in this process one after another):
   forward, teacher forward + backward to the images, generator Adam step, student forward + backward + SGD step
   (+ AIT's gradient inundation for `ait`). With --compile, one row per torch.compile mode (config `compile`:
   the trainer compiles its teacher, student and generator in place); a compiled row is timed after
-  --compile-warmup iterations, which compile and, for reduce-overhead, record the CUDA graphs.
+  --compile-warmup iterations, which compile and, for reduce-overhead, record the CUDA graphs. With
+  --precisions, one row per precision (config `precision`: bf16 runs the teacher and generator under autocast).
 The "x FP32" column is the number to compare across machines, not the seconds. The teacher is the shared
 checkpoint when $DFQ_MODELS_DIR has it, else pytorchcv's architecture with random weights (same cost).
 """
@@ -33,6 +34,7 @@ from hydra import compose, initialize_config_dir
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "src"))
+from dfqbench import precision  # noqa: E402
 from dfqbench.methods.qat import GeneratorQAT  # noqa: E402
 from dfqbench.models import load_model  # noqa: E402
 from dfqbench.quant import Convention, quantize_model, weight_quantizers  # noqa: E402
@@ -95,6 +97,8 @@ def main() -> None:
                         help="comma-separated torch.compile modes of the trainer rows (none = eager), e.g. "
                              "none,default,reduce-overhead")
     parser.add_argument("--compile-warmup", type=int, default=8)
+    parser.add_argument("--precisions", default="fp32", help="comma-separated precisions of the trainer rows "
+                        f"({', '.join(precision.PRECISIONS)})")
     parser.add_argument("--out", default=None, help="also write the markdown table here")
     args = parser.parse_args()
     backend = resolve_backend_name(args.backend, torch.device(args.device))
@@ -133,21 +137,25 @@ def measure(args) -> list[str]:
     calibrate_on_batches(quant, [x])
     t_quant = timed(fwd_bwd(quant.eval(), x, y), args.iters, args.warmup, device)
     rows = [("FP32 fwd+bwd (baseline)", t_fp32), (f"W{args.bits}A{args.bits} fwd+bwd (fake-quant student)", t_quant)]
-    for name, method in methods.items():
-        for mode in args.compile.split(","):
+    runs = [(name, method, mode, p) for name, method in methods.items() for mode in args.compile.split(",")
+            for p in args.precisions.split(",")]
+    for name, method, mode, prec in runs:
+        with precision.scope(prec):  # the trainer takes its autocast at construction
             trainer = trainer_for(method, teacher, convention, args.bits, device, args.batch, mode)
-            trainer._set_rates(0)
-            trainer._iteration(0, 0)  # epoch 0: EMA calibration of the activation ranges
-            trainer.observer.close()
-            label = f"trainer iteration ({name})" if mode == "none" else f"trainer iteration ({name}, compile {mode})"
-            warmup = args.warmup if mode == "none" else max(args.warmup, args.compile_warmup)
-            t0 = time.perf_counter()
-            try:
-                rows.append((label, timed(lambda: trainer._iteration(1, 0), args.iters, warmup, device)))
-            except Exception as exc:  # a mode this torch cannot compile: say so in the table, go on
-                print(f"{label}: {type(exc).__name__}: {exc}", file=sys.stderr)
-                rows.append((f"{label}: failed ({type(exc).__name__})", (float("nan"), float("nan"))))
-            print(f"{label}: {time.perf_counter() - t0:.1f} s with warm-up", file=sys.stderr)
+        trainer._set_rates(0)
+        trainer._iteration(0, 0)  # epoch 0: EMA calibration of the activation ranges
+        trainer.observer.close()
+        extra = "".join(f", {e}" for e in (f"compile {mode}" if mode != "none" else "", prec if prec != "fp32" else "")
+                        if e)
+        label = f"trainer iteration ({name}{extra})"
+        warmup = args.warmup if mode == "none" else max(args.warmup, args.compile_warmup)
+        t0 = time.perf_counter()
+        try:
+            rows.append((label, timed(lambda: trainer._iteration(1, 0), args.iters, warmup, device)))
+        except Exception as exc:  # a mode this torch cannot compile: say so in the table, go on
+            print(f"{label}: {type(exc).__name__}: {exc}", file=sys.stderr)
+            rows.append((f"{label}: failed ({type(exc).__name__})", (float("nan"), float("nan"))))
+        print(f"{label}: {time.perf_counter() - t0:.1f} s with warm-up", file=sys.stderr)
 
     threads = torch.get_num_threads()
     load = f", load average {os.getloadavg()[0]:.1f}" if hasattr(os, "getloadavg") else ""
