@@ -4,7 +4,8 @@
 #   LANES="long_gdfq long_qimera" picks lanes (default: all); BACKENDS="torch triton" runs bench_qat once per
 #   fake-quant backend (default: auto); COMPILE="none,default,reduce-overhead" gives bench_qat one trainer row per
 #   torch.compile mode (default: none); FAKEQUANT=0 skips bench_fakequant, BENCH=0 both benchmarks; KERNEL_TESTS=0
-#   skips the Triton kernel tests; BENCH_TIMEOUT_S caps each benchmark (default 600).
+#   skips the Triton kernel tests; BENCH_TIMEOUT_S caps each benchmark (default 600); PRECISIONS="fp32,bf16" (the
+#   default) gives bench_qat one trainer row per precision.
 # 0. optional set-up for a bare machine: wheels in .gpu/wheels (hydra-core, omegaconf, antlr4, pytorchcv) are
 #    installed to /tmp/site; the test split and teacher in .gpu/cifar10-jpeg and .gpu/models are used when present
 #    (the test split may come packed, .gpu/cifar10-test-jpeg.npz from scripts/pack_split.py: the machine takes the
@@ -17,7 +18,8 @@
 #    single-seed cells of the cpu schedule; lanes tune_*: the tuning-robustness study's methods not yet run
 #    (experiment=tuning_robustness, records under results/tuning/); lanes gdfq_eager / gdfq_compiled: GDFQ W4A4
 #    seeds 0-2 on the cpu schedule, eagerly (results/cuda/sweeps) and with compile=$COMPILE_RUN (default
-#    reduce-overhead; results/explore/compile-gpu/): equal accuracy or not. Runs still going at the deadline are
+#    reduce-overhead; results/explore/compile-gpu/): equal accuracy or not; lane gdfq_bf16 the same with
+#    precision=bf16 (results/explore/gdfq-bf16-gpu/). Runs still going at the deadline are
 #    stopped (their checkpoints stay).
 # 3. every record finished in this session, with its .hydra folder and the lane logs -> $OUT/records.tgz
 # DRY=1 runs the same plumbing on tiny settings (CPU, smoke schedules, 200 test images): a check of the script.
@@ -62,7 +64,7 @@ for backend in ${BACKENDS:-auto}; do
     suffix=$([[ $mode == none ]] || echo "_compile-$mode")
     log "bench_qat ($backend, compile $mode)"
     timeout "${BENCH_TIMEOUT_S:-600}" "$PY" scripts/bench_qat.py "${bench[@]}" --backend "$backend" \
-      --methods "${BENCH_METHODS:-gdfq,ait,adadfq,arc}" --compile "$mode" \
+      --methods "${BENCH_METHODS:-gdfq,ait,adadfq,arc}" --compile "$mode" --precisions "${PRECISIONS:-fp32,bf16}" \
       --out "$OUT/bench_qat_gpu_$backend$suffix.md" >> "$OUT/bench.log" 2>&1 || log "bench_qat failed (see bench.log)"
   done
 done
@@ -106,6 +108,7 @@ declare -A lanes=(
   [gdfq_eager]="run schedule=$short method=gdfq wbit=4 abit=4 seed=0,1,2"
   [gdfq_compiled]="explore compile-gpu schedule=$short method=gdfq wbit=4 abit=4 seed=0,1,2 compile=$COMPILE_RUN ||
     explore compile-gpu schedule=$short method=gdfq wbit=4 abit=4 seed=0,1,2 compile=default"
+  [gdfq_bf16]="explore gdfq-bf16-gpu schedule=$short method=gdfq wbit=4 abit=4 seed=0,1,2 precision=bf16"
   # the training family's W4A4 cells on the cpu schedule, 3 seeds each (their CPU records were superseded by
   # the 2026-12-03 parity fixes and have 0-1 seeds again): results/cuda/sweeps/
   [family_1]="run schedule=$short method=gdfq,qimera wbit=4 abit=4 seed=0,1,2"
