@@ -39,7 +39,7 @@ def schedule_tag(name: str | None) -> str:
 
 
 def precision_tag(name: str | None) -> str:
-    """Run-folder suffix of the synthesis precision: none for fp32, `-<name>` for another (its numbers differ)."""
+    """Run-folder suffix of the config's `precision`: none for fp32, `-<name>` for another (its numbers differ)."""
     return "" if not name or name == "fp32" else f"-{name}"
 
 

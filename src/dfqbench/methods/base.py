@@ -39,7 +39,7 @@ class QuantContext:
     run_dir: Path | None = None  # the run's folder: training methods keep their resumable checkpoint there
     test_eval: Callable[[nn.Module], float] | None = None  # top-1 on the test set: only for flagged best-epoch runs
     compile: str = "none"  # the generator-QAT trainer's torch.compile mode (config `compile`)
-    precision: str = "fp32"  # the image-synthesis loop's teacher precision (config `precision`, synth.bn_loop)
+    precision: str = "fp32"  # the data-making networks' precision (config `precision`, dfqbench.precision)
 
     def generator(self) -> torch.Generator:
         return torch.Generator(device="cpu").manual_seed(self.seed)

@@ -10,7 +10,7 @@ on the teacher (`prepare`: Genie's swing, the penultimate feature) and what a fi
 
 The teacher's forward and backward run at the config's `precision` (dfqbench.precision): under bf16 autocast the
 BN inputs and logits the losses read come back as float32, and the images stay float32. ZeroQ's distillation is
-then about 1.3x faster on AVX512-BF16 CPUs at the same W4A4 top-1 (results/bench/bench_zeroq.md).
+then about 1.25x faster on AVX512-BF16 CPUs at the same W4A4 top-1 (results/bench/bench_zeroq.md).
 """
 
 from __future__ import annotations
@@ -170,7 +170,7 @@ def synthesize_batches(model: nn.Module, synthesis: Synthesis, device: torch.dev
                     x = batch.images()
                     with autocast:
                         logits = model(x)
-                    loss = synthesis.loss(batch, x, logits.float(), taps)
+                    loss = synthesis.loss(batch, x, as_float32(logits), taps)
                     loss.backward()
                     value = loss.item()
                     batch.step(i, value)
