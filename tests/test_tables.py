@@ -236,6 +236,27 @@ def test_leaderboard_bolds_the_best_of_each_column(built):
     assert (built / "plots" / "resnet20_cifar10-cifar10-time.png").exists()
 
 
+def test_a_deterministic_methods_cell_says_det_and_shows_no_std(tmp_path):
+    """A method that takes no seed (record `stochastic` false) is one run for every seed: '(det.)', no ± 0.00, even
+    where seeds 0-2 were run; a seeded method's one run stays '(1)'; a record without the key counts as seeded."""
+    runs, out = tmp_path / "runs", tmp_path / "out"
+    for seed in range(3):
+        _record(runs, f"rtn{seed}", method="rtn", seed=seed, top1=84.0, stochastic=False)
+    _record(runs, "sq0", method="squant", top1=86.0, stochastic=False)
+    _record(runs, "z0", seed=0, top1=80.0, stochastic=True)
+    _record(runs, "dsg0", method="dsg", seed=0, top1=81.0)  # an old record, no `stochastic`
+    tables.main([str(runs), "--results", str(out), "--reported", str(tmp_path / "none")])
+    grid = {r["Method"]: r["W4A4"] for r in _md_tables((out / "README.md").read_text(), "### Convention `gdfq`")}
+    assert grid == {"dsg": "81.00 (1)", "rtn": "84.00 (det.)", "squant": "**86.00 (det.)**", "zeroq": "80.00 (1)"}
+    md = (out / "baselines.md").read_text()
+    rows = {r["Method"]: r for r in _md_tables(md, "### Reproduced: convention `gdfq`, post-training")}
+    assert (rows["rtn"]["Seeds"], rows["rtn"]["Top-1"], rows["rtn"]["Drop"]) == ("det.", "84.00", "6.50")
+    assert (rows["zeroq"]["Seeds"], rows["dsg"]["Seeds"]) == ("1", "1")
+    s = pd.read_csv(out / "summary.csv").set_index("method")
+    assert s.deterministic.to_dict() == {"dsg": False, "rtn": True, "squant": True, "zeroq": False}
+    assert s.n_seeds["rtn"] == 3
+
+
 def test_results_dir_of_ones_own_gets_the_paper_tables(tmp_path):
     """`make tables RESULTS=dir`: records from dir, the papers' numbers from results/."""
     if shutil.which("make") is None:

@@ -6,6 +6,8 @@
     schedule    the training schedule ("" for post-training methods and paper rows)
     device      cpu | cuda ("" where the source does not say)
     n_seeds     seeds the mean is over (NaN where the paper does not say)
+    deterministic   a dfqbench run whose method takes no seed (Method.stochastic false): one run stands for every
+                seed, so its cell has no std (False for the other sources)
     fp32_top1, top1_mean, top1_std, drop_mean, drop_std   top-1 (%) and FP32 minus top-1, over the seeds
     paper, table, notes        for a paper row: the paper, the table it comes from, its note
     records     where the number is: record.json paths (";"-separated), or "<csv file>:<line>"
@@ -30,11 +32,11 @@ from .names import split_reported, split_run_method
 
 RUN_COLUMNS = ["model", "dataset", "method", "variant", "config", "quant", "schedule", "device", "wbit", "abit",
                "seed", "fp32_top1", "top1", "top5", "drop", "n_test", "checkpoint_sha256", "config_hash",
-               "wall_time_s", "quantize_time_s", "git_commit", "record", "fidelity", "mixed_precision"]
+               "wall_time_s", "quantize_time_s", "git_commit", "record", "fidelity", "mixed_precision", "stochastic"]
 ENTRY_COLUMNS = ["source", "model", "dataset", "family", "method", "variant", "config", "convention", "schedule",
-                 "device", "wbit", "abit", "mixed_precision", "n_test", "n_seeds", "fp32_top1", "top1_mean",
-                 "top1_std", "drop_mean", "drop_std", "wall_s", "quantize_s", "paper", "table", "notes", "records",
-                 "fidelity"]
+                 "device", "wbit", "abit", "mixed_precision", "n_test", "n_seeds", "deterministic", "fp32_top1",
+                 "top1_mean", "top1_std", "drop_mean", "drop_std", "wall_s", "quantize_s", "paper", "table", "notes",
+                 "records", "fidelity"]
 _GROUP = ["model", "dataset", "method", "variant", "config", "quant", "schedule", "device", "wbit", "abit",
           "n_test", "fidelity"]
 REPORTED_FILES = ("reported.csv", "reported_extra.csv")
@@ -124,7 +126,8 @@ def collect_runs(roots: list[Path]) -> pd.DataFrame:
                          "config": record.get("method"), "schedule": schedule_label(record),
                          "device": str(record.get("device") or ""), "record": str(path),
                          "fidelity": record.get("fidelity") or "reproduction",
-                         "mixed_precision": bool((record.get("info") or {}).get("mixed_precision"))})
+                         "mixed_precision": bool((record.get("info") or {}).get("mixed_precision")),
+                         "stochastic": bool(record.get("stochastic", True))})  # unknown: assume it takes a seed
     df = pd.DataFrame(rows, columns=RUN_COLUMNS)
     return df.drop_duplicates(subset=["config_hash", "checkpoint_sha256", "n_test", "device"], keep="last")
 
@@ -169,7 +172,8 @@ def reproduced(runs: pd.DataFrame) -> pd.DataFrame:
                 top1_std=("top1", "std"), drop_mean=("drop", "mean"), drop_std=("drop", "std"),
                 wall_s=("wall_time_s", "mean"), quantize_s=("quantize_time_s", "mean"),
                 records=("record", lambda r: ";".join(sorted(r))),
-                mixed_precision=("mixed_precision", "any")).reset_index()
+                mixed_precision=("mixed_precision", "any"),
+                deterministic=("stochastic", lambda s: not s.astype(bool).any())).reset_index()
     out = out.rename(columns={"quant": "convention"})
     out["source"] = "reproduced"
     out["family"] = out.schedule.map(lambda s: "training" if s else "post-training")
@@ -205,7 +209,8 @@ def reported(rows: pd.DataFrame) -> pd.DataFrame:
     out = pd.DataFrame({"source": "reported", "model": rows.model, "dataset": rows.dataset, "family": "",
                         "config": "", "convention": "", "schedule": "", "device": "", "wbit": rows.wbit,
                         "abit": rows.abit, "mixed_precision": rows.mixed_precision.astype(str).isin(["True", "true"]),
-                        "n_test": float("nan"), "n_seeds": float("nan"), "fp32_top1": rows.fp32_top1,
+                        "n_test": float("nan"), "n_seeds": float("nan"), "deterministic": False,
+                        "fp32_top1": rows.fp32_top1,
                         "top1_mean": rows.top1, "top1_std": float("nan"), "drop_mean": rows.fp32_top1 - rows.top1,
                         "drop_std": float("nan"), "wall_s": float("nan"), "quantize_s": float("nan"),
                         "paper": rows.method_label + " (" + rows.venue + ")",
@@ -278,7 +283,7 @@ def official(parity: pd.DataFrame) -> pd.DataFrame:
         "method": [m for m, _ in split], "variant": [v for _, v in split], "config": parity.method,
         "convention": parity.quant, "schedule": parity.schedule, "device": parity.device,
         "wbit": parity.wbit.astype(int), "abit": parity.abit.astype(int), "mixed_precision": False,
-        "n_test": float("nan"), "n_seeds": pd.to_numeric(parity.n_seeds, errors="coerce"),
+        "n_test": float("nan"), "n_seeds": pd.to_numeric(parity.n_seeds, errors="coerce"), "deterministic": False,
         "fp32_top1": float("nan"), "top1_mean": parity.official_top1_mean, "top1_std": parity.official_top1_std,
         "drop_mean": float("nan"), "drop_std": float("nan"), "wall_s": parity.official_s,
         "quantize_s": float("nan"),

@@ -13,12 +13,13 @@ from pathlib import Path
 import pandas as pd
 
 from .entries import collapsed, table_keys
-from .format import cell, links, mean_std, md_table
+from .format import cell, links, mean_std, md_table, seeds_label, spread_seeds
 from .names import FIDELITY_LABELS, legend, schedule_note
 
 NOT_STATED = "not stated"
 SOURCES = [
-    ("reproduced", "a dfqbench run here: mean ± std over the Seeds column (one seed: no std), on the Device "
+    ("reproduced", "a dfqbench run here: mean ± std over the Seeds column (one seed: no std; det.: a "
+                   "deterministic method, which takes no seed, run once), on the Device "
                    "column, final model (no best epoch picked on the test set); Records links every run's "
                    "record.json"),
     ("reported", "a paper's number, from the Table named (the seed document or the repository document in "
@@ -33,7 +34,8 @@ def _ours_string(cell_rows: pd.DataFrame) -> str:
     for r in cell_rows.sort_values(["convention", "schedule", "device"]).itertuples():
         where = r.convention + (f" [{r.schedule} schedule]" if r.schedule else "") + f" on {r.device or '?'}"
         n = int(r.n_seeds)
-        parts.append(f"{where}: {mean_std(r.drop_mean, r.drop_std, n)} ({n} seed{'s' if n > 1 else ''})")
+        seeds = "deterministic" if seeds_label(n, r.deterministic) == "det." else f"{n} seed{'s' if n > 1 else ''}"
+        parts.append(f"{where}: {mean_std(r.drop_mean, r.drop_std, spread_seeds(n, r.deterministic))} ({seeds})")
     return "; ".join(parts)
 
 
@@ -74,10 +76,10 @@ def reproduced_table(rows: pd.DataFrame, out_dir: Path) -> pd.DataFrame:
     return pd.DataFrame([{
         "Source": "reproduced", "Method": r.method + FIDELITY_LABELS.get(r.fidelity, ""), "Variant": r.variant,
         "W": f"<={r.wbit} (MP)" if r.mixed_precision else str(r.wbit), "A": str(r.abit),
-        "Device": r.device, "Seeds": str(int(r.n_seeds)), "FP32": cell(r.fp32_top1),
-        "Top-1": mean_std(r.top1_mean, r.top1_std, r.n_seeds) + (" (collapsed)" if collapsed(r.top1_mean, r.fp32_top1)
-                                                                 else ""),
-        "Drop": mean_std(r.drop_mean, r.drop_std, r.n_seeds),
+        "Device": r.device, "Seeds": seeds_label(r.n_seeds, r.deterministic), "FP32": cell(r.fp32_top1),
+        "Top-1": mean_std(r.top1_mean, r.top1_std, spread_seeds(r.n_seeds, r.deterministic))
+        + (" (collapsed)" if collapsed(r.top1_mean, r.fp32_top1) else ""),
+        "Drop": mean_std(r.drop_mean, r.drop_std, spread_seeds(r.n_seeds, r.deterministic)),
         "Wall s": cell(r.wall_s, 0), "Records": links(r.records, out_dir)} for r in _order(rows).itertuples()])
 
 
