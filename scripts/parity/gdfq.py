@@ -25,6 +25,8 @@ child process per seed, and changes at run time only:
 The forks (--method, gdfq_family.FAMILY) add what their sources need, each listed in the record's patches:
   - ait (GDFQ_AIT/): run_cifar10_4bit.sh's flags; --threshold_decay_ep (gradient inundation's threshold x0.1, a
     type=int option whose list default is the paper's lr milestones) -> the schedule's milestones;
+  - qimera_ait (Qimera_AIT/ of the same clone): its run_cifar10_4bit.sh's flags, the same --threshold_decay_ep
+    rewrite and qimera's logged-statistic one;
   - intraq, hast: stage 1 first, in the same child: data_generate/generate_data.py as __main__ once per group
     (run_generate_cifar10.sh's flags) on the same teacher, at the schedule's fixed_set_images (groups of up to 5
     batches of 256) and fixed_set_iterations (Adam steps per batch); torch/random/numpy seeded with S + 1 first
@@ -456,7 +458,8 @@ def main(argv=None) -> None:
     p.add_argument("--official", required=True, help="a clone of the method's repository (gdfq: xushoukai/GDFQ)")
     p.add_argument("--method", default="gdfq", choices=sorted(gdfq_family.FAMILY),
                    help="which entry of gdfq_family.FAMILY: gdfq (xushoukai/GDFQ), qimera, ait (iamkanghyunchoi/ait, "
-                        "GDFQ_AIT), intraq (zysxmu/IntraQ), hast (lihuantong/HAST), adasg (hfutqian/AdaSG, "
+                        "GDFQ_AIT), qimera_ait (the same clone, Qimera_AIT), intraq (zysxmu/IntraQ), hast "
+                        "(lihuantong/HAST), adasg (hfutqian/AdaSG, "
                         "AdaSG_code/CIFAR), adadfq (hfutqian/AdaDFQ, AdaDFQ/CIFAR); clusterq: clusterq.py")
     p.add_argument("--schedule", default="cpu", help="conf/schedule/<name>.yaml: the budget of both sides")
     p.add_argument("--schedule-override", nargs="*", default=[],

@@ -179,29 +179,36 @@ _ADA_MAIN_FIX = SourceRewrite(
         "`pass` gives it one (the lines below it stay unconditional; never reached on CIFAR)")
 
 
+_QIMERA_D_ACC = SourceRewrite(
+    "trainer:Trainer", "train", "d_acc = np.mean(np.argmax(output_teacher_batch.data.cpu().numpy(), axis=1) == gt)",
+    "d_acc = np.mean(np.argmax(output_teacher_batch.data.cpu().numpy(), axis=1) == gt) if gt.ndim == 1 else 0.0",
+    why="a logged statistic only: on a superposed batch gt is [B, K]; numpy < 1.25 compared the mismatched shapes "
+        "to a scalar False (mean 0.0), numpy >= 1.25 raises")
+_AIT_THRESHOLD_EPOCHS = SourceRewrite(
+    "main", "main", "default=[100,200,300]", "default={milestones}",
+    why="gradient inundation's threshold x0.1 epochs (--threshold_decay_ep, type=int: a list cannot be passed on "
+        "the command line; its default is the paper's lr milestones 100/200/300) -> the schedule's milestones")
+
 FAMILY: dict[str, Entry] = {
     "gdfq": Entry("xushoukai/GDFQ", "main.py", "trainer", "cifar100_resnet20.hocon",
                   rewrites=_budget_rewrites("main", "trainer", accuracy_view=True), tested=True),
     # run_cifar10_4bit.sh's flags: superposed samples (prob 0.4, 2 classes) and random embeddings; without them
     # main.py's defaults train GDFQ with teacher-classifier embeddings (multi_label_prob 0.0), not Qimera
     "qimera": Entry("iamkanghyunchoi/qimera", "main.py", "trainer", "cifar10_resnet20.hocon", dataset="cifar10",
-                    rewrites=_budget_rewrites("main", "trainer") + (SourceRewrite(
-                        "trainer:Trainer", "train",
-                        "d_acc = np.mean(np.argmax(output_teacher_batch.data.cpu().numpy(), axis=1) == gt)",
-                        "d_acc = np.mean(np.argmax(output_teacher_batch.data.cpu().numpy(), axis=1) == gt) "
-                        "if gt.ndim == 1 else 0.0",
-                        why="a logged statistic only: on a superposed batch gt is [B, K]; numpy < 1.25 compared "
-                            "the mismatched shapes to a scalar False (mean 0.0), numpy >= 1.25 raises"),),
+                    rewrites=_budget_rewrites("main", "trainer") + (_QIMERA_D_ACC,),
                     extra_argv=("--multi_label_prob", "0.4", "--multi_label_num", "2", "--randemb"), tested=True),
     # GDFQ_AIT/run_cifar10_4bit.sh's flags (its --qw/--qa come from the hocon the driver writes)
     "ait": Entry("iamkanghyunchoi/ait", "main.py", "trainer", "cifar10_resnet20.hocon", subdir="GDFQ_AIT",
-                 dataset="cifar10", rewrites=_budget_rewrites("main", "trainer") + (SourceRewrite(
-                     "main", "main", "default=[100,200,300]", "default={milestones}",
-                     why="gradient inundation's threshold x0.1 epochs (--threshold_decay_ep, type=int: a list "
-                         "cannot be passed on the command line; its default is the paper's lr milestones "
-                         "100/200/300) -> the schedule's milestones"),),
+                 dataset="cifar10", rewrites=_budget_rewrites("main", "trainer") + (_AIT_THRESHOLD_EPOCHS,),
                  extra_argv=("--ce_scale", "0.0", "--kd_scale", "1.0", "--lrs", "0.0001", "--passing_threshold", "0.001",
                              "--adalr"), tested=True),
+    # Qimera_AIT/run_cifar10_4bit.sh's flags: Qimera's superposed samples (prob 0.4, 2 classes; no --randemb: the
+    # embeddings start from the teacher's classifier) with AIT's KL-only loss and gradient inundation
+    "qimera_ait": Entry("iamkanghyunchoi/ait", "main.py", "trainer", "cifar10_resnet20.hocon", subdir="Qimera_AIT",
+                        dataset="cifar10", rewrites=_budget_rewrites("main", "trainer") + (
+                            _QIMERA_D_ACC, _AIT_THRESHOLD_EPOCHS),
+                        extra_argv=("--multi_label_prob", "0.4", "--multi_label_num", "2", "--ce_scale", "0.0",
+                                    "--kd_scale", "1.0", "--passing_threshold", "0.001", "--adalr"), tested=True),
     # README's stage 1 (data_generate/run_generate_cifar10.sh) then stage 2 (main_direct.py --model_name
     # resnet20_cifar10 --conf_path cifar10_resnet20.hocon --id 0)
     "intraq": Entry(
