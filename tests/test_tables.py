@@ -257,6 +257,29 @@ def test_a_deterministic_methods_cell_says_det_and_shows_no_std(tmp_path):
     assert s.n_seeds["rtn"] == 3
 
 
+def test_each_teacher_opens_with_its_headline_cell_ranked_per_family_with_the_official_number(built):
+    readme = (built / "README.md").read_text()
+    section = readme.split("`resnet20_cifar10` / `cifar10`", 1)[1]
+    assert section.index("**Post-training, W4A4") < section.index("**Training, W4A4") < section.index("![")
+    ptq = _md_tables(section, "**Post-training, W4A4, convention `gdfq`, no training**: the best 2 of 2.")
+    # ranked by top-1; the parity row (no device named) stands beside both devices' rows of its cell
+    assert [(r["#"], r["Method"], r["Device"], r["Top-1"], r["Seeds"], r["Official code, run here"]) for r in ptq] == [
+        ("1", "zeroq", "cuda", "84.00", "1", "81.20 ± 0.20 (agrees)"),
+        ("2", "zeroq", "cpu", "81.00 ± 1.41", "2", "81.20 ± 0.20 (agrees)")]
+    trained = _md_tables(section, "**Training, W4A4, convention `gdfq`, schedule `cpu`**")
+    assert [(r["Method"], r["Official code, run here"]) for r in trained] == [
+        ("qimera + ait", "80.00 (gap +2.00, see parity.md)")]
+
+
+def test_headline_bits_are_the_pair_below_8_bits_most_methods_ran():
+    from dfqbench.results.glance import headline_bits
+    rows = pd.DataFrame({"method": ["a", "b", "c", "a", "b", "a", "b"], "variant": [""] * 7,
+                         "wbit": [8, 8, 8, 4, 4, 3, 3], "abit": [8, 8, 8, 4, 4, 3, 3]})
+    assert headline_bits(rows) == (3, 3)  # W8A8 left out; W4A4 and W3A3 tie at two methods: the fewer bits
+    assert headline_bits(rows.iloc[:5]) == (4, 4)
+    assert headline_bits(rows.iloc[:3]) is None
+
+
 def test_results_dir_of_ones_own_gets_the_paper_tables(tmp_path):
     """`make tables RESULTS=dir`: records from dir, the papers' numbers from results/."""
     if shutil.which("make") is None:

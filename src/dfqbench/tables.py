@@ -82,7 +82,7 @@ def main(argv: list[str] | None = None) -> None:
     (out / "baselines.md").write_text(render_baselines(entries, teachers, out, titles,
                                                        {k: v.get("bits") for k, v in rel.items()}, len(runs), where,
                                                        diverged, mixed))
-    (out / "README.md").write_text(render_leaderboard(entries, teachers, titles, rel, len(runs)))
+    (out / "README.md").write_text(render_leaderboard(entries, teachers, titles, rel, len(runs), parity))
     if len(parity):
         (out / "parity.md").write_text(render_parity(parity))
     ranking = render_ranking(runs)

@@ -90,6 +90,12 @@ def _verdict(row, rows=()) -> tuple[str, bool]:
     return (f"{verdict} (note {_row_ref(row)})", True) if _has_note(row) else (verdict, False)
 
 
+def short_verdict(row, rows=()) -> str:
+    """'yes', 'no: gap +1.23', 'not run' or 'dfqbench diverged in every seed': the Agrees cell without the note and
+    sibling references (results/README.md's at-a-glance rankings)."""
+    return _verdict(row, rows)[0].split(" (note")[0].split(";")[0]
+
+
 def _row_ref(row) -> str:
     return f"{PARITY_FILE}:{row.line}"
 

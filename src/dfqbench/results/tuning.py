@@ -5,7 +5,8 @@ value are read from its `overrides` (the `++method.<setting>=<value>` item). Per
 method: the default's top-1, the worst and the best variant, the spread (max - min over the default and every
 variant), the variants whose training diverged (a failed record of TrainingDiverged: a result of the study, not
 a missing run; other failures are left out), the device(s) the runs used, and, beside it, the seed std of the
-same cell's baseline records (3 seeds, default settings): a spread within a few seed stds says the method needs little tuning; a large one says its paper's values matter.
+same cell's baseline records (3 seeds, default settings): a spread within a few seed stds says the method needs
+little tuning; a large one says its paper's values matter.
 """
 
 from __future__ import annotations
