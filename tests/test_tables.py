@@ -278,6 +278,8 @@ def test_headline_bits_are_the_pair_below_8_bits_most_methods_ran():
     assert headline_bits(rows) == (3, 3)  # W8A8 left out; W4A4 and W3A3 tie at two methods: the fewer bits
     assert headline_bits(rows.iloc[:5]) == (4, 4)
     assert headline_bits(rows.iloc[:3]) is None
+    parity = pd.DataFrame({"wbit": [4], "abit": [4]})  # a tie goes to the pair the official code was run at
+    assert headline_bits(rows, parity) == (4, 4)
 
 
 def test_results_dir_of_ones_own_gets_the_paper_tables(tmp_path):

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import pandas as pd
 
+from .entries import collapsed
 from .format import md_table, mean_std, seeds_label, spread_seeds
 from .names import FIDELITY_LABELS, display, schedule_note
 from .parity import short_verdict
@@ -18,14 +19,20 @@ from .parity import short_verdict
 TOP = 8  # rows per ranking: the rest is one link away, in the grid of the same convention
 
 
-def headline_bits(rows: pd.DataFrame) -> tuple[int, int] | None:
+def headline_bits(rows: pd.DataFrame, parity: pd.DataFrame | None = None) -> tuple[int, int] | None:
     """The (W, A) below 8 bits (W8A8 is near-lossless for every method) that the most methods and variants ran;
-    ties go to the fewer bits. None when no entry is below 8 bits."""
+    ties go to the pair with more official-code runs (`parity` rows), then to the fewer bits. None when no entry
+    is below 8 bits."""
     low = rows[(rows.wbit < 8) | (rows.abit < 8)]
     if low.empty:
         return None
     counts = low.groupby(["wbit", "abit"]).apply(lambda g: len(set(zip(g.method, g.variant))), include_groups=False)
-    return max(counts.index, key=lambda wa: (counts[wa], -(wa[0] + wa[1]), -wa[0]))
+
+    def checked(wa) -> int:
+        if parity is None or parity.empty:
+            return 0
+        return int(((parity.wbit.astype(int) == wa[0]) & (parity.abit.astype(int) == wa[1])).sum())
+    return max(counts.index, key=lambda wa: (counts[wa], checked(wa), -(wa[0] + wa[1]), -wa[0]))
 
 
 def _official(entry, parity: pd.DataFrame) -> str:
@@ -51,7 +58,8 @@ def _ranking(rows: pd.DataFrame, parity: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame([{
         "#": str(i), "Method": display(r.method, r.variant) + FIDELITY_LABELS.get(r.fidelity, ""),
         "Device": r.device,
-        "Top-1": mean_std(r.top1_mean, r.top1_std, spread_seeds(r.n_seeds, r.deterministic)),
+        "Top-1": mean_std(r.top1_mean, r.top1_std, spread_seeds(r.n_seeds, r.deterministic))
+        + (" collapsed" if collapsed(r.top1_mean, r.fp32_top1) else ""),
         "Seeds": seeds_label(r.n_seeds, r.deterministic),
         "Official code, run here": _official(r, parity)} for i, r in enumerate(rows.itertuples(), 1)])
 
@@ -65,7 +73,7 @@ def _largest(rows: pd.DataFrame, keys: list[str]) -> tuple:
 def teacher_glance(rows: pd.DataFrame, parity: pd.DataFrame) -> list[str]:
     """The at-a-glance lines of one teacher's reproduced entries (empty when it has no cell below 8 bits)."""
     rows = rows[(rows.method != "fp32") & ~rows.mixed_precision.astype(bool) & (rows.n_test == rows.n_test.max())]
-    bits = headline_bits(rows)
+    bits = headline_bits(rows, parity)
     if bits is None:
         return []
     w, a = bits

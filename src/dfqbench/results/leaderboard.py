@@ -63,10 +63,10 @@ def teacher_board(model: str, dataset: str, title: str, entries: pd.DataFrame, t
     fp32 = (f"FP32 top-1: {t.reproduced.iloc[0] or 'no runs'} (our teacher, from the records); "
             f"{t.reported.iloc[0] or 'none'} (the papers' teachers).") if len(t) else ""
     parts = [f"## {title}: `{model}` / `{dataset}`", "", fp32, ""]
+    if legend(entries.method):  # before the rankings: it says which rows are not data-free
+        parts += [legend(entries.method), ""]
     mine = parity[parity.model.astype(str) == model] if parity is not None and len(parity) else pd.DataFrame()
     parts += teacher_glance(entries[entries.source == "reproduced"], mine)
-    if legend(entries.method):
-        parts += [legend(entries.method), ""]
     for kind, alt in (("bits", "top-1 vs bit-width per family"), ("time", "drop vs wall time")):
         if figures.get(kind):
             parts += [f"![{model}: {alt}]({figures[kind]})", ""]
