@@ -150,13 +150,9 @@ def child(a) -> None:
 
     from dfqbench.evaluate import evaluate
     from dfqbench.quant.kernels.backend import resolve_backend_name, use_backend
-    torch.set_num_threads(a.threads)
-    cuda = torch.cuda.is_available() and not a.cpu
-    device = torch.device("cuda" if cuda else "cpu")
-    cfg = tp.method_config(tp.method_overrides_list(a, SPEC.method, a.seed))
-    sched = tp.effective_schedule(cfg)
-    convention, _ = tp.method_convention(cfg)
-    _, loaded, data = common.teacher_and_data(common.teacher_overrides(a))
+    setup = tp.child_setup(a, SPEC.method)
+    cuda, device, cfg, sched = setup.cuda, setup.device, setup.cfg, setup.sched
+    convention, loaded, data = setup.convention, setup.loaded, setup.data
     teacher = copy.deepcopy(loaded.model).to(device).eval()
     clone = Path(a.official).resolve()
     W, E = int(sched["warmup_epochs"]), int(sched["epochs"])

@@ -131,13 +131,9 @@ def child(a) -> None:
     from dfqbench.pool import load_pool
     from dfqbench.quant.kernels.backend import resolve_backend_name, use_backend
     from omegaconf import OmegaConf
-    torch.set_num_threads(a.threads)
-    cuda = torch.cuda.is_available() and not a.cpu
-    device = torch.device("cuda" if cuda else "cpu")
-    cfg = tp.method_config(tp.method_overrides_list(a, SPEC.method, a.seed))
-    sched = tp.effective_schedule(cfg)
-    convention, _ = tp.method_convention(cfg)
-    _, loaded, data = common.teacher_and_data(common.teacher_overrides(a))
+    setup = tp.child_setup(a, SPEC.method)
+    cuda, device, cfg, sched = setup.cuda, setup.device, setup.cfg, setup.sched
+    convention, loaded, data = setup.convention, setup.loaded, setup.data
     num_classes = int(cfg.dataset.num_classes)
     ctx = types.SimpleNamespace(model_sha256=loaded.sha256, num_classes=num_classes, device=device)
     pool, ids = load_pool(OmegaConf.to_container(cfg.method.pool, resolve=True), cfg.paths.models_dir, ctx)

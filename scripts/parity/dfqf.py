@@ -118,13 +118,9 @@ def child(a) -> None:
     import torch
 
     from dfqbench.evaluate import evaluate
-    torch.set_num_threads(a.threads)
-    cuda = torch.cuda.is_available() and not a.cpu
-    device = torch.device("cuda" if cuda else "cpu")
-    cfg = tp.method_config(tp.method_overrides_list(a, SPEC.method, a.seed))
-    sched = tp.effective_schedule(cfg)
-    convention, _ = tp.method_convention(cfg)
-    _, loaded, data = common.teacher_and_data(common.teacher_overrides(a))
+    setup = tp.child_setup(a, SPEC.method)
+    cuda, device, cfg, sched = setup.cuda, setup.device, setup.cfg, setup.sched
+    convention, loaded, data = setup.convention, setup.loaded, setup.data
     clone = Path(a.official).resolve()
     scratch = Path(a.scratch)
     (scratch / "checkpoint").mkdir(parents=True, exist_ok=True)
@@ -223,11 +219,11 @@ def child(a) -> None:
 
 def describe_official(sched: dict, runs: list) -> str:
     r = runs[0]
+    best = common.fmt(common.mean_std([x["best_epoch_top1"] for x in runs])[0])
     return (f"official side: dfkd.py then dfqf.py (the code's own quantizer), --batch_size {sched['batch_size']}, "
             f"{sched['epochs']} epochs x {sched['iters_per_epoch']} iterations in each stage, s_lr {r['lr_s']:g}, "
             f"the final stage-1 generator (the code keeps the best-on-TEST one) and the final stage-2 student "
-            f"(the code's 'DFQF best' over epochs: {common.fmt(common.mean_std([x['best_epoch_top1'] for x in runs])[0])}"
-            f" on average)")
+            f"(the code's 'DFQF best' over epochs: {best} on average)")
 
 
 def parent(a) -> None:

@@ -200,8 +200,8 @@ FAMILY: dict[str, Entry] = {
     # GDFQ_AIT/run_cifar10_4bit.sh's flags (its --qw/--qa come from the hocon the driver writes)
     "ait": Entry("iamkanghyunchoi/ait", "main.py", "trainer", "cifar10_resnet20.hocon", subdir="GDFQ_AIT",
                  dataset="cifar10", rewrites=_budget_rewrites("main", "trainer") + (_AIT_THRESHOLD_EPOCHS,),
-                 extra_argv=("--ce_scale", "0.0", "--kd_scale", "1.0", "--lrs", "0.0001", "--passing_threshold", "0.001",
-                             "--adalr"), tested=True),
+                 extra_argv=("--ce_scale", "0.0", "--kd_scale", "1.0", "--lrs", "0.0001", "--passing_threshold",
+                             "0.001", "--adalr"), tested=True),
     # Qimera_AIT/run_cifar10_4bit.sh's flags: Qimera's superposed samples (prob 0.4, 2 classes; no --randemb: the
     # embeddings start from the teacher's classifier) with AIT's KL-only loss and gradient inundation
     "qimera_ait": Entry("iamkanghyunchoi/ait", "main.py", "trainer", "cifar10_resnet20.hocon", subdir="Qimera_AIT",

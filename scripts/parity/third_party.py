@@ -535,6 +535,29 @@ class TimedLoader:
             self.passes += 1
 
 
+@dataclass
+class ChildSetup:
+    cuda: bool      # the official code runs on the GPU (else .cuda() is patched to the CPU by the driver)
+    device: object  # torch.device
+    cfg: object     # the dfqbench config of the method's run (method_config)
+    sched: dict     # the schedule both sides train with (effective_schedule)
+    convention: object
+    loaded: object  # the dfqbench teacher (models.LoadedModel)
+    data: object    # the dfqbench test set (EvalSet)
+
+
+def child_setup(a, method: str) -> ChildSetup:
+    """What every driver's child starts from: its threads, device, the dfqbench config, schedule and convention of
+    the method's run, and the dfqbench teacher and test set."""
+    import torch
+    torch.set_num_threads(a.threads)
+    cuda = torch.cuda.is_available() and not a.cpu
+    cfg = method_config(method_overrides_list(a, method, a.seed))
+    _, loaded, data = common.teacher_and_data(common.teacher_overrides(a))
+    return ChildSetup(cuda, torch.device("cuda" if cuda else "cpu"), cfg, effective_schedule(cfg),
+                      method_convention(cfg)[0], loaded, data)
+
+
 def common_result(a, spec: DriverSpec, cfg, sched, loaded, data, convention, device, patches) -> dict:
     import torch
     clone = Path(a.official).resolve()
