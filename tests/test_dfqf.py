@@ -5,12 +5,14 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from torch import nn
 from pytorchcv.model_provider import get_model
 
 from test_qat import SMOKE, _real
 from dfqbench.quant import ActQuantizer, Convention, WeightQuantizer, quantize_model
 from dfqbench.quant.quantizers.clipped import (ClippedActQuantizer, ClippedWeightQuantizer, attach_learned_clips,
                                     clip_quantize, init_clip)
+from dfqbench.errors import ConfigError
 from dfqbench.runner import build_method, run
 from dfqbench.train.losses import AdversarialKD, BNStatKL, ClassBalance, Step
 from dfqbench.train.trainer import TrainSettings, _student_optimizer
@@ -91,6 +93,23 @@ def test_stage1_generator_losses_by_hand():
     step = Step(torch.zeros(1), None, teacher_logits=logits, bn_stats=lambda: [(mean, var, rm, rv)])
     expected = ((2.0 - math.log(2.0) + 0.25) + (1.0 - 0.0 + 0.0)) / 2
     assert float(BNStatKL()(step)) == pytest.approx(expected)
+
+
+def test_stage1_student_starts_from_the_codes_kaiming_normal_or_pytorchs_defaults():
+    from dfqbench.methods.dfqf import _fresh_copy
+    torch.manual_seed(0)
+    teacher = nn.Sequential(nn.Conv2d(3, 64, 3), nn.BatchNorm2d(64), nn.ReLU(), nn.Flatten(), nn.Linear(64 * 900, 10))
+    for init, conv_std in (("kaiming_normal", (2 / 27) ** 0.5), ("pytorch", (1 / 81) ** 0.5)):
+        torch.manual_seed(1)
+        student = _fresh_copy(teacher, init)
+        # kaiming_normal_: std sqrt(2 / fan_in); PyTorch's kaiming_uniform_(a=sqrt 5): bound 1/sqrt(fan_in), std
+        # bound/sqrt(3); fan_in = 3 * 3 * 3
+        assert float(student[0].weight.detach().std()) == pytest.approx(conv_std, rel=0.1)
+        assert student.training and all(p.requires_grad for p in student.parameters())
+        assert not torch.equal(student[0].weight, teacher[0].weight)
+    with pytest.raises(ConfigError, match="method.stage1_student_init='xavier' is not valid; choose one of: "
+                                          "kaiming_normal, pytorch"):
+        build_method(compose_cfg("method=dfqf", "method.stage1_student_init=xavier"))
 
 
 def test_dfqf_yaml_composes_two_stages():

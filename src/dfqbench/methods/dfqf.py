@@ -31,8 +31,13 @@ from .qat import GeneratorQAT, _number, _train_settings
 class DFQF(GeneratorQAT):
     def __init__(self, name: str = "dfqf", stage1_student_optim: dict | None = None,
                  stage1_milestones: list[float] | None = None, clip_lr_ratio: float = 0.1,
-                 clip_lower_bound: float = 0.5, clip_init_batches: int = 10, **kwargs):
+                 clip_lower_bound: float = 0.5, clip_init_batches: int = 10,
+                 stage1_student_init: str = "kaiming_normal", **kwargs):
         super().__init__(name=name, **kwargs)
+        if stage1_student_init not in STUDENT_INITS:
+            raise ValueError(f"method.stage1_student_init={stage1_student_init!r} is not valid; choose one of: "
+                             f"{', '.join(STUDENT_INITS)}")
+        self.stage1_student_init = stage1_student_init
         fractions = list(stage1_milestones if stage1_milestones is not None else [0.4, 0.8])
         for f in fractions:
             _number("method.stage1_milestones", f, 0.0, 1.0, low_open=True, high_open=True)
@@ -53,6 +58,7 @@ class DFQF(GeneratorQAT):
             self.schedule, warmup_epochs=0, milestones=tuple(sorted({max(1, round(f * epochs)) for f in fractions})))
         self.stage2_schedule = dataclasses.replace(self.schedule, warmup_epochs=0, milestones=())
         self.stage1_spec = {"generator": self.generator_spec, "generator_losses": kwargs.get("generator_losses"),
+                            "student_init": stage1_student_init,
                             "student_losses": kwargs.get("student_losses"),
                             "settings": dataclasses.asdict(self.stage1_settings),
                             "schedule": self.stage1_schedule.to_dict()}
@@ -97,7 +103,7 @@ class DFQF(GeneratorQAT):
             generator.load_state_dict(torch.load(path, map_location=ctx.device, weights_only=True))
             ctx.info["stage1"] = {"cached": True}
             return generator
-        student = _fresh_copy(teacher)
+        student = _fresh_copy(teacher, self.stage1_student_init)
         run_dir = getattr(ctx, "run_dir", None)
         stage_dir = Path(run_dir) / "stage1" if run_dir else None
         if stage_dir is not None:
@@ -125,11 +131,18 @@ class DFQF(GeneratorQAT):
         return Path(run_dir) / "stage1_generator.pt" if run_dir else None
 
 
-def _fresh_copy(teacher: nn.Module) -> nn.Module:
-    """The teacher's architecture with freshly initialized parameters and BN statistics (DFQF's FP student)."""
+STUDENT_INITS = ("kaiming_normal", "pytorch")
+
+
+def _fresh_copy(teacher: nn.Module, init: str = "kaiming_normal") -> nn.Module:
+    """The teacher's architecture with freshly initialized parameters and BN statistics (DFQF's FP student):
+    every layer's PyTorch default (`pytorch`), then, for `kaiming_normal` (DFQF's code: its resnet_cifar's
+    _weights_init), kaiming_normal_ (fan in, gain sqrt 2) on every conv and linear weight."""
     student = copy.deepcopy(teacher)
     for m in student.modules():
         if hasattr(m, "reset_parameters"):
             m.reset_parameters()
+        if init == "kaiming_normal" and isinstance(m, (nn.Conv2d, nn.Linear)):
+            nn.init.kaiming_normal_(m.weight)
     return student.requires_grad_(True).train()
 
