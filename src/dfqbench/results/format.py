@@ -26,19 +26,20 @@ def mean_std(mean, std, n_seeds) -> str:
     return f"{mean:.2f}" + (f" ± {std:.2f}" if spread else "")
 
 
-def _yes(flag) -> bool:
+def is_deterministic(flag) -> bool:
+    """An entry's `deterministic` value as a bool (False for None or NaN: a paper's or official row)."""
     return flag is not None and not (isinstance(flag, float) and pd.isna(flag)) and bool(flag)
 
 
 def spread_seeds(n_seeds, deterministic) -> float | None:
     """The seed count a cell's std is over: 1 for a deterministic method (its runs under other seeds, if any, are
     the same network), so that `mean_std` shows no ± 0.00."""
-    return 1 if _yes(deterministic) else n_seeds
+    return 1 if is_deterministic(deterministic) else n_seeds
 
 
 def seeds_label(n_seeds, deterministic) -> str:
     """'det.' for a deterministic method's cell (one run stands for every seed), else the seed count."""
-    if _yes(deterministic):
+    if is_deterministic(deterministic):
         return "det."
     return "" if n_seeds is None or pd.isna(n_seeds) else str(int(n_seeds))
 

@@ -19,6 +19,11 @@ from .parity import short_verdict
 TOP = 8  # rows per ranking: the rest is one link away, in the grid of the same convention
 
 
+def _methods_per(rows: pd.DataFrame, keys: list[str]) -> pd.Series:
+    """How many distinct (method, variant) each value of `keys` holds."""
+    return rows.groupby(keys).apply(lambda g: len(set(zip(g.method, g.variant))), include_groups=False)
+
+
 def headline_bits(rows: pd.DataFrame, parity: pd.DataFrame | None = None) -> tuple[int, int] | None:
     """The (W, A) below 8 bits (W8A8 is near-lossless for every method) that the most methods and variants ran;
     ties go to the pair with more official-code runs (`parity` rows), then to the fewer bits. None when no entry
@@ -26,7 +31,7 @@ def headline_bits(rows: pd.DataFrame, parity: pd.DataFrame | None = None) -> tup
     low = rows[(rows.wbit < 8) | (rows.abit < 8)]
     if low.empty:
         return None
-    counts = low.groupby(["wbit", "abit"]).apply(lambda g: len(set(zip(g.method, g.variant))), include_groups=False)
+    counts = _methods_per(low, ["wbit", "abit"])
 
     def checked(wa) -> int:
         if parity is None or parity.empty:
@@ -66,7 +71,7 @@ def _ranking(rows: pd.DataFrame, parity: pd.DataFrame) -> pd.DataFrame:
 
 def _largest(rows: pd.DataFrame, keys: list[str]) -> tuple:
     """The value of `keys` shared by the most methods and variants (ties: the first in sort order)."""
-    counts = rows.groupby(keys).apply(lambda g: len(set(zip(g.method, g.variant))), include_groups=False)
+    counts = _methods_per(rows, keys)
     return max(sorted(counts.index), key=lambda k: counts[k])
 
 
@@ -83,8 +88,7 @@ def teacher_glance(rows: pd.DataFrame, parity: pd.DataFrame) -> list[str]:
         fam = cell[cell.family == family]
         if fam.empty:
             continue
-        keys = ["convention", "schedule"]
-        conv, sched = _largest(fam, keys)
+        conv, sched = _largest(fam, ["convention", "schedule"])
         chosen = fam[(fam.convention == conv) & (fam.schedule == sched)]
         what = f"schedule `{sched}`" if sched else "no training"
         more = len(chosen) - min(len(chosen), TOP)

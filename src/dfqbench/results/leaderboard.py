@@ -45,10 +45,10 @@ def grid(rows: pd.DataFrame, value: str, higher_is_better: bool, row_keys: list[
             c = line[(line.wbit == w) & (line.abit == a)]
             texts = []
             for r in c.itertuples():
-                n, det = r.n_seeds, r.deterministic
+                seeds = seeds_label(r.n_seeds, r.deterministic)
                 text = mean_std(getattr(r, value), r.top1_std if value == "top1_mean" else r.drop_std,
-                                spread_seeds(n, det))
-                text += f" ({seeds_label(n, det)})" if seeds_label(n, det) else ""
+                                spread_seeds(r.n_seeds, r.deterministic))
+                text += f" ({seeds})" if seeds else ""
                 text += " collapsed" if collapsed(r.top1_mean, r.fp32_top1) else ""
                 texts.append(text + (" (MP)" if r.mixed_precision else ""))
             cells[(w, a)] = " / ".join(texts)

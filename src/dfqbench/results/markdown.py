@@ -13,7 +13,7 @@ from pathlib import Path
 import pandas as pd
 
 from .entries import collapsed, table_keys
-from .format import cell, links, mean_std, md_table, seeds_label, spread_seeds
+from .format import cell, is_deterministic, links, mean_std, md_table, seeds_label, spread_seeds
 from .names import FIDELITY_LABELS, legend, schedule_note
 
 NOT_STATED = "not stated"
@@ -34,7 +34,7 @@ def _ours_string(cell_rows: pd.DataFrame) -> str:
     for r in cell_rows.sort_values(["convention", "schedule", "device"]).itertuples():
         where = r.convention + (f" [{r.schedule} schedule]" if r.schedule else "") + f" on {r.device or '?'}"
         n = int(r.n_seeds)
-        seeds = "deterministic" if seeds_label(n, r.deterministic) == "det." else f"{n} seed{'s' if n > 1 else ''}"
+        seeds = "deterministic" if is_deterministic(r.deterministic) else f"{n} seed{'s' if n > 1 else ''}"
         parts.append(f"{where}: {mean_std(r.drop_mean, r.drop_std, spread_seeds(n, r.deterministic))} ({seeds})")
     return "; ".join(parts)
 
