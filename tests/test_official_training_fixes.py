@@ -16,12 +16,12 @@ from dfqbench.feature_taps import FeatureTap, residual_branch_points
 from dfqbench.method_overrides import apply_per_setting
 from dfqbench.errors import ConfigError
 from dfqbench.quant import Convention, act_quantizers, quantize_model
-from dfqbench.quant.quantizers import ActQuantizer, WeightQuantizer
+from dfqbench.quant.quantizers import ActQuantizer, QuantConv2d, WeightQuantizer
 from dfqbench.runner import build_convention, build_method
 from dfqbench.synth.augment import crop_flip
 from dfqbench.train.generators import FixedSet
 from dfqbench.train.generators.base import UnconditionalGenerator
-from dfqbench.train.inundation import FIRST_EPOCH_CAP, GradientInundation
+from dfqbench.train.inundation import FIRST_EPOCH_CAP, GradientInundation, integer_codes, sgd_step
 from dfqbench.train.losses import ChannelAttentionMSE, Step, channel_attention
 from dfqbench.train.schedule import Schedule
 from dfqbench.train.trainer import Trainer
@@ -191,6 +191,48 @@ def test_inundation_is_capped_at_128_in_the_first_student_epoch():
     gi.cap = FIRST_EPOCH_CAP
     # doubling stops at 128 (> 100) without reaching it; bisection of [64, 128] climbs to the last midpoint, 126
     assert gi.scale_for(w0, delta, wq) == 126.0
+
+
+@pytest.mark.parametrize("nesterov,weight_decay", [(True, 0.0), (False, 1e-2), (True, 1e-2)])
+def test_inundation_rebuilds_sgds_step_by_hand(nesterov, weight_decay):
+    lr, m = 0.5, 0.9
+    p = nn.Parameter(torch.tensor([1.0, -2.0]))
+    opt = torch.optim.SGD([p], lr=lr, momentum=m, nesterov=nesterov, weight_decay=weight_decay)
+    buf = None
+    for g in (torch.tensor([0.25, 1.0]), torch.tensor([-0.5, 0.75])):
+        w0 = p.detach().clone()
+        p.grad = g.clone()
+        opt.step()
+        d = g + weight_decay * w0
+        buf = d if buf is None else m * buf + d
+        want = -lr * (d + m * buf if nesterov else buf)
+        assert torch.allclose(sgd_step(opt, p, w0), want, rtol=0, atol=1e-7)
+        assert torch.allclose(p.detach(), w0 + want, rtol=0, atol=1e-6)
+
+
+def test_inundation_scales_a_step_below_float32_resolution():
+    """A weight near 0.19 moves in float32 steps of 1.5e-8: SGD's step of 1e-9 leaves the stored weights
+    unchanged, so w_new - w_old is 0 and no scale could help. The rebuilt step (AIT's lr * g_t) is scaled instead
+    until 1/16 of the codes move: element 7 of 0.4 * [0, 1/15, ..., 1] (4 bits, grid step 0.4/15) must move by
+    half a step, a >= 0.4 / 30 / 1e-9 = 1.33e7; doubling reaches 2^24, bisection stops at its first midpoint that
+    moves it."""
+    layer = QuantConv2d.from_float(nn.Conv2d(1, 1, (1, 16), bias=False), WeightQuantizer(4, per_channel=True))
+    with torch.no_grad():
+        layer.weight.copy_((torch.arange(16.0) / 15 * 0.4).reshape(1, 1, 1, 16))
+    w0 = layer.weight.detach().clone()
+    opt = torch.optim.SGD([layer.weight], lr=1e-9, momentum=0.0)
+    layer.weight.grad = torch.zeros_like(w0)
+    layer.weight.grad[..., 7] = -1.0
+    gi = GradientInundation(layer, threshold=1 / 16, bisection_steps=5)
+    before = gi.snapshot()
+    opt.step()
+    assert torch.equal(layer.weight.detach(), w0)  # the plain step is lost in the stored weights
+    gi.apply(before, opt)
+    (scale,) = gi.last_scales
+    codes = integer_codes(layer.weight.detach(), layer.weight_quantizer)
+    assert (codes != integer_codes(w0, layer.weight_quantizer)).sum() == 1
+    assert 0.4 / 30 / 1e-9 <= scale <= 2 ** 24
+    assert layer.weight[..., 7].item() == pytest.approx(w0[..., 7].item() + scale * 1e-9, abs=1e-7)
 
 
 def test_the_trainer_caps_inundation_up_to_the_first_student_epoch_only():

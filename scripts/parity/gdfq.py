@@ -27,6 +27,8 @@ The forks (--method, gdfq_family.FAMILY) add what their sources need, each liste
     type=int option whose list default is the paper's lr milestones) -> the schedule's milestones;
   - qimera_ait (Qimera_AIT/ of the same clone): its run_cifar10_4bit.sh's flags, the same --threshold_decay_ep
     rewrite and qimera's logged-statistic one;
+  - arc_ait (AutoReCon_AIT/ of the same clone: GDFQ_AIT's trainer with the searched generator of
+    generator_architecture.py): its run_cifar10_4bit.sh's flags and the same --threshold_decay_ep rewrite;
   - intraq, hast: stage 1 first, in the same child: data_generate/generate_data.py as __main__ once per group
     (run_generate_cifar10.sh's flags) on the same teacher, at the schedule's fixed_set_images (groups of up to 5
     batches of 256) and fixed_set_iterations (Adam steps per batch); torch/random/numpy seeded with S + 1 first
@@ -340,8 +342,8 @@ def check_quantizers(a) -> None:
     from dfqbench.train.ema import EMARangeObserver
     torch.set_num_threads(a.threads)
     cfg, loaded, data = common.teacher_and_data(common.teacher_overrides(a))
-    conv = Convention.from_dict(OmegaConf.to_container(common.compose([*common.teacher_overrides(a), f"quant={a.quant}"]).quant,
-                                                       resolve=True))
+    quant_cfg = common.compose([*common.teacher_overrides(a), f"quant={a.quant}"]).quant
+    conv = Convention.from_dict(OmegaConf.to_container(quant_cfg, resolve=True))
     gdfq_family.purge_modules(("quantization_utils",))
     sys.path.insert(0, str(root))
     from quantization_utils.quant_modules import AsymmetricQuantFunction, QuantAct
@@ -458,9 +460,9 @@ def main(argv=None) -> None:
     p.add_argument("--official", required=True, help="a clone of the method's repository (gdfq: xushoukai/GDFQ)")
     p.add_argument("--method", default="gdfq", choices=sorted(gdfq_family.FAMILY),
                    help="which entry of gdfq_family.FAMILY: gdfq (xushoukai/GDFQ), qimera, ait (iamkanghyunchoi/ait, "
-                        "GDFQ_AIT), qimera_ait (the same clone, Qimera_AIT), intraq (zysxmu/IntraQ), hast "
-                        "(lihuantong/HAST), adasg (hfutqian/AdaSG, "
-                        "AdaSG_code/CIFAR), adadfq (hfutqian/AdaDFQ, AdaDFQ/CIFAR); clusterq: clusterq.py")
+                        "GDFQ_AIT), qimera_ait (the same clone, Qimera_AIT), arc_ait (the same clone, AutoReCon_AIT), "
+                        "intraq (zysxmu/IntraQ), hast (lihuantong/HAST), adasg (hfutqian/AdaSG, AdaSG_code/CIFAR), "
+                        "adadfq (hfutqian/AdaDFQ, AdaDFQ/CIFAR); clusterq: clusterq.py")
     p.add_argument("--schedule", default="cpu", help="conf/schedule/<name>.yaml: the budget of both sides")
     p.add_argument("--schedule-override", nargs="*", default=[],
                    help="schedule keys for both sides, e.g. epochs=2 iters_per_epoch=3 (smoke checks)")

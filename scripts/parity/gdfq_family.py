@@ -21,9 +21,10 @@ pickles of `group` 1..4, 5 batches of 256 each, 1,000 Adam steps per batch) befo
 it: `Entry.synth` runs that script in the same child, first, at the schedule's fixed_set_images /
 fixed_set_iterations (`Synth`), with the same teacher patch and its own source rewrites.
 
-`FAMILY` is the table of entry points. Every entry has been run end to end (`tested: True`): gdfq, qimera at the
-cpu schedule (results/parity/), ait, intraq and hast at smoke budgets, adasg and adadfq at a smoke budget and a
-4 x 30-iteration sanity budget (their rewrites found, the final epoch's top-1 read); a new entry starts at
+`FAMILY` is the table of entry points. Every entry has been run end to end (`tested: True`): gdfq, qimera,
+qimera_ait and arc_ait at the cpu schedule (results/parity/), ait, intraq and hast at smoke budgets, adasg and
+adadfq at a smoke budget and a 4 x 30-iteration sanity budget (their rewrites found, the final epoch's top-1
+read); a new entry starts at
 `tested: False`: check it before trusting a number. tests/test_parity_gdfq_family.py finds every rewrite's anchor
 in the clones (or mirrors) present.
 """
@@ -209,6 +210,12 @@ FAMILY: dict[str, Entry] = {
                             _QIMERA_D_ACC, _AIT_THRESHOLD_EPOCHS),
                         extra_argv=("--multi_label_prob", "0.4", "--multi_label_num", "2", "--ce_scale", "0.0",
                                     "--kd_scale", "1.0", "--passing_threshold", "0.001", "--adalr"), tested=True),
+    # AutoReCon_AIT/run_cifar10_4bit.sh's flags (GDFQ_AIT's, the same trainer.py): main() builds the searched
+    # generator of generator_architecture.py for settings.network (resnet20_cifar10 -> gen_cifar10)
+    "arc_ait": Entry("iamkanghyunchoi/ait", "main.py", "trainer", "cifar10_resnet20.hocon", subdir="AutoReCon_AIT",
+                     dataset="cifar10", rewrites=_budget_rewrites("main", "trainer") + (_AIT_THRESHOLD_EPOCHS,),
+                     extra_argv=("--ce_scale", "0.0", "--kd_scale", "1.0", "--lrs", "0.0001", "--passing_threshold",
+                                 "0.001", "--adalr"), tested=True),
     # README's stage 1 (data_generate/run_generate_cifar10.sh) then stage 2 (main_direct.py --model_name
     # resnet20_cifar10 --conf_path cifar10_resnet20.hocon --id 0)
     "intraq": Entry(

@@ -318,7 +318,7 @@ class Trainer:
                 before = self.gi.snapshot() if self.gi else None
                 self.opt_s.step()
                 if self.gi:
-                    self.gi.apply(before)
+                    self.gi.apply(before, self.opt_s)
         finally:
             self.observer.active = False
 
