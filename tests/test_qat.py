@@ -267,6 +267,19 @@ def test_a_checkpoint_of_another_configuration_is_not_resumed(tmp_path, cache_di
     assert "resumed_from_epoch" not in record["info"]["training"]
 
 
+def test_a_checkpoint_of_other_dfqbench_source_is_not_resumed(tmp_path, cache_dir, cifar10_root, teacher,
+                                                               monkeypatch, capsys):
+    """A sweep interrupted across a code change starts the run again: one record, one code."""
+    import dfqbench.train.trainer as trainer_module
+    with pytest.raises(KeyboardInterrupt):
+        run(_real(cache_dir, cifar10_root, teacher, "method=gdfq", "method.stop_after_epoch=1"), tmp_path)
+    assert torch.load(tmp_path / "checkpoint.pt", weights_only=False)["code"] == trainer_module.code_digest()
+    monkeypatch.setattr(trainer_module, "code_digest", lambda: "0123456789abcdef")
+    record = run(_real(cache_dir, cifar10_root, teacher, "method=gdfq"), tmp_path)
+    assert "resumed_from_epoch" not in record["info"]["training"]
+    assert "was written by another dfqbench source; training from the start" in capsys.readouterr().err
+
+
 def test_nan_loss_stops_naming_the_step_and_keeps_the_last_checkpoint(tmp_path, cache_dir, cifar10_root, teacher):
     proc = run_cli("method=gdfq", f"model.checkpoint={teacher}", f"dataset.root={cifar10_root}",
                    "dataset.max_samples=100", "schedule=smoke", "schedule.warmup_epochs=1",

@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from ..quant import quantize_model
+from ..records import code_digest
 from ..quant.quantizers.clipped import attach_learned_clips
 from ..train.checkpoint import save_atomic
 from ..train.trainer import Trainer
@@ -120,7 +121,7 @@ class DFQF(GeneratorQAT):
 
     def _stage1_key(self, ctx) -> str:
         blob = {"stage1": self.stage1_spec, "teacher": ctx.model_sha256, "seed": ctx.seed,
-                "input_shape": list(ctx.input_shape), "num_classes": ctx.num_classes}
+                "input_shape": list(ctx.input_shape), "num_classes": ctx.num_classes, "code": code_digest()}
         return hashlib.sha256(json.dumps(blob, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
     @staticmethod

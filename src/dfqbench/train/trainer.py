@@ -18,7 +18,8 @@ BatchNorm on batch statistics while training, as ZAQ's code does; the returned s
 Learning rates are a function of the epoch (multi-step decay at the schedule's milestones), so resuming needs no
 scheduler state. After every epoch the student, generator, optimizers, EMA state, RNG states and the epoch go
 into `<run_dir>/checkpoint.pt` (atomic write); a rerun resumes from it when its fingerprint (the method's
-settings, bits, seed, convention, teacher) matches. A NaN/inf loss stops training with TrainingDiverged naming
+settings, bits, seed, convention, teacher) and the dfqbench source (records.code_digest) match: a run is never
+finished by other code than the one that started it. A NaN/inf loss stops training with TrainingDiverged naming
 the epoch, iteration and term, leaving the last good checkpoint.
 The teacher and the generator run at the config's `precision` (dfqbench.precision: under bf16 autocast their
 outputs come back as float32); the student and its fake quantization always run in float32.
@@ -40,6 +41,7 @@ from tqdm.auto import tqdm
 
 from .. import precision
 from ..precision import as_float32
+from ..records import code_digest
 from ..quant.quantizers import ActQuantizer
 from . import checkpoint as ckpt
 from .ema import EMARangeObserver
@@ -411,7 +413,7 @@ class Trainer:
                                 f"to resume from {self.path}")
 
     def _state(self, epochs_done: int) -> dict:
-        return {"format": 1, "fingerprint": self.fingerprint, "epoch": epochs_done,
+        return {"format": 1, "fingerprint": self.fingerprint, "code": code_digest(), "epoch": epochs_done,
                 "student": self.student.state_dict(), "generator": self.generator.state_dict(),
                 "opt_student": self.opt_s.state_dict(),
                 "opt_generator": self.opt_g.state_dict() if self.opt_g else None,
@@ -424,9 +426,9 @@ class Trainer:
         if self.path is None or not self.path.exists():
             return None
         state = ckpt.load(self.path, self.device)
-        if state.get("fingerprint") != self.fingerprint:
-            print(f"dfqbench: {self.path} was written by another configuration; training from the start",
-                  file=sys.stderr)
+        if state.get("fingerprint") != self.fingerprint or state.get("code") != code_digest():
+            what = "configuration" if state.get("fingerprint") != self.fingerprint else "dfqbench source"
+            print(f"dfqbench: {self.path} was written by another {what}; training from the start", file=sys.stderr)
             return None
         self.student.load_state_dict(state["student"])
         self.generator.load_state_dict(state["generator"])
