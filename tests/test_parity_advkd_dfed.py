@@ -22,6 +22,7 @@ import dfed  # noqa: E402
 import third_party as tp  # noqa: E402
 
 from dfqbench.quant import ActQuantizer, Convention, weight_quantizers  # noqa: E402
+from dfqbench.records import code_digest  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -273,6 +274,7 @@ def test_parent_writes_records_and_an_unofficial_row(tmp_path, monkeypatch):
     def fake_dfqbench(overrides, dest, log, allow_diverged=False, in_sweeps=False):
         seed = int(next(o for o in overrides if o.startswith("seed=")).split("=")[1])
         r = {"status": "done", "seed": seed, "wbit": 4, "abit": 4, "top1": 80.0 + seed, "quantize_time_s": 9.0,
+             "fingerprint": {"code": code_digest()},
              "info": {"training": {"epochs": 2, "iters_per_epoch": 1, "batch_size": 16, "train_time_s": 8.0}}}
         dest.parent.mkdir(parents=True, exist_ok=True)
         dest.with_name(dest.name + ".record.json").write_text(json.dumps(r))
@@ -354,13 +356,36 @@ def test_dfqbench_side_reuses_accepted_records_and_refuses_a_run_of_other_settin
         return record
 
     monkeypatch.setattr(common, "run_dfqbench", fake_run)
-    (tmp_path / "dfqbench-gdfq-s0.record.json").write_text(json.dumps({"top1": 70.0, "seed": 0}))
-    (tmp_path / "dfqbench-gdfq-s1.record.json").write_text(json.dumps({"top1": 75.0, "seed": 99}))
+    now = {"code": code_digest()}
+    (tmp_path / "dfqbench-gdfq-s0.record.json").write_text(json.dumps({"top1": 70.0, "seed": 0, "fingerprint": now}))
+    (tmp_path / "dfqbench-gdfq-s1.record.json").write_text(json.dumps({"top1": 75.0, "seed": 99, "fingerprint": now}))
     ours = common.dfqbench_side(tmp_path, "gdfq", [0, 1], True, lambda s: [str(s)], "m",
                                 accept=lambda r, s: r["seed"] == s)
     assert [r["top1"] for r in ours] == [70.0, 81.0] and runs == [["1"]]
     with pytest.raises(SystemExit, match="did not run the cell's settings"):
         common.dfqbench_side(tmp_path, "gdfq", [2], False, lambda s: [str(s)], "m", accept=lambda r, s: False)
+
+
+def test_dfqbench_side_runs_again_a_kept_record_of_other_dfqbench_source(tmp_path, monkeypatch, capsys):
+    """--resume reuses a kept record only when its fingerprint's code digest is the current source's (as the
+    sweeps do): a record of older code, or one without a fingerprint, is run again and replaced."""
+    runs = []
+
+    def fake_run(overrides, dest, log, allow_diverged=False, in_sweeps=False):
+        runs.append(overrides)
+        record = {"top1": 81.0, "seed": int(overrides[0]), "fingerprint": {"code": code_digest()}}
+        dest.with_name(dest.name + ".record.json").write_text(json.dumps(record))
+        return record
+
+    monkeypatch.setattr(common, "run_dfqbench", fake_run)
+    (tmp_path / "dfqbench-gdfq-s0.record.json").write_text(
+        json.dumps({"top1": 70.0, "seed": 0, "fingerprint": {"code": "0123456789abcdef"}}))
+    (tmp_path / "dfqbench-gdfq-s1.record.json").write_text(json.dumps({"top1": 75.0, "seed": 1}))
+    ours = common.dfqbench_side(tmp_path, "gdfq", [0, 1], True, lambda s: [str(s)], "m")
+    assert [r["top1"] for r in ours] == [81.0, 81.0] and runs == [["0"], ["1"]]
+    assert "written by another dfqbench source (code 0123456789abcdef" in capsys.readouterr().out
+    ours = common.dfqbench_side(tmp_path, "gdfq", [0, 1], True, lambda s: [str(s)], "m")
+    assert len(runs) == 2 and [r["top1"] for r in ours] == [81.0, 81.0]
 
 
 def test_dfqbench_side_keeps_a_diverged_seed_only_when_the_driver_allows_it(tmp_path, monkeypatch):
@@ -375,6 +400,7 @@ def test_dfqbench_side_keeps_a_diverged_seed_only_when_the_driver_allows_it(tmp_
     monkeypatch.setattr(common, "run_dfqbench", fake_run)
     failed = {"status": "failed", "error": "TrainingDiverged: training diverged: student loss term 'kd' is nan at "
                                            "epoch 6/10, iteration 41/60; the last good checkpoint is kept: /x"}
+    failed["fingerprint"] = {"code": code_digest()}
     (tmp_path / "dfqbench-gdfq-s0.record.json").write_text(json.dumps(failed))
     ours = common.dfqbench_side(tmp_path, "gdfq", [0], True, lambda s: [str(s)], "m", allow_diverged=True)
     assert ours == [failed] and runs == [] and common.diverged(ours[0])

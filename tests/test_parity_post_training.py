@@ -13,6 +13,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts" / "parity
 import aciq  # noqa: E402
 import common  # noqa: E402
 import zeroq  # noqa: E402
+from dfqbench.records import code_digest  # noqa: E402
 
 
 @pytest.fixture
@@ -33,6 +34,7 @@ def fakes(tmp_path, monkeypatch):
         seed = int(next(o for o in overrides if o.startswith("seed=")).split("=")[1])
         ran["dfqbench"].append(seed)
         r = {"status": "done", "seed": seed, "top1": 80.0 + seed, "quantize_time_s": 2.0, "info": {},
+             "fingerprint": {"code": code_digest()},
              "overrides": [*overrides, "force=true", "progress=false"]}
         dest.parent.mkdir(parents=True, exist_ok=True)
         dest.with_name(dest.name + ".record.json").write_text(json.dumps(r))

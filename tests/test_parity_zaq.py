@@ -24,6 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts" / "parity
 import common  # noqa: E402
 import third_party as tp  # noqa: E402
 import zaq  # noqa: E402
+from dfqbench.records import code_digest  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -276,6 +277,7 @@ def test_parent_writes_records_and_the_row_and_resumes(tmp_path, monkeypatch):
         seed = int(next(o for o in overrides if o.startswith("seed=")).split("=")[1])
         assert "method=zaq" in overrides and "schedule.epochs=2" in overrides
         r = {"status": "done", "seed": seed, "wbit": 4, "abit": 4, "top1": 30.0 + seed, "quantize_time_s": 9.0,
+             "fingerprint": {"code": code_digest()},
              "info": {"training": {"epochs": 2, "iters_per_epoch": 1, "batch_size": 16, "train_time_s": 8.0}}}
         dest.parent.mkdir(parents=True, exist_ok=True)
         dest.with_name(dest.name + ".record.json").write_text(json.dumps(r))

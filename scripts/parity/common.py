@@ -159,6 +159,22 @@ def run_dfqbench(overrides: list[str], dest: Path, log: Path, allow_diverged: bo
     return record
 
 
+def kept_record(kept: Path, label: str) -> dict | None:
+    """A kept dfqbench record of a parity cell (`dfqbench-<quant>-s<S>.record.json`), or None when there is none or
+    another dfqbench source wrote it (its fingerprint's code digest, records.code_digest): as in the sweeps, a run
+    of other code is run again, never reused."""
+    if not kept.exists():
+        return None
+    from dfqbench.records import code_digest
+    r = json.loads(kept.read_text())
+    code, now = (r.get("fingerprint") or {}).get("code"), code_digest()
+    if code != now:
+        print(f"{label}: {rel(kept)} was written by another dfqbench source (code {code}, now {now}): running it "
+              "again", flush=True)
+        return None
+    return r
+
+
 def dfqbench_side(cell: Path, quant: str, seeds, resume: bool, overrides, label: str,
                   accept=lambda record, seed: True, allow_diverged: bool = False, variant: str = "",
                   in_sweeps: bool = False) -> list[dict]:
@@ -166,13 +182,14 @@ def dfqbench_side(cell: Path, quant: str, seeds, resume: bool, overrides, label:
     when `accept` says it ran the cell's settings; a new run that does not is an error. Returns the records;
     with `allow_diverged` a seed whose training diverged is its failed record (no top1). A `variant` (dfqbench
     run with other settings beside the same official seeds) keeps its records as dfqbench-<quant>-<variant>-s<S>.
-    `in_sweeps`: each run is the tables' sweep job of the same overrides (run_dfqbench)."""
+    `in_sweeps`: each run is the tables' sweep job of the same overrides (run_dfqbench). A kept record written
+    by another dfqbench source is run again (kept_record)."""
     ours = []
     for seed in seeds:
         dest = cell / f"dfqbench-{quant}{'-' + variant if variant else ''}-s{seed}"
         kept = dest.with_name(dest.name + ".record.json")
-        if resume and kept.exists():
-            r = json.loads(kept.read_text())
+        r = kept_record(kept, f"dfqbench {label} seed {seed}") if resume else None
+        if r is not None:
             if accept(r, seed) and (allow_diverged or not diverged(r)):
                 ours.append(r)
                 print(f"dfqbench {label} seed {seed}: reusing {rel(kept)} ({_outcome(r)})", flush=True)
@@ -395,7 +412,7 @@ def add_cell_arguments(p, method: str, quant_help: str, overrides_help: str, var
     p.add_argument("--dfqbench-seeds", type=int, nargs="*", default=None, help="dfqbench seeds (default --seeds)")
     p.add_argument("--resume", action="store_true",
                    help=f"keep finished seeds: official-s<S>.json (same code, schedule, bits, {variant}) and "
-                        "dfqbench-<quant>-s<S>.record.json (same schedule and bits)")
+                        "dfqbench-<quant>-s<S>.record.json (same schedule and bits, same dfqbench source)")
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--seed", type=int, default=0, help=argparse.SUPPRESS)
     p.add_argument("--scratch", default="", help=argparse.SUPPRESS)

@@ -623,8 +623,8 @@ def dfqbench_cell(a, mode, wbit, abit, cell: Path) -> tuple[list[dict], list[dic
         over = dfqbench_overrides(a, mode, wbit, abit, seed)
         dest = cell / f"dfqbench-{QUANT}-s{seed}"
         kept = dest.with_name(dest.name + ".record.json")
-        if a.resume and kept.exists():
-            r = json.loads(kept.read_text())
+        r = common.kept_record(kept, f"dfqbench {MODES[mode]} W{wbit}A{abit} seed {seed}") if a.resume else None
+        if r is not None:
             if [o for o in r.get("overrides", []) if o not in ("force=true", "progress=false")] == over:
                 ours.append(r)
                 print(f"dfqbench {MODES[mode]} W{wbit}A{abit} seed {seed}: reusing {common.rel(kept)} "
@@ -682,7 +682,7 @@ def main(argv=None) -> None:
                    help="skip the child's checks (dfqbench's quantizer on the official batch, the loss terms)")
     p.add_argument("--resume", action="store_true",
                    help="keep finished seeds: official-s<S>.json with the same settings and commit, "
-                        "dfqbench-psaqvit-s<S>.record.json with the same overrides")
+                        "dfqbench-psaqvit-s<S>.record.json with the same overrides and dfqbench source")
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--mode", type=int, default=0, help=argparse.SUPPRESS)
     p.add_argument("--seed", type=int, default=0, help=argparse.SUPPRESS)

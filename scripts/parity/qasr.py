@@ -664,8 +664,8 @@ def dfqbench_cell(a, wbit, abit, cell: Path) -> tuple[list[dict], list[dict]]:
         over = dfqbench_overrides(a, wbit, abit, seed)
         dest = cell / f"dfqbench-{QUANT}-s{seed}"
         kept = dest.with_name(dest.name + ".record.json")
-        if a.resume and kept.exists():
-            r = json.loads(kept.read_text())
+        r = common.kept_record(kept, f"dfqbench qasr W{wbit}A{abit} seed {seed}") if a.resume else None
+        if r is not None:
             if [o for o in r.get("overrides", []) if o not in ("force=true", "progress=false")] == over:
                 ours.append(r)
                 print(f"dfqbench qasr W{wbit}A{abit} seed {seed}: reusing {common.rel(kept)} (top-1 {r['top1']:.2f})",
@@ -708,7 +708,7 @@ def main(argv=None) -> None:
     p.add_argument("--csv", default=str(common.PARITY_CSV), help="the parity table to update (--dfqbench)")
     p.add_argument("--resume", action="store_true",
                    help="keep finished seeds: official-s<S>.json with the same settings and commit, "
-                        "dfqbench-qasr-s<S>.record.json with the same overrides")
+                        "dfqbench-qasr-s<S>.record.json with the same overrides and dfqbench source")
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--seed", type=int, default=0, help=argparse.SUPPRESS)
     a = p.parse_args(argv)
