@@ -256,7 +256,7 @@ def main(argv=None) -> None:
     p.add_argument("--reuse-official", action="store_true",
                    help="take the official side from an existing official.json with the same seeds and commit")
     p.add_argument("--reuse-dfqbench", action="store_true",
-                   help="take the dfqbench side from the records already in the cell folder")
+                   help="take the dfqbench side from the records already in the cell folder (same dfqbench source)")
     p.add_argument("--add-bits", type=int, default=None,
                    help="bits of the residual additions' operand quantizers (default: the run's A; the code's "
                         "hard-coded 8, or 32 = nearly float, are ablations; use with --tag)")

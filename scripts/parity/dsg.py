@@ -245,7 +245,8 @@ def main(argv=None) -> None:
     p.add_argument("--reuse-official", action="store_true",
                    help="take the official side from an existing official.json with the same seeds and commit")
     p.add_argument("--reuse-dfqbench", action="store_true",
-                   help="take a dfqbench seed from its kept record (same overrides) instead of running it again")
+                   help="take a dfqbench seed from its kept record (same overrides and dfqbench "
+                        "source) instead of running it again")
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--seed", type=int, default=0, help=argparse.SUPPRESS)
     a = p.parse_args(argv)

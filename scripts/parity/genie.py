@@ -507,7 +507,8 @@ def parse_args(argv=None):
                    help="take the official side from an existing official.json with the same seeds, commit, "
                         "teacher and budget")
     p.add_argument("--reuse-dfqbench", action="store_true",
-                   help="take a dfqbench seed from its kept record (same overrides) instead of running it again")
+                   help="take a dfqbench seed from its kept record (same overrides and dfqbench "
+                        "source) instead of running it again")
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--seed", type=int, default=0, help=argparse.SUPPRESS)
     p.add_argument("--main-kwargs", default="{}", help=argparse.SUPPRESS)

@@ -295,7 +295,7 @@ def main(argv=None) -> None:
     p.add_argument("--reuse-official", action="store_true",
                    help="take the official side from an existing official.json with the same seeds and commit")
     p.add_argument("--reuse-dfqbench", action="store_true",
-                   help="take the dfqbench side from the records already in the cell folder")
+                   help="take the dfqbench side from the records already in the cell folder (same dfqbench source)")
     p.add_argument("--no-paired", dest="paired", action="store_false",
                    help="skip the paired check (dfqbench on the official run's own profiling images)")
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
