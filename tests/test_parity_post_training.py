@@ -12,6 +12,7 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts" / "parity"))
 import aciq  # noqa: E402
 import common  # noqa: E402
+import dsg  # noqa: E402
 import zeroq  # noqa: E402
 from dfqbench.records import code_digest  # noqa: E402
 
@@ -75,6 +76,32 @@ def test_zeroq_parent_summary_row_and_reuse(tmp_path, fakes):
     # another teacher's cell is not reused
     zeroq.main(argv + ["--reuse-official", "--reuse-dfqbench", "--teacher", "model.checkpoint=/x.pth"])
     assert fakes["official"] == [0, 1, 2]
+
+
+def test_dsg_parent_shares_zeroqs_official_side_with_its_own_batch_and_margins(tmp_path, fakes, monkeypatch,
+                                                                             capsys):
+    """scripts/parity/dsg.py runs its seeds through zeroq.official_side with DSG's defaults (a generated batch of
+    40, test batch 256), prints the code's learning-rate cuts, and its dfqbench side is the zero-margin cell."""
+    child, argvs = common.run_child, []
+
+    def run_child(script, args, log, env=None):
+        argvs.append(args)
+        return {**child(script, args, log, env), "lr_cuts": [2]}
+
+    monkeypatch.setattr(common, "run_child", run_child)
+    out, table = tmp_path / "out", tmp_path / "parity.csv"
+    dsg.main(["--official", str(tmp_path), "--seeds", "0", "1", "--no-compare", "--out", str(out), "--csv",
+              str(table), "--dfqbench"])
+    assert fakes == {"official": [0, 1], "dfqbench": [0, 1]}
+    args = argvs[1]
+    assert args[args.index("--batch-size") + 1] == "40" and args[args.index("--test-batch-size") + 1] == "256"
+    assert args[args.index("--seed") + 1] == "1" and Path(argvs[0][1]) == Path(tmp_path).resolve()
+    official = json.loads((out / "w4a4" / "official.json").read_text())
+    assert official["margins"].startswith("zero") and official["top1_mean"] == 70.5
+    row, = _rows(table)
+    assert (row["method"], row["official_top1_mean"], row["dfqbench_top1_mean"]) == ("dsg", "70.50", "80.50")
+    assert "method.margins=none" in row["note"]
+    assert "official DSG W4A4 seed 1: top-1 71.00, quantize 11 s, lr cuts [2]" in capsys.readouterr().out
 
 
 def test_a_new_seed_runs_alone_beside_the_kept_ones(tmp_path, fakes):

@@ -58,9 +58,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
+import zeroq  # noqa: E402
 
 DEFAULT_REPO = "htqin/DSG"
-DEPS = Path("/tmp/parity-deps")
 OUT = common.REPO / "results" / "parity" / "dsg"
 ARCHS = ("resnet18", "resnet50", "inceptionv3", "mobilenetv2_w1", "shufflenet_g1_w1", "resnet20_cifar10",
          "sqnxt23_w2", "bn_vgg16")  # uniform_test.py's --model choices
@@ -222,61 +222,17 @@ def compare(official_model, batches, teacher, cfg, data, a, device) -> dict:
 
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--official", required=True, help="a clone of htqin/DSG")
-    p.add_argument("--wbit", type=int, default=4)
-    p.add_argument("--abit", type=int, default=4)
-    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="uniform_test.py --seed (default 0 1 2)")
-    p.add_argument("--model", default="resnet20_cifar10")
-    p.add_argument("--dataset", default="cifar10")
-    p.add_argument("--teacher", nargs="*", default=[], help="more dfqbench overrides for the teacher")
-    p.add_argument("--max-samples", type=int, default=None, help="dataset.max_samples (default: full test set)")
-    p.add_argument("--batch-size", type=int, default=40, help="uniform_test.py --batch_size (generated batch)")
-    p.add_argument("--test-batch-size", type=int, default=256, help="uniform_test.py --test_batch_size")
-    p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--dfqbench", action="store_true", help="also run dfqbench on the same cell, write parity.csv")
-    p.add_argument("--quant", nargs="+", default=["gdfq"], help="dfqbench presets for --dfqbench")
+    zeroq.add_arguments(p, DEFAULT_REPO, "uniform_test.py --seed (default 0 1 2)", 40, "generated batch", 256)
     p.add_argument("--method-overrides", nargs="*", default=SAME_CELL,
                    help=f"dfqbench method overrides for --dfqbench (default: {' '.join(SAME_CELL)})")
-    p.add_argument("--check-quant", default="gdfq", help="the preset of the --compare check")
     p.add_argument("--out", default=str(OUT))
-    p.add_argument("--tag", default="", help="a name for this teacher's folder under --out (default: none)")
-    p.add_argument("--csv", default=str(common.PARITY_CSV))
-    p.add_argument("--no-compare", dest="compare", action="store_false")
-    p.add_argument("--reuse-official", action="store_true",
-                   help="take the official side from an existing official.json with the same seeds and commit")
-    p.add_argument("--reuse-dfqbench", action="store_true",
-                   help="take a dfqbench seed from its kept record (same overrides and dfqbench "
-                        "source) instead of running it again")
-    p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
-    p.add_argument("--seed", type=int, default=0, help=argparse.SUPPRESS)
     a = p.parse_args(argv)
     if a.child:
         child(a)
         return
-    repo, commit = common.clone_identity(Path(a.official), DEFAULT_REPO, "post_training_quantization/uniform_test.py")
-    out = Path(a.out) / a.tag if a.tag else Path(a.out)
-    cell = out / f"w{a.wbit}a{a.abit}"
-    env = {"PYTHONPATH": os.pathsep.join(filter(None, [str(DEPS) if DEPS.is_dir() else "",
-                                                       os.environ.get("PYTHONPATH", "")]))}
-
-    def run_seed(seed: int) -> dict:
-        args = ["--official", str(Path(a.official).resolve()), "--model", a.model, "--dataset", a.dataset,
-                "--seed", str(seed), "--wbit", str(a.wbit), "--abit", str(a.abit), "--batch-size", str(a.batch_size),
-                "--test-batch-size", str(a.test_batch_size), "--threads", str(a.threads),
-                "--check-quant", a.check_quant]
-        args += ["--teacher", *a.teacher] if a.teacher else []
-        args += ["--max-samples", str(a.max_samples)] if a.max_samples else []
-        args += [] if a.compare else ["--no-compare"]
-        r = common.run_child(Path(__file__), args, cell / f"official-s{seed}.log.txt", env)
-        chk = r.get("check", {})
-        print(f"official DSG W{a.wbit}A{a.abit} seed {seed}: top-1 {r['top1']:.2f}, quantize {r['quantize_s']:.0f} s, "
-              f"lr cuts {r['lr_cuts']}"
-              + (f"; dfqbench on the official batch {chk['dfqbench_on_official_batch_top1']:.2f}, weights differing "
-                 f"{chk['weights_differing']}/{chk['weights']}, act range max rel diff "
-                 f"{chk['act_range_max_rel_diff']:.2e}" if chk else ""), flush=True)
-        return r
-
-    runs, reused = common.official_runs(cell, a, "DSG", commit, a.wbit, a.abit, run_seed)
+    repo, commit, cell, runs, reused = zeroq.official_side(
+        a, Path(__file__), "DSG", DEFAULT_REPO, "post_training_quantization/uniform_test.py",
+        detail=lambda r: f", lr cuts {r['lr_cuts']}")
     official = common.official_summary(cell, a, "dsg", "DSG", repo, commit, a.wbit, a.abit, runs, reused,
                                        margins="zero (m_n_perc/*.npy not published)",
                                        **common.batch_check_summary(runs))

@@ -236,23 +236,23 @@ def compare(official_model, batches, teacher, cfg, data, a, device, calibrate=No
 
 # --- parent: seeds, records, parity.csv -----------------------------------------------------------------------
 
-def main(argv=None) -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--official", required=True, help="a clone of amirgholami/ZeroQ")
+def add_arguments(p: argparse.ArgumentParser, repo: str, seeds_help: str, batch_size: int, batch_help: str,
+                  test_batch_size: int) -> None:
+    """The command line of ZeroQ's driver, shared by DSG's (its code is a fork of ZeroQ's uniform_test.py)."""
+    p.add_argument("--official", required=True, help=f"a clone of {repo}")
     p.add_argument("--wbit", type=int, default=4)
     p.add_argument("--abit", type=int, default=4)
-    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="noise seeds (default 0 1 2)")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help=seeds_help)
     p.add_argument("--model", default="resnet20_cifar10")
     p.add_argument("--dataset", default="cifar10")
     p.add_argument("--teacher", nargs="*", default=[], help="more dfqbench overrides for the teacher")
     p.add_argument("--max-samples", type=int, default=None, help="dataset.max_samples (default: full test set)")
-    p.add_argument("--batch-size", type=int, default=32, help="uniform_test.py --batch_size (distilled batch)")
-    p.add_argument("--test-batch-size", type=int, default=128, help="uniform_test.py --test_batch_size")
+    p.add_argument("--batch-size", type=int, default=batch_size, help=f"uniform_test.py --batch_size ({batch_help})")
+    p.add_argument("--test-batch-size", type=int, default=test_batch_size, help="uniform_test.py --test_batch_size")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--dfqbench", action="store_true", help="also run dfqbench on the same cell, write parity.csv")
     p.add_argument("--quant", nargs="+", default=["gdfq"], help="dfqbench presets for --dfqbench")
     p.add_argument("--check-quant", default="gdfq", help="the preset of the --compare check")
-    p.add_argument("--out", default=str(OUT))
     p.add_argument("--tag", default="", help="a name for this teacher's folder under --out (default: none)")
     p.add_argument("--csv", default=str(common.PARITY_CSV))
     p.add_argument("--no-compare", dest="compare", action="store_false")
@@ -263,11 +263,12 @@ def main(argv=None) -> None:
                         "source) instead of running it again")
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--seed", type=int, default=0, help=argparse.SUPPRESS)
-    a = p.parse_args(argv)
-    if a.child:
-        child(a)
-        return
-    repo, commit = common.clone_identity(Path(a.official), DEFAULT_REPO, "classification/uniform_test.py")
+
+
+def official_side(a, script: Path, name: str, default_repo: str, marker: str, detail=lambda run: "") -> tuple:
+    """The official seeds of a ZeroQ-style cell, each run in a child process of `script` (or reused):
+    (repo, commit, cell folder, runs, reused). `detail(run)` adds to each seed's printed line."""
+    repo, commit = common.clone_identity(Path(a.official), default_repo, marker)
     out = Path(a.out) / a.tag if a.tag else Path(a.out)
     cell = out / f"w{a.wbit}a{a.abit}"
     env = {"PYTHONPATH": os.pathsep.join(filter(None, [str(DEPS) if DEPS.is_dir() else "",
@@ -281,15 +282,29 @@ def main(argv=None) -> None:
         args += ["--teacher", *a.teacher] if a.teacher else []
         args += ["--max-samples", str(a.max_samples)] if a.max_samples else []
         args += [] if a.compare else ["--no-compare"]
-        r = common.run_child(Path(__file__), args, cell / f"official-s{seed}.log.txt", env)
+        r = common.run_child(script, args, cell / f"official-s{seed}.log.txt", env)
         chk = r.get("check", {})
-        print(f"official ZeroQ W{a.wbit}A{a.abit} seed {seed}: top-1 {r['top1']:.2f}, quantize {r['quantize_s']:.0f} s"
+        print(f"official {name} W{a.wbit}A{a.abit} seed {seed}: top-1 {r['top1']:.2f}, quantize "
+              f"{r['quantize_s']:.0f} s{detail(r)}"
               + (f"; dfqbench on the official batch {chk['dfqbench_on_official_batch_top1']:.2f}, weights differing "
                  f"{chk['weights_differing']}/{chk['weights']}, act range max rel diff "
                  f"{chk['act_range_max_rel_diff']:.2e}" if chk else ""), flush=True)
         return r
 
-    runs, reused = common.official_runs(cell, a, "ZeroQ", commit, a.wbit, a.abit, run_seed)
+    runs, reused = common.official_runs(cell, a, name, commit, a.wbit, a.abit, run_seed)
+    return repo, commit, cell, runs, reused
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    add_arguments(p, DEFAULT_REPO, "noise seeds (default 0 1 2)", 32, "distilled batch", 128)
+    p.add_argument("--out", default=str(OUT))
+    a = p.parse_args(argv)
+    if a.child:
+        child(a)
+        return
+    repo, commit, cell, runs, reused = official_side(a, Path(__file__), "ZeroQ", DEFAULT_REPO,
+                                                     "classification/uniform_test.py")
     official = common.official_summary(cell, a, "zeroq", "ZeroQ", repo, commit, a.wbit, a.abit, runs, reused,
                                        **common.batch_check_summary(runs))
     if not a.dfqbench:
