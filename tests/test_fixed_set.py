@@ -27,8 +27,8 @@ SCHEDULE = {"name": "smoke", "epochs": 2, "iters_per_epoch": 2, "batch_size": 4}
 def test_crop_flip_is_identity_at_probability_zero_and_a_mirror_when_only_flipping():
     x = torch.randn(3, 2, 8, 8)
     rng = torch.Generator().manual_seed(0)
-    assert torch.allclose(crop_flip(x, rng, prob=0.0), x, atol=1e-5)
-    flipped = crop_flip(x, rng, scale=(1.0, 1.0), ratio=(1.0, 1.0), prob=1.0)  # full-size "crop" + flip
+    assert torch.allclose(crop_flip(x, rng, prob=0.0, flip_prob=0.0), x, atol=1e-5)
+    flipped = crop_flip(x, rng, scale=(1.0, 1.0), ratio=(1.0, 1.0), prob=1.0, flip_prob=1.0)  # full-size "crop"
     assert torch.allclose(flipped, x.flip(-1), atol=1e-5)
 
 

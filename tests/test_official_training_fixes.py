@@ -149,6 +149,50 @@ def test_fixed_set_crops_every_image_and_flips_half_by_default():
     assert 70 <= flips <= 130  # Binomial(200, 0.5): 100 +- 30 is > 4 sigma
 
 
+def test_crop_boxes_are_redrawn_as_torchvisions_not_clamped():
+    """crop_boxes draws torchvision's RandomResizedCrop box (up to 10 draws, the first that fits); clamping each
+    side to the image instead (dfqbench before 2026-12-06) favours larger crops. Mean area fraction at IntraQ's
+    scale (0.5, 1), default ratios: torchvision's get_params on a large image against the continuous boxes."""
+    import math
+
+    from torchvision.transforms import RandomResizedCrop
+
+    from dfqbench.synth.augment import crop_boxes
+
+    w, h = crop_boxes(200_000, torch.Generator().manual_seed(0), (0.5, 1.0), (3 / 4, 4 / 3))
+    assert bool(((w <= 1) & (h <= 1)).all())
+    torch.manual_seed(0)
+    img = torch.empty(1, 1000, 1000)
+    tv = [RandomResizedCrop.get_params(img, [0.5, 1.0], [3 / 4, 4 / 3]) for _ in range(20_000)]
+    tv_area = sum(hh * ww for _, _, hh, ww in tv) / len(tv) / 1e6
+    g = torch.Generator().manual_seed(1)
+    area = torch.empty(200_000).uniform_(0.5, 1.0, generator=g)
+    aspect = torch.exp(torch.empty(200_000).uniform_(math.log(3 / 4), math.log(4 / 3), generator=g))
+    clamped = float((torch.sqrt(area * aspect).clamp(max=1) * torch.sqrt(area / aspect).clamp(max=1)).mean())
+    assert abs(float((w * h).mean()) - tv_area) < 0.01 and clamped - tv_area > 0.03
+
+
+def test_labelled_synthesis_crops_and_flips_every_image_on_an_augmented_step():
+    """IntraQ's distill_data.py: on an augmented step (a coin per step) every image is RandomResizedCrop'd, then
+    flipped with p 0.5 (before 2026-12-06 dfqbench cropped each image with p 0.5 only)."""
+    from dfqbench.synth.labelled import LabelledSettings, _LabelledBatch
+
+    x = torch.arange(64.0).reshape(1, 1, 8, 8).repeat(200, 1, 1, 1)
+    settings = LabelledSettings(augment_prob=1.0, crop_scale=(0.5, 0.5)).validate()
+    batch = _LabelledBatch(x.clone(), torch.zeros(200, dtype=torch.long), torch.ones(200), None, settings,
+                           torch.Generator().manual_seed(0))
+    out = batch.images()
+    assert all(not torch.allclose(o, x[0], atol=1e-3) and not torch.allclose(o, x[0].flip(-1), atol=1e-3)
+               for o in out)
+    settings = LabelledSettings(augment_prob=1.0, crop_scale=(1.0, 1.0)).validate()
+    batch = _LabelledBatch(x.clone(), torch.zeros(200, dtype=torch.long), torch.ones(200), None, settings,
+                           torch.Generator().manual_seed(0))
+    flips = sum(bool(torch.allclose(o, x[0].flip(-1), atol=1e-4)) for o in batch.images())
+    assert 70 <= flips <= 130
+    with pytest.raises(ValueError, match=r"crop_scale=\[0.0, 1.0\] must be \[low, high\] with 0 < low <= high <= 1"):
+        LabelledSettings(crop_scale=[0.0, 1.0]).validate()
+
+
 def test_intraq_yaml_crops_every_fine_tuning_image():
     intraq = build_method(compose_cfg("method=intraq"))
     assert (intraq.generator_spec["crop_prob"], intraq.generator_spec["flip_prob"]) == (1.0, 0.5)
@@ -290,6 +334,69 @@ def test_per_setting_applies_the_cifar100_settings_and_the_command_line_wins():
     assert m.student_optim.lr == 1e-6
     m, _ = _applied("method=ait", "model=resnet18", "dataset=imagenet")
     assert m.student_optim.lr == 1e-4  # AIT's --lrs 0.0001 replaces GDFQ's ImageNet entry
+
+
+IMAGENET = ("dataset=imagenet", "schedule=paper_imagenet")
+
+
+@pytest.mark.parametrize("method,model,wbit,milestones,warmup,temperature,lr,lower,disagree", [
+    ("adasg", "resnet18", 4, [350, 400], 50, 5, 1e-5, 0.3, 0.1),       # imagenet_res18.hocon, trainer.py T = 5
+    ("adasg", "resnet50", 3, [200, 300, 400], 100, 5, 1e-4, 0.3, 0.1),  # imagenet_res50.hocon (W3 warm-up 100)
+    ("adasg", "resnet50", 4, [200, 300, 400], 50, 5, 1e-4, 0.3, 0.1),   # "50 for 4/5 bit"
+    ("adadfq", "resnet50", 3, [150, 300, 400], 100, 5, 1e-4, 0.4, 0.2),  # AdaDFQ's shipped res50 hocon
+    ("adadfq", "resnet50", 4, [200, 300, 400], 50, 5, 1e-4, 0.3, 0.1),   # its comments' 4-bit values
+    ("adadfq", "resnet50", 5, [350, 400], 50, 5, 1e-4, 0.3, 0.2),
+    ("adadfq", "resnet18", 5, [350, 400], 50, 5, 1e-5, 0.3, 0.3),
+    ("adadfq", "mobilenetv2_w1", 4, [350, 400], 50, 5, 1e-5, 0.1, 0.3),
+])
+def test_adasg_and_adadfq_take_their_codes_imagenet_settings(method, model, wbit, milestones, warmup, temperature,
+                                                              lr, lower, disagree):
+    m, _ = _applied(f"method={method}", f"model={model}", *IMAGENET, f"wbit={wbit}", f"abit={wbit}")
+    q = build_method(compose_cfg(f"method={method}", f"model={model}", *IMAGENET, f"wbit={wbit}", f"abit={wbit}"))
+    assert list(q.schedule.milestones) == milestones and q.schedule.warmup_epochs == warmup
+    assert m.student_losses.difference_entropy.temperature == temperature and m.student_optim.lr == lr
+    losses = m.generator_losses
+    assert losses.adaptability_margin.lower == lower and losses.disagreement_ce.weight == disagree
+    cifar = build_method(compose_cfg(f"method={method}", "schedule=paper_adasg"))
+    assert list(cifar.schedule.milestones) == [100, 200, 300] and cifar.schedule.batch_size == 16
+
+
+@pytest.mark.parametrize("method,batch", [("intraq", 16), ("hast", 4)])
+def test_intraq_and_hast_run_their_codes_imagenet_schedule(method, batch):
+    q = build_method(compose_cfg(f"method={method}", "model=resnet18", *IMAGENET))
+    s = q.schedule
+    assert (s.epochs, s.batch_size, s.warmup_epochs, s.calib_epochs, list(s.milestones)) == (
+        151, batch, 4, 4, [100, 200, 350])
+    m, _ = _applied("method=hast", "model=resnet18", "dataset=imagenet")
+    assert list(m.generator.source_settings.crop_scale) == [0.4, 1.0]  # HAST's augMargin default (never passed)
+
+
+def test_ait_and_qimera_ait_inundate_at_their_codes_imagenet_threshold_and_qimera_mixes_100_at_5_bits():
+    for method in ("ait", "qimera_ait"):
+        assert _applied(f"method={method}", "model=resnet18", "dataset=imagenet")[0].inundation.threshold == 1e-4
+        assert _applied(f"method={method}")[0].inundation.threshold == 1e-3
+    assert _applied("method=arc_ait", "model=resnet18", "dataset=imagenet")[0].inundation.threshold == 1e-3
+    for model, k4, k5 in (("resnet18", 500, 100), ("resnet50", 500, 100), ("mobilenetv2_w1", 100, 100)):
+        for wbit, k in ((4, k4), (5, k5)):
+            m, _ = _applied("method=qimera", f"model={model}", "dataset=imagenet", f"wbit={wbit}", f"abit={wbit}")
+            assert m.generator.mix_classes == k, (model, wbit)
+    m, _ = _applied("method=qimera_ait", "model=resnet18", "dataset=imagenet", "wbit=5", "abit=5")
+    assert m.generator.mix_classes == 250  # Qimera_AIT's only (4-bit) script
+
+
+def test_a_1x1_conv_classifier_gives_the_generators_latent_width_and_embeddings():
+    from pytorchcv.model_provider import get_model
+
+    from dfqbench.methods.qat import _classifier_weight
+    from dfqbench.train.generators.base import SuperposedGenerator
+
+    mbv2 = get_model("mobilenetv2_w1", pretrained=False)  # ends in a 1x1 conv (1280 -> 1000), no nn.Linear
+    w = _classifier_weight(mbv2)
+    assert tuple(w.shape) == (1000, 1280) and torch.equal(w, mbv2.output.weight.flatten(1))
+    g = SuperposedGenerator(1000, (3, 32, 32), teacher_fc=w, latent_dim=None, embedding_init="teacher_fc")
+    assert g.latent_dim == 1280 and torch.equal(g.embedding.weight, w)
+    net = nn.Sequential(nn.Conv2d(3, 8, 1), nn.Flatten(), nn.Linear(8, 4))
+    assert torch.equal(_classifier_weight(net), net[2].weight)  # a Linear after the last conv is the classifier
 
 
 def test_per_setting_refuses_an_unknown_condition_in_one_line():

@@ -148,7 +148,13 @@ def _schedule(schedule: dict, overrides: dict) -> Schedule:
 
 
 def _classifier_weight(model: nn.Module) -> torch.Tensor | None:
-    linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
+    """The teacher's classifier weight [classes, features]: a last 1x1 convolution (pytorchcv's MobileNetV2
+    classifies with one after the pool; Qimera's code squeezes its weight the same way), else the last nn.Linear."""
+    layers = [m for m in model.modules() if isinstance(m, (nn.Linear, nn.Conv2d))]
+    last = layers[-1] if layers else None
+    if isinstance(last, nn.Conv2d) and last.kernel_size == (1, 1) and last.groups == 1:
+        return last.weight.detach().flatten(1).clone()
+    linears = [m for m in layers if isinstance(m, nn.Linear)]
     return linears[-1].weight.detach().clone() if linears else None
 
 

@@ -11,17 +11,20 @@ input space, with Adam (lr 0.5, ReduceLROnPlateau patience 50) against the teach
            feature of that class over the finished batches) between `margin_lower` and `margin_upper` (linear
            hinges outside, averaged over the images whose class has a centroid);
   hast:    beta * mean((1 - p_y)^gamma * CE(logits, y)): hard samples (low p_y) weigh more.
-Each step, with probability `augment_prob` the batch is augmented (every image randomly resized-cropped, scale
-0.5-1, and flipped with probability 0.5), as IntraQ's code does. Adam's plateau scheduler stops at lr 1e-4.
-Decisions where the papers leave room: labels are balanced (image i of a batch has class i mod C, so every class
-has a centroid after the first batch; the code draws them at random); IntraQ updates its centroids per group of
-5 batches, here after every batch. The paper's 4 x 5 x 256 = 5,120 images at 1,000 steps are the `paper` schedule; the `cpu` schedule makes
-fewer images with fewer steps (conf/schedule/cpu.yaml).
+Each step, with probability `augment_prob` the batch is augmented: every image randomly resized-cropped (area
+`crop_scale`: 0.5-1, IntraQ's run scripts' augMargin; HAST's ImageNet synthesis 0.4-1, its default) and flipped
+with probability 0.5, as the codes' RHF(RRC(x)) per image (before 2026-12-06 an image was cropped with probability
+0.5 only). Adam's plateau scheduler stops at lr 1e-4. Centroids are updated after every finished batch, as
+IntraQ's distill_data.py does. Decision where the papers leave room: labels are balanced (image i of a batch has
+class i mod C, so every class has a centroid after the first batch; the code draws them at random). The paper's
+4 x 5 x 256 = 5,120 images at 1,000 steps are the `paper` schedule; the `cpu` schedule makes fewer images with
+fewer steps (conf/schedule/cpu.yaml).
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 
 import torch
@@ -35,7 +38,7 @@ from .bn_loop import BNTaps, ImageBatch, Synthesis, synthesize_batches
 from .calib_data import _split, cached
 
 LABEL_LOSSES = ("intraq", "hast")
-_VERSION = 2  # part of the cache key: bump when the synthesis changes what it computes
+_VERSION = 3  # part of the cache key: bump when the synthesis changes what it computes
 
 
 @dataclass
@@ -46,6 +49,7 @@ class LabelledSettings:
     lr: float = 0.5
     patience: int = 50
     augment_prob: float = 0.5
+    crop_scale: tuple[float, float] = (0.5, 1.0)  # RandomResizedCrop's area range on augmented steps
     target_prob: float = 0.95  # intraq (CIFAR-10; CIFAR-100 0.6, ImageNet 1.0)
     margin_lower: float = 0.05  # intraq cosine-distance band (CIFAR-10; CIFAR-100 0.02-1.0, ImageNet 0-2)
     margin_upper: float = 0.8
@@ -62,6 +66,11 @@ class LabelledSettings:
                 raise ValueError(f"{prefix}{key}={value!r} must be a positive integer")
         if not 0.0 <= self.augment_prob <= 1.0 or not 0.0 <= self.target_prob <= 1.0:
             raise ValueError(f"{prefix}augment_prob and target_prob must be in [0, 1]")
+        pair = list(self.crop_scale) if isinstance(self.crop_scale, Sequence) else []
+        if not (len(pair) == 2 and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in pair)
+                and 0.0 < pair[0] <= pair[1] <= 1.0):
+            raise ValueError(f"{prefix}crop_scale={self.crop_scale!r} must be [low, high] with 0 < low <= high <= 1")
+        self.crop_scale = (float(pair[0]), float(pair[1]))
         if not 0.0 <= self.margin_lower <= self.margin_upper:
             raise ValueError(f"{prefix}margin_lower={self.margin_lower} must be in [0, margin_upper]")
         return self
@@ -97,11 +106,11 @@ class _LabelledBatch(ImageBatch):
                  settings: LabelledSettings, rng: torch.Generator):
         super().__init__(x, settings.lr, settings.patience, 1e-4, channels_last=False)
         self.labels, self.targets, self.centroids = labels, targets, centroids
-        self.augment_prob, self.rng = settings.augment_prob, rng
+        self.augment_prob, self.crop_scale, self.rng = settings.augment_prob, settings.crop_scale, rng
 
     def images(self) -> torch.Tensor:
         augment = float(torch.rand((), generator=self.rng)) < self.augment_prob
-        return crop_flip(self.x, self.rng, prob=0.5) if augment else self.x
+        return crop_flip(self.x, self.rng, scale=self.crop_scale) if augment else self.x
 
 
 class LabelledSynthesis(Synthesis):

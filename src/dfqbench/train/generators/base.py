@@ -7,7 +7,6 @@ parameters, so in training mode each output channel has batch mean 0 and varianc
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
@@ -161,17 +160,11 @@ def batch_crop_flip_theta(n: int, rng: torch.Generator, prob: float, crop_scale:
     RandomResizedCrop (area fraction in `crop_scale`, aspect ratio log-uniform in `ratio`, resized back) and a
     horizontal flip with probability `flip_prob`. Returns the [n, 2, 3] affine matrices for `affine_grid`. The box
     is continuous (torchvision's: whole pixels) and sampled bilinearly."""
+    from ...synth.augment import crop_boxes
+
     if float(torch.rand((), generator=rng)) >= prob:
         return None
-    # torchvision's RandomResizedCrop.get_params in continuous form: up to 10 draws of (area, log aspect), the
-    # first whose box fits in the image is taken, else the whole image (its fallback for ratios within bounds)
-    area = torch.empty(n, 10).uniform_(crop_scale[0], crop_scale[1], generator=rng)
-    aspect = torch.exp(torch.empty(n, 10).uniform_(math.log(ratio[0]), math.log(ratio[1]), generator=rng))
-    w, h = torch.sqrt(area * aspect), torch.sqrt(area / aspect)  # crop width / height as fractions of the image
-    fits = (w <= 1.0) & (h <= 1.0)
-    first = torch.where(fits.any(dim=1), fits.float().argmax(dim=1), 0)[:, None]
-    w = torch.where(fits.any(dim=1), w.gather(1, first)[:, 0], 1.0)
-    h = torch.where(fits.any(dim=1), h.gather(1, first)[:, 0], 1.0)
+    w, h = crop_boxes(n, rng, crop_scale, ratio)  # torchvision's RandomResizedCrop box, as fractions of the image
     cx = (torch.rand(n, generator=rng) * 2 - 1) * (1 - w)  # centre in [-1, 1] keeping the crop inside
     cy = (torch.rand(n, generator=rng) * 2 - 1) * (1 - h)
     flip = torch.where(torch.rand(n, generator=rng) < flip_prob, -1.0, 1.0)
@@ -259,7 +252,8 @@ class SuperposedGenerator(nn.Module):
         feature_dim = None if teacher_fc is None else teacher_fc.shape[1]
         latent_dim = latent_dim if latent_dim is not None else feature_dim
         if latent_dim is None:
-            raise ValueError("latent_dim=null needs a teacher whose last layer is nn.Linear (its input width)")
+            raise ValueError("latent_dim=null needs a teacher whose classifier is an nn.Linear or a last 1x1 "
+                             "convolution (its input width)")
         self.num_classes, self.latent_dim = num_classes, _positive_int("latent_dim", latent_dim)
         self.mix_prob, self.mix_classes = float(mix_prob), _positive_int("mix_classes", mix_classes)
         self.noise_scale = float(noise_scale)
@@ -334,14 +328,15 @@ LABELLED_SOURCES = ("intraq", "hast")  # dfqbench.synth.labelled: image j synthe
 class FixedSet(nn.Module):
     """No generator: a fixed synthetic set (IntraQ, HAST) made once before training by a calibration source of
     dfqbench.synth.calib_data (`source`: intraq, hast, or any other: distill, genie, dsg, real, ...) and cached per
-    teacher, settings and seed. Each batch draws images uniformly with replacement and applies RandomResizedCrop
+    teacher, settings and seed. Each batch draws images uniformly with replacement (a decision: IntraQ's code
+    draws shuffled passes over the set, HAST's repeats one permutation within an epoch) and applies RandomResizedCrop
     (scale `crop_scale`) with probability `crop_prob` and a horizontal flip with probability `flip_prob` (IntraQ's
     and HAST's fine-tuning: torchvision's RandomResizedCrop on every image, then RandomHorizontalFlip: 1 and 0.5).
     Labels (`labels`): "teacher", losses that need one use the teacher's prediction on the drawn (augmented)
     image; "synthesis", the class each image was synthesized for (the intraq/hast sources make image j for class
-    j mod C, so the set's order carries it), as IntraQ's and HAST's code train the student's CE. The set's size and the synthesis steps
-    come from the schedule (`fixed_set_images`, `fixed_set_iterations`). Nothing is trained: the method's
-    generator_losses must be empty."""
+    j mod C, so the set's order carries it), as IntraQ's and HAST's code train the student's CE. The set's size
+    and the synthesis steps come from the schedule (`fixed_set_images`, `fixed_set_iterations`). Nothing is
+    trained: the method's generator_losses must be empty."""
 
     trainable = False
 
