@@ -400,6 +400,32 @@ def test_a_1x1_conv_classifier_gives_the_generators_latent_width_and_embeddings(
     assert torch.equal(_classifier_weight(net), net[2].weight)  # a Linear after the last conv is the classifier
 
 
+def test_zaq_and_dfqf_run_their_codes_own_budgets_under_schedule_paper():
+    zaq = build_method(compose_cfg("method=zaq", "schedule=paper")).schedule  # main.py's defaults
+    assert (zaq.epochs, zaq.iters_per_epoch, zaq.batch_size, list(zaq.milestones), zaq.warmup_epochs,
+            zaq.calib_epochs) == (300, 60, 256, [100, 200], 0, 300)
+    dfqf = build_method(compose_cfg("method=dfqf", "schedule=paper"))
+    s1, s2 = dfqf.stage1_schedule, dfqf.stage2_schedule  # dfkd.py, then dfqf.py over the 391-batch train loader
+    assert (s1.epochs, s1.iters_per_epoch, s1.batch_size, list(s1.milestones)) == (200, 120, 512, [80, 160])
+    assert (s2.epochs, s2.iters_per_epoch, s2.batch_size, list(s2.milestones)) == (40, 391, 128, [])
+    cpu = build_method(compose_cfg("method=dfqf"))  # the cpu schedule: one budget for both stages, as before
+    assert cpu.stage1_schedule.epochs == cpu.stage2_schedule.epochs == 10 and list(cpu.stage1_schedule.milestones) == [
+        4, 8]
+    with pytest.raises(ValueError, match=r"method.stage1_schedule_overrides: unknown field\(s\) \['epoch'\]"):
+        build_method(compose_cfg("method=dfqf", "+method.stage1_schedule_overrides.epoch=3"))
+
+
+@pytest.mark.parametrize("method", ["psaqvit", "psaqvit2"])
+def test_psaqvit_takes_the_codes_224_px_settings_on_imagenet_and_swins_lr(method):
+    m, _ = _applied(f"method={method}", "model=swin_tiny", "dataset=imagenet")
+    assert (m.lr, list(m.jitter), list(m.tv_target)) == (0.25, [15, 30], [2500.0, 3000.0])
+    m, _ = _applied(f"method={method}", "model=deit_small", "dataset=imagenet")
+    assert (m.lr, list(m.jitter), list(m.tv_target)) == (0.2, [15, 30], [2500.0, 3000.0])
+    m, _ = _applied(f"method={method}", "model=vit_cifar10")  # 32 px: the scaled values
+    assert (m.lr, list(m.jitter), list(m.tv_target)) == (0.2, [2, 4], [357.0, 429.0])
+    assert m.source.fidelity == ("reproduction" if method == "psaqvit" else "reconstruction")
+
+
 def test_per_setting_refuses_an_unknown_condition_in_one_line():
     cfg = compose_cfg("method=gdfq")
     cfg.method.per_setting = {"x": {"when": {"datset": "cifar100"}, "set": {"lr_decay": 0.5}}}

@@ -144,6 +144,25 @@ def test_kde_entropy_hand_values():
     assert float(kde_entropy(samples, 0.01, 10)) == pytest.approx(math.log(2), abs=2e-3)
 
 
+def test_windowed_blocks_pool_an_images_windows_into_one_density():
+    """Swin's window attention gives rows = images x windows; PSAQ-ViT's code takes one density per image over
+    all its windows' similarities (sims.view(batch_size, -1)), not one per window averaged."""
+    from dfqbench.synth.patch_similarity import PatchFeatures
+
+    torch.manual_seed(0)
+    # image 0: its two windows' patch features are far apart; image 1: both windows alike
+    feats = torch.cat([torch.randn(1, 5, 4), torch.randn(1, 5, 4) * 0.01 + 3, torch.randn(2, 5, 4)])  # [2 x 2, 5, 4]
+    patches = PatchFeatures.__new__(PatchFeatures)
+    patches.features = [feats]
+    pooled = float(patches.entropy(0.01, 10, images=2))
+    sims = patch_similarity(feats)
+    assert pooled == pytest.approx(float(kde_entropy(sims.reshape(2, -1), 0.01, 10)))
+    assert pooled != pytest.approx(float(kde_entropy(sims, 0.01, 10)), abs=1e-3)  # per-window densities differ
+    assert patches.features == []
+    patches.features = [feats]  # one row per image (a ViT): the same as before
+    assert float(patches.entropy(0.01, 10, images=4)) == pytest.approx(float(kde_entropy(sims, 0.01, 10)))
+
+
 def test_patch_similarity_is_cosine():
     f = torch.tensor([[[1.0, 0.0], [0.0, 2.0], [3.0, 3.0]]])
     sims = patch_similarity(f).view(3, 3)

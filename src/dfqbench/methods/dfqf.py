@@ -26,14 +26,15 @@ from ..records import code_digest
 from ..quant.quantizers.clipped import attach_learned_clips
 from ..train.checkpoint import save_atomic
 from ..train.trainer import Trainer
-from .qat import GeneratorQAT, _number, _train_settings
+from .qat import GeneratorQAT, _number, _schedule, _train_settings
 
 
 class DFQF(GeneratorQAT):
     def __init__(self, name: str = "dfqf", stage1_student_optim: dict | None = None,
                  stage1_milestones: list[float] | None = None, clip_lr_ratio: float = 0.1,
                  clip_lower_bound: float = 0.5, clip_init_batches: int = 10,
-                 stage1_student_init: str = "kaiming_normal", **kwargs):
+                 stage1_student_init: str = "kaiming_normal", stage1_schedule_overrides: dict | None = None,
+                 **kwargs):
         super().__init__(name=name, **kwargs)
         if stage1_student_init not in STUDENT_INITS:
             raise ValueError(f"method.stage1_student_init={stage1_student_init!r} is not valid; choose one of: "
@@ -54,9 +55,9 @@ class DFQF(GeneratorQAT):
                                  kwargs.get("lr_decay", 0.1), 1, 1, 0.9, {}, 0.0, False, None,
                                  kwargs.get("keep_checkpoint", False), "train", "ema")
         self.stage1_settings = dataclasses.replace(stage1, decay_generator=False)
-        epochs = self.schedule.epochs
+        stage1 = _schedule(self.schedule.to_dict(), dict(stage1_schedule_overrides or {}), "stage1_schedule_overrides")
         self.stage1_schedule = dataclasses.replace(
-            self.schedule, warmup_epochs=0, milestones=tuple(sorted({max(1, round(f * epochs)) for f in fractions})))
+            stage1, warmup_epochs=0, milestones=tuple(sorted({max(1, round(f * stage1.epochs)) for f in fractions})))
         self.stage2_schedule = dataclasses.replace(self.schedule, warmup_epochs=0, milestones=())
         self.stage1_spec = {"generator": self.generator_spec, "generator_losses": kwargs.get("generator_losses"),
                             "student_init": stage1_student_init,

@@ -71,7 +71,7 @@ class PSAQViT2(PSAQViT):
                 for _ in range(self.sample_steps):  # (a) samples: disagree more, keep the priors
                     x = jitter_flip(images, lim, s.flip, g)
                     t_logits = teacher(x)
-                    entropy = patches.entropy(s.bandwidth, s.kde_points)
+                    entropy = patches.entropy(s.bandwidth, s.kde_points, x.shape[0])
                     gap = kl_teacher_student(t_logits, student(x))
                     loss = -gap - self.entropy_weight * entropy + s.tv_weight * (total_variation(x) - tv_target).abs()
                     img_opt.zero_grad(set_to_none=True)

@@ -138,12 +138,12 @@ class GeneratorQAT(Method):
         return hashlib.sha256(json.dumps(blob, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-def _schedule(schedule: dict, overrides: dict) -> Schedule:
+def _schedule(schedule: dict, overrides: dict, key: str = "schedule_overrides") -> Schedule:
     """The schedule group, with a method's own fields over it (ZAQ: no warm-up, ranges tracked in every epoch)."""
     known = set(Schedule.__dataclass_fields__) - {"name"}
     unknown = sorted(set(overrides) - known)
     if unknown:
-        raise ValueError(f"method.schedule_overrides: unknown field(s) {unknown}; valid: {sorted(known)}")
+        raise ValueError(f"method.{key}: unknown field(s) {unknown}; valid: {sorted(known)}")
     return Schedule.from_dict({**schedule, **overrides})
 
 

@@ -108,9 +108,11 @@ class PatchFeatures:
         for h in self._handles:
             h.remove()
 
-    def entropy(self, bandwidth: float, points: int) -> torch.Tensor:
-        """The sum over blocks of the patch-similarity entropy of the last forward (and forget it)."""
-        total = sum(kde_entropy(patch_similarity(f), bandwidth, points) for f in self.features)
+    def entropy(self, bandwidth: float, points: int, images: int) -> torch.Tensor:
+        """The sum over blocks of the patch-similarity entropy of the last forward of `images` images (and forget
+        it). One density per image: a windowed block (Swin: rows = images x windows) pools the similarities of all
+        of an image's windows, as the official `sims.view(batch_size, -1)` does."""
+        total = sum(kde_entropy(patch_similarity(f).reshape(images, -1), bandwidth, points) for f in self.features)
         self.features.clear()
         return total
 
@@ -156,7 +158,7 @@ def psaq_images(model: nn.Module, input_shape, num_classes: int, pixel_lo: torch
                     group["lr"] = cosine_lr(s.lr, s.warmup, s.iterations, it)
                 x = jitter_flip(img, lim, s.flip, g)
                 logits = model(x)
-                entropy = patches.entropy(s.bandwidth, s.kde_points)
+                entropy = patches.entropy(s.bandwidth, s.kde_points, x.shape[0])
                 loss = -entropy + s.ce_weight * F.cross_entropy(logits, labels) + \
                     s.tv_weight * (total_variation(x) - tv_target).abs()
                 opt.zero_grad(set_to_none=True)
