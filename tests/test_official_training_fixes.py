@@ -334,6 +334,8 @@ def test_per_setting_applies_the_cifar100_settings_and_the_command_line_wins():
     assert m.student_optim.lr == 1e-6
     m, _ = _applied("method=ait", "model=resnet18", "dataset=imagenet")
     assert m.student_optim.lr == 1e-4  # AIT's --lrs 0.0001 replaces GDFQ's ImageNet entry
+    assert _applied("method=zeroq", "model=resnet18", "dataset=imagenet")[0].batch_size == 64  # ZeroQ's run.sh
+    assert _applied("method=zeroq")[0].batch_size == 32  # uniform_test.py's default (the CIFAR parity runs)
 
 
 IMAGENET = ("dataset=imagenet", "schedule=paper_imagenet")
