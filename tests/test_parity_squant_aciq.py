@@ -317,3 +317,46 @@ def test_aciq_first_output_range_mean_minmax_is_the_mean_of_per_image_extremes(r
     with pytest.raises(ValueError, match="method.first_output_range='max' is not valid; choose one of: aciq, "
                                          "mean_minmax"):
         ACIQ(first_output_range="max")
+
+
+def test_official_aciq_keeps_a_1000_way_classifier_at_8_bit_on_imagenet_only():
+    cfg = compose_cfg("method=aciq", "quant=official_aciq", "model=resnet18", "dataset=imagenet")
+    method = build_method(cfg)
+    conv = build_convention(cfg, method)
+    assert (conv.layers.last_wbit, conv.layers.logits_abit, method.last_output_range) == (8, 8, "global_minmax")
+    assert "per_setting" not in cfg.quant  # merged into the run's quant config (its hash and record)
+    cifar = compose_cfg("method=aciq", "quant=official_aciq")
+    method = build_method(cifar)
+    conv = build_convention(cifar, method)
+    assert (conv.layers.last_wbit, conv.layers.logits_abit, method.last_output_range) == (None, None, "aciq")
+    from dfqbench.method_overrides import apply_per_setting
+    user = compose_cfg("method=aciq", "quant=official_aciq", "model=resnet18", "dataset=imagenet",
+                       "quant.layers.last_wbit=4")
+    apply_per_setting(user, ["quant.layers.last_wbit=4"])  # the command line wins over the preset's entry
+    assert (user.quant.layers.last_wbit, user.quant.layers.logits_abit) == (4, 8)
+
+
+@pytest.mark.parametrize("relu_before", [True, False])
+def test_aciq_last_output_range_global_minmax_is_the_extreme_logit_over_the_images(relu_before):
+    from dfqbench.quant.transforms.graph import module_of, trace
+    torch.manual_seed(1)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(64, 5),
+                          nn.ReLU() if relu_before else nn.Identity()).eval()
+    x = torch.randn(6, 3, 6, 6)
+    conv = Convention.from_dict({"name": "t", "act": {"sites": "layer_outputs", "granularity": "per_channel"},
+                                 "layers": {"last_wbit": 8, "logits_abit": 8}})
+    q = quantize_model(trace(model), conv, 4, 4)
+    ctx = QuantContext(conv, 4, 4, 0, torch.device("cpu"), (3, 6, 6), 5, progress=False)
+    ACIQ(stats="calib", calib_stats="per_image", last_output_range="global_minmax")._set_activation_ranges(
+        q, ImageMoments(trace(model), [x[:4], x[4:]]), ctx)
+    logits_q = next(module_of(q, n) for n in q.graph.nodes if n.op == "call_module" and n.args
+                    and getattr(n.args[0], "target", None) == "3")
+    with torch.no_grad():
+        y = model[:4](x)
+    assert not logits_q.per_channel and logits_q.bits == 8
+    # over all 6 images, not a mean of per-image extremes, and no half range even before a ReLU (the code's)
+    assert float(logits_q.lo) == pytest.approx(float(y.min())) and float(logits_q.hi) == pytest.approx(float(y.max()))
+    assert q.get_submodule("3").weight_quantizer.bits == 8 and q.get_submodule("0").weight_quantizer.bits == 4
+    with pytest.raises(ValueError, match="method.last_output_range=global_minmax needs method.stats=calib and "
+                                         "method.calib_stats=per_image, not bn / pooled"):
+        ACIQ(last_output_range="global_minmax")

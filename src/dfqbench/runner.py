@@ -87,6 +87,7 @@ def build_method(cfg: DictConfig) -> Method:
 def build_convention(cfg: DictConfig, method: Method, check_method: bool = True) -> Convention:
     """The run's convention with the method's overrides; bad input (and, with `check_method`, a convention the
     method cannot run under) is a one-line ConfigError."""
+    apply_per_setting(cfg)  # no-op when the run already applied them
     try:
         conv = Convention.from_dict(OmegaConf.to_container(cfg.quant, resolve=True))
         if method.convention_overrides:

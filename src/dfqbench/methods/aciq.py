@@ -300,13 +300,16 @@ _IMAGE_STATS = ("mean", "mad", "std", "min", "max")
 class ImageMoments(fx.Interpreter):
     """Statistics of every node output taken on each image alone, then averaged over the images (the official
     code's offline statistics: collected at batch 1, summarised by their mean): per channel (dim 1) and over the
-    whole tensor, each of mean, mean |x - mean|, std (unbiased), min and max."""
+    whole tensor, each of mean, mean |x - mean|, std (unbiased), min and max; and the whole tensor's extremes over
+    all images (`extremes`: the code's force_global_min_max, kept for a 1000-way classifier's logits)."""
 
     def __init__(self, gm: fx.GraphModule, batches: list[torch.Tensor]):
         super().__init__(gm)
         self.sums: dict[str, dict[str, torch.Tensor]] = {}
         self.counts: dict[str, int] = {}
         self.shapes: dict[str, tuple[int, ...]] = {}
+        self.lowest: dict[str, torch.Tensor] = {}
+        self.highest: dict[str, torch.Tensor] = {}
         with torch.no_grad():
             for x in batches:
                 self.run(x)
@@ -325,6 +328,9 @@ class ImageMoments(fx.Interpreter):
                 for key, value in stats.items():
                     acc[prefix + key] = acc.get(prefix + key, 0) + value.sum(0)
             self.counts[n.name] = self.counts.get(n.name, 0) + x.shape[0]
+            low, high = x.amin(), x.amax()
+            self.lowest[n.name] = torch.minimum(self.lowest.get(n.name, low), low)
+            self.highest[n.name] = torch.maximum(self.highest.get(n.name, high), high)
         return out
 
     def spatial(self, node: fx.Node) -> bool:
@@ -334,6 +340,10 @@ class ImageMoments(fx.Interpreter):
     def of(self, node: fx.Node, per_channel: bool = True) -> dict[str, torch.Tensor]:
         prefix, n = ("c_" if per_channel else "t_"), self.counts[node.name]
         return {key: self.sums[node.name][prefix + key] / n for key in _IMAGE_STATS}
+
+    def extremes(self, node: fx.Node) -> tuple[torch.Tensor, torch.Tensor]:
+        """The lowest and highest value of the tensor over every calibration image."""
+        return self.lowest[node.name], self.highest[node.name]
 
 
 # ---- the method ----------------------------------------------------------------------------------------------
@@ -345,6 +355,10 @@ SIGNED_RANGES = ("centred", "min_anchored")
 # the first layer's output quantizer (layer_outputs): aciq, as any other; mean_minmax, per tensor from the mean over
 # the images of each image's min and max, unclipped (the code's "ignored" conv0_activation, with calib_stats=per_image)
 FIRST_OUTPUT_RANGES = ("aciq", "mean_minmax")
+# the last layer's output quantizer (the logits, sites=layer_outputs): aciq, as any other; global_minmax, per tensor
+# from the lowest and highest logit over the calibration images, unclipped (the code's activation_classifier, which
+# it uses for a 1000-way classifier; needs calib_stats=per_image)
+LAST_OUTPUT_RANGES = ("aciq", "global_minmax")
 
 
 def _followed_by_relu(gm: fx.GraphModule, node: fx.Node) -> str | None:
@@ -358,13 +372,15 @@ class ACIQ(PresetSettingsMethod):
                  calib_images: int = 32, calib_batch_size: int = 32, bit_alloc_weights: bool = True,
                  bit_alloc_acts: bool = True, bias_correction: bool = True, relu_clip: str = "one_sided",
                  bit_alloc: str = "levels_by_range", weight_correction: str = "mean_std", calib_stats: str = "pooled",
-                 signed_range: str = "centred", first_output_range: str = "aciq", **kwargs):
+                 signed_range: str = "centred", first_output_range: str = "aciq", last_output_range: str = "aciq",
+                 **kwargs):
         super().__init__(name, **kwargs)
         self._settings = dict(prior=prior, stats=stats, calib_data=calib_data, calib_images=calib_images,
                               calib_batch_size=calib_batch_size, bit_alloc_weights=bit_alloc_weights,
                               bit_alloc_acts=bit_alloc_acts, bias_correction=bias_correction, relu_clip=relu_clip,
                               bit_alloc=bit_alloc, weight_correction=weight_correction, calib_stats=calib_stats,
-                              signed_range=signed_range, first_output_range=first_output_range)
+                              signed_range=signed_range, first_output_range=first_output_range,
+                              last_output_range=last_output_range)
         self._configure(self._settings)
 
     def _configure(self, st: dict) -> None:
@@ -374,7 +390,8 @@ class ACIQ(PresetSettingsMethod):
                                     ("weight_correction", st["weight_correction"], WEIGHT_CORRECTIONS),
                                     ("calib_stats", st["calib_stats"], CALIB_STATS),
                                     ("signed_range", st["signed_range"], SIGNED_RANGES),
-                                    ("first_output_range", st["first_output_range"], FIRST_OUTPUT_RANGES)):
+                                    ("first_output_range", st["first_output_range"], FIRST_OUTPUT_RANGES),
+                                    ("last_output_range", st["last_output_range"], LAST_OUTPUT_RANGES)):
             if value not in choices:
                 raise ValueError(f"method.{key}={value!r} is not valid; choose one of: {', '.join(choices)}")
         self.calib_data = check_source(st["calib_data"])
@@ -388,6 +405,10 @@ class ACIQ(PresetSettingsMethod):
         self.bias_correction, self.bit_alloc = st["bias_correction"], st["bit_alloc"]
         self.weight_correction, self.calib_stats = st["weight_correction"], st["calib_stats"]
         self.signed_range, self.first_output_range = st["signed_range"], st["first_output_range"]
+        self.last_output_range = st["last_output_range"]
+        if self.last_output_range == "global_minmax" and (st["stats"], st["calib_stats"]) != ("calib", "per_image"):
+            raise ValueError(f"method.last_output_range=global_minmax needs method.stats=calib and "
+                             f"method.calib_stats=per_image, not {st['stats']} / {st['calib_stats']}")
         self.stochastic = self.stats == "calib"  # the calibration images depend on the seed
 
     def quantize(self, model, ctx):
@@ -413,7 +434,9 @@ class ACIQ(PresetSettingsMethod):
     @torch.no_grad()
     def _set_activation_ranges(self, gm: fx.GraphModule, moments, ctx) -> None:
         stats = BNStatistics(gm) if moments is None else None
-        first = layer_nodes(gm)[0] if self.first_output_range == "mean_minmax" else None
+        layers = layer_nodes(gm)
+        first = layers[0] if self.first_output_range == "mean_minmax" else None
+        last = layers[-1] if self.last_output_range == "global_minmax" else None
         mean_bits = []
         for node in list(gm.graph.nodes):
             q = module_of(gm, node)
@@ -431,6 +454,10 @@ class ACIQ(PresetSettingsMethod):
                 m = moments.of(src, per_channel=False)
                 q.per_channel = False  # before a ReLU the code's half_range puts the low end at 0
                 q.set_range(torch.zeros_like(m["min"]) if _followed_by_relu(gm, node) else m["min"], m["max"])
+                continue
+            if node.args[0] is last and isinstance(moments, ImageMoments):
+                q.per_channel = False  # the code's classifier quantizer: no half_range, no clip
+                q.set_range(*moments.extremes(src))
                 continue
             low = None  # the per-image minimum (min_anchored signed ranges)
             per_channel = q.per_channel

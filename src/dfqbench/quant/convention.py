@@ -67,6 +67,9 @@ class LayerBits:
     last_wbit: int | None = None
     second_abit: int | None = None  # the quantizer(s) feeding the 2nd layer (BRECQ: 8)
     last_abit: int | None = None  # the quantizer(s) feeding the last layer
+    # the last layer's own output (the logits), where the sites put a quantizer there (layer_outputs, op_outputs);
+    # the ACIQ code keeps a 1000-way classifier's logits at 8 bit
+    logits_abit: int | None = None
     input_abit: int | None = None  # the input image; null = not quantized
     # with act.sites=layer_outputs: the output of each BatchNorm left unfolded, quantized at this bit-width (null:
     # float); the ACIQ code's BatchNorm2dWithId quantizes it with its default int8 quantizer

@@ -41,6 +41,8 @@ def quantize_model(model: nn.Module, convention: Convention, wbit: int, abit: in
             a_bits = bits.second_abit
         if last in fed and bits.last_abit and site.op != "placeholder":
             a_bits = bits.last_abit
+        if site is last and bits.logits_abit:
+            a_bits = bits.logits_abit
         quantizer = _act_quantizer(convention, a_bits)
         if site.op == "placeholder" and convention.layers.input_range == "pixels" and convention.pixel_range:
             quantizer.fix_range(*convention.pixel_range)
