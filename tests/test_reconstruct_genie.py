@@ -195,6 +195,47 @@ def test_blocks_of_pytorchcv_resnet20_and_preresnet20():
     assert len(pre) == 11 and [b.name for b in pre][1:3] == ["add", "add_1"]
 
 
+GENIE_UNITS = ["BasicBlock", "Bottleneck", "ResBottleneckBlock", "DwsConvBlock", "InvertedResidual",
+               "LinearBottleneck"]
+
+
+class _Unit(nn.Module):  # a MobileNetV2-like unit without a residual: the graph rule cuts it after each layer
+    def __init__(self, c_in, c_out):
+        super().__init__()
+        self.expand, self.act, self.project = nn.Conv2d(c_in, 8, 1), nn.ReLU(), nn.Conv2d(8, c_out, 1)
+
+    def forward(self, x):
+        return self.project(self.act(self.expand(x)))
+
+
+def test_block_units_merge_the_graph_blocks_inside_one_unit_and_never_across_units():
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), _Unit(4, 4), _Unit(4, 6), nn.Conv2d(6, 2, 1)).eval()
+    gm = quantize_model(model, BRECQ, 4, 4)
+    assert len(find_blocks(gm)) == 6  # stem, 2 + 2 unit layers, head
+    blocks = find_blocks(gm, ["_Unit"])
+    layers = [[n.target for n in b.nodes if n.op == "call_module" and "act_quant" not in n.target] for b in blocks]
+    assert layers == [["0"], ["1.expand", "1.act", "1.project"], ["2.expand", "2.act", "2.project"], ["3"]]
+    assert blocks[2].input is blocks[1].output and blocks[1].input is blocks[0].output
+    assert len(find_blocks(gm, ["Conv2d"])) == 6  # single-layer units: nothing to merge
+
+
+def test_genie_block_units_give_the_codes_blocks_on_mobilenetv2_and_keep_resnets():
+    from pytorchcv.model_provider import get_model
+    from torchvision.models import mobilenet_v2
+
+    mnv2 = quantize_model(get_model("mobilenetv2_w1", pretrained=False).eval(), BRECQ, 4, 4)
+    assert (len(find_blocks(mnv2)), len(find_blocks(mnv2, GENIE_UNITS))) == (34, 20)  # stem, 17 units, 2 layers
+    tv = quantize_model(mobilenet_v2().eval(), BRECQ, 4, 4)
+    assert len(find_blocks(tv, GENIE_UNITS)) == 20 < len(find_blocks(tv))
+    r20 = quantize_model(get_model("resnet20_cifar10", pretrained=False).eval(), BRECQ, 4, 4)
+    assert [b.name for b in find_blocks(r20, GENIE_UNITS)] == [b.name for b in find_blocks(r20)]
+    from conftest import compose_cfg
+    for method in ("genie", "zeroq_recon"):
+        assert list(compose_cfg(f"method={method}").method.reconstruct.block_units) == GENIE_UNITS
+    with pytest.raises(ValueError, match=r"method.reconstruct.block_units='BasicBlock' must be a list"):
+        ReconstructSettings.from_dict({"block_units": "BasicBlock"})
+
+
 def test_float_mode_is_the_fp32_teacher():
     model = _tiny()
     x = torch.randn(4, 3, 8, 8)

@@ -7,10 +7,16 @@ layer-free segments between two of them (BN, ReLU, pooling, flatten) join the bl
 activation quantizer and what follows it open the next block, so that a block owns the quantizers of its
 input (shared with the residual identity) as BRECQ/Genie do. In ResNet-20: the first conv + BN + ReLU, each
 of the nine residual blocks, and the final quantizer + pooling + FC.
+
+`units` (class names, e.g. Genie's code's BasicBlock, InvertedResidual) merges consecutive blocks whose layers all
+lie in one instance of such a module (the outermost one around each layer, from torch.fx's nn_module_stack): the
+official codes reconstruct a module-defined unit whole, and a MobileNetV2 unit without a residual, cut after each
+of its three layers by the graph rule, becomes one block again. Blocks are merged, never split.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from torch import fx, nn
@@ -49,7 +55,7 @@ def cut_nodes(graph: fx.Graph) -> list[fx.Node]:
     return cuts
 
 
-def find_blocks(gm: fx.GraphModule) -> list[Block]:
+def find_blocks(gm: fx.GraphModule, units: Sequence[str] = ()) -> list[Block]:
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
     if len(placeholders) != 1:
         raise UnsupportedModel(f"block reconstruction needs a model with one input, not {len(placeholders)}")
@@ -87,7 +93,31 @@ def find_blocks(gm: fx.GraphModule) -> list[Block]:
         nodes = [n for seg in group for n in seg]
         start = cuts[0] if not blocks else blocks[-1].output
         blocks.append(Block(start, nodes, nodes[-1].name))
-    return blocks
+    return _merge_units(gm, blocks, units) if units else blocks
+
+
+def unit_of(node: fx.Node, units: Sequence[str]) -> str | None:
+    """The qualified name of the outermost module around `node` whose class is named in `units`, else None."""
+    for path, kind in (node.meta.get("nn_module_stack") or {}).values():
+        name = kind if isinstance(kind, str) else getattr(kind, "__name__", str(kind))
+        if name.rsplit(".", 1)[-1] in units:
+            return path
+    return None
+
+
+def _merge_units(gm: fx.GraphModule, blocks: list[Block], units: Sequence[str]) -> list[Block]:
+    merged: list[Block] = []
+    previous = None
+    for block in blocks:
+        owners = {unit_of(n, units) for n in block.nodes if is_layer(gm, n)}
+        unit = owners.pop() if len(owners) == 1 else None
+        if unit is not None and unit == previous:
+            head = merged[-1]
+            merged[-1] = Block(head.input, head.nodes + block.nodes, block.name)
+        else:
+            merged.append(block)
+        previous = unit
+    return merged
 
 
 def block_module(gm: fx.GraphModule, block: Block) -> fx.GraphModule:

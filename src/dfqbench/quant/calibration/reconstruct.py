@@ -18,7 +18,7 @@ from __future__ import annotations
 import contextlib
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import fx, nn
@@ -47,6 +47,8 @@ class ReconstructSettings(CheckedSettings):
     beta_end: float = 2.0
     reg_weight: float = 1.0  # Genie 1.0 (BRECQ/QDrop 0.01 with their loss scale)
     init_act_ranges: bool = True  # re-estimate each block's activation ranges on its quantized input
+    # module class names reconstructed whole (blocks.find_blocks): graph blocks inside one instance are merged
+    block_units: list[str] = field(default_factory=list)
 
     def validate(self, prefix: str = "method.reconstruct") -> "ReconstructSettings":
         def bad(key, why):
@@ -72,6 +74,9 @@ class ReconstructSettings(CheckedSettings):
         for key in ("learn_weight_scale", "learn_act_scale", "init_act_ranges"):
             if not isinstance(getattr(self, key), bool):
                 bad(key, "must be true or false")
+        if not isinstance(self.block_units, (list, tuple)) or not all(
+                isinstance(u, str) and u for u in self.block_units):
+            bad("block_units", "must be a list of module class names, e.g. [BasicBlock, InvertedResidual]")
         return self
 
 
@@ -111,7 +116,7 @@ def reconstruct(gm: fx.GraphModule, batches: list[torch.Tensor], settings: Recon
     report = []
     with model_params_frozen(gm):
         fp_in = q_in = data
-        for k, block in enumerate(find_blocks(gm)):
+        for k, block in enumerate(find_blocks(gm, settings.block_units)):
             facts, fp_out, q_out = reconstruct_block(gm, block, fp_in, q_in, settings, generator,
                                                      desc=f"reconstruct block {k + 1} ({block.name})",
                                                      progress=progress)
