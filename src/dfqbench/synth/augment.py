@@ -28,6 +28,41 @@ def crop_boxes(n: int, rng: torch.Generator, scale: tuple[float, float],
     return torch.where(found, w.gather(1, first)[:, 0], 1.0), torch.where(found, h.gather(1, first)[:, 0], 1.0)
 
 
+def scale_pair(key: str, value, high: float | None = 1.0) -> tuple[float, float]:
+    """A [low, high] range setting (a crop's area fraction, an aspect ratio), checked: 0 < low <= high (<= `high`)."""
+    try:
+        pair = tuple(float(v) for v in value if not isinstance(v, bool))
+        pair = pair if len(pair) == len(value) else ()
+    except (TypeError, ValueError):
+        pair = ()
+    if len(pair) != 2 or not 0.0 < pair[0] <= pair[1] or (high is not None and pair[1] > high):
+        shown = list(value) if isinstance(value, (list, tuple)) else value
+        raise ValueError(f"{key}={shown!r} must be [low, high] with 0 < low <= high"
+                         + (f" <= {high:g}" if high is not None else ""))
+    return pair
+
+
+def crop_flip_theta(w: torch.Tensor, h: torch.Tensor, rng: torch.Generator, flip_prob: float) -> torch.Tensor:
+    """The [n, 2, 3] affine matrices (for `affine_grid`) of crops of width/height `w`/`h` (fractions of the image)
+    at random centres inside the image, each flipped horizontally with probability `flip_prob`."""
+    n = w.shape[0]
+    cx = (torch.rand(n, generator=rng) * 2 - 1) * (1 - w)  # centre in [-1, 1] keeping the crop inside
+    cy = (torch.rand(n, generator=rng) * 2 - 1) * (1 - h)
+    flip = torch.where(torch.rand(n, generator=rng) < flip_prob, -1.0, 1.0)
+    theta = torch.zeros(n, 2, 3)
+    theta[:, 0, 0], theta[:, 0, 2] = w * flip, cx
+    theta[:, 1, 1], theta[:, 1, 2] = h, cy
+    return theta
+
+
+def apply_theta(x: torch.Tensor, theta: torch.Tensor | None) -> torch.Tensor:
+    """Crop/flip `x` by the affine matrices `theta` (bilinear, differentiable in x); None: x unchanged."""
+    if theta is None:
+        return x
+    grid = F.affine_grid(theta.to(device=x.device, dtype=x.dtype), list(x.shape), align_corners=False)
+    return F.grid_sample(x, grid, mode="bilinear", padding_mode="reflection", align_corners=False)
+
+
 def crop_flip(x: torch.Tensor, rng: torch.Generator, scale: tuple[float, float] = (0.5, 1.0),
               ratio: tuple[float, float] = (3 / 4, 4 / 3), prob: float = 1.0,
               flip_prob: float = 0.5) -> torch.Tensor:
@@ -38,12 +73,4 @@ def crop_flip(x: torch.Tensor, rng: torch.Generator, scale: tuple[float, float] 
     w, h = crop_boxes(n, rng, scale, ratio)
     crop = torch.rand(n, generator=rng) < prob
     w, h = torch.where(crop, w, torch.ones(n)), torch.where(crop, h, torch.ones(n))
-    cx = (torch.rand(n, generator=rng) * 2 - 1) * (1 - w)  # centre in [-1, 1] keeping the crop inside
-    cy = (torch.rand(n, generator=rng) * 2 - 1) * (1 - h)
-    flip = torch.where(torch.rand(n, generator=rng) < flip_prob, -1.0, 1.0)
-    theta = torch.zeros(n, 2, 3)
-    theta[:, 0, 0], theta[:, 0, 2] = w * flip, cx
-    theta[:, 1, 1], theta[:, 1, 2] = h, cy
-    theta = theta.to(device=x.device, dtype=x.dtype)
-    grid = F.affine_grid(theta, list(x.shape), align_corners=False)
-    return F.grid_sample(x, grid, mode="bilinear", padding_mode="reflection", align_corners=False)
+    return apply_theta(x, crop_flip_theta(w, h, rng, flip_prob))

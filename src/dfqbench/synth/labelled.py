@@ -24,7 +24,6 @@ fewer steps (conf/schedule/cpu.yaml).
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 
 import torch
@@ -33,7 +32,7 @@ from torch import nn
 
 from ..errors import UnsupportedModel
 from ..feature_taps import PenultimateTap
-from .augment import crop_flip
+from .augment import crop_flip, scale_pair
 from .bn_loop import BNTaps, ImageBatch, Synthesis, synthesize_batches
 from .calib_data import _split, cached
 
@@ -66,11 +65,7 @@ class LabelledSettings:
                 raise ValueError(f"{prefix}{key}={value!r} must be a positive integer")
         if not 0.0 <= self.augment_prob <= 1.0 or not 0.0 <= self.target_prob <= 1.0:
             raise ValueError(f"{prefix}augment_prob and target_prob must be in [0, 1]")
-        pair = list(self.crop_scale) if isinstance(self.crop_scale, Sequence) else []
-        if not (len(pair) == 2 and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in pair)
-                and 0.0 < pair[0] <= pair[1] <= 1.0):
-            raise ValueError(f"{prefix}crop_scale={self.crop_scale!r} must be [low, high] with 0 < low <= high <= 1")
-        self.crop_scale = (float(pair[0]), float(pair[1]))
+        self.crop_scale = scale_pair(f"{prefix}crop_scale", self.crop_scale)
         if not 0.0 <= self.margin_lower <= self.margin_upper:
             raise ValueError(f"{prefix}margin_lower={self.margin_lower} must be in [0, margin_upper]")
         return self

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..registry import register
+from ...synth.augment import apply_theta, crop_boxes, crop_flip, crop_flip_theta, scale_pair
 
 GENERATORS: dict[str, type] = {}
 
@@ -140,16 +141,8 @@ def check_augment(augment) -> dict | None:
     for key, value in out.items():
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value <= 1.0:
             raise ValueError(f"augment.{key}={value!r} must be a number in [0, 1]")
-    for key, default, high in (("crop_scale", (0.8, 1.0), 1.0), ("ratio", (3 / 4, 4 / 3), None)):
-        pair = augment.get(key, default)
-        try:
-            pair = tuple(float(v) for v in pair)
-        except (TypeError, ValueError):
-            pair = ()
-        if len(pair) != 2 or not 0.0 < pair[0] <= pair[1] or (high is not None and pair[1] > high):
-            raise ValueError(f"augment.{key}={augment.get(key)!r} must be [low, high] with 0 < low <= high"
-                             + (f" <= {high}" if high is not None else ""))
-        out[key] = pair
+    out["crop_scale"] = scale_pair("augment.crop_scale", augment.get("crop_scale", (0.8, 1.0)))
+    out["ratio"] = scale_pair("augment.ratio", augment.get("ratio", (3 / 4, 4 / 3)), high=None)
     return out
 
 
@@ -160,26 +153,10 @@ def batch_crop_flip_theta(n: int, rng: torch.Generator, prob: float, crop_scale:
     RandomResizedCrop (area fraction in `crop_scale`, aspect ratio log-uniform in `ratio`, resized back) and a
     horizontal flip with probability `flip_prob`. Returns the [n, 2, 3] affine matrices for `affine_grid`. The box
     is continuous (torchvision's: whole pixels) and sampled bilinearly."""
-    from ...synth.augment import crop_boxes
-
     if float(torch.rand((), generator=rng)) >= prob:
         return None
     w, h = crop_boxes(n, rng, crop_scale, ratio)  # torchvision's RandomResizedCrop box, as fractions of the image
-    cx = (torch.rand(n, generator=rng) * 2 - 1) * (1 - w)  # centre in [-1, 1] keeping the crop inside
-    cy = (torch.rand(n, generator=rng) * 2 - 1) * (1 - h)
-    flip = torch.where(torch.rand(n, generator=rng) < flip_prob, -1.0, 1.0)
-    theta = torch.zeros(n, 2, 3)
-    theta[:, 0, 0], theta[:, 0, 2] = w * flip, cx
-    theta[:, 1, 1], theta[:, 1, 2] = h, cy
-    return theta
-
-
-def apply_theta(x: torch.Tensor, theta: torch.Tensor | None) -> torch.Tensor:
-    """Crop/flip `x` by the affine matrices `theta` (bilinear, differentiable in x); None: x unchanged."""
-    if theta is None:
-        return x
-    grid = F.affine_grid(theta.to(device=x.device, dtype=x.dtype), list(x.shape), align_corners=False)
-    return F.grid_sample(x, grid, mode="bilinear", padding_mode="reflection", align_corners=False)
+    return crop_flip_theta(w, h, rng, flip_prob)
 
 
 @register(GENERATORS, "gdfq")
@@ -358,9 +335,7 @@ class FixedSet(nn.Module):
         for key, value in (("crop_prob", crop_prob), ("flip_prob", flip_prob)):
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value <= 1.0:
                 raise ValueError(f"{key}={value!r} must be a number in [0, 1]")
-        crop_scale = tuple(float(v) for v in crop_scale)
-        if len(crop_scale) != 2 or not 0.0 < crop_scale[0] <= crop_scale[1] <= 1.0:
-            raise ValueError(f"crop_scale={list(crop_scale)} must be [low, high] with 0 < low <= high <= 1")
+        crop_scale = scale_pair("crop_scale", crop_scale)
         self.crop_prob, self.flip_prob, self.crop_scale = float(crop_prob), float(flip_prob), crop_scale
         self.synthesis_batch = _positive_int("synthesis_batch", synthesis_batch)
         self.register_buffer("images", torch.zeros(0, *image_shape), persistent=False)  # rebuilt from the cache
@@ -382,8 +357,6 @@ class FixedSet(nn.Module):
         ctx.info["fixed_set"] = {"source": self.source, "images": len(self.images), **settings}
 
     def sample(self, batch_size: int, rng: torch.Generator) -> Sample:
-        from ...synth.augment import crop_flip
-
         if not len(self.images):
             raise RuntimeError("FixedSet.prepare() must run before sampling")
         idx = torch.randint(len(self.images), (batch_size,), generator=rng).to(self.images.device)
