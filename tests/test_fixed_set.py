@@ -117,6 +117,36 @@ def test_fixed_set_synthesis_labels_are_each_image_class_j_mod_c():
         FixedSet(3, (1, 4, 4), source="distill", labels="synthesis")
 
 
+def _drawn(fixed, rng, batch):
+    return fixed.sample(batch, rng).images[:, 0, 0, 0].long().tolist()
+
+
+def test_fixed_set_samplers_replacement_passes_and_epoch_permutation():
+    images = torch.arange(10.0).reshape(10, 1, 1, 1).expand(10, 1, 4, 4).contiguous()  # image j holds j
+    sets = {}
+    for sampling in ("replacement", "passes", "epoch_permutation"):
+        sets[sampling] = FixedSet(3, (1, 4, 4), source="intraq", crop_prob=0.0, flip_prob=0.0, sampling=sampling)
+        sets[sampling].images = images
+    rng = torch.Generator().manual_seed(0)  # the default draws exactly what it drew before the option existed
+    assert _drawn(sets["replacement"], rng, 4) == torch.randint(10, (4,), generator=torch.Generator().manual_seed(0)
+                                                                 ).tolist()
+    passes, rng = sets["passes"], torch.Generator().manual_seed(1)
+    passes.start_epoch(0, rng)
+    a, b, c = (_drawn(passes, rng, 4) for _ in range(3))
+    assert len(set(a + b)) == 8  # one pass without replacement; 2 images left < a batch: a new permutation (drop_last)
+    assert len(set(c)) == 4 and len(c) == 4
+    perm, rng = sets["epoch_permutation"], torch.Generator().manual_seed(2)
+    perm.start_epoch(0, rng)
+    first = [_drawn(perm, rng, 4) for _ in range(4)]
+    assert [len(x) for x in first] == [4, 4, 2, 4]  # the pass's last batch holds what remains
+    assert sorted(sum(first[:3], [])) == list(range(10)) and first[3] == first[0]  # the same permutation again
+    perm.start_epoch(1, rng)
+    assert _drawn(perm, rng, 10) != sum(first[:3], [])  # a new epoch, a new permutation
+    with pytest.raises(ValueError, match="sampling='shuffle' is not valid; choose one of: replacement, passes, "
+                                         "epoch_permutation"):
+        FixedSet(3, (1, 4, 4), sampling="shuffle")
+
+
 def test_yamls_compose_intraq_hast_and_zaq():
     intraq, hast, zaq = (build_method(compose_cfg(f"method={m}")) for m in ("intraq", "hast", "zaq"))
     assert intraq.generator_terms == [] and [n for n, _ in intraq.student_terms] == ["kd", "ce"]

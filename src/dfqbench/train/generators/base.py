@@ -298,6 +298,12 @@ class UnconditionalGenerator(nn.Module):
 
 
 FIXED_SET_LABELS = ("teacher", "synthesis")
+# how a batch picks its images from the fixed set. replacement: uniformly, with replacement (dfqbench's default);
+# passes: shuffled passes without replacement, a new permutation at every epoch's start and whenever fewer than a
+# batch remain (IntraQ's code: DataLoader(shuffle=True, drop_last=True), re-iterated each epoch);
+# epoch_permutation: one permutation per epoch, restarted from its start when used up, the last batch of a pass
+# holding what remains (HAST's code: DistributedSampler with set_epoch, drop_last off)
+FIXED_SET_SAMPLING = ("replacement", "passes", "epoch_permutation")
 LABELLED_SOURCES = ("intraq", "hast")  # dfqbench.synth.labelled: image j synthesized for class j mod C
 
 
@@ -320,9 +326,13 @@ class FixedSet(nn.Module):
     def __init__(self, num_classes: int, image_shape, teacher_fc: torch.Tensor | None = None,
                  source: str = "intraq", source_settings: dict | None = None, crop_prob: float = 1.0,
                  flip_prob: float = 0.5, crop_scale: tuple[float, float] = (0.5, 1.0), synthesis_batch: int = 256,
-                 labels: str = "teacher"):
+                 labels: str = "teacher", sampling: str = "replacement"):
         super().__init__()
         from ...synth.calib_data import check_source
+
+        if sampling not in FIXED_SET_SAMPLING:
+            raise ValueError(f"sampling={sampling!r} is not valid; choose one of: {', '.join(FIXED_SET_SAMPLING)}")
+        self.sampling, self._order, self._cursor = sampling, None, 0
 
         self.source = check_source(source, "method.generator.source")
         if labels not in FIXED_SET_LABELS:
@@ -356,10 +366,30 @@ class FixedSet(nn.Module):
         self.images = torch.cat([b.float() for b in batches]).to(ctx.device).contiguous()
         ctx.info["fixed_set"] = {"source": self.source, "images": len(self.images), **settings}
 
+    def start_epoch(self, epoch: int, rng: torch.Generator) -> None:
+        """Called by the trainer before each epoch: the permutation samplers start a new one."""
+        self._order, self._cursor = None, 0
+
+    def _indices(self, batch_size: int, rng: torch.Generator) -> torch.Tensor:
+        n = len(self.images)
+        if self.sampling == "replacement":
+            return torch.randint(n, (batch_size,), generator=rng)
+        if self.sampling == "passes" and (self._order is None or self._cursor + min(batch_size, n) > n):
+            self._order, self._cursor = torch.randperm(n, generator=rng), 0
+        if self.sampling == "epoch_permutation":
+            if self._order is None:
+                self._order = torch.randperm(n, generator=rng)
+            if self._cursor >= n:
+                self._cursor = 0
+        idx = self._order[self._cursor:self._cursor + batch_size]
+        self._cursor += batch_size
+        return idx
+
     def sample(self, batch_size: int, rng: torch.Generator) -> Sample:
         if not len(self.images):
             raise RuntimeError("FixedSet.prepare() must run before sampling")
-        idx = torch.randint(len(self.images), (batch_size,), generator=rng).to(self.images.device)
+        idx = self._indices(batch_size, rng).to(self.images.device)
+        batch_size = len(idx)
         images = crop_flip(self.images[idx], rng, scale=self.crop_scale, prob=self.crop_prob,
                            flip_prob=self.flip_prob)
         targets = None  # None: the step takes the teacher's argmax
