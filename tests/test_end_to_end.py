@@ -117,6 +117,18 @@ def test_imagenet_path_with_random_resnet18(tmp_path, cache_dir, imagenet_sample
     assert record["status"] == "done" and record["n_test"] == 20 and record["dataset"] == "imagenet"
 
 
+def test_official_aciq_on_imagenet_keeps_the_1000_way_classifier_at_8_bit(tmp_path, cache_dir, imagenet_samples):
+    record = run(compose_cfg("model=resnet18", "model.pretrained=false", "dataset=imagenet",
+                             f"dataset.root={imagenet_samples}", "dataset.max_samples=20", "eval.batch_size=10",
+                             f"paths.cache_dir={cache_dir}", "method=aciq", "quant=official_aciq", "wbit=4", "abit=4",
+                             "quant.method_settings.aciq.calib_data=gaussian_noise",  # the fixture has no train split
+                             "quant.method_settings.aciq.calib_images=2"), tmp_path)
+    quant = record["config"]["quant"]
+    assert record["status"] == "done" and "per_setting" not in quant
+    assert (quant["layers"]["last_wbit"], quant["layers"]["logits_abit"]) == (8, 8)
+    assert quant["method_settings"]["aciq"]["last_output_range"] == "global_minmax"
+
+
 def test_cifar100_imagefolder_fixture(tmp_path, cache_dir):
     root = tmp_path / "c100"
     for c in range(100):
