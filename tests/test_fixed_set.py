@@ -131,16 +131,16 @@ def test_fixed_set_samplers_replacement_passes_and_epoch_permutation():
     assert _drawn(sets["replacement"], rng, 4) == torch.randint(10, (4,), generator=torch.Generator().manual_seed(0)
                                                                  ).tolist()
     passes, rng = sets["passes"], torch.Generator().manual_seed(1)
-    passes.start_epoch(0, rng)
+    passes.start_epoch()
     a, b, c = (_drawn(passes, rng, 4) for _ in range(3))
     assert len(set(a + b)) == 8  # one pass without replacement; 2 images left < a batch: a new permutation (drop_last)
     assert len(set(c)) == 4 and len(c) == 4
     perm, rng = sets["epoch_permutation"], torch.Generator().manual_seed(2)
-    perm.start_epoch(0, rng)
+    perm.start_epoch()
     first = [_drawn(perm, rng, 4) for _ in range(4)]
     assert [len(x) for x in first] == [4, 4, 2, 4]  # the pass's last batch holds what remains
     assert sorted(sum(first[:3], [])) == list(range(10)) and first[3] == first[0]  # the same permutation again
-    perm.start_epoch(1, rng)
+    perm.start_epoch()
     assert _drawn(perm, rng, 10) != sum(first[:3], [])  # a new epoch, a new permutation
     with pytest.raises(ValueError, match="sampling='shuffle' is not valid; choose one of: replacement, passes, "
                                          "epoch_permutation"):

@@ -208,7 +208,7 @@ class Trainer:
                     if hasattr(term, "start_epoch"):
                         term.start_epoch(epoch, self._probe, self.generator.num_classes)
                 if hasattr(self.generator, "start_epoch"):  # a fixed set's per-epoch sampler
-                    self.generator.start_epoch(epoch, self.rng)
+                    self.generator.start_epoch()
                 for it in range(s.iters_per_epoch):
                     try:
                         self._iteration(epoch, it)

@@ -333,7 +333,6 @@ class FixedSet(nn.Module):
         if sampling not in FIXED_SET_SAMPLING:
             raise ValueError(f"sampling={sampling!r} is not valid; choose one of: {', '.join(FIXED_SET_SAMPLING)}")
         self.sampling, self._order, self._cursor = sampling, None, 0
-
         self.source = check_source(source, "method.generator.source")
         if labels not in FIXED_SET_LABELS:
             raise ValueError(f"labels={labels!r} is not valid; choose one of: {', '.join(FIXED_SET_LABELS)}")
@@ -366,8 +365,8 @@ class FixedSet(nn.Module):
         self.images = torch.cat([b.float() for b in batches]).to(ctx.device).contiguous()
         ctx.info["fixed_set"] = {"source": self.source, "images": len(self.images), **settings}
 
-    def start_epoch(self, epoch: int, rng: torch.Generator) -> None:
-        """Called by the trainer before each epoch: the permutation samplers start a new one."""
+    def start_epoch(self) -> None:
+        """Called by the trainer before each epoch: the permutation samplers draw a new one at the next batch."""
         self._order, self._cursor = None, 0
 
     def _indices(self, batch_size: int, rng: torch.Generator) -> torch.Tensor:
