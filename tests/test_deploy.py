@@ -24,7 +24,7 @@ T = onnx.TensorProto
 # the onnxruntime preset's fields (conf/quant/onnxruntime.yaml), on the tiny ResNet
 ORT_PRESET = {"name": "onnxruntime", "fold_bn": True, "deployable": True, "deploy_bits": [4, 8],
               "weight": {"granularity": "per_channel", "symmetric": True},
-              "act": {"sites": "layer_inputs", "granularity": "per_tensor", "symmetric": False},
+              "act": {"sites": "layer_inputs", "granularity": "per_tensor", "symmetric": False, "add_inputs": True},
               "layers": {"input_abit": 8}}
 SHAPE = (3, 8, 8)
 
@@ -80,17 +80,20 @@ def test_export_round_trips_scales_zero_points_and_integer_weights_exactly(one_t
     assert not any(n.domain == "dfqbench" for n in model.graph.node)  # every marker was rewritten
 
 
+@pytest.mark.parametrize("add_inputs", [True, False])
 @pytest.mark.parametrize("bits", [8, 4, 6])
-def test_onnxruntime_output_equals_fake_quant_output(one_thread, bits):
+def test_onnxruntime_output_equals_fake_quant_output(one_thread, bits, add_inputs):
     """Without graph optimizations ONNX Runtime computes each Q/DQ as dfqbench's fake-quant does: the logits agree
-    to float rounding. (6 bits: a grid narrower than its uint8 type, clipped before the QuantizeLinear.)"""
-    q, x = _quantized(bits)
+    to float rounding, with the residual sum's operands quantized or not. (6 bits: a grid narrower than its uint8
+    type, clipped before the QuantizeLinear.) One image of 32 may sit on a rounding tie that the runtime's x / scale
+    and ATen's x * (1 / scale) break apart (measured: 1 image, once in 18 cases, at W6 with add_inputs)."""
+    q, x = _quantized(bits, {**ORT_PRESET, "act": {**ORT_PRESET["act"], "add_inputs": add_inputs}})
     with torch.no_grad():
         ref = q(x).numpy()
-    out = _run(export_qdq(q, SHAPE), x, optimize=False)
-    err = float(np.abs(out - ref).max())
-    print(f"W{bits}A{bits}: max abs error {err:.3g} (logits up to {np.abs(ref).max():.3g})")
-    assert err < 1e-4
+    err = np.abs(_run(export_qdq(q, SHAPE), x, optimize=False) - ref).max(axis=1)
+    print(f"W{bits}A{bits} add_inputs {add_inputs}: max abs error {err.max():.3g} (logits up to "
+          f"{np.abs(ref).max():.3g}), images off by > 1e-6: {int((err > 1e-6).sum())}")
+    assert (err > 1e-6).sum() <= 1 and np.median(err) < 1e-6
 
 
 @pytest.mark.parametrize("bits", [4, 6])
@@ -112,9 +115,14 @@ def test_int32_bias_makes_the_optimized_runtime_equal_fake_quant(one_thread, bit
         print(f"W{bits}A{bits} bias {bias}: images whose logits differ by > 1e-6: {off[bias]} of {len(x)} "
               f"(max abs error {err.max():.3g})")
     assert off["int32"] <= len(x) // 10 and off["float"] >= len(x) // 4
-    # the rounded layers: the stem and conv1 (Q after ReLU), not conv2 (float residual sum) nor fc (behind Flatten)
+    # the rounded layers: the stem, conv1 (Q after ReLU) and conv2 (Q on the residual sum's operand), not fc
+    # (behind Flatten); without the operand quantizers conv2 feeds a float sum and keeps its float bias too
     linked = [n for n, m in q.named_modules() if is_quant_layer(m) and m.bias_input is not None]
-    assert linked == ["stem.0", "conv1"]
+    assert linked == ["stem.0", "conv1", "conv2"]
+    q_float_sum, _ = _quantized(bits, {**ORT_PRESET, "bias": "int32",
+                                       "act": {**ORT_PRESET["act"], "add_inputs": False}})
+    assert [n for n, m in q_float_sum.named_modules() if is_quant_layer(m) and m.bias_input is not None] == [
+        "stem.0", "conv1"]
     with pytest.raises(ValueError, match="quant.bias='int64' is not valid; choose one of: float, int32"):
         Convention.from_dict({**ORT_PRESET, "bias": "int64"})
     stem = dict(q.named_modules())["stem.0"]
@@ -123,18 +131,26 @@ def test_int32_bias_makes_the_optimized_runtime_equal_fake_quant(one_thread, bit
     assert torch.equal(stem.quantized_bias(), expected) and not torch.equal(expected, stem.bias)
 
 
-def test_w8a8_runs_integer_convolutions_and_stays_within_a_grid_step(one_thread):
+@pytest.mark.parametrize("add_inputs", [True, False])
+def test_w8a8_runs_integer_convolutions_and_stays_within_a_grid_step(one_thread, add_inputs):
     """With ONNX Runtime's optimizations the QDQ groups become QLinearConv (integer), whose requantization rounds
-    once per output instead of after a float conv: the logits move by at most a few steps of the last grid."""
-    q, x = _quantized(8)
+    once per output instead of after a float conv: the logits move by at most a few steps of the last grid. With
+    the residual sum's operands quantized (the preset's add_inputs) every conv and the sum are integer kernels
+    (QLinearAdd) and only the classifier is float; without, conv2 feeds a float sum and runs in float."""
+    q, x = _quantized(8, {**ORT_PRESET, "act": {**ORT_PRESET["act"], "add_inputs": add_inputs}})
     model = export_qdq(q, SHAPE)
     ops = ort_eval.optimized_ops(model, threads=1)
-    assert ops.get("QLinearConv", 0) >= 2  # the stem and conv1 (conv2 feeds the float residual sum)
-    assert ort_eval.integer_summary(ops)["integer"] >= 2
+    summary = ort_eval.integer_summary(ops)
+    if add_inputs:
+        assert ops.get("QLinearConv", 0) == 3 and ops.get("QLinearAdd", 0) == 1  # stem, conv1, conv2; the sum
+        assert summary == {"integer": 4, "float": 1}  # the classifier's Gemm
+    else:
+        assert ops.get("QLinearConv", 0) == 2 and "QLinearAdd" not in ops  # conv2 feeds the float residual sum
+        assert summary == {"integer": 2, "float": 2}
     with torch.no_grad():
         ref = q(x).numpy()
     err = float(np.abs(_run(model, x, optimize=True) - ref).max())
-    print(f"W8A8 integer kernels: max abs error {err:.3g}")
+    print(f"W8A8 integer kernels (add_inputs {add_inputs}): {ops}; max abs error {err:.3g}")
     assert 0 < err < 0.1 * np.abs(ref).max()
     assert (_run(model, x, optimize=True).argmax(1) == ref.argmax(1)).mean() >= 0.9
 
@@ -238,7 +254,11 @@ def test_run_with_export_onnx_records_the_deployed_score(tmp_path, cache_dir, ci
     assert record["status"] == "done" and "deployed_error" not in record
     assert (tmp_path / "model.onnx").exists() and record["deployed_onnx"] == "model.onnx"
     assert record["deployed_runtime"].startswith("onnxruntime ")
-    assert record["deployed_ops"]["QLinearConv"] == record["deployed_integer_ops"] >= 10  # 10 of ResNet-20's 19 convs
+    # every conv (21: the stem, 9 blocks x 2, 2 shortcut convs) and every residual sum (9) is an integer kernel,
+    # the classifier's Gemm alone is float
+    ops = record["deployed_ops"]
+    assert (ops["QLinearConv"], ops["QLinearAdd"], record["deployed_integer_ops"]) == (21, 9, 30)
+    assert record["deployed_float_ops"] == 1 and ops["Gemm"] == 1
     assert abs(record["deployed_top1"] - record["top1"]) <= 0.6  # 3 of 500 images
     assert abs(record["deployed_fp32_top1"] - record["fp32_top1"]) <= 0.2
     assert record["deployed_images_per_s"] > 0 and record["deployed_fp32_images_per_s"] > 0

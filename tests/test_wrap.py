@@ -65,6 +65,53 @@ def test_brecq_quantizes_every_layer_input_with_8_bit_exceptions():
     assert "act_quant_0" in code and "add" in code
 
 
+@pytest.mark.parametrize("sites,added", [("after_relu", 1), ("layer_inputs", 1), ("each_layer_input", 2)])
+def test_add_inputs_quantizes_each_residual_operand_the_sites_left_float(sites, added):
+    """act.add_inputs puts a quantizer on each operand of the residual sum that is not already a quantizer's output:
+    the branch (bn2's output) always; the identity (the stem ReLU's output) only where no shared quantizer reads it
+    first (each_layer_input: conv1 reads its own copy, so the sum gets one of its own). The sum then adds two
+    grid values: its output equals the by-hand fake-quant of each operand, added."""
+    base = {"name": "x", "act": {"sites": sites}}
+    plain = quantize_model(tiny_model(), Convention.from_dict(base), wbit=4, abit=4)
+    q = quantize_model(tiny_model(), Convention.from_dict({"name": "x", "act": {"sites": sites, "add_inputs": True}}),
+                       wbit=4, abit=4)
+    assert len(act_quantizers(q)) == len(act_quantizers(plain)) + added
+    add = next(n for n in q.graph.nodes if n.op == "call_function" and "add" in str(n.target))
+    operands = [module_of(q, a) for a in add.args[:2]]
+    assert all(isinstance(m, ActQuantizer) and m.bits == 4 for m in operands)
+    if sites == "each_layer_input":  # conv1's input quantizer is not the sum's identity quantizer
+        conv1 = next(n for n in q.graph.nodes if n.target == "conv1")
+        assert module_of(q, conv1.args[0]) is not operands[1]
+
+    x = torch.randn(16, 3, 8, 8, generator=torch.Generator().manual_seed(0))
+    for a in act_quantizers(q):
+        a.start_observing()
+    with torch.no_grad():
+        q(x)
+    for a in act_quantizers(q):
+        a.stop_observing()
+    seen = {}
+    hooks = [m.register_forward_hook(lambda mod, inp, out, i=i: seen.__setitem__(i, (inp[0], out)))
+             for i, m in enumerate(operands)]
+    with torch.no_grad():
+        q(x)
+    for h in hooks:
+        h.remove()
+    for i, m in enumerate(operands):
+        raw, out = seen[i]
+        lo, hi = float(raw.min()), float(raw.max())  # observed on the same batch: min/max of what it reads
+        lo, hi = min(lo, 0.0), max(hi, 0.0)
+        scale = (hi - lo) / 15
+        zp = round(-lo / scale)
+        by_hand = (torch.clamp(torch.round(raw / scale) + zp, 0, 15) - zp) * scale
+        assert torch.allclose(out, by_hand, atol=1e-5), f"operand {i}"
+
+
+def test_add_inputs_must_be_a_boolean():
+    with pytest.raises(ValueError, match="quant.act.add_inputs='yes' is not valid; choose one of: true, false"):
+        Convention.from_dict({"name": "x", "act": {"add_inputs": "yes"}})
+
+
 def test_32_bit_quantizers_leave_the_model_unchanged():
     model = tiny_model()
     x = torch.randn(2, 3, 8, 8)

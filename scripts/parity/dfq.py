@@ -166,8 +166,10 @@ def child(a) -> None:
     hi = max((1.0 - m) / s for m, s in zip(norm.mean, norm.std))
     set_quant_minmax = lt.set_quant_minmax
     image_quantizers = []
+    traced = {}
 
     def set_quant_minmax_for_data(graph, bottoms, *args, **kwargs):
+        traced.update(graph=graph, bottoms=bottoms)
         out = set_quant_minmax(graph, bottoms, *args, **kwargs)
         for idx, layer in graph.items():
             if bottoms.get(idx) == ["Data"] and hasattr(layer, "quant"):
@@ -183,6 +185,9 @@ def child(a) -> None:
                    f"{cfg.dataset.name} normalization's [{lo:.6f}, {hi:.6f}]")
     if a.clip_inputs_at_zero:
         patches.append("ablation: every other layer-input range clipped at 0 (they all read ReLU outputs)")
+    clipped_operands = []
+    if a.clip_add_operands_at_zero:
+        patches.append("ablation: each residual addition's operand quantizer that reads a ReLU output clipped at 0")
     common.cpu_only_cuda_calls(device)
     torch.cuda.empty_cache = lambda: None
     patches.append(".cuda() -> cpu")
@@ -204,6 +209,8 @@ def child(a) -> None:
     inference_all = g["inference_all"]
 
     def timed_inference(model):
+        if a.clip_add_operands_at_zero:
+            clipped_operands.extend(clip_add_operands(model, traced["graph"], traced["bottoms"], uq))
         model_box["t_quantized"] = time.perf_counter()
         model_box["model"] = model
         return inference_all(model)
@@ -220,8 +227,30 @@ def child(a) -> None:
               "wall_s": round(wall, 3), "argv": sys.argv[1:], "patches": patches, "device": device.type,
               "threads": torch.get_num_threads(), "n_test": data.num_samples, "model": str(cfg.model.name),
               "dataset": str(cfg.dataset.name), "image_quantizers": image_quantizers,
+              **({"clipped_add_operands": clipped_operands} if a.clip_add_operands_at_zero else {}),
               "check": describe(model_box["model"], uq)}
     print(json.dumps(result))
+
+
+def clip_add_operands(model, graph, bottoms, uq) -> list[str]:
+    """Ablation: clip at 0 the range of each residual addition's operand quantizer that reads a ReLU output (the
+    code leaves them as mean -/+ 6 std of the pre-ReLU sum). The code's switch_layers made one QuantMeasure per
+    operand, custom_tensor_op.<2k + j> for operand j of the k-th tensor op in graph order (as set_quant_minmax
+    hands them out)."""
+    import torch.nn as nn
+    operands = [m for n, m in model.named_modules() if n.startswith("custom_tensor_op.") and isinstance(m, uq.QuantMeasure)]
+    ops = [idx for idx, layer in graph.items() if isinstance(layer, str) and bottoms.get(idx)]
+    if sum(len(bottoms[idx]) for idx in ops) != len(operands):
+        raise SystemExit(f"{len(operands)} operand quantizers for {len(ops)} tensor ops: the mapping does not hold")
+    clipped, k = [], 0
+    for idx in ops:
+        for bottom in bottoms[idx]:
+            q = operands[k]
+            if type(graph.get(bottom)) in (nn.ReLU, nn.ReLU6) and float(q.running_min) < 0:
+                q.running_min.fill_(0.0)
+                clipped.append(f"custom_tensor_op.{k}")
+            k += 1
+    return clipped
 
 
 def describe(model, uq) -> dict:
@@ -263,6 +292,9 @@ def main(argv=None) -> None:
     p.add_argument("--clip-inputs-at-zero", action="store_true",
                    help="ablation: clip every conv/linear input range (not the image's) at 0 (the code leaves "
                         "negative minima after add + ReLU); for networks whose layer inputs are ReLU outputs only")
+    p.add_argument("--clip-add-operands-at-zero", action="store_true",
+                   help="ablation: clip at 0 each residual addition's operand range that reads a ReLU output (the "
+                        "code leaves it at mean -/+ 6 std of the sum before the ReLU)")
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--seed", type=int, default=0, help=argparse.SUPPRESS)
     p.add_argument("--wbit", type=int, default=4, help=argparse.SUPPRESS)
@@ -284,6 +316,7 @@ def main(argv=None) -> None:
                     "--threads", str(a.threads)]
             args += ["--add-bits", str(a.add_bits)] if a.add_bits else []
             args += ["--clip-inputs-at-zero"] if a.clip_inputs_at_zero else []
+            args += ["--clip-add-operands-at-zero"] if a.clip_add_operands_at_zero else []
             args += ["--teacher", *a.teacher] if a.teacher else []
             args += ["--max-samples", str(a.max_samples)] if a.max_samples else []
             r = common.run_child(Path(__file__), args, cell / f"official-s{seed}.log.txt", env=env)
@@ -291,7 +324,8 @@ def main(argv=None) -> None:
                   f"wall {r['wall_s']:.0f} s", flush=True)
             return r
 
-        variant = {"add_bits": a.add_bits or bits, "clip_inputs_at_zero": a.clip_inputs_at_zero}
+        variant = {"add_bits": a.add_bits or bits, "clip_inputs_at_zero": a.clip_inputs_at_zero,
+                   **({"clip_add_operands_at_zero": True} if a.clip_add_operands_at_zero else {})}
         runs, reused = common.official_runs(cell, a, "DFQ (unofficial code)", commit, bits, bits, run_seed,
                                             same=variant)
         official = common.official_summary(cell, a, "dfq", "DFQ (unofficial code)", repo, commit, bits, bits, runs,
@@ -311,6 +345,7 @@ def main(argv=None) -> None:
                 what = ("additions' operands at " + (f"{ab.get('add_bits')} bits" if ab.get("add_bits") != 32
                                                      else "32 bits (float)"))
                 what += ", layer-input ranges clipped at 0" if ab.get("clip_inputs_at_zero") else ""
+                what += ", operands reading a ReLU clipped at 0" if ab.get("clip_add_operands_at_zero") else ""
                 ablations.append(f"{what}: {ab['top1_mean']:.2f} ({common.rel(f.parent)})")
             common.write_row(
                 a.csv, method="dfq", quant=quant, wbit=bits, abit=bits, n_seeds=len(a.seeds), official=official,

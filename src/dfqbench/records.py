@@ -41,7 +41,8 @@ FINGERPRINT_FIELDS = ("config_hash", "config", "checkpoint", "data", "device", "
 _NEUTRAL = {("export",): "none", ("quant", "layers", "input_range"): "calibrated", ("bit_pairs",): None,
             ("quant", "bias"): "float", ("compile",): "none", ("method", "generator", "mix_norm"): "vector",
             ("quant", "fold_scope"): "graph", ("quant", "layers", "norm_abit"): None,
-            ("method", "generator", "labels"): "teacher", ("precision",): "fp32"}
+            ("method", "generator", "labels"): "teacher", ("precision",): "fp32",
+            ("quant", "act", "add_inputs"): False}
 
 
 def _drop_neutral(config: dict) -> dict:

@@ -51,6 +51,10 @@ class ActSpec:
     ste: str = "clipped"  # ACT_STES
     symmetric_grid: str = "auto"  # as WeightSpec.symmetric_grid
     ops: list[str] | None = None  # with sites=op_outputs: the operation kinds whose outputs are quantized
+    # also quantize each operand of every sum of two activations (residual additions) that the sites left float,
+    # on its edge into the sum (other readers keep the float tensor): an integer backend's QLinearAdd reads
+    # quantized operands (ONNX Runtime's quantizer puts Q/DQ around every Add); the DFQ code's QuantMeasure operands
+    add_inputs: bool = False
 
 
 INPUT_RANGES = ("calibrated", "pixels")
@@ -168,6 +172,8 @@ class Convention:
                              f"e.g. 99.996")
         for key, value in self.layers.bit_widths().items():
             check_bits(f"quant.layers.{key}", value)
+        if not isinstance(self.act.add_inputs, bool):
+            raise ValueError(f"quant.act.add_inputs={self.act.add_inputs!r} is not valid; choose one of: true, false")
         if not isinstance(self.deployable, bool):
             raise ValueError(f"quant.deployable={self.deployable!r} is not valid; choose one of: true, false")
         for value in self.deploy_bits or []:

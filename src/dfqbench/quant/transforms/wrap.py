@@ -7,7 +7,7 @@ from torch import fx, nn
 from .bn_fold import NORM_TYPES, fold_batchnorm
 from ..convention import Convention
 from .graph import insert_after, is_layer, is_passthrough, layer_nodes, layers_fed_by, module_of, relu_kind, trace
-from .ops import op_output_sites
+from .ops import op_kind, op_output_sites
 from ..quantizers import ActQuantizer, WeightQuantizer, is_quant_layer, quant_class_for
 
 
@@ -55,6 +55,8 @@ def quantize_model(model: nn.Module, convention: Convention, wbit: int, abit: in
         if node is last and bits.last_abit:
             a_bits = bits.last_abit
         _insert_on_edge(gm, src, node, f"act_quant_{i}", _act_quantizer(convention, a_bits))
+    if convention.act.add_inputs:
+        _quantize_add_inputs(gm, convention, abit, start=len(sites) + len(edges))
     if convention.bias == "int32":
         _link_bias_inputs(gm)
     gm.graph.lint()
@@ -78,6 +80,21 @@ def _link_bias_inputs(gm: fx.GraphModule) -> None:
             readers = list(readers[0].users)
         if readers and all(is_act_quant(r) for r in readers):
             object.__setattr__(module_of(gm, node), "bias_input", module_of(gm, node.args[0]))
+
+
+def _quantize_add_inputs(gm: fx.GraphModule, convention: Convention, abit: int, start: int) -> None:
+    """A quantizer on each operand of every sum of two activations (a learned parameter such as a position
+    embedding is not one) that is not already a quantizer's output, on the edge into the sum: the operand's other
+    readers keep what they read (each_layer_input: the float tensor, as the DFQ code's own operand quantizers)."""
+    memo: dict = {}
+    adds = [n for n in gm.graph.nodes if op_kind(gm, n, memo) == "add"]
+    i = start
+    for add in adds:
+        for operand in dict.fromkeys(a for a in add.args[:2] if isinstance(a, fx.Node)):
+            if operand.op == "get_attr" or isinstance(module_of(gm, operand), ActQuantizer):
+                continue
+            _insert_on_edge(gm, operand, add, f"act_quant_{i}", _act_quantizer(convention, abit))
+            i += 1
 
 
 def _act_quantizer(convention: Convention, bits: int) -> ActQuantizer:
