@@ -53,8 +53,9 @@ OUT = common.REPO / "results" / "parity" / "dfq"
 FLAGS = ["--quantize", "--relu", "--equalize", "--absorption", "--correction"]
 QUANT_NOTES = {
     "official_dfq": "dfqbench with the unofficial code's placement (every conv/linear input quantized on its own, "
-                    "the image too, per-tensor asymmetric weights, BN folded; the residual additions' operand "
-                    "quantizers are not modelled)",
+                    "the image too, both operands of every residual addition (act.add_inputs), per-tensor "
+                    "asymmetric weights, BN folded; not modelled: the code's residual-stream ranges and its grids "
+                    "anchored at the minimum, measured by the ablations)",
     "dfq": "dfqbench's DFQ preset (one layer-input quantizer shared with the identity, image float)",
 }
 
@@ -185,6 +186,14 @@ def child(a) -> None:
                    f"{cfg.dataset.name} normalization's [{lo:.6f}, {hi:.6f}]")
     if a.clip_inputs_at_zero:
         patches.append("ablation: every other layer-input range clipped at 0 (they all read ReLU outputs)")
+    dfqbench_ranges = dfqbench_ranges_by_code_name(teacher, a, input_shape) if a.ranges_from_dfqbench else {}
+    if dfqbench_ranges:
+        patches.append(f"ablation: all {len(dfqbench_ranges)} activation ranges replaced by dfqbench's (method=dfq "
+                       f"quant=official_dfq on the same teacher), matched by layer name and addition operand")
+    if a.zero_exact_grids:
+        zero_exact_grids(uq)
+        patches.append("ablation: UniformQuantize's asymmetric grids hold 0 exactly (zero point rounded, the grid "
+                       "shifted by under half a step, as dfqbench's; the code anchors the grid at the minimum)")
     clipped_operands = []
     if a.clip_add_operands_at_zero:
         patches.append("ablation: each residual addition's operand quantizer that reads a ReLU output clipped at 0")
@@ -211,6 +220,8 @@ def child(a) -> None:
     def timed_inference(model):
         if a.clip_add_operands_at_zero:
             clipped_operands.extend(clip_add_operands(model, traced["graph"], traced["bottoms"], uq))
+        if dfqbench_ranges:
+            set_ranges(model, dfqbench_ranges, traced["graph"], traced["bottoms"], uq)
         model_box["t_quantized"] = time.perf_counter()
         model_box["model"] = model
         return inference_all(model)
@@ -238,7 +249,8 @@ def clip_add_operands(model, graph, bottoms, uq) -> list[str]:
     operand, custom_tensor_op.<2k + j> for operand j of the k-th tensor op in graph order (as set_quant_minmax
     hands them out)."""
     import torch.nn as nn
-    operands = [m for n, m in model.named_modules() if n.startswith("custom_tensor_op.") and isinstance(m, uq.QuantMeasure)]
+    operands = [m for n, m in model.named_modules()
+                if n.startswith("custom_tensor_op.") and isinstance(m, uq.QuantMeasure)]
     ops = [idx for idx, layer in graph.items() if isinstance(layer, str) and bottoms.get(idx)]
     if sum(len(bottoms[idx]) for idx in ops) != len(operands):
         raise SystemExit(f"{len(operands)} operand quantizers for {len(ops)} tensor ops: the mapping does not hold")
@@ -251,6 +263,75 @@ def clip_add_operands(model, graph, bottoms, uq) -> list[str]:
                 clipped.append(f"custom_tensor_op.{k}")
             k += 1
     return clipped
+
+
+def dfqbench_ranges_by_code_name(teacher, a, input_shape) -> dict:
+    """dfqbench's activation ranges (method=dfq quant=official_dfq, the run's bits) named as the code names its
+    QuantMeasures: '<conv/linear>.quant' for a layer input, ('add', k, j) for operand j of the k-th addition."""
+    import torch
+    from dfqbench.methods.dfq import DFQ
+    from dfqbench.methods.base import QuantContext
+    from dfqbench.quant.quantizers import ActQuantizer
+    from dfqbench.runner import build_convention
+    qcfg = common.compose(["method=dfq", "quant=official_dfq", f"wbit={a.wbit}", f"abit={a.abit}",
+                           *common.teacher_overrides(a)])
+    method = DFQ()
+    conv = build_convention(qcfg, method)
+    norm = qcfg.model.normalize or qcfg.dataset
+    ctx = QuantContext(conv, a.wbit, a.abit, a.seed, torch.device("cpu"), input_shape, qcfg.dataset.num_classes,
+                       progress=False,
+                       mean=torch.tensor(list(norm.mean)), std=torch.tensor(list(norm.std)))
+    q = method.quantize(copy.deepcopy(teacher), ctx)
+    ranges, adds = {}, 0
+    for node in q.graph.nodes:
+        if node.op != "call_module" or not isinstance(q.get_submodule(node.target), ActQuantizer):
+            continue
+        lo, hi = (float(v) for v in (q.get_submodule(node.target).lo, q.get_submodule(node.target).hi))
+        (user,) = node.users
+        if user.op == "call_module":  # a layer's own input quantizer
+            ranges[user.target + ".quant"] = (lo, hi)
+    for node in q.graph.nodes:
+        if node.op == "call_function" and "add" in str(node.target):
+            for j, operand in enumerate(node.args[:2]):
+                m = q.get_submodule(operand.target)
+                ranges[("add", adds, j)] = (float(m.lo), float(m.hi))
+            adds += 1
+    return ranges
+
+
+def set_ranges(model, ranges, graph, bottoms, uq) -> None:
+    """Ablation: every QuantMeasure's range from `ranges` (dfqbench_ranges_by_code_name); all must be matched."""
+    measures = dict((n, m) for n, m in model.named_modules() if isinstance(m, uq.QuantMeasure))
+    ops = [idx for idx, layer in graph.items() if isinstance(layer, str) and bottoms.get(idx)]
+    names, k = {}, 0
+    for add, idx in enumerate(ops):
+        for j in range(len(bottoms[idx])):
+            names[("add", add, j)] = f"custom_tensor_op.{k}"
+            k += 1
+    names.update({key: key for key in ranges if isinstance(key, str)})
+    if sorted(names[key] for key in ranges) != sorted(measures):
+        raise SystemExit(f"dfqbench's {len(ranges)} ranges do not match the code's {len(measures)} quantizers")
+    for key, (lo, hi) in ranges.items():
+        measures[names[key]].running_min.fill_(lo)
+        measures[names[key]].running_max.fill_(hi)
+
+
+def zero_exact_grids(uq) -> None:
+    """Ablation: the code's asymmetric grid min + k scale (0 between two points) moved to hold 0: min rounded to a
+    multiple of the scale, as a rounded integer zero point does (dfqbench's grids)."""
+    forward = uq.UniformQuantize.forward
+
+    def rounded(ctx, input, num_bits=8, min_value=None, max_value=None, inplace=False, symmetric=False,
+                num_chunks=None):
+        if not symmetric and isinstance(min_value, float) and isinstance(max_value, float):
+            levels = 2.0 ** num_bits - 1
+            lo, hi = min(min_value, 0.0), max(max_value, 0.0)
+            scale = max((hi - lo) / levels, 1e-8)
+            min_value = -round(-lo / scale) * scale
+            max_value = min_value + levels * scale
+        return forward(ctx, input, num_bits, min_value, max_value, inplace, symmetric, num_chunks)
+
+    uq.UniformQuantize.forward = staticmethod(rounded)
 
 
 def describe(model, uq) -> dict:
@@ -295,6 +376,12 @@ def main(argv=None) -> None:
     p.add_argument("--clip-add-operands-at-zero", action="store_true",
                    help="ablation: clip at 0 each residual addition's operand range that reads a ReLU output (the "
                         "code leaves it at mean -/+ 6 std of the sum before the ReLU)")
+    p.add_argument("--ranges-from-dfqbench", action="store_true",
+                   help="ablation: set every activation range of the code to dfqbench's (method=dfq "
+                        "quant=official_dfq on the same teacher and bits)")
+    p.add_argument("--zero-exact-grids", action="store_true",
+                   help="ablation: asymmetric grids hold 0 exactly (zero point rounded, as dfqbench's) where the "
+                        "code anchors them at the range's minimum")
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--seed", type=int, default=0, help=argparse.SUPPRESS)
     p.add_argument("--wbit", type=int, default=4, help=argparse.SUPPRESS)
@@ -317,6 +404,8 @@ def main(argv=None) -> None:
             args += ["--add-bits", str(a.add_bits)] if a.add_bits else []
             args += ["--clip-inputs-at-zero"] if a.clip_inputs_at_zero else []
             args += ["--clip-add-operands-at-zero"] if a.clip_add_operands_at_zero else []
+            args += ["--ranges-from-dfqbench"] if a.ranges_from_dfqbench else []
+            args += ["--zero-exact-grids"] if a.zero_exact_grids else []
             args += ["--teacher", *a.teacher] if a.teacher else []
             args += ["--max-samples", str(a.max_samples)] if a.max_samples else []
             r = common.run_child(Path(__file__), args, cell / f"official-s{seed}.log.txt", env=env)
@@ -325,7 +414,9 @@ def main(argv=None) -> None:
             return r
 
         variant = {"add_bits": a.add_bits or bits, "clip_inputs_at_zero": a.clip_inputs_at_zero,
-                   **({"clip_add_operands_at_zero": True} if a.clip_add_operands_at_zero else {})}
+                   **({"clip_add_operands_at_zero": True} if a.clip_add_operands_at_zero else {}),
+                   **({"ranges_from_dfqbench": True} if a.ranges_from_dfqbench else {}),
+                   **({"zero_exact_grids": True} if a.zero_exact_grids else {})}
         runs, reused = common.official_runs(cell, a, "DFQ (unofficial code)", commit, bits, bits, run_seed,
                                             same=variant)
         official = common.official_summary(cell, a, "dfq", "DFQ (unofficial code)", repo, commit, bits, bits, runs,
@@ -346,6 +437,8 @@ def main(argv=None) -> None:
                                                      else "32 bits (float)"))
                 what += ", layer-input ranges clipped at 0" if ab.get("clip_inputs_at_zero") else ""
                 what += ", operands reading a ReLU clipped at 0" if ab.get("clip_add_operands_at_zero") else ""
+                what += ", every activation range dfqbench's" if ab.get("ranges_from_dfqbench") else ""
+                what += ", grids holding 0 exactly" if ab.get("zero_exact_grids") else ""
                 ablations.append(f"{what}: {ab['top1_mean']:.2f} ({common.rel(f.parent)})")
             common.write_row(
                 a.csv, method="dfq", quant=quant, wbit=bits, abit=bits, n_seeds=len(a.seeds), official=official,
