@@ -51,3 +51,32 @@ def test_the_config_table_lists_every_option_of_each_group(group):
     options = {p.stem for p in (REPO / "conf" / group).glob("*.yaml")}
     assert options - listed == set(), f"conf/{group}/ options missing from docs/running.md: {options - listed}"
     assert listed - options == set(), f"docs/running.md lists {group} options that conf/{group}/ lacks: {listed - options}"
+
+
+def test_the_readme_quotes_the_committed_sweep_cost_estimate():
+    """README's 'How long a table takes' and results/bench/sweep_cost.md (scripts/sweep_cost.py) say the same."""
+    readme = (REPO / "README.md").read_text()
+    cost = (REPO / "results" / "bench" / "sweep_cost.md").read_text()
+    cpu, paper = cost.split("## schedule=paper")
+    cells = re.search(r"^(\d+) cells", cpu, re.M).group(1)
+    cpu_hours = re.search(r"one 2-core CPU machine, one cell after another \| (\d+) \|", cpu).group(1)
+    gpu_hours = re.search(r"one H100, one cell after another \| (\d+) \|", paper).group(1)
+    array_hours = re.search(r"SLURM array of 64 H100 jobs at once \| \d+ \| [\d.]+ h \| >= ([\d.]+) h", paper).group(1)
+    said = " ".join(readme.split())
+    for phrase in (f"{cells} cells", f"about {cpu_hours} hours", f"about {gpu_hours} H100-hours",
+                   f"at least {array_hours} h on a SLURM array of 64 GPUs"):
+        assert phrase in said, phrase
+
+
+def test_the_sweep_cost_estimate_is_not_older_than_the_records_it_lacks():
+    """A method sweep_cost.md estimated from the family's median ('no CPU record') must still have no CPU record on
+    the teacher in results/summary.csv: once one is committed, re-run scripts/sweep_cost.py."""
+    import pandas as pd
+    cost = (REPO / "results" / "bench" / "sweep_cost.md").read_text()
+    model = "resnet20_cifar10"
+    summary = pd.read_csv(REPO / "results" / "summary.csv", keep_default_na=False)
+    runs = summary[(summary.source == "reproduced") & (summary.model == model) & (summary.device == "cpu")
+                   & (pd.to_numeric(summary.wall_s, errors="coerce").notna())]
+    lacking = set(re.findall(r"^- (\w+): no CPU record", cost, re.M))
+    stale = sorted(lacking & set(runs.config))
+    assert not stale, f"sweep_cost.md says {stale} have no CPU record; results/summary.csv has one: re-run it"
