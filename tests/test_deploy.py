@@ -11,6 +11,7 @@ from test_wrap import tiny_model
 from dfqbench.deploy import check_deployable, check_export
 from dfqbench.errors import ConfigError
 from dfqbench.quant import Convention, act_quantizers, quantize_model
+from dfqbench.quant.calibration.calibrate import calibrate_on_batches
 from dfqbench.quant.quantizers.layers import is_quant_layer
 from dfqbench.results.deployed import deployed_rows, deployed_table
 
@@ -33,12 +34,7 @@ def _quantized(bits: int, convention: dict = ORT_PRESET, seed: int = 0):
     """The tiny ResNet quantized at W`bits`A`bits`, activation ranges observed on a random batch."""
     q = quantize_model(tiny_model(seed), Convention.from_dict(convention), bits, bits)
     x = torch.randn(32, *SHAPE, generator=torch.Generator().manual_seed(seed))
-    for a in act_quantizers(q):
-        a.start_observing()
-    with torch.no_grad():
-        q(x)
-    for a in act_quantizers(q):
-        a.stop_observing()
+    calibrate_on_batches(q, [x])
     return q, x
 
 

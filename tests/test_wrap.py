@@ -7,6 +7,7 @@ import torch
 from torch import nn
 
 from dfqbench.quant import Convention, act_quantizers, quantize_model, weight_quantizers
+from dfqbench.quant.calibration.calibrate import calibrate_on_batches
 from dfqbench.quant.quantizers import ActQuantizer
 from dfqbench.quant.transforms.bn_fold import fold_batchnorm
 from dfqbench.quant.transforms.graph import module_of
@@ -84,12 +85,7 @@ def test_add_inputs_quantizes_each_residual_operand_the_sites_left_float(sites, 
         assert module_of(q, conv1.args[0]) is not operands[1]
 
     x = torch.randn(16, 3, 8, 8, generator=torch.Generator().manual_seed(0))
-    for a in act_quantizers(q):
-        a.start_observing()
-    with torch.no_grad():
-        q(x)
-    for a in act_quantizers(q):
-        a.stop_observing()
+    calibrate_on_batches(q, [x])
     seen = {}
     hooks = [m.register_forward_hook(lambda mod, inp, out, i=i: seen.__setitem__(i, (inp[0], out)))
              for i, m in enumerate(operands)]
