@@ -451,3 +451,16 @@ def test_a_gap_that_a_sibling_row_closes_names_it(tmp_path):
                          "parity.csv:7: agrees) (note parity.csv:5)")
     assert agrees[4] == "yes" and agrees[5] == "yes"
     assert agrees[6] == "no: gap +39.61 (note parity.csv:8)"
+
+
+def test_the_teacher_with_the_most_cells_heads_the_pages():
+    """results/README.md and baselines.md open with the shared teacher, not the alphabet's first; teachers with
+    the papers' numbers only come last."""
+    import pandas as pd
+    from dfqbench.results.entries import teachers_most_run_first
+    rows = [("reproduced", "resnet20_cifar10", "cifar10")] * 3 + [("reproduced", "mobilenetv2_cifar10", "cifar10")] \
+        + [("reported", "bn_vgg16", "imagenet"), ("reported", "resnet20_cifar10", "cifar10"),
+           ("reproduced", "alexnet_cifar10", "cifar10"), ("reported", "", "")]
+    entries = pd.DataFrame(rows, columns=["source", "model", "dataset"])
+    assert teachers_most_run_first(entries) == [("resnet20_cifar10", "cifar10"), ("alexnet_cifar10", "cifar10"),
+                                                ("mobilenetv2_cifar10", "cifar10"), ("bn_vgg16", "imagenet")]

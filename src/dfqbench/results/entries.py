@@ -60,6 +60,14 @@ def table_keys(rows: pd.DataFrame) -> list[tuple[str, str, float]]:
     return [k for _, k in sorted(keys)]
 
 
+def teachers_most_run_first(entries: pd.DataFrame) -> list[tuple[str, str]]:
+    """Every (model, dataset) of `entries`, those with our cells first, the one with the most cells leading (the
+    shared teacher heads a page, not the alphabet's first), ties by name."""
+    keys = entries[entries.model != ""][["model", "dataset"]].drop_duplicates()
+    ours = entries[entries.source == "reproduced"].groupby(["model", "dataset"]).size()
+    return sorted(map(tuple, keys.values.tolist()), key=lambda md: (-int(ours.get(md, 0)), md))
+
+
 def schedule_label(record: dict) -> str:
     """The training schedule of a training method's run ("" for the others), and the best-epoch-on-test label."""
     info = record.get("info") or {}

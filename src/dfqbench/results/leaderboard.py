@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pandas as pd
 
-from .entries import collapsed, table_keys
+from .entries import collapsed, table_keys, teachers_most_run_first
 from .format import md_table, mean_std, seeds_label, spread_seeds
 from .glance import teacher_glance
 from .names import FIDELITY_LABELS, display, legend, schedule_note
@@ -106,7 +106,7 @@ def render_leaderboard(entries: pd.DataFrame, teachers: pd.DataFrame, titles: di
              "hollow; a collapsed run (top-1 below half the FP32) is a red triangle at the panel's bottom edge, "
              "labelled with its value; the papers' numbers in a panel of their own.", ""]
     ran = entries[entries.source == "reproduced"][["model", "dataset"]].drop_duplicates()
-    for model, dataset in sorted(map(tuple, ran.values.tolist())):
+    for model, dataset in teachers_most_run_first(entries[entries.source == "reproduced"]):
         rows = entries[(entries.model == model) & (entries.dataset == dataset)]
         parts += teacher_board(model, dataset, titles.get((model, dataset), f"{model} ({dataset})"), rows,
                                teachers, figures.get((model, dataset), {}), parity)

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from .entries import collapsed, table_keys
+from .entries import collapsed, table_keys, teachers_most_run_first
 from .format import cell, is_deterministic, links, mean_std, md_table, seeds_label, spread_seeds
 from .names import FIDELITY_LABELS, legend, schedule_note
 
@@ -192,9 +192,7 @@ def render_baselines(entries: pd.DataFrame, teachers: pd.DataFrame, out_dir: Pat
                   "bit-widths, on whatever teacher it used (most papers report ImageNet only), one row per paper "
                   "and note: a mixed-precision or unverified number says so in its notes.", "",
                   md_table(beside), ""]
-    keys = entries[entries.model != ""][["model", "dataset"]].drop_duplicates()
-    have_ours = set(map(tuple, entries[entries.source == "reproduced"][["model", "dataset"]].values.tolist()))
-    for model, dataset in sorted(map(tuple, keys.values.tolist()), key=lambda md: (md not in have_ours, md)):
+    for model, dataset in teachers_most_run_first(entries):
         rows = entries[(entries.model == model) & (entries.dataset == dataset)]
         parts += teacher_section(model, dataset, titles.get((model, dataset), f"{model} ({dataset})"), rows,
                                  out_dir, plots.get((model, dataset)))
