@@ -209,9 +209,10 @@ def test_data_identity_follows_names_and_sizes_not_the_images(tmp_path):
 
 
 def test_committed_records_keep_their_config_hash():
-    """The config hash (which `make tables` dedupes by) is unchanged by the new `model.dataset` key."""
+    """The config hash (which `make tables` dedupes by) is unchanged by the new `model.dataset` key. Superseded
+    records (results/superseded/) were made under presets that changed since: they keep their old hash."""
     paths = [p for p in sorted(glob.glob(str(REPO / "results" / "**" / "record.json"), recursive=True))
-             if json.loads(open(p).read()).get("method") in ("rtn", "fp32")][:6]
+             if "/superseded/" not in p and json.loads(open(p).read()).get("method") in ("rtn", "fp32")][:6]
     if not paths:
         pytest.skip("no committed rtn/fp32 record")
     for path in paths:
