@@ -149,6 +149,78 @@ def test_official_dfq_preset():
     assert conv.fold_bn and conv.act.sites == "each_layer_input" and conv.layers.input_abit == 4
     assert conv.weight.granularity == "per_tensor" and not conv.weight.symmetric
     assert conv.method_settings["dfq"] == {"equalize_range": "minmax", "input_range": "normalization"}
+    assert conv.act.add_inputs  # the code's QuantMeasure on each operand of every residual addition
+
+
+class _Measure(nn.Module):
+    """Stands in for the DFQ code's QuantMeasure: running_min / running_max buffers."""
+
+    def __init__(self, lo, hi):
+        super().__init__()
+        self.register_buffer("running_min", torch.tensor([lo]))
+        self.register_buffer("running_max", torch.tensor([hi]))
+
+
+def _dfq_driver():
+    import sys
+    from pathlib import Path
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts" / "parity"))
+    import dfq
+    return dfq
+
+
+def test_dfq_driver_ablations_map_the_codes_operand_quantizers_by_graph_order():
+    """--clip-add-operands-at-zero and --ranges-from-dfqbench find operand j of the k-th tensor op as
+    custom_tensor_op.<2k + j> (the order set_quant_minmax hands them out in), on a fake graph: two additions, the
+    first reading (a BatchNorm, a ReLU), the second (a ReLU, a conv)."""
+    import types
+    dfq = _dfq_driver()
+    uq = types.SimpleNamespace(QuantMeasure=_Measure)
+    model = nn.Module()
+    model.custom_tensor_op = nn.ModuleList([_Measure(-3.0, 3.0), _Measure(-2.0, 4.0), _Measure(-1.0, 2.0),
+                                            _Measure(-5.0, 5.0)])
+    model.conv = nn.Module()
+    model.conv.quant = _Measure(0.0, 4.0)
+    graph = {"bn": nn.BatchNorm2d(2), "relu": nn.ReLU(), "add_1": "TorchAdd_1", "relu2": nn.ReLU(),
+             "conv": nn.Conv2d(2, 2, 1), "add_2": "TorchAdd_2"}
+    bottoms = {"bn": ["Data"], "relu": ["bn"], "add_1": ["bn", "relu"], "relu2": ["add_1"], "conv": ["relu2"],
+               "add_2": ["relu2", "conv"]}
+    assert dfq.clip_add_operands(model, graph, bottoms, uq) == ["custom_tensor_op.1", "custom_tensor_op.2"]
+    ranges = [(float(m.running_min), float(m.running_max)) for m in model.custom_tensor_op]
+    assert ranges == [(-3.0, 3.0), (0.0, 4.0), (0.0, 2.0), (-5.0, 5.0)]  # only the operands reading a ReLU
+    ours = {("add", 0, 0): (-1.5, 1.5), ("add", 0, 1): (0.0, 3.5), ("add", 1, 0): (0.0, 2.5),
+            ("add", 1, 1): (-4.0, 4.5), "conv.quant": (0.0, 3.0)}
+    dfq.set_ranges(model, ours, graph, bottoms, uq)
+    assert [(float(m.running_min), float(m.running_max)) for m in model.custom_tensor_op] == [
+        (-1.5, 1.5), (0.0, 3.5), (0.0, 2.5), (-4.0, 4.5)]
+    assert (float(model.conv.quant.running_min), float(model.conv.quant.running_max)) == (0.0, 3.0)
+    with pytest.raises(SystemExit, match="do not match"):  # every quantizer of the code must get a range
+        dfq.set_ranges(model, {k: v for k, v in ours.items() if k != "conv.quant"}, graph, bottoms, uq)
+
+
+def test_dfq_driver_zero_exact_grids_round_the_codes_minimum_to_the_step():
+    """--zero-exact-grids: the code's grid over [-3.53, 3.55] at 4 bits puts 0 at -0.23 (min + k step); the
+    ablation moves the grid by under half a step so that 0 is a point, as a rounded zero point does."""
+    import types
+    dfq = _dfq_driver()
+    calls = []
+
+    class Uniform:
+        @staticmethod
+        def forward(ctx, x, num_bits=8, min_value=None, max_value=None, inplace=False, symmetric=False,
+                    num_chunks=None):
+            calls.append((min_value, max_value))
+            step = (max_value - min_value) / (2 ** num_bits - 1)
+            return torch.clamp(torch.round((x - min_value) / step), 0, 2 ** num_bits - 1) * step + min_value
+
+    uq = types.SimpleNamespace(UniformQuantize=Uniform)
+    zero = torch.zeros(1)
+    step = 7.08 / 15
+    assert float(Uniform.forward(None, zero, 4, -3.53, 3.55)) == pytest.approx(-3.53 + 7 * step)  # -0.226
+    dfq.zero_exact_grids(uq)
+    assert float(uq.UniformQuantize.forward(None, zero, 4, -3.53, 3.55)) == pytest.approx(0.0, abs=1e-6)
+    lo, hi = calls[-1]
+    assert lo == pytest.approx(-7 * step) and hi - lo == pytest.approx(15 * step)  # -3.30: 0.23 up, same step
 
 
 def test_dfq_quantized_image_takes_the_normalization_range(one_thread):
