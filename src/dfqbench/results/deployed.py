@@ -10,12 +10,12 @@ from pathlib import Path
 
 import pandas as pd
 
-from .entries import finished_records
+from .entries import finished_records, schedule_label
 from .format import cell, links, md_table
 
-COLUMNS = ["teacher", "backend", "method", "W/A", "seed", "fake-quant top-1", "deployed top-1", "difference",
-           "fake-quant images/s", "deployed images/s", "runtime FP32 images/s", "kernels (integer / float)", "runtime",
-           "record"]
+COLUMNS = ["teacher", "backend", "method", "schedule", "W/A", "seed", "fake-quant top-1", "deployed top-1",
+           "difference", "fake-quant images/s", "deployed images/s", "runtime FP32 images/s",
+           "kernels (integer / float)", "runtime", "record"]
 
 
 def deployed_rows(root: Path) -> list[dict]:
@@ -23,7 +23,7 @@ def deployed_rows(root: Path) -> list[dict]:
             if record.get("deployed_runtime")]
     return sorted(rows, key=lambda r: (r.get("model", ""), r.get("dataset", ""), r.get("quant", ""),
                                        -int(r.get("wbit", 0)), -int(r.get("abit", 0)), r.get("method", ""),
-                                       r.get("seed", 0)))
+                                       schedule_label(r), r.get("seed", 0)))
 
 
 def _row(r: dict, out_dir: Path) -> dict:
@@ -33,7 +33,8 @@ def _row(r: dict, out_dir: Path) -> dict:
     if r.get("deployed_integer_ops") is not None:
         kernels = f"{r['deployed_integer_ops']} / {r.get('deployed_float_ops', 0)}"
     return {"teacher": f"{r.get('model')}/{r.get('dataset')}", "backend": r.get("quant"), "method": r.get("method"),
-            "W/A": f"W{r.get('wbit')}A{r.get('abit')}", "seed": r.get("seed"), "fake-quant top-1": cell(fake),
+            "schedule": schedule_label(r) or "post-training", "W/A": f"W{r.get('wbit')}A{r.get('abit')}",
+            "seed": r.get("seed"), "fake-quant top-1": cell(fake),
             "deployed top-1": cell(deployed) if deployed is not None else f"refused: {error or 'not scored'}",
             "difference": f"{deployed - fake:+.2f}" if deployed is not None and fake is not None else "",
             "fake-quant images/s": cell(r.get("eval_images_per_s"), 0),
