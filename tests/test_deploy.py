@@ -236,6 +236,11 @@ def test_deployed_table_lists_records_with_a_deployed_score(tmp_path):
     squant = next(line for line in text.splitlines() if "| squant " in line)
     assert "NOT_IMPLEMENTED QLinearConv" in squant
     assert "-0.50" in next(line for line in text.splitlines() if "| zeroq " in line)
+    # a training method's rows say their schedule (cpu and quick runs of one cell are two rows)
+    _record(tmp_path, "gdfq", 85.0, 85.0, info={"schedule": "cpu"})
+    gdfq = next(line for line in deployed_table(deployed_rows(tmp_path)).splitlines() if "| gdfq " in line)
+    assert [c.strip() for c in gdfq.split("|")][3:6] == ["gdfq", "cpu", "W8A8"]
+    assert [c.strip() for c in rtn.split("|")][4] == "post-training"
 
 
 def test_run_with_export_onnx_records_the_deployed_score(tmp_path, cache_dir, cifar10_root, teacher, one_thread):
