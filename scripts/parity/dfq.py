@@ -5,7 +5,8 @@ re-implementation is the one the community uses), on a dfqbench teacher and test
     python scripts/parity/dfq.py --official /path/to/DFQ-clone [--bits 4] [--seeds 0 1 2] [--dfqbench]
 
 The clone needs its PyTransformer submodule (ricky40403/PyTransformer @ 8052a4f: `git submodule update --init`, or
-a clone of it at <clone>/PyTransformer) and graphviz, pydot (pip install --target --deps, on PYTHONPATH) and scipy.
+a clone of it at <clone>/PyTransformer) and graphviz, pydot, pyparsing, tensorboardX (main_cls.py imports it through
+ZeroQ/distill_data.py -> improve_dfq.py) and scipy (pip install --target DIR --no-deps, on PYTHONPATH).
 
 The official side runs the clone's own main_cls.py with the README's best data-free flow
 `--quantize --relu --equalize --absorption --correction` (ReLU + LE + BC; no --distill_range, no images) at
@@ -243,25 +244,33 @@ def child(a) -> None:
     print(json.dumps(result))
 
 
+def operand_quantizers(graph, bottoms) -> list[tuple[int, int, str, str]]:
+    """(k, j, bottom, name) for operand j of the k-th tensor op in graph order: the code's switch_layers made one
+    QuantMeasure per operand, custom_tensor_op.<n> in this order (as set_quant_minmax hands them out)."""
+    ops = [idx for idx, layer in graph.items() if isinstance(layer, str) and bottoms.get(idx)]
+    out = []
+    for k, idx in enumerate(ops):
+        for j, bottom in enumerate(bottoms[idx]):
+            out.append((k, j, bottom, f"custom_tensor_op.{len(out)}"))
+    return out
+
+
 def clip_add_operands(model, graph, bottoms, uq) -> list[str]:
     """Ablation: clip at 0 the range of each residual addition's operand quantizer that reads a ReLU output (the
-    code leaves them as mean -/+ 6 std of the pre-ReLU sum). The code's switch_layers made one QuantMeasure per
-    operand, custom_tensor_op.<2k + j> for operand j of the k-th tensor op in graph order (as set_quant_minmax
-    hands them out)."""
+    code leaves them as mean -/+ 6 std of the pre-ReLU sum)."""
     import torch.nn as nn
-    operands = [m for n, m in model.named_modules()
-                if n.startswith("custom_tensor_op.") and isinstance(m, uq.QuantMeasure)]
-    ops = [idx for idx, layer in graph.items() if isinstance(layer, str) and bottoms.get(idx)]
-    if sum(len(bottoms[idx]) for idx in ops) != len(operands):
-        raise SystemExit(f"{len(operands)} operand quantizers for {len(ops)} tensor ops: the mapping does not hold")
-    clipped, k = [], 0
-    for idx in ops:
-        for bottom in bottoms[idx]:
-            q = operands[k]
-            if type(graph.get(bottom)) in (nn.ReLU, nn.ReLU6) and float(q.running_min) < 0:
-                q.running_min.fill_(0.0)
-                clipped.append(f"custom_tensor_op.{k}")
-            k += 1
+    measures = {n: m for n, m in model.named_modules()
+                if n.startswith("custom_tensor_op.") and isinstance(m, uq.QuantMeasure)}
+    operands = operand_quantizers(graph, bottoms)
+    if sorted(name for *_, name in operands) != sorted(measures):
+        raise SystemExit(f"{len(measures)} operand quantizers for {len(operands)} operands: the mapping does not "
+                         f"hold")
+    clipped = []
+    for _, _, bottom, name in operands:
+        q = measures[name]
+        if type(graph.get(bottom)) in (nn.ReLU, nn.ReLU6) and float(q.running_min) < 0:
+            q.running_min.fill_(0.0)
+            clipped.append(name)
     return clipped
 
 
@@ -279,35 +288,31 @@ def dfqbench_ranges_by_code_name(teacher, a, input_shape) -> dict:
     conv = build_convention(qcfg, method)
     norm = qcfg.model.normalize or qcfg.dataset
     ctx = QuantContext(conv, a.wbit, a.abit, a.seed, torch.device("cpu"), input_shape, qcfg.dataset.num_classes,
-                       progress=False,
-                       mean=torch.tensor(list(norm.mean)), std=torch.tensor(list(norm.std)))
+                       progress=False, mean=torch.tensor(list(norm.mean)), std=torch.tensor(list(norm.std)))
     q = method.quantize(copy.deepcopy(teacher), ctx)
-    ranges, adds = {}, 0
+
+    def range_of(node):
+        m = q.get_submodule(node.target)
+        return float(m.lo), float(m.hi)
+
+    ranges = {}
     for node in q.graph.nodes:
         if node.op != "call_module" or not isinstance(q.get_submodule(node.target), ActQuantizer):
             continue
-        lo, hi = (float(v) for v in (q.get_submodule(node.target).lo, q.get_submodule(node.target).hi))
         (user,) = node.users
         if user.op == "call_module":  # a layer's own input quantizer
-            ranges[user.target + ".quant"] = (lo, hi)
-    for node in q.graph.nodes:
-        if node.op == "call_function" and "add" in str(node.target):
-            for j, operand in enumerate(node.args[:2]):
-                m = q.get_submodule(operand.target)
-                ranges[("add", adds, j)] = (float(m.lo), float(m.hi))
-            adds += 1
+            ranges[user.target + ".quant"] = range_of(node)
+    adds = [n for n in q.graph.nodes if n.op == "call_function" and "add" in str(n.target)]
+    for k, add in enumerate(adds):
+        for j, operand in enumerate(add.args[:2]):
+            ranges[("add", k, j)] = range_of(operand)
     return ranges
 
 
 def set_ranges(model, ranges, graph, bottoms, uq) -> None:
     """Ablation: every QuantMeasure's range from `ranges` (dfqbench_ranges_by_code_name); all must be matched."""
-    measures = dict((n, m) for n, m in model.named_modules() if isinstance(m, uq.QuantMeasure))
-    ops = [idx for idx, layer in graph.items() if isinstance(layer, str) and bottoms.get(idx)]
-    names, k = {}, 0
-    for add, idx in enumerate(ops):
-        for j in range(len(bottoms[idx])):
-            names[("add", add, j)] = f"custom_tensor_op.{k}"
-            k += 1
+    measures = {n: m for n, m in model.named_modules() if isinstance(m, uq.QuantMeasure)}
+    names = {("add", k, j): name for k, j, _, name in operand_quantizers(graph, bottoms)}
     names.update({key: key for key in ranges if isinstance(key, str)})
     if sorted(names[key] for key in ranges) != sorted(measures):
         raise SystemExit(f"dfqbench's {len(ranges)} ranges do not match the code's {len(measures)} quantizers")
@@ -348,8 +353,8 @@ def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--official", required=True, help="a clone of jakc4103/DFQ with its PyTransformer submodule")
     p.add_argument("--deps", default="/tmp/parity-deps-dfq",
-                   help="extra packages for the code (pip install --target DIR --no-deps graphviz pydot pyparsing), "
-                        "put on PYTHONPATH with /tmp/parity-deps (scipy)")
+                   help="extra packages for the code (pip install --target DIR --no-deps graphviz pydot pyparsing "
+                        "tensorboardX scipy), put on PYTHONPATH with /tmp/parity-deps")
     p.add_argument("--bits", type=int, nargs="+", default=[4], help="W=A bit-widths (default: 4)")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="seeds (the flow is data-free)")
     p.add_argument("--bits-bias", type=int, default=16, help="--bits_bias (README Int8**: 16)")
