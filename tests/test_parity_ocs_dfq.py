@@ -4,6 +4,8 @@ hand-computed value that the behaviour before the fix does not give."""
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 from torch import nn
@@ -237,3 +239,63 @@ def test_dfq_quantized_image_takes_the_normalization_range(one_thread):
     assert ctx.info["dfq_input_range"] == [-2.0, 3.0]
     with pytest.raises(ValueError, match="input_range='data'"):
         DFQ(input_range="data")
+
+
+def test_dfq_driver_compares_and_sets_weights_by_layer_name():
+    """The code's layers (plain conv/linear) against dfqbench's quantized layers of the same names: the largest
+    difference over dfqbench's largest magnitude, per layer; --weights-from-dfqbench copies dfqbench's in."""
+    from dfqbench.quant import WeightQuantizer
+    from dfqbench.quant.quantizers.layers import quant_class_for
+    dfq = _dfq_driver()
+    torch.manual_seed(0)
+    code = nn.Sequential(nn.Conv2d(2, 3, 1), nn.ReLU(), nn.Flatten(), nn.Linear(3, 2))
+    ours = nn.Sequential(*[copy.deepcopy(m) for m in code])
+    for i in (0, 3):
+        ours[i] = quant_class_for(ours[i]).from_float(ours[i], WeightQuantizer(4))
+    with torch.no_grad():
+        ours[0].weight.copy_(torch.tensor([1.0, -2.0, 0.5, 0.0, 0.25, 1.5]).reshape(3, 2, 1, 1))
+        code[0].weight.copy_(ours[0].weight + 0.5)  # 0.5 / max |w| 2.0
+        ours[0].bias.copy_(torch.tensor([0.5, -1.0, 0.25]))
+        code[0].bias.copy_(torch.tensor([0.5, -1.0, 0.0]))  # 0.25 / 1.0
+        code[3].weight.copy_(ours[3].weight)
+        code[3].bias.copy_(ours[3].bias)
+    check = dfq.compare_weights(code, ours)
+    assert check["layers"]["0"] == {"weight": 0.25, "bias": 0.25}
+    assert check["layers"]["3"] == {"weight": 0.0, "bias": 0.0}
+    assert check["max_rel_diff"]["weight"] == {"value": 0.25, "layer": "0"}
+    dfq.set_weights(code, ours)
+    assert torch.equal(code[0].weight, ours[0].weight) and torch.equal(code[0].bias, ours[0].bias)
+    assert dfq.compare_weights(code, ours)["max_rel_diff"]["bias"]["value"] == 0.0
+    del code[3]  # a layer of dfqbench's the code does not have
+    with pytest.raises(SystemExit, match="do not match"):
+        dfq.compare_weights(code, ours)
+
+
+def _module_from_source(path, source):
+    import types
+    path.write_text(source)
+    module = types.ModuleType(path.stem)
+    exec(compile(source, str(path), "exec"), module.__dict__)  # inspect.getsource reads it back from `path`
+    return module
+
+
+def test_dfq_driver_unpropagated_bias_correction_drops_only_the_codes_propagation_line(tmp_path):
+    """--bias-correction-unpropagated recompiles the code's bias_correction without the line that adds each
+    correction to the next BatchNorm's statistics; a source without that line exactly once is refused."""
+    import types
+    dfq = _dfq_driver()
+    module = _module_from_source(tmp_path / "fake_dfq.py", (
+        "def bias_correction(graph, out):\n"
+        "    for idx_layer in graph:\n"
+        "        bias_prev = graph[idx_layer].step\n"
+        "        graph[idx_layer].fake_bias.add_(bias_prev)\n"
+        "        out.append(idx_layer)\n"
+        "    return out\n"))
+    bn = types.SimpleNamespace(fake_bias=torch.zeros(2), step=torch.ones(2))
+    assert module.bias_correction({"bn": bn}, []) == ["bn"] and bn.fake_bias.tolist() == [1.0, 1.0]
+    bn.fake_bias.zero_()
+    unpropagated = dfq.without_correction_propagation(module)
+    assert unpropagated({"bn": bn}, []) == ["bn"] and bn.fake_bias.tolist() == [0.0, 0.0]
+    changed = _module_from_source(tmp_path / "changed_dfq.py", "def bias_correction(graph, out):\n    return out\n")
+    with pytest.raises(SystemExit, match="the code changed"):
+        dfq.without_correction_propagation(changed)

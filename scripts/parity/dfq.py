@@ -26,8 +26,12 @@ per seed, with these run-time patches and nothing else:
     data preprocessing) -> the dfqbench data set's ((0 - mean) / std, (1 - mean) / std) over channels;
   - environment: collections.Mapping (gone in Python 3.10; PyTransformer), pytorchcv's ConvBlock at its old import
     path (ZeroQ/utils, imported by main_cls.py, unused here); without a GPU, .cuda() stays on the CPU.
-Ablations (--add-bits, --clip-inputs-at-zero, with --tag ablation-...) change the code once more at run time to
-measure the causes of a gap; their results go into the parity row's note.
+Ablations (--add-bits, --clip-inputs-at-zero, --ranges-from-dfqbench, --zero-exact-grids, --weights-from-dfqbench,
+--bias-correction-unpropagated, ..., with --tag ablation-...) change the code once more at run time to measure the
+causes of a gap; their results go into the parity row's note, and one run over the same seeds that agrees with a
+dfqbench preset gets its own row (method dfq-<tag>), which results/parity.md names as the measured cause of that
+preset's gap. Every run compares the code's weights and biases with dfqbench's (method=dfq quant=official_dfq) by
+layer name before its bias correction and before it quantizes them (`weights_vs_dfqbench` in official.json).
 The flow is data-free and deterministic: the seed changes nothing on either side (both run 3 seeds to say so; no
 image of any split is read before the test).
 
@@ -48,6 +52,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
+from dfqbench.results.parity import agrees  # noqa: E402
 
 DEFAULT_REPO = "jakc4103/DFQ"
 OUT = common.REPO / "results" / "parity" / "dfq"
@@ -55,8 +60,9 @@ FLAGS = ["--quantize", "--relu", "--equalize", "--absorption", "--correction"]
 QUANT_NOTES = {
     "official_dfq": "dfqbench with the unofficial code's placement (every conv/linear input quantized on its own, "
                     "the image too, both operands of every residual addition (act.add_inputs), per-tensor "
-                    "asymmetric weights, BN folded; not modelled: the code's residual-stream ranges and its grids "
-                    "anchored at the minimum, measured by the ablations)",
+                    "asymmetric weights, BN folded; not modelled: the code's residual-stream ranges, its grids "
+                    "anchored at the minimum and its bias correction's expected inputs on the residual stream, "
+                    "measured by the ablations)",
     "dfq": "dfqbench's DFQ preset (one layer-input quantizer shared with the identity, image float)",
 }
 
@@ -187,7 +193,9 @@ def child(a) -> None:
                    f"{cfg.dataset.name} normalization's [{lo:.6f}, {hi:.6f}]")
     if a.clip_inputs_at_zero:
         patches.append("ablation: every other layer-input range clipped at 0 (they all read ReLU outputs)")
-    dfqbench_ranges = dfqbench_ranges_by_code_name(teacher, a, input_shape) if a.ranges_from_dfqbench else {}
+    ours = dfqbench_quantized(teacher, a, input_shape)  # the reference of the weight comparison and ablations
+    ours_uncorrected = dfqbench_quantized(teacher, a, input_shape, correct_bias=False)
+    dfqbench_ranges = ranges_by_code_name(ours) if a.ranges_from_dfqbench else {}
     if dfqbench_ranges:
         patches.append(f"ablation: all {len(dfqbench_ranges)} activation ranges replaced by dfqbench's (method=dfq "
                        f"quant=official_dfq on the same teacher), matched by layer name and addition operand")
@@ -195,6 +203,36 @@ def child(a) -> None:
         zero_exact_grids(uq)
         patches.append("ablation: UniformQuantize's asymmetric grids hold 0 exactly (zero point rounded, the grid "
                        "shifted by under half a step, as dfqbench's; the code anchors the grid at the minimum)")
+    merge_batchnorm = lt.merge_batchnorm
+
+    def merge_batchnorm_seen(model, *args, **kwargs):
+        traced["model"] = model
+        return merge_batchnorm(model, *args, **kwargs)
+
+    lt.merge_batchnorm = merge_batchnorm_seen
+    quantize_targ_layer = lt.quantize_targ_layer
+    weight_check = {}
+
+    def bias_correction_compared(*args, **kwargs):
+        weight_check["before_bias_correction"] = compare_weights(traced["model"], ours_uncorrected)
+        return bias_correction(*args, **kwargs)
+
+    def quantize_targ_layer_compared(graph, *args, **kwargs):
+        weight_check["before_quantization"] = compare_weights(traced["model"], ours)
+        if a.weights_from_dfqbench:
+            set_weights(traced["model"], ours)
+        return quantize_targ_layer(graph, *args, **kwargs)
+
+    lt.quantize_targ_layer = quantize_targ_layer_compared
+    bias_correction = without_correction_propagation(dfq) if a.bias_correction_unpropagated else dfq.bias_correction
+    dfq.bias_correction = bias_correction_compared
+    if a.bias_correction_unpropagated:
+        patches.append("ablation: bias_correction no longer adds each layer's correction to the next BatchNorm's "
+                       "statistics (`fake_bias.add_(bias_prev)`), which the expected inputs of later layers read")
+    if a.weights_from_dfqbench:
+        patches.append("ablation: every conv/linear weight and bias, before the code quantizes them, replaced by "
+                       "dfqbench's (method=dfq quant=official_dfq: after its equalization, absorption and bias "
+                       "correction, before weight quantization), matched by layer name")
     clipped_operands = []
     if a.clip_add_operands_at_zero:
         patches.append("ablation: each residual addition's operand quantizer that reads a ReLU output clipped at 0")
@@ -240,7 +278,7 @@ def child(a) -> None:
               "threads": torch.get_num_threads(), "n_test": data.num_samples, "model": str(cfg.model.name),
               "dataset": str(cfg.dataset.name), "image_quantizers": image_quantizers,
               **({"clipped_add_operands": clipped_operands} if a.clip_add_operands_at_zero else {}),
-              "check": describe(model_box["model"], uq)}
+              "check": describe(model_box["model"], uq), "weights_vs_dfqbench": weight_check}
     print(json.dumps(result))
 
 
@@ -274,22 +312,28 @@ def clip_add_operands(model, graph, bottoms, uq) -> list[str]:
     return clipped
 
 
-def dfqbench_ranges_by_code_name(teacher, a, input_shape) -> dict:
-    """dfqbench's activation ranges (method=dfq quant=official_dfq, the run's bits) named as the code names its
-    QuantMeasures: '<conv/linear>.quant' for a layer input, ('add', k, j) for operand j of the k-th addition."""
+def dfqbench_quantized(teacher, a, input_shape, correct_bias: bool = True):
+    """dfqbench's DFQ on the same teacher and bits (method=dfq quant=official_dfq; `correct_bias=False`: without
+    its bias correction): the quantized GraphModule, its layers and quantizers named as the code names its modules
+    (both keep the teacher's module paths)."""
     import torch
     from dfqbench.methods.dfq import DFQ
     from dfqbench.methods.base import QuantContext
-    from dfqbench.quant.quantizers import ActQuantizer
     from dfqbench.runner import build_convention
     qcfg = common.compose(["method=dfq", "quant=official_dfq", f"wbit={a.wbit}", f"abit={a.abit}",
                            *common.teacher_overrides(a)])
-    method = DFQ()
+    method = DFQ(correct_bias=correct_bias)
     conv = build_convention(qcfg, method)
     norm = qcfg.model.normalize or qcfg.dataset
     ctx = QuantContext(conv, a.wbit, a.abit, a.seed, torch.device("cpu"), input_shape, qcfg.dataset.num_classes,
                        progress=False, mean=torch.tensor(list(norm.mean)), std=torch.tensor(list(norm.std)))
-    q = method.quantize(copy.deepcopy(teacher), ctx)
+    return method.quantize(copy.deepcopy(teacher), ctx)
+
+
+def ranges_by_code_name(q) -> dict:
+    """dfqbench's activation ranges in `q` (dfqbench_quantized) named as the code names its QuantMeasures:
+    '<conv/linear>.quant' for a layer input, ('add', k, j) for operand j of the k-th addition."""
+    from dfqbench.quant.quantizers import ActQuantizer
 
     def range_of(node):
         m = q.get_submodule(node.target)
@@ -307,6 +351,59 @@ def dfqbench_ranges_by_code_name(teacher, a, input_shape) -> dict:
         for j, operand in enumerate(add.args[:2]):
             ranges[("add", k, j)] = range_of(operand)
     return ranges
+
+
+def dfqbench_layers(q) -> dict:
+    """name -> dfqbench's quantized conv/linear layer in `q` (float weight and bias, before weight quantization)."""
+    from dfqbench.quant.quantizers.layers import is_quant_layer
+    return {n: m for n, m in q.named_modules() if is_quant_layer(m)}
+
+
+def code_layers(model, ours) -> dict:
+    """name -> the code's conv/linear module of the same name as each of dfqbench's layers; all must exist."""
+    import torch.nn as nn
+    theirs = {n: m for n, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))}
+    missing = sorted(set(ours) - set(theirs))
+    if missing or len(theirs) != len(ours):
+        raise SystemExit(f"dfqbench's {len(ours)} layers do not match the code's {len(theirs)} (missing: {missing})")
+    return theirs
+
+
+def compare_weights(model, q) -> dict:
+    """The code's weights and biases (before it quantizes them) against dfqbench's: per layer the largest
+    difference over the largest magnitude of dfqbench's tensor; the largest of each over the layers."""
+    import torch
+    ours = dfqbench_layers(q)
+    theirs = code_layers(model, ours)
+    per_layer = {}
+    with torch.no_grad():
+        for name, mine in ours.items():
+            other = theirs[name]
+            rel = {"weight": float((other.weight - mine.weight).abs().max() / mine.weight.abs().max())}
+            if mine.bias is not None and other.bias is not None:
+                rel["bias"] = float((other.bias - mine.bias).abs().max() / mine.bias.abs().max().clamp_min(1e-12))
+            per_layer[name] = {k: float(f"{v:.3g}") for k, v in rel.items()}
+    worst = {k: max(((v[k], n) for n, v in per_layer.items() if k in v), default=(0.0, None))
+             for k in ("weight", "bias")}
+    return {"max_rel_diff": {k: {"value": v, "layer": n} for k, (v, n) in worst.items()}, "layers": per_layer}
+
+
+def set_weights(model, q) -> None:
+    """Ablation: the code's conv/linear weights and biases set to dfqbench's (same layer names)."""
+    import torch
+    ours = dfqbench_layers(q)
+    theirs = code_layers(model, ours)
+    with torch.no_grad():
+        for name, mine in ours.items():
+            other = theirs[name]
+            other.weight.copy_(mine.weight)
+            if mine.bias is None:
+                if other.bias is not None:
+                    other.bias.zero_()
+            elif other.bias is None:
+                raise SystemExit(f"{name}: dfqbench's layer has a bias, the code's has none")
+            else:
+                other.bias.copy_(mine.bias)
 
 
 def set_ranges(model, ranges, graph, bottoms, uq) -> None:
@@ -337,6 +434,37 @@ def zero_exact_grids(uq) -> None:
         return forward(ctx, input, num_bits, min_value, max_value, inplace, symmetric, num_chunks)
 
     uq.UniformQuantize.forward = staticmethod(rounded)
+
+
+def without_correction_propagation(dfq_module):
+    """Ablation: the code's bias_correction, recompiled from its source without the line that adds each layer's
+    correction to the next BatchNorm's statistics (fake_bias), from which later layers take their expected input
+    (dfqbench's expected inputs come from the BatchNorm statistics as folded)."""
+    import inspect
+    import textwrap
+    line = "graph[idx_layer].fake_bias.add_(bias_prev)"
+    source = textwrap.dedent(inspect.getsource(dfq_module.bias_correction))
+    if source.count(line) != 1:
+        raise SystemExit(f"dfq.bias_correction: expected one `{line}`; the code changed")
+    scope = dict(vars(dfq_module))
+    exec(compile(source.replace(line, "pass"), inspect.getsourcefile(dfq_module.bias_correction), "exec"), scope)
+    return scope["bias_correction"]
+
+
+def ablation_change(ab: dict) -> str:
+    """What an ablation's official.json changed in the code, in words (its flags as the driver records them)."""
+    what = "additions' operands at " + (f"{ab.get('add_bits')} bits" if ab.get("add_bits") != 32
+                                        else "32 bits (float)")
+    what += ", layer-input ranges clipped at 0" if ab.get("clip_inputs_at_zero") else ""
+    what += ", operands reading a ReLU clipped at 0" if ab.get("clip_add_operands_at_zero") else ""
+    what += ", every activation range dfqbench's" if ab.get("ranges_from_dfqbench") else ""
+    what += ", grids holding 0 exactly" if ab.get("zero_exact_grids") else ""
+    what += ", bias corrections not added to the next BatchNorm's statistics" \
+        if ab.get("bias_correction_unpropagated") else ""
+    what += (", dfqbench's weights and biases (the code's weights equal them; its bias corrections differ)"
+             if ab.get("weights_from_dfqbench") else "")
+    what += f", bias at {ab['bits_bias']} bits" if ab.get("bits_bias") else ""
+    return what
 
 
 def describe(model, uq) -> dict:
@@ -387,6 +515,12 @@ def main(argv=None) -> None:
     p.add_argument("--zero-exact-grids", action="store_true",
                    help="ablation: asymmetric grids hold 0 exactly (zero point rounded, as dfqbench's) where the "
                         "code anchors them at the range's minimum")
+    p.add_argument("--weights-from-dfqbench", action="store_true",
+                   help="ablation: set every conv/linear weight and bias of the code, before it quantizes them, to "
+                        "dfqbench's (after its equalization, absorption and bias correction)")
+    p.add_argument("--bias-correction-unpropagated", action="store_true",
+                   help="ablation: the code's bias correction without adding each correction to the next "
+                        "BatchNorm's statistics (which later layers' expected inputs read)")
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--seed", type=int, default=0, help=argparse.SUPPRESS)
     p.add_argument("--wbit", type=int, default=4, help=argparse.SUPPRESS)
@@ -411,6 +545,8 @@ def main(argv=None) -> None:
             args += ["--clip-add-operands-at-zero"] if a.clip_add_operands_at_zero else []
             args += ["--ranges-from-dfqbench"] if a.ranges_from_dfqbench else []
             args += ["--zero-exact-grids"] if a.zero_exact_grids else []
+            args += ["--weights-from-dfqbench"] if a.weights_from_dfqbench else []
+            args += ["--bias-correction-unpropagated"] if a.bias_correction_unpropagated else []
             args += ["--teacher", *a.teacher] if a.teacher else []
             args += ["--max-samples", str(a.max_samples)] if a.max_samples else []
             r = common.run_child(Path(__file__), args, cell / f"official-s{seed}.log.txt", env=env)
@@ -421,7 +557,10 @@ def main(argv=None) -> None:
         variant = {"add_bits": a.add_bits or bits, "clip_inputs_at_zero": a.clip_inputs_at_zero,
                    **({"clip_add_operands_at_zero": True} if a.clip_add_operands_at_zero else {}),
                    **({"ranges_from_dfqbench": True} if a.ranges_from_dfqbench else {}),
-                   **({"zero_exact_grids": True} if a.zero_exact_grids else {})}
+                   **({"zero_exact_grids": True} if a.zero_exact_grids else {}),
+                   **({"weights_from_dfqbench": True} if a.weights_from_dfqbench else {}),
+                   **({"bias_correction_unpropagated": True} if a.bias_correction_unpropagated else {}),
+                   **({"bits_bias": a.bits_bias} if a.bits_bias != 16 else {})}
         runs, reused = common.official_runs(cell, a, "DFQ (unofficial code)", commit, bits, bits, run_seed,
                                             same=variant)
         official = common.official_summary(cell, a, "dfq", "DFQ (unofficial code)", repo, commit, bits, bits, runs,
@@ -438,13 +577,20 @@ def main(argv=None) -> None:
             ablations = []  # the code's own ablation runs (--tag ablation-*), if any: the measured causes of a gap
             for f in sorted(Path(a.out).glob(f"ablation-*/{cell.name}/official.json")):
                 ab = json.loads(f.read_text())
-                what = ("additions' operands at " + (f"{ab.get('add_bits')} bits" if ab.get("add_bits") != 32
-                                                     else "32 bits (float)"))
-                what += ", layer-input ranges clipped at 0" if ab.get("clip_inputs_at_zero") else ""
-                what += ", operands reading a ReLU clipped at 0" if ab.get("clip_add_operands_at_zero") else ""
-                what += ", every activation range dfqbench's" if ab.get("ranges_from_dfqbench") else ""
-                what += ", grids holding 0 exactly" if ab.get("zero_exact_grids") else ""
+                what = ablation_change(ab)
                 ablations.append(f"{what}: {ab['top1_mean']:.2f} ({common.rel(f.parent)})")
+                if ab.get("seeds") == list(a.seeds) and agrees(ours[0][0], ab["top1_mean"], ours[0][1],
+                                                               ab["top1_std"]):
+                    # the code, changed, meets this preset: its own row, which parity.md names as the gap's cause
+                    common.write_row(
+                        a.csv, method="dfq-" + f.parent.parent.name.removeprefix("ablation-"), quant=quant,
+                        wbit=bits, abit=bits, n_seeds=len(a.seeds),
+                        official=((ab["top1_mean"], ab["top1_std"]), (ab["quantize_s_mean"], 0.0)), dfqbench=ours,
+                        repo=repo, commit=commit, run=ab["runs"][0],
+                        note=f"UNOFFICIAL code (jakc4103/DFQ), flow {' '.join(FLAGS)}, changed at run time: "
+                             f"{what}; {QUANT_NOTES.get(quant, 'dfqbench quant=' + quant)}; seeds "
+                             f"{' '.join(map(str, a.seeds))} on both sides (deterministic); records "
+                             f"{common.rel(f.parent)} and {common.rel(cell)}")
             common.write_row(
                 a.csv, method="dfq", quant=quant, wbit=bits, abit=bits, n_seeds=len(a.seeds), official=official,
                 dfqbench=ours, repo=repo, commit=commit, run=runs[0],
