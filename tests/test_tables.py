@@ -451,6 +451,10 @@ def test_a_gap_that_a_sibling_row_closes_names_it(tmp_path):
                          "parity.csv:7: agrees) (note parity.csv:5)")
     assert agrees[4] == "yes" and agrees[5] == "yes"
     assert agrees[6] == "no: gap +39.61 (note parity.csv:8)"
+    glance = ("8 rows over 3 methods: 3 agree within noise, 2 differ with the cause measured (a row of the same cell "
+              "that agrees closes the gap), 3 differ with no such row (parity.csv:4, parity.csv:8, parity.csv:9).")
+    assert f"**At a glance:** {glance}" in (tmp_path / "out" / "parity.md").read_text()
+    assert glance in (tmp_path / "out" / "README.md").read_text()  # the leaderboard's opening says it too
 
 
 def test_the_teacher_with_the_most_cells_heads_the_pages():

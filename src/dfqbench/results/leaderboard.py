@@ -10,6 +10,7 @@ from .entries import collapsed, table_keys, teachers_most_run_first
 from .format import md_table, mean_std, seeds_label, spread_seeds
 from .glance import teacher_glance
 from .names import FIDELITY_LABELS, display, legend, schedule_note
+from .parity import parity_summary
 
 
 def _bits(df: pd.DataFrame) -> list[tuple[int, int]]:
@@ -98,6 +99,9 @@ def render_leaderboard(entries: pd.DataFrame, teachers: pd.DataFrame, titles: di
              "records and the papers' numbers row by row: [baselines.md](baselines.md)"
              + " (official code beside dfqbench: [parity.md](parity.md))" * bool((entries.source == "official").any())
              + ".", "",
+             *([f"Each method's official code, run here beside dfqbench ([parity.md](parity.md)): "
+                f"{parity_summary(parity)}", ""]
+               if parity is not None and len(parity) else []),
              "Each teacher's section opens with its headline cell at a glance: the bit-width pair below 8 bits "
              "that the most methods ran, ranked per family under the convention and schedule most of them share, "
              "with the official code's number measured here on the same cell (`parity.md`) where there is one.",

@@ -126,6 +126,28 @@ def _notes(parity: pd.DataFrame) -> list[str]:
     return ["", "## Notes of the rows that do not agree", "", *items] if items else []
 
 
+def parity_summary(parity: pd.DataFrame) -> str:
+    """One sentence at a glance: how many rows and methods, how many agree, how many gaps a sibling row closes
+    (their cause measured), and which rows differ with no such row."""
+    rows = list(parity.itertuples())
+    methods = {split_run_method(str(r.method))[0] for r in rows}
+    agree = [r for r in rows if _verdict(r, rows)[0] == "yes"]
+    ran = [r for r in rows if _verdict(r, rows)[0] != "not run"]
+    closed = [r for r in ran if r not in agree and agreeing_sibling(r, rows) is not None]
+    open_ = [r for r in ran if r not in agree and r not in closed]
+    def count(rows_, one, many):
+        return f"{len(rows_)} {one if len(rows_) == 1 else many}"
+
+    text = (f"{count(rows, 'row', 'rows')} over {count(methods, 'method', 'methods')}: "
+            f"{count(agree, 'agrees', 'agree')} within noise, {count(closed, 'differs', 'differ')} with the cause "
+            f"measured (a row of the same cell that agrees closes the gap)")
+    if open_:
+        text += f", {count(open_, 'differs', 'differ')} with no such row ({', '.join(_row_ref(r) for r in open_)})"
+    if len(ran) < len(rows):
+        text += f", {len(rows) - len(ran)} not run"
+    return text + "."
+
+
 def render_parity(parity: pd.DataFrame) -> str:
     return "\n".join([
         "# Official code beside dfqbench", "",
@@ -135,4 +157,4 @@ def render_parity(parity: pd.DataFrame) -> str:
         "listed under the table. \"closed by\" names a row of the same cell that agrees with one side the same "
         "runs (a dfqbench preset or variant, or an ablation of the official code): the change between the two "
         "rows is the gap's measured cause. Every row's full note (settings, seeds, records) is its line in the CSV.",
-        "", md_table(parity_table(parity)), *_notes(parity), ""])
+        "", f"**At a glance:** {parity_summary(parity)}", "", md_table(parity_table(parity)), *_notes(parity), ""])
