@@ -65,6 +65,33 @@ QUANT_NOTES = {
                     "measured by the ablations)",
     "dfq": "dfqbench's DFQ preset (one layer-input quantizer shared with the identity, image float)",
 }
+# The on/off ablations of the code: official.json field (= the flag, dashes for underscores) -> (--help, what the
+# parity note says it changed)
+ABLATIONS = {
+    "clip_inputs_at_zero": (
+        "ablation: clip every conv/linear input range (not the image's) at 0 (the code leaves negative minima after "
+        "add + ReLU); for networks whose layer inputs are ReLU outputs only", "layer-input ranges clipped at 0"),
+    "clip_add_operands_at_zero": (
+        "ablation: clip at 0 each residual addition's operand range that reads a ReLU output (the code leaves it at "
+        "mean -/+ 6 std of the sum before the ReLU)", "operands reading a ReLU clipped at 0"),
+    "ranges_from_dfqbench": (
+        "ablation: set every activation range of the code to dfqbench's (method=dfq quant=official_dfq on the same "
+        "teacher and bits)", "every activation range dfqbench's"),
+    "zero_exact_grids": (
+        "ablation: asymmetric grids hold 0 exactly (zero point rounded, as dfqbench's) where the code anchors them "
+        "at the range's minimum", "grids holding 0 exactly"),
+    "bias_correction_unpropagated": (
+        "ablation: the code's bias correction without adding each correction to the next BatchNorm's statistics "
+        "(which later layers' expected inputs read)", "bias corrections not added to the next BatchNorm's statistics"),
+    "weights_from_dfqbench": (
+        "ablation: set every conv/linear weight and bias of the code, before it quantizes them, to dfqbench's (after "
+        "its equalization, absorption and bias correction)",
+        "dfqbench's weights and biases (the code's weights equal them; its bias corrections differ)"),
+}
+
+
+def flag(field: str) -> str:
+    return "--" + field.replace("_", "-")
 
 
 # --- child: one official run ----------------------------------------------------------------------------------
@@ -455,14 +482,7 @@ def ablation_change(ab: dict) -> str:
     """What an ablation's official.json changed in the code, in words (its flags as the driver records them)."""
     what = "additions' operands at " + (f"{ab.get('add_bits')} bits" if ab.get("add_bits") != 32
                                         else "32 bits (float)")
-    what += ", layer-input ranges clipped at 0" if ab.get("clip_inputs_at_zero") else ""
-    what += ", operands reading a ReLU clipped at 0" if ab.get("clip_add_operands_at_zero") else ""
-    what += ", every activation range dfqbench's" if ab.get("ranges_from_dfqbench") else ""
-    what += ", grids holding 0 exactly" if ab.get("zero_exact_grids") else ""
-    what += ", bias corrections not added to the next BatchNorm's statistics" \
-        if ab.get("bias_correction_unpropagated") else ""
-    what += (", dfqbench's weights and biases (the code's weights equal them; its bias corrections differ)"
-             if ab.get("weights_from_dfqbench") else "")
+    what += "".join(f", {words}" for field, (_, words) in ABLATIONS.items() if ab.get(field))
     what += f", bias at {ab['bits_bias']} bits" if ab.get("bits_bias") else ""
     return what
 
@@ -503,24 +523,8 @@ def main(argv=None) -> None:
     p.add_argument("--add-bits", type=int, default=None,
                    help="bits of the residual additions' operand quantizers (default: the run's A; the code's "
                         "hard-coded 8, or 32 = nearly float, are ablations; use with --tag)")
-    p.add_argument("--clip-inputs-at-zero", action="store_true",
-                   help="ablation: clip every conv/linear input range (not the image's) at 0 (the code leaves "
-                        "negative minima after add + ReLU); for networks whose layer inputs are ReLU outputs only")
-    p.add_argument("--clip-add-operands-at-zero", action="store_true",
-                   help="ablation: clip at 0 each residual addition's operand range that reads a ReLU output (the "
-                        "code leaves it at mean -/+ 6 std of the sum before the ReLU)")
-    p.add_argument("--ranges-from-dfqbench", action="store_true",
-                   help="ablation: set every activation range of the code to dfqbench's (method=dfq "
-                        "quant=official_dfq on the same teacher and bits)")
-    p.add_argument("--zero-exact-grids", action="store_true",
-                   help="ablation: asymmetric grids hold 0 exactly (zero point rounded, as dfqbench's) where the "
-                        "code anchors them at the range's minimum")
-    p.add_argument("--weights-from-dfqbench", action="store_true",
-                   help="ablation: set every conv/linear weight and bias of the code, before it quantizes them, to "
-                        "dfqbench's (after its equalization, absorption and bias correction)")
-    p.add_argument("--bias-correction-unpropagated", action="store_true",
-                   help="ablation: the code's bias correction without adding each correction to the next "
-                        "BatchNorm's statistics (which later layers' expected inputs read)")
+    for field, (text, _) in ABLATIONS.items():
+        p.add_argument(flag(field), action="store_true", help=text)
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--seed", type=int, default=0, help=argparse.SUPPRESS)
     p.add_argument("--wbit", type=int, default=4, help=argparse.SUPPRESS)
@@ -541,12 +545,7 @@ def main(argv=None) -> None:
                     "--seed", str(seed), "--wbit", str(bits), "--abit", str(bits), "--bits-bias", str(a.bits_bias),
                     "--threads", str(a.threads)]
             args += ["--add-bits", str(a.add_bits)] if a.add_bits else []
-            args += ["--clip-inputs-at-zero"] if a.clip_inputs_at_zero else []
-            args += ["--clip-add-operands-at-zero"] if a.clip_add_operands_at_zero else []
-            args += ["--ranges-from-dfqbench"] if a.ranges_from_dfqbench else []
-            args += ["--zero-exact-grids"] if a.zero_exact_grids else []
-            args += ["--weights-from-dfqbench"] if a.weights_from_dfqbench else []
-            args += ["--bias-correction-unpropagated"] if a.bias_correction_unpropagated else []
+            args += [flag(field) for field in ABLATIONS if getattr(a, field)]
             args += ["--teacher", *a.teacher] if a.teacher else []
             args += ["--max-samples", str(a.max_samples)] if a.max_samples else []
             r = common.run_child(Path(__file__), args, cell / f"official-s{seed}.log.txt", env=env)
@@ -554,12 +553,8 @@ def main(argv=None) -> None:
                   f"wall {r['wall_s']:.0f} s", flush=True)
             return r
 
-        variant = {"add_bits": a.add_bits or bits, "clip_inputs_at_zero": a.clip_inputs_at_zero,
-                   **({"clip_add_operands_at_zero": True} if a.clip_add_operands_at_zero else {}),
-                   **({"ranges_from_dfqbench": True} if a.ranges_from_dfqbench else {}),
-                   **({"zero_exact_grids": True} if a.zero_exact_grids else {}),
-                   **({"weights_from_dfqbench": True} if a.weights_from_dfqbench else {}),
-                   **({"bias_correction_unpropagated": True} if a.bias_correction_unpropagated else {}),
+        variant = {"add_bits": a.add_bits or bits, "clip_inputs_at_zero": a.clip_inputs_at_zero,  # always
+                   **{field: True for field in ABLATIONS if getattr(a, field)},
                    **({"bits_bias": a.bits_bias} if a.bits_bias != 16 else {})}
         runs, reused = common.official_runs(cell, a, "DFQ (unofficial code)", commit, bits, bits, run_seed,
                                             same=variant)
