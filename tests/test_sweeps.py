@@ -71,6 +71,25 @@ def test_precheck_leaves_hydra_arguments_to_hydra_and_checks_the_new_groups():
             precheck([bad])
 
 
+def test_a_setting_the_preset_does_not_have_is_a_one_line_error_with_its_keys():
+    """`method.iteratons=3` (a typo) and `quant.act.add_inputs=true` under a preset that leaves it at its default
+    name the preset, its keys, the closest key and the `++` form; each value of a swept group is checked; a key
+    the preset has, `++`/`+` forms, Hydra's own keys and experiment presets pass."""
+    with pytest.raises(ConfigError) as err:
+        precheck(["method=zeroq", "method.iteratons=3"])
+    assert str(err.value).startswith("method.iteratons=3: method=zeroq has no key 'iteratons' under method; did you "
+                                     "mean method.iterations? its keys: _target_, batch_size,")
+    assert str(err.value).endswith("(++method.iteratons=3 sets a key whether the preset lists it or not)")
+    with pytest.raises(ConfigError, match=r"^quant.act.add_inputs=true: quant=gdfq has no key 'add_inputs' under "
+                                          r"quant.act; its keys: estimator, granularity, lp, percentile, sites, "):
+        precheck(["-m", "quant=onnxruntime,gdfq", "quant.act.add_inputs=true"])  # onnxruntime lists it, gdfq not
+    with pytest.raises(ConfigError, match="method=gdfq has no key 'lrr' under method.generator"):
+        precheck(["method=gdfq", "method.generator.lrr=1"])
+    precheck(["quant=onnxruntime", "quant.act.add_inputs=false", "method=zeroq", "method.iterations=3",
+              "dataset.max_samples=200", "++quant.act.add_inputs=true", "+method.extra=1", "hydra.job.chdir=false"])
+    precheck(["experiment=cifar10_resnet20", "method.anything=1"])  # the preset's sweep picks the methods
+
+
 def test_slurm_launcher_composes_and_renders_the_sbatch_script(tmp_path, monkeypatch):
     cfg = _compose("hydra/launcher=slurm", "hydra.launcher.partition=gpu", "hydra.launcher.timeout_min=30",
                    "hydra.launcher.array_parallelism=2", f"hydra.sweep.dir={tmp_path / 'sweep'}", hydra_config=True)

@@ -7,6 +7,8 @@ and, with their traceback, in that log file.
 
 from __future__ import annotations
 
+import difflib
+import functools
 import logging
 import signal
 import sys
@@ -86,6 +88,54 @@ def precheck(argv: list[str]) -> None:
             for value in values:
                 if not value.isdigit():
                     raise ConfigError(f"seed={value} is not valid; use a non-negative integer")
+    check_keys(argv)
+
+
+def check_keys(argv: list[str]) -> None:
+    """A setting of a group's preset that the preset does not have (`method.iteratons=100`, `quant.fold_scope=...`
+    where the preset leaves it at its default) is a one-line error naming the keys it has and, for a key that only
+    some presets list, the `++` form that sets it either way; Hydra's own message is five lines about a struct.
+
+    The config is composed once per value of the group the key belongs to (the other groups at their first
+    value), without the settings themselves. Experiment presets choose their groups in the sweep's params, which
+    composing does not see: with `experiment=` the check is left to Hydra."""
+    args = [a for a in argv if not a.startswith("-") and "=" in a]
+    settings = [a for a in args if a[0] not in "+~" and "." in a.split("=", 1)[0]
+                and a.split(".", 1)[0] in GROUPS]
+    if not settings or any(a.split("=", 1)[0] == "experiment" for a in args):
+        return
+    choices = {a.split("=", 1)[0]: (_values(a.split("=", 1)[1]) or [None]) for a in args
+               if a.split("=", 1)[0] in GROUPS}
+    for setting in settings:
+        path = setting.split("=", 1)[0].split(".")
+        for value in choices.get(path[0], [None]):
+            picked = {g: (value if g == path[0] else vs[0]) for g, vs in choices.items()}
+            cfg = _composed(tuple(f"{g}={v}" for g, v in picked.items() if v is not None))
+            preset = f"{path[0]}={cfg.hydra.runtime.choices.get(path[0])}"
+            node = OmegaConf.to_container(cfg[path[0]], resolve=False)  # a mandatory `???` value is a key too
+            for depth, key in enumerate(path[1:], start=1):
+                if not isinstance(node, dict) or key not in node:
+                    where = ".".join(path[:depth])
+                    keys = sorted(node) if isinstance(node, dict) else []
+                    close = difflib.get_close_matches(key, keys, n=1)
+                    hint = f"did you mean {where}.{close[0]}? " if close else ""
+                    raise ConfigError(
+                        f"{setting}: {preset} has no key {key!r} under {where}; {hint}its keys: {', '.join(keys)}"
+                        f" (++{setting} sets a key whether the preset lists it or not)")
+                node = node[key]
+
+
+@functools.cache
+def _composed(group_args: tuple[str, ...]) -> DictConfig:
+    """The root config with these group choices and nothing else, and its `hydra` node (the choices made): Hydra's
+    compose API, cleared afterwards."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+    with initialize_config_dir(version_base="1.3", config_dir=str(CONF_DIR)):
+        try:
+            return compose(config_name="config", overrides=list(group_args), return_hydra_config=True)
+        finally:
+            GlobalHydra.instance().clear()
 
 
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="config")
