@@ -32,6 +32,22 @@ def test_every_group_option_composes(group, option):
     assert convention.name == cfg.quant.name
 
 
+@pytest.mark.parametrize("override,message", [
+    ("dataset.max_samples=0", "dataset.max_samples=0 is not valid; use a positive integer, or null for the whole"),
+    ("dataset.max_samples=abc", "dataset.max_samples='abc' is not valid"),
+    ("threads=0", "threads=0 is not valid; use a positive integer, or null for torch's default"),
+    ("threads=true", "threads=True is not valid"),
+    ("eval.batch_size=-2", "eval.batch_size=-2 is not valid; use a positive integer"),
+    ("eval.batch_size=null", "eval.batch_size=None is not valid; use a positive integer")])
+def test_counts_must_be_positive_integers(override, message):
+    """0 images is not 'all of them' (a falsy max_samples used to evaluate the whole test set), 0 threads not
+    torch's default: each is refused in one line before any work; null keeps its meaning where it has one."""
+    from dfqbench.errors import ConfigError
+    with pytest.raises(ConfigError, match="^" + message.replace("(", r"\(")):
+        validate(_compose(override))
+    validate(_compose("dataset.max_samples=null", "threads=null", "dataset.max_samples=7", "threads=2"))
+
+
 def test_default_config_is_zeroq_w4a4_gdfq_on_resnet20():
     cfg = _compose()
     assert (cfg.method.name, cfg.model.name, cfg.dataset.name, cfg.quant.name, cfg.wbit, cfg.abit) == (

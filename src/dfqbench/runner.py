@@ -50,6 +50,13 @@ def validate(cfg: DictConfig) -> None:
             raise ConfigError(str(exc)) from None
     if isinstance(cfg.seed, bool) or not isinstance(cfg.seed, int) or cfg.seed < 0:
         raise ConfigError(f"seed={cfg.seed!r} is not valid; use a non-negative integer")
+    for key, value, null in (("dataset.max_samples", cfg.dataset.get("max_samples"), "null for the whole test set"),
+                             ("threads", cfg.get("threads"), "null for torch's default"),
+                             ("eval.batch_size", cfg.eval.batch_size, None)):
+        if (value is not None or null is None) and (isinstance(value, bool) or not isinstance(value, int)
+                                                     or value < 1):
+            raise ConfigError(f"{key}={value!r} is not valid; use a positive integer"
+                              + (f", or {null}" if null else ""))
     if OmegaConf.is_missing(cfg.model, "arch"):
         raise ConfigError(f"model={cfg.model.source} needs the architecture: add model.arch=NAME")
     if cfg.device not in ("auto", "cpu", "cuda"):
