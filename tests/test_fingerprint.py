@@ -312,3 +312,30 @@ def test_precision_fp32_keeps_the_config_hash_and_bf16_is_another_run():
 def test_run_folders_of_another_precision_get_a_suffix():
     from dfqbench.__main__ import precision_tag
     assert (precision_tag("fp32"), precision_tag(None), precision_tag("bf16")) == ("", "", "-bf16")
+
+
+def test_a_commit_is_dirty_only_when_its_code_or_configs_changed(tmp_path):
+    """A sweep writes tracked files under results/ (Hydra's multirun.yaml): that must not mark every record it
+    writes `-dirty`; a changed file under src/ or conf/ must."""
+    import subprocess
+    from dfqbench.records import commit_of
+
+    def git(*args):
+        subprocess.run(["git", *args], cwd=tmp_path, check=True, capture_output=True)
+
+    for rel in ("src/m.py", "conf/c.yaml", "results/sweeps/multirun.yaml"):
+        (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / rel).write_text("a\n")
+    git("init", "-q")
+    git("add", ".")
+    git("-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "c")
+    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=tmp_path, capture_output=True, text=True).stdout.strip()
+    assert commit_of(tmp_path) == head
+    (tmp_path / "results/sweeps/multirun.yaml").write_text("b\n")
+    (tmp_path / "untracked.py").write_text("b\n")
+    assert commit_of(tmp_path) == head
+    for rel in ("conf/c.yaml", "src/m.py"):
+        (tmp_path / rel).write_text("b\n")
+        assert commit_of(tmp_path) == head + "-dirty"
+        git("checkout", "--", rel)
+    assert commit_of(tmp_path / "nowhere") is None  # not a checkout (an installed package)

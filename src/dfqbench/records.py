@@ -194,11 +194,19 @@ def git_commit() -> str | None:
     a copy of the working tree on another machine (scripts/gpu_session.sh) may carry no git, or a stale one."""
     if os.environ.get("DFQ_GIT_COMMIT"):
         return os.environ["DFQ_GIT_COMMIT"]
-    here = Path(__file__).resolve().parent
+    return commit_of(Path(__file__).resolve().parents[2])
+
+
+CODE_PATHS = ("src", "conf")  # what can change a run's numbers (the fingerprint's code and config)
+
+
+def commit_of(root: Path) -> str | None:
+    """HEAD of the checkout at `root`, `-dirty` when its code or configs (CODE_PATHS) differ from it: what a sweep
+    writes under results/ (Hydra's multirun.yaml, records) does not make the code dirty."""
     try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, timeout=5)
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=here,
-                               capture_output=True, text=True, timeout=5)
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, timeout=5)
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", *CODE_PATHS],
+                               cwd=root, capture_output=True, text=True, timeout=5)
     except (OSError, subprocess.SubprocessError):
         return None
     if out.returncode != 0:
