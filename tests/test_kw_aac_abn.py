@@ -115,7 +115,7 @@ def test_aac_abn_quantizes_a_tiny_net_end_to_end():
 @pytest.mark.parametrize("make, message", [
     (lambda: KnowledgeWithin(scheme="dream"), "method.scheme='dream' is not valid; choose one of: bn_stats, "
                                               "inception, gaussian"),
-    (lambda: KnowledgeWithin(num_images=0), "method.num_images=0 must be a positive integer"),
+    (lambda: KnowledgeWithin(num_images=0), "method.num_images=0 must be an integer >= 1"),
     (lambda: KnowledgeWithin(lr=-1), "method.lr=-1 must be a number > 0"),
     (lambda: AACABN(peak="p99"), "method.peak='p99' is not valid; choose one of: max, mean"),
     (lambda: AACABN(keep=0), "method.keep=0 must be a number in (0, 1]"),

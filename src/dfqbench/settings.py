@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 
 class CheckedSettings:
     """`from_dict` builds the dataclass from a config block, refusing unknown keys (with the valid ones named), and
@@ -18,3 +20,18 @@ class CheckedSettings:
         if unknown:
             raise ValueError(f"{prefix} has unknown setting(s) {unknown}; valid: {', '.join(sorted(known))}")
         return cls(**values).validate(prefix)
+
+
+def check_int(key: str, value, low: int = 1) -> int:
+    """`value` if it is an integer >= `low` (a bool is not one), else a ValueError naming `key` (the config path)."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        raise ValueError(f"{key}={value!r} must be an integer >= {low}")
+    return value
+
+
+def check_number(key: str, value, low: float = 0.0, strict: bool = False) -> float:
+    """`value` if it is a finite number > `low` (`strict`) or >= `low`, else a ValueError naming `key`."""
+    if (isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < low
+            or (strict and value == low)):
+        raise ValueError(f"{key}={value!r} must be a number {'>' if strict else '>='} {low:g}")
+    return value

@@ -28,6 +28,7 @@ from ..quant.quantizers import ActQuantizer
 from ..synth.calib_data import _split
 from ..synth.kw import KWSettings, kw_images
 from .base import Method
+from ..settings import check_int
 
 PEAKS = ("max", "mean")
 ABN_MODES = ("shift", "reestimate", False)
@@ -138,8 +139,7 @@ class AACABN(Method):
     def __init__(self, name: str = "aac_abn", num_images: int = 32, keep: float = 0.5, peak: str = "max",
                  aac: bool = True, abn: str | bool = "shift", synthesis: dict | None = None, **kwargs):
         super().__init__(name, **kwargs)
-        if isinstance(num_images, bool) or not isinstance(num_images, int) or num_images < 1:
-            raise ValueError(f"method.num_images={num_images!r} must be a positive integer")
+        check_int("method.num_images", num_images)
         if isinstance(keep, bool) or not isinstance(keep, (int, float)) or not 0 < keep <= 1:
             raise ValueError(f"method.keep={keep!r} must be a number in (0, 1]")
         if peak not in PEAKS:

@@ -30,6 +30,7 @@ from ..quant.quantizers import ActQuantizer, WeightQuantizer
 from ..quant.quantizers.ranges import Grid, estimate_range, fake_quant, grid_from_range
 from ..synth.calib_data import calibration_batches, check_source
 from .base import PresetSettingsMethod
+from ..settings import check_int
 
 PRIORS = ("laplace", "gaussian")
 RELU_CLIPS = ("one_sided", "two_sided")
@@ -397,8 +398,7 @@ class ACIQ(PresetSettingsMethod):
         self.calib_data = check_source(st["calib_data"])
         for key in ("calib_images", "calib_batch_size"):
             value = st[key]
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"method.{key}={value!r} must be a positive integer")
+            check_int(f"method.{key}", value)
         self.prior, self.stats, self.relu_clip = st["prior"], st["stats"], st["relu_clip"]
         self.calib_images, self.calib_batch_size = st["calib_images"], st["calib_batch_size"]
         self.bit_alloc_weights, self.bit_alloc_acts = st["bit_alloc_weights"], st["bit_alloc_acts"]

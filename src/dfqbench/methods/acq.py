@@ -35,6 +35,7 @@ from ..train.generators.base import ConditionalGenerator, Sample, _with_targets
 from ..train.losses import GENERATOR_LOSSES, LossTerm
 from ..train.registry import register
 from .qat import GeneratorQAT
+from ..settings import check_number
 
 
 # ---------------------------------------------------------------------------------------------- attention
@@ -111,8 +112,7 @@ class CentreConditionalGenerator(ConditionalGenerator):
         if isinstance(centre_range, bool) or not isinstance(centre_range, (int, float)) \
                 or not 0.0 <= centre_range <= 1.0:
             raise ValueError(f"centre_range={centre_range!r} must be a number in [0, 1]")
-        if isinstance(centre_sigma, bool) or not isinstance(centre_sigma, (int, float)) or not centre_sigma > 0:
-            raise ValueError(f"centre_sigma={centre_sigma!r} must be a number > 0")
+        check_number("centre_sigma", centre_sigma, strict=True)
         self.centre_range, self.centre_sigma = float(centre_range), float(centre_sigma)
         self.trunk.fc = CentreInput(self.trunk.fc, self.trunk.width, self.trunk.init_size, self.centre_sigma)
         self.last_centres: torch.Tensor | None = None

@@ -10,6 +10,7 @@ from ..quant import quantize_model
 from ..quant.calibration.calibrate import OBSERVE_MODES, calibrate_on_batches
 from ..synth.calib_data import calibration_batches, check_source
 from .base import Method
+from ..settings import check_int
 
 
 class CrossDomain(Method):
@@ -19,8 +20,7 @@ class CrossDomain(Method):
         super().__init__(name, **kwargs)
         self.calib_data = check_source(calib_data)
         for key, value in (("num_images", num_images), ("batch_size", batch_size)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"method.{key}={value!r} must be a positive integer")
+            check_int(f"method.{key}", value)
         self.num_images, self.batch_size = num_images, batch_size
         if observe not in OBSERVE_MODES:
             raise ValueError(f"method.observe={observe!r} is not valid; choose one of: {', '.join(OBSERVE_MODES)}")

@@ -27,6 +27,7 @@ from ..quant.quantizers.clipped import attach_learned_clips
 from ..train.checkpoint import save_atomic
 from ..train.trainer import Trainer
 from .qat import GeneratorQAT, _number, _schedule, _train_settings
+from ..settings import check_int
 
 
 class DFQF(GeneratorQAT):
@@ -45,8 +46,7 @@ class DFQF(GeneratorQAT):
             _number("method.stage1_milestones", f, 0.0, 1.0, low_open=True, high_open=True)
         if fractions != sorted(fractions):
             raise ValueError(f"method.stage1_milestones={fractions!r} must be increasing fractions of the epochs")
-        if isinstance(clip_init_batches, bool) or not isinstance(clip_init_batches, int) or clip_init_batches < 1:
-            raise ValueError(f"method.clip_init_batches={clip_init_batches!r} must be a positive integer")
+        check_int("method.clip_init_batches", clip_init_batches)
         self.clip_init_batches = clip_init_batches
         self.clip_lower_bound = _number("method.clip_lower_bound", clip_lower_bound, 0.0, 1.0)
         self.settings = dataclasses.replace(

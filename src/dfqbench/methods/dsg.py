@@ -16,6 +16,7 @@ from ..quant.transforms.wrap import act_quantizers
 from ..synth.calib_data import calibration_batches, check_source
 from ..synth.dsg import DSGSettings, dsg_batches
 from .base import Method
+from ..settings import check_int
 
 RANGES = ("ema", *ESTIMATORS, "convention")
 
@@ -30,8 +31,7 @@ class DSG(Method):
                  percentile: float = 99.999, enhance: str = "official", enhance_layers: int = 20, **kwargs):
         super().__init__(name, **kwargs)
         self.calib_data = check_source(calib_data)
-        if isinstance(num_images, bool) or not isinstance(num_images, int) or num_images < 1:
-            raise ValueError(f"method.num_images={num_images!r} must be an integer >= 1")
+        check_int("method.num_images", num_images)
         if range not in RANGES:
             raise ValueError(f"method.range={range!r} is not valid; choose one of: {', '.join(RANGES)}")
         if not 0.0 < percentile <= 100.0:

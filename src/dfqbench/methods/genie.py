@@ -12,6 +12,7 @@ from ..quant.calibration.reconstruct import ReconstructSettings, reconstruct
 from ..synth.calib_data import calibration_batches, check_source
 from ..synth.genie import GenieSettings, genie_source
 from .base import Method
+from ..settings import check_int
 
 
 class Genie(Method):
@@ -23,8 +24,7 @@ class Genie(Method):
         super().__init__(name, **kwargs)
         self.calib_data = check_source(calib_data)
         for key, value in (("num_images", num_images), ("calib_batch_size", calib_batch_size)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"method.{key}={value!r} must be an integer >= 1")
+            check_int(f"method.{key}", value)
         self.num_images, self.calib_batch_size = num_images, calib_batch_size
         self.distill = GenieSettings.from_dict(distill, "method.distill")
         self.settings = ReconstructSettings.from_dict(reconstruct, "method.reconstruct")

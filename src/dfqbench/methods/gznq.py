@@ -14,6 +14,7 @@ from ..quant.calibration.calibrate import calibrate_on_batches
 from ..quant.calibration.reconstruct import ReconstructSettings, reconstruct
 from ..synth.gznq import GZNQSettings, gznq_source
 from .base import Method
+from ..settings import check_int
 
 STAGES = ("calibrate", "reconstruct")
 
@@ -26,8 +27,7 @@ class GZNQ(Method):
                  **kwargs):
         super().__init__(name, **kwargs)
         for key, value in (("num_images", num_images), ("calib_batch_size", calib_batch_size)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"method.{key}={value!r} must be an integer >= 1")
+            check_int(f"method.{key}", value)
         if stage not in STAGES:
             raise ValueError(f"method.stage={stage!r} is not valid; choose one of: {', '.join(STAGES)}")
         self.num_images, self.calib_batch_size, self.stage = num_images, calib_batch_size, stage

@@ -10,6 +10,7 @@ from ..quant.calibration.calibrate import calibrate_on_batches
 from ..synth.calib_data import _split
 from ..synth.kw import KWSettings, kw_images
 from .base import Method
+from ..settings import check_int
 
 
 class KnowledgeWithin(Method):
@@ -18,8 +19,7 @@ class KnowledgeWithin(Method):
     def __init__(self, name: str = "kw", scheme: str = "bn_stats", num_images: int = 32, batch_size: int = 32,
                  iterations: int = 500, lr: float = 0.5, patience: int = 100, min_lr: float = 1e-4, **kwargs):
         super().__init__(name, **kwargs)
-        if isinstance(num_images, bool) or not isinstance(num_images, int) or num_images < 1:
-            raise ValueError(f"method.num_images={num_images!r} must be a positive integer")
+        check_int("method.num_images", num_images)
         self.num_images = num_images
         self.settings = KWSettings(scheme, batch_size, iterations, lr, patience, min_lr).validate()
 

@@ -23,6 +23,7 @@ from ..quant.transforms.bn_fold import fold_batchnorm
 from ..quant.transforms.equalize import EQUALIZE_RANGES, absorb_high_bias, equalize, find_pairs
 from .base import Method
 from .dfq import _replace_relu6
+from ..settings import check_int, check_number
 
 
 class LayerWise(Method):
@@ -33,14 +34,12 @@ class LayerWise(Method):
                  equalize_iterations: int = 100, equalize_tol: float = 2e-7, equalize_range: str = "absmax",
                  k_std: float = 6.0, reconstruct: dict | None = None, **kwargs):
         super().__init__(name, **kwargs)
-        if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 2:
-            raise ValueError(f"method.num_samples={num_samples!r} must be an integer >= 2")
+        check_int("method.num_samples", num_samples, 2)
         if equalize_range not in EQUALIZE_RANGES:
             raise ValueError(f"method.equalize_range={equalize_range!r} is not valid; choose one of: "
                              f"{', '.join(EQUALIZE_RANGES)}")
         for key, value in (("absorb_k_std", absorb_k_std), ("k_std", k_std)):
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
-                raise ValueError(f"method.{key}={value!r} must be a number > 0")
+            check_number(f"method.{key}", value, strict=True)
         self.num_samples, self.relu6_to_relu = num_samples, relu6_to_relu
         self.do_equalize, self.do_absorb, self.absorb_k_std = equalize, absorb_bias, absorb_k_std
         self.equalize_iterations, self.equalize_tol, self.equalize_range = (equalize_iterations, equalize_tol,

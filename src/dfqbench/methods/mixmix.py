@@ -14,6 +14,7 @@ from ..quant.calibration.reconstruct import ReconstructSettings, reconstruct
 from ..synth.calib_data import _split
 from ..synth.mixmix import MixMixSettings, mixmix_images
 from .base import Method
+from ..settings import check_int
 
 
 class MixMix(Method):
@@ -26,8 +27,7 @@ class MixMix(Method):
         super().__init__(name, **kwargs)
         pool = check_pool(pool)
         for key, value in (("num_images", num_images), ("calib_batch_size", calib_batch_size)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"method.{key}={value!r} must be an integer >= 1")
+            check_int(f"method.{key}", value)
         self.pool, self.models_dir = pool, models_dir
         self.num_images, self.calib_batch_size = num_images, calib_batch_size
         try:

@@ -35,6 +35,7 @@ from ..quant.quantizers.ranges import estimate_range, fake_quant, grid_from_rang
 from ..synth.calib_data import calibration_batches, check_source
 from .aciq import clip_ratio
 from .base import PresetSettingsMethod
+from ..settings import check_int, check_number
 
 CLIPS = ("max", "mse", "aciq")
 SPLITS = ("quarter", "half")  # quarter: the official grid-aware split; half: plain halving
@@ -238,13 +239,11 @@ class OCS(PresetSettingsMethod):
                              ("act_grid", ACT_GRIDS), ("output_quant", OUTPUT_QUANTS)):
             if st[key] not in choices:
                 raise ValueError(f"method.{key}={st[key]!r} is not valid; choose one of: {', '.join(choices)}")
-        if isinstance(act_k_std, bool) or not isinstance(act_k_std, (int, float)) or act_k_std <= 0:
-            raise ValueError(f"method.act_k_std={act_k_std!r} must be a number > 0")
+        check_number("method.act_k_std", act_k_std, strict=True)
         self.calib_data = check_source(st["calib_data"])
         for key in ("calib_images", "calib_batch_size"):
             value = st[key]
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"method.{key}={value!r} must be a positive integer")
+            check_int(f"method.{key}", value)
         self._settings = dict(st)
         self.expand_ratio, self.clip, self.stats, self.act_k_std = float(expand_ratio), clip, stats, act_k_std
         self.calib_images, self.calib_batch_size = st["calib_images"], st["calib_batch_size"]

@@ -14,12 +14,7 @@ from ..quant.quantizers import is_quant_layer
 from ..quant.calibration.calibrate import set_ranges_from_bn
 from ..quant.quantizers.power import PowerWeightQuantizer
 from .base import Method
-
-
-def _positive(key: str, value) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
-        raise ValueError(f"method.{key}={value!r} must be a number > 0")
-    return float(value)
+from ..settings import check_number
 
 
 class PowerQuant(Method):
@@ -28,7 +23,7 @@ class PowerQuant(Method):
                  k_std: float = 6.0, **kwargs):
         super().__init__(name, **kwargs)
         if exponent is not None:
-            _positive("exponent", exponent)
+            check_number("method.exponent", exponent, strict=True)
         try:
             lo, hi = (float(v) for v in exponent_range)
         except (TypeError, ValueError):
@@ -37,7 +32,8 @@ class PowerQuant(Method):
         if not 0 < lo < hi:
             raise ValueError(f"method.exponent_range={list(exponent_range)!r} must satisfy 0 < lo < hi")
         self.exponent, self.exponent_range = exponent, (lo, hi)
-        self.tolerance, self.k_std = _positive("tolerance", tolerance), _positive("k_std", k_std)
+        self.tolerance = float(check_number("method.tolerance", tolerance, strict=True))
+        self.k_std = float(check_number("method.k_std", k_std, strict=True))
 
     def quantize(self, model, ctx):
         qmodel = quantize_model(model, ctx.convention, ctx.wbit, ctx.abit)

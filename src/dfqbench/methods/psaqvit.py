@@ -12,6 +12,7 @@ from ..quant.calibration.calibrate import OBSERVE_MODES, calibrate_on_batches
 from ..synth.calib_data import cached
 from ..synth.patch_similarity import PSAQSettings, check_transformer, psaq_images
 from .base import Method
+from ..settings import check_int
 
 
 class PSAQViT(Method):
@@ -29,10 +30,8 @@ class PSAQViT(Method):
         s = self.settings
         for key in ("batch_size", "rounds", "iterations", "kde_points"):
             value = getattr(s, key)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"method.{key}={value!r} must be a positive integer")
-        if isinstance(num_batches, bool) or not isinstance(num_batches, int) or num_batches < 1:
-            raise ValueError(f"method.num_batches={num_batches!r} must be a positive integer")
+            check_int(f"method.{key}", value)
+        check_int("method.num_batches", num_batches)
         if not (isinstance(s.bandwidth, (int, float)) and s.bandwidth > 0):
             raise ValueError(f"method.bandwidth={s.bandwidth!r} must be a positive number")
         if observe not in OBSERVE_MODES:

@@ -27,6 +27,7 @@ from ..quant.calibration.calibrate import calibrate_on_batches
 from ..synth.patch_similarity import (PatchFeatures, check_transformer, cosine_lr, frozen, jitter_flip,
                                       total_variation)
 from .psaqvit import PSAQViT
+from ..settings import check_int
 
 
 def kl_teacher_student(t_logits: torch.Tensor, s_logits: torch.Tensor) -> torch.Tensor:
@@ -38,8 +39,7 @@ class PSAQViT2(PSAQViT):
                  sample_lr: float = 0.05, student_lr: float = 1e-5, entropy_weight: float = 1.0, **settings):
         super().__init__(name, **settings)
         for key, value in (("cycles", cycles), ("sample_steps", sample_steps), ("student_steps", student_steps)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"method.{key}={value!r} must be a positive integer")
+            check_int(f"method.{key}", value)
         for key, value in (("sample_lr", sample_lr), ("student_lr", student_lr)):
             if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
                 raise ValueError(f"method.{key}={value!r} must be a positive number")

@@ -19,6 +19,7 @@ from ..quant import act_quantizers, quantize_model
 from ..synth.bn_kl import QASRSettings, qasr_synthetic_data
 from ..synth.calib_data import SOURCES, cached, calibration_batches
 from .base import Method
+from ..settings import check_int
 
 
 @torch.no_grad()
@@ -59,8 +60,7 @@ class QASR(Method):
         super().__init__(name, **kwargs)
         for key, value in (("batch_size", batch_size), ("num_batches", num_batches), ("iterations", iterations),
                            ("patience", patience)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"method.{key}={value!r} must be a positive integer")
+            check_int(f"method.{key}", value)
         for key, value in (("lr", lr), ("min_lr", min_lr), ("init_range", init_range)):
             if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
                 raise ValueError(f"method.{key}={value!r} must be a positive number")

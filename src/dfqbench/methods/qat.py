@@ -23,6 +23,7 @@ from ..train.registry import build
 from ..train.schedule import Schedule
 from ..train.trainer import Trainer, TrainSettings
 from .base import Method
+from ..settings import check_int
 
 _DEBUG_KEYS = ("stop_after_epoch", "keep_checkpoint")  # do not change what is computed: left out of the fingerprint
 
@@ -198,8 +199,7 @@ def _train_settings(student_optim, generator_optim, lr_decay, generator_steps, s
                                           or warmup_batch_size < 1):
         raise ValueError(f"method.warmup_batch_size={warmup_batch_size!r} must be null or a positive integer")
     for key, value in (("method.generator_steps", generator_steps), ("method.student_steps", student_steps)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f"{key}={value!r} must be a positive integer")
+        check_int(key, value)
     if stop_after_epoch is not None and (isinstance(stop_after_epoch, bool) or not isinstance(stop_after_epoch, int)
                                          or stop_after_epoch < 1):
         raise ValueError(f"method.stop_after_epoch={stop_after_epoch!r} must be null or a positive integer")

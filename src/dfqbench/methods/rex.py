@@ -13,6 +13,7 @@ from ..quant import quant_layers, quantize_model
 from ..quant.calibration.calibrate import set_ranges_from_bn
 from ..quant.quantizers.expansion import ExpansionWeightQuantizer
 from .base import Method
+from ..settings import check_number
 
 
 class REx(Method):
@@ -23,8 +24,7 @@ class REx(Method):
             raise ValueError(f"method.expansion_order={expansion_order!r} is not valid; use an integer >= 1")
         if isinstance(sparsity, bool) or not isinstance(sparsity, (int, float)) or not 0 < sparsity <= 1:
             raise ValueError(f"method.sparsity={sparsity!r} is not valid; use a number in (0, 1]")
-        if isinstance(k_std, bool) or not isinstance(k_std, (int, float)) or not k_std > 0:
-            raise ValueError(f"method.k_std={k_std!r} must be a number > 0")
+        check_number("method.k_std", k_std, strict=True)
         self.order, self.sparsity, self.k_std = expansion_order, float(sparsity), float(k_std)
 
     def quantize(self, model, ctx):

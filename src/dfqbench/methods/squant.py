@@ -25,6 +25,7 @@ import torch
 from ..quant import act_quantizers, quant_layers, quantize_model
 from ..quant.quantizers.precomputed import PrecomputedWeightQuantizer
 from .base import Method
+from ..settings import check_int
 
 MODES = ("e", "ek", "ekc")
 SIGMA_FROM = ("abit", "quantizer")  # the clip multiplier s of the run's abit (official), or of each quantizer's bits
@@ -174,8 +175,7 @@ class SQuant(Method):
         super().__init__(name, **kwargs)
         if mode not in MODES:
             raise ValueError(f"method.mode={mode!r} is not valid; choose one of: {', '.join(MODES)}")
-        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 2:
-            raise ValueError(f"method.batch_size={batch_size!r} must be an integer >= 2")
+        check_int("method.batch_size", batch_size, 2)
         if not signed_divisor > 0:
             raise ValueError(f"method.signed_divisor={signed_divisor!r} must be > 0")
         if isinstance(noise_seed, bool) or not isinstance(noise_seed, int) or noise_seed < 0:

@@ -6,6 +6,7 @@ from ..quant import quantize_model
 from ..quant.calibration.calibrate import calibrate_on_batches
 from ..synth.bn_distill import DistillSettings, distill_bn_data
 from ..synth.calib_data import cached, calibration_batches, check_source
+from ..settings import check_int, check_number
 from .base import Method
 
 
@@ -16,9 +17,11 @@ class ZeroQ(Method):
                  lr: float = 0.5, patience: int = 100, min_lr: float = 1e-4, calib_data: str = "distill",
                  **kwargs):
         super().__init__(name, **kwargs)
-        for key, value in (("batch_size", batch_size), ("num_batches", num_batches), ("iterations", iterations)):
-            if not isinstance(value, int) or value < 1:
-                raise ValueError(f"method.{key}={value!r} must be a positive integer")
+        for key, value in (("batch_size", batch_size), ("num_batches", num_batches), ("iterations", iterations),
+                           ("patience", patience)):
+            check_int(f"method.{key}", value)
+        check_number("method.lr", lr, strict=True)
+        check_number("method.min_lr", min_lr)
         self.settings = DistillSettings(batch_size, num_batches, iterations, lr, patience, min_lr)
         self.calib_data = check_source(calib_data)
 

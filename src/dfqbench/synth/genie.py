@@ -21,7 +21,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from .bn_loop import Synthesis, moment_distance, synthesize_batches
-from ..settings import CheckedSettings
+from ..settings import CheckedSettings, check_int
 
 
 @dataclass
@@ -39,8 +39,7 @@ class GenieSettings(CheckedSettings):
     def validate(self, prefix: str = "method.distill") -> "GenieSettings":
         for key in ("iterations", "latent_dim", "patience"):
             value = getattr(self, key)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{prefix}.{key}={value!r} must be an integer >= 1")
+            check_int(f"{prefix}.{key}", value)
         for key in ("lr_z", "lr_g", "min_lr"):
             value = getattr(self, key)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < math.inf:

@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from .bn_kl import bn_kl_loss
 from .bn_loop import ImageBatch, Synthesis, synthesize_batches
 from .calib_data import _split, cached
+from ..settings import check_int, check_number
 
 SCHEMES = ("bn_stats", "inception", "gaussian")
 
@@ -43,12 +44,10 @@ class KWSettings:
             raise ValueError(f"{prefix}scheme={self.scheme!r} is not valid; choose one of: {', '.join(SCHEMES)}")
         for key in ("batch_size", "iterations"):
             value = getattr(self, key)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{prefix}{key}={value!r} must be a positive integer")
+            check_int(f"{prefix}{key}", value)
         for key in ("lr", "min_lr"):
             value = getattr(self, key)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
-                raise ValueError(f"{prefix}{key}={value!r} must be a number > 0")
+            check_number(f"{prefix}{key}", value, strict=True)
         for key in ("bn_weight", "ce_weight"):
             value = getattr(self, key)
             if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0):

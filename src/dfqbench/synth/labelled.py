@@ -35,6 +35,7 @@ from ..feature_taps import PenultimateTap
 from .augment import crop_flip, scale_pair
 from .bn_loop import BNTaps, ImageBatch, Synthesis, synthesize_batches
 from .calib_data import _split, cached
+from ..settings import check_int
 
 LABEL_LOSSES = ("intraq", "hast")
 _VERSION = 3  # part of the cache key: bump when the synthesis changes what it computes
@@ -61,8 +62,7 @@ class LabelledSettings:
                              f"{', '.join(LABEL_LOSSES)}")
         for key in ("batch_size", "iterations"):
             value = getattr(self, key)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{prefix}{key}={value!r} must be a positive integer")
+            check_int(f"{prefix}{key}", value)
         if not 0.0 <= self.augment_prob <= 1.0 or not 0.0 <= self.target_prob <= 1.0:
             raise ValueError(f"{prefix}augment_prob and target_prob must be in [0, 1]")
         self.crop_scale = scale_pair(f"{prefix}crop_scale", self.crop_scale)

@@ -20,6 +20,7 @@ from torch import nn
 from .bn_loop import BNTaps, ImageBatch, Synthesis, bn_layers, frozen, synthesize_batches
 from .calib_data import cached
 from .labelled import bns_loss
+from ..settings import check_int
 
 
 @dataclass
@@ -35,8 +36,7 @@ class MixMixSettings:
     def validate(self, prefix: str = "method.synthesis.") -> "MixMixSettings":
         for key in ("batch_size", "iterations"):
             value = getattr(self, key)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{prefix}{key}={value!r} must be a positive integer")
+            check_int(f"{prefix}{key}", value)
         if not 0.0 <= self.mix_prob <= 1.0:
             raise ValueError(f"{prefix}mix_prob={self.mix_prob!r} must be in [0, 1]")
         if not self.lr > 0 or self.ce_weight < 0:

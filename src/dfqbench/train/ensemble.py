@@ -15,6 +15,7 @@ from torch import nn
 from ..errors import UnsupportedModel
 from .losses import GENERATOR_LOSSES, LossTerm
 from .registry import register
+from ..settings import check_number
 
 
 class Ensemble(nn.Module):
@@ -40,8 +41,7 @@ class EnsembleBNMoments(LossTerm):
 
     def __init__(self, weight: float = 0.1, first_weight: float = 5.0):
         super().__init__(weight)
-        if isinstance(first_weight, bool) or not isinstance(first_weight, (int, float)) or first_weight < 0:
-            raise ValueError(f"first_weight={first_weight!r} must be a number >= 0")
+        check_number("first_weight", first_weight)
         self.first_weight = float(first_weight)
         self.bn_counts: list[int] | None = None
 

@@ -24,7 +24,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .base import GENERATORS, ConditionalBN, Sample, _positive_int, _with_targets
+from ...settings import check_int
+from .base import GENERATORS, ConditionalBN, Sample, _with_targets
 from ..registry import register
 
 UPS = ("nearest", "bilinear")
@@ -148,11 +149,11 @@ class SearchedGenerator(nn.Module):
                  latent_dim: int = 100, width: int = 64, genotype="auto", model: str | None = None,
                  bn_eps: float = 0.8):
         super().__init__()
-        channels, size, width_ = image_shape[0], image_shape[1], _positive_int("width", width)
+        channels, size, width_ = image_shape[0], image_shape[1]("width", width)
         if image_shape[1] != image_shape[2] or size % 8:
             raise ValueError(f"generator arc needs square images with a side divisible by 8, not "
                              f"{image_shape[1]}x{image_shape[2]}")
-        self.num_classes, self.latent_dim = num_classes, _positive_int("latent_dim", latent_dim)
+        self.num_classes, self.latent_dim = num_classes("latent_dim", latent_dim)
         if latent_dim < 3:
             raise ValueError(f"latent_dim={latent_dim!r} must be at least 3 (it is split in three)")
         if genotype == "auto":

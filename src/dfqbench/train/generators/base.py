@@ -15,6 +15,7 @@ from torch import nn
 
 from ..registry import register
 from ...synth.augment import apply_theta, crop_boxes, crop_flip, crop_flip_theta, scale_pair
+from ...settings import check_int
 
 GENERATORS: dict[str, type] = {}
 
@@ -39,12 +40,6 @@ def _check_shape(image_shape) -> tuple[int, int]:
     if height != width or height % 4:
         raise ValueError(f"the generator needs square images with a side divisible by 4, not {height}x{width}")
     return channels, height
-
-
-def _positive_int(key: str, value) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{key}={value!r} must be a positive integer")
-    return value
 
 
 class Trunk(nn.Module):
@@ -170,7 +165,7 @@ class ConditionalGenerator(nn.Module):
                  latent_dim: int = 100, bn_eps: float = 0.8, conditional_bn="auto", augment: dict | None = None):
         super().__init__()
         channels, size = _check_shape(image_shape)
-        self.num_classes, self.latent_dim = num_classes, _positive_int("latent_dim", latent_dim)
+        self.num_classes, self.latent_dim = num_classes, check_int("latent_dim", latent_dim)
         self.augment = check_augment(augment)
         self.conditional_bn = _conditional_bn(conditional_bn, size)
         if self.conditional_bn:
@@ -231,8 +226,8 @@ class SuperposedGenerator(nn.Module):
         if latent_dim is None:
             raise ValueError("latent_dim=null needs a teacher whose classifier is an nn.Linear or a last 1x1 "
                              "convolution (its input width)")
-        self.num_classes, self.latent_dim = num_classes, _positive_int("latent_dim", latent_dim)
-        self.mix_prob, self.mix_classes = float(mix_prob), _positive_int("mix_classes", mix_classes)
+        self.num_classes, self.latent_dim = num_classes, check_int("latent_dim", latent_dim)
+        self.mix_prob, self.mix_classes = float(mix_prob), check_int("mix_classes", mix_classes)
         self.noise_scale = float(noise_scale)
         self.embedding = nn.Embedding(num_classes, latent_dim)
         if embedding_init == "teacher_fc":
@@ -285,8 +280,8 @@ class UnconditionalGenerator(nn.Module):
         channels, size = _check_shape(image_shape)
         if init not in ("default", "dcgan"):
             raise ValueError(f"init={init!r} is not valid; choose one of: default, dcgan")
-        self.latent_dim = _positive_int("latent_dim", latent_dim)
-        self.trunk = Trunk(latent_dim, channels, size, bn_eps, width=_positive_int("width", width))
+        self.latent_dim = check_int("latent_dim", latent_dim)
+        self.trunk = Trunk(latent_dim, channels, size, bn_eps, width=check_int("width", width))
         if init == "dcgan":
             dcgan_init(self)
 
@@ -346,7 +341,7 @@ class FixedSet(nn.Module):
                 raise ValueError(f"{key}={value!r} must be a number in [0, 1]")
         crop_scale = scale_pair("crop_scale", crop_scale)
         self.crop_prob, self.flip_prob, self.crop_scale = float(crop_prob), float(flip_prob), crop_scale
-        self.synthesis_batch = _positive_int("synthesis_batch", synthesis_batch)
+        self.synthesis_batch = check_int("synthesis_batch", synthesis_batch)
         self.register_buffer("images", torch.zeros(0, *image_shape), persistent=False)  # rebuilt from the cache
 
     def prepare(self, teacher: nn.Module, ctx, num_images: int, iterations: int) -> None:

@@ -10,7 +10,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..registry import register
-from .base import GENERATORS, Sample, _check_shape, _positive_int
+from ...settings import check_int
+from .base import GENERATORS, Sample, _check_shape
 
 
 @register(GENERATORS, "dcgan3")
@@ -21,7 +22,7 @@ class DCGAN3(nn.Module):
         channels, size = _check_shape(image_shape)
         if size % 8:
             raise ValueError(f"generator dcgan3 needs an image size divisible by 8, not {size}")
-        self.latent_dim, ngf = _positive_int("latent_dim", latent_dim), _positive_int("ngf", ngf)
+        self.latent_dim, ngf = check_int("latent_dim", latent_dim)("ngf", ngf)
         self.init_size = size // 8
         self.fc = nn.Linear(latent_dim, ngf * 8 * self.init_size ** 2)
 
