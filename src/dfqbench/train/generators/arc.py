@@ -149,11 +149,11 @@ class SearchedGenerator(nn.Module):
                  latent_dim: int = 100, width: int = 64, genotype="auto", model: str | None = None,
                  bn_eps: float = 0.8):
         super().__init__()
-        channels, size, width_ = image_shape[0], image_shape[1]("width", width)
+        channels, size, width_ = image_shape[0], image_shape[1], check_int("width", width)
         if image_shape[1] != image_shape[2] or size % 8:
             raise ValueError(f"generator arc needs square images with a side divisible by 8, not "
                              f"{image_shape[1]}x{image_shape[2]}")
-        self.num_classes, self.latent_dim = num_classes("latent_dim", latent_dim)
+        self.num_classes, self.latent_dim = num_classes, check_int("latent_dim", latent_dim)
         if latent_dim < 3:
             raise ValueError(f"latent_dim={latent_dim!r} must be at least 3 (it is split in three)")
         if genotype == "auto":

@@ -22,7 +22,7 @@ class DCGAN3(nn.Module):
         channels, size = _check_shape(image_shape)
         if size % 8:
             raise ValueError(f"generator dcgan3 needs an image size divisible by 8, not {size}")
-        self.latent_dim, ngf = check_int("latent_dim", latent_dim)("ngf", ngf)
+        self.latent_dim, ngf = check_int("latent_dim", latent_dim), check_int("ngf", ngf)
         self.init_size = size // 8
         self.fc = nn.Linear(latent_dim, ngf * 8 * self.init_size ** 2)
 
