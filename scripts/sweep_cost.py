@@ -11,6 +11,7 @@ ran, times the iterations of the schedule asked for; a method without a record t
 the training iteration rates measured on one H100 (results/bench/bench_qat_gpu_h100.md: gdfq, ait; any other
 training method is assumed at GDFQ's rate, said so in the output). A SLURM array of N jobs at once takes at least
 the longest cell and at least the total / N. Estimates, labelled as such; the inputs are the measured numbers.
+Each schedule also says how many of its cells have a committed record and what the others would take.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import argparse
 import itertools
 import re
 import sys
+import time
 from pathlib import Path
 
 import pandas as pd
@@ -64,6 +66,14 @@ def cells(experiment: str, schedule: str) -> list[tuple[str, str, int, int, bool
     return out
 
 
+def committed(model: str) -> set[tuple]:
+    """(method, quant, wbit, abit, seed, schedule) of the preset cells with a committed record (results/runs.csv:
+    records of the sweeps, on any device; explorations and variants are other cells)."""
+    runs = pd.read_csv(REPO / "results" / "runs.csv", keep_default_na=False)
+    runs = runs[(runs.model == model) & runs.record.str.contains(r"^results/(?:cuda/)?sweeps/", regex=True)]
+    return {(r.config, r.quant, int(r.wbit), int(r.abit), int(r.seed), r.schedule) for r in runs.itertuples()}
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--experiment", default="cifar10_resnet20")
@@ -102,8 +112,16 @@ def main() -> None:
                 cpu.append(cost)
                 gpu.append(cost)  # post-training on GPU not measured: the CPU time as an upper bound
         n_train = sum(1 for c in todo if c[4])
+        have = committed(a.model)
+        done = [(method, quant, wbit, wbit, seed, schedule if trains else "") in have
+                for method, quant, wbit, seed, trains in todo]
+        left_cpu = sum(c for c, d in zip(cpu, done) if not d)
+        left_gpu = sum(g for g, d in zip(gpu, done) if not d)
         lines += [f"## schedule={schedule} ({iters:,} iterations per training cell)", "",
-                  f"{len(todo)} cells ({n_train} training, {len(todo) - n_train} post-training).", "",
+                  f"{len(todo)} cells ({n_train} training, {len(todo) - n_train} post-training). Committed when "
+                  f"this was written ({time.strftime('%Y-%m-%d')}, results/runs.csv): {sum(done)} have a record (any "
+                  f"device); the {len(todo) - sum(done)} left take about {left_cpu / 3600:.0f} h on the CPU machine "
+                  f"or {left_gpu / 3600:.0f} h on one H100.", "",
                   "| where | total machine-hours | longest cell | wall time |", "|---|---:|---:|---:|",
                   f"| one 2-core CPU machine, one cell after another | {sum(cpu) / 3600:.0f} | "
                   f"{max(cpu) / 3600:.1f} h | {sum(cpu) / 3600:.0f} h |",
