@@ -62,9 +62,12 @@ def test_the_readme_quotes_the_committed_sweep_cost_estimate():
     cpu_hours = re.search(r"one 2-core CPU machine, one cell after another \| (\d+) \|", cpu).group(1)
     gpu_hours = re.search(r"one H100, one cell after another \| (\d+) \|", paper).group(1)
     array_hours = re.search(r"SLURM array of 64 H100 jobs at once \| \d+ \| [\d.]+ h \| >= ([\d.]+) h", paper).group(1)
+    done, left_cpu, left_gpu = re.search(r"\): (\d+) have a record \(any device\); the \d+ left take about (\d+) h "
+                                         r"on the CPU machine or (\d+) h on one H100", cpu).groups()
     said = " ".join(readme.split())
     for phrase in (f"{cells} cells", f"about {cpu_hours} hours", f"about {gpu_hours} H100-hours",
-                   f"at least {array_hours} h on a SLURM array of 64 GPUs"):
+                   f"at least {array_hours} h on a SLURM array of 64 GPUs", f"{done} of the {cells} cells",
+                   f"about {left_cpu} h on that machine or {left_gpu} h on one H100"):
         assert phrase in said, phrase
 
 
