@@ -104,6 +104,16 @@ def test_act_granularity_is_validated():
         Convention.from_dict({"name": "t", "act": {"granularity": "per_row"}})
 
 
+@pytest.mark.parametrize("key", ["weight", "act"])
+def test_the_mse_estimators_norm_must_be_positive(key):
+    """estimator=mse picks the range minimizing the L_p error: p <= 0 is no norm and was accepted silently."""
+    for lp in (0, -3, float("inf"), True):
+        with pytest.raises(ValueError, match=f"quant.{key}.lp={lp!r} must be a number > 0"):
+            Convention.from_dict({"name": "t", key: {"estimator": "mse", "lp": lp}})
+    assert getattr(Convention.from_dict({"name": "t", key: {"estimator": "mse", "lp": 2.4}}), key).lp == 2.4
+    Convention.from_dict({"name": "t", key: {"estimator": "minmax", "lp": 0}})  # not read: left alone
+
+
 # ---- ACIQ bit allocation and bias correction -----------------------------------------------------------------
 
 def test_level_grid_with_power_of_two_levels_is_the_ordinary_grid():

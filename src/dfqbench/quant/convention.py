@@ -10,6 +10,7 @@ from dataclasses import asdict, dataclass, field, fields
 
 from .kernels.grid import SYMMETRIC_GRIDS
 from .quantizers.ranges import ESTIMATORS
+from ..settings import check_number
 
 # after_relu: every ReLU/ReLU6 output. layer_inputs: the tensor each conv/linear reads (before any pool/flatten),
 # one quantizer shared with every reader of it (a residual identity too). each_layer_input: a quantizer of its own
@@ -166,6 +167,9 @@ class Convention:
             if spec.symmetric_grid != "auto" and not spec.symmetric:
                 raise ValueError(f"quant.{key}.symmetric_grid={spec.symmetric_grid!r} needs quant.{key}.symmetric="
                                  f"true; with symmetric=false use symmetric_grid=auto")
+        for key, spec in (("weight", self.weight), ("act", self.act)):
+            if spec.estimator == "mse":  # the range minimizing the L_p error: p <= 0 is no norm
+                check_number(f"quant.{key}.lp", spec.lp, strict=True)
         if self.act.estimator == "percentile" and (isinstance(self.act.percentile, bool) or not isinstance(
                 self.act.percentile, (int, float)) or not 50.0 < self.act.percentile <= 100.0):
             raise ValueError(f"quant.act.percentile={self.act.percentile!r} is not valid; use a number in (50, 100], "
