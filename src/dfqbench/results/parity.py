@@ -130,21 +130,24 @@ def parity_summary(parity: pd.DataFrame) -> str:
     """One sentence at a glance: how many rows and methods, how many agree, how many gaps a sibling row closes
     (their cause measured), and which rows differ with no such row."""
     rows = list(parity.itertuples())
-    methods = {split_run_method(str(r.method))[0] for r in rows}
-    agree = [r for r in rows if _verdict(r, rows)[0] == "yes"]
-    ran = [r for r in rows if _verdict(r, rows)[0] != "not run"]
-    closed = [r for r in ran if r not in agree and agreeing_sibling(r, rows) is not None]
-    open_ = [r for r in ran if r not in agree and r not in closed]
-    def count(rows_, one, many):
-        return f"{len(rows_)} {one if len(rows_) == 1 else many}"
+    kinds = {"agree": [], "closed": [], "open": [], "not run": []}
+    for r in rows:
+        verdict = _verdict(r, rows)[0]
+        kind = verdict if verdict in ("yes", "not run") else "closed" if agreeing_sibling(r, rows) else "open"
+        kinds["agree" if kind == "yes" else kind].append(r)
 
+    def count(items, one, many):
+        return f"{len(items)} {one if len(items) == 1 else many}"
+
+    methods = {split_run_method(str(r.method))[0] for r in rows}
     text = (f"{count(rows, 'row', 'rows')} over {count(methods, 'method', 'methods')}: "
-            f"{count(agree, 'agrees', 'agree')} within noise, {count(closed, 'differs', 'differ')} with the cause "
-            f"measured (a row of the same cell that agrees closes the gap)")
-    if open_:
-        text += f", {count(open_, 'differs', 'differ')} with no such row ({', '.join(_row_ref(r) for r in open_)})"
-    if len(ran) < len(rows):
-        text += f", {len(rows) - len(ran)} not run"
+            f"{count(kinds['agree'], 'agrees', 'agree')} within noise, {count(kinds['closed'], 'differs', 'differ')} "
+            f"with the cause measured (a row of the same cell that agrees closes the gap)")
+    if kinds["open"]:
+        text += (f", {count(kinds['open'], 'differs', 'differ')} with no such row "
+                 f"({', '.join(_row_ref(r) for r in kinds['open'])})")
+    if kinds["not run"]:
+        text += f", {len(kinds['not run'])} not run"
     return text + "."
 
 
