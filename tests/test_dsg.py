@@ -171,6 +171,9 @@ def test_dsg_on_a_random_weight_preresnet20(tmp_path, cache_dir, cifar10_root):
     ({"enhance_weight": 0.5}, ["enhance_weight=0.5", ">= 1"]),
     ({"ce_weight": -1.0}, ["ce_weight=-1.0", ">= 0"]),
     ({"percentile": 0.0}, ["percentile=0.0", "(0, 100]"]),
+    ({"lr": 0.0}, ["method.lr=0.0 must be a number > 0"]),
+    ({"min_lr": float("nan")}, ["method.min_lr=nan must be a number >= 0"]),
+    ({"enhance_layers": True}, ["method.enhance_layers=True must be an integer >= 0"]),
 ])
 def test_bad_values_raise_in_the_constructor(kwargs, needles):
     with pytest.raises(ValueError) as err:

@@ -93,6 +93,8 @@ def test_the_pool_leaves_the_runs_own_teacher_out_and_refuses_untrained_members(
     ({"pool": {"a": {"arch": "x"}}}, "method.pool must map names to model configs"),
     ({"num_images": 0}, "method.num_images=0 must be an integer >= 1"),
     ({"synthesis": {"mix_prob": 2.0}}, "method.synthesis.mix_prob=2.0 must be in [0, 1]"),
+    ({"synthesis": {"lr": 0}}, "method.synthesis.lr=0 must be a number > 0"),
+    ({"synthesis": {"ce_weight": -0.5}}, "method.synthesis.ce_weight=-0.5 must be a number >= 0"),
     ({"synthesis": {"steps": 1}}, "method.synthesis has unknown keys ['steps']"),
 ])
 def test_bad_settings_are_one_line_errors(kwargs, message):

@@ -105,7 +105,8 @@ def test_bad_convention_values_are_one_line_errors(change, needle):
 @pytest.mark.parametrize("kwargs,needle", [
     ({"momentum": 1.5}, "method.momentum=1.5"),
     ({"num_batches": 0}, "method.num_batches=0"),
-    ({"lr": -1}, "method.lr=-1"),
+    ({"lr": -1}, "method.lr=-1 must be a number > 0"),
+    ({"init_range": float("inf")}, "method.init_range=inf must be a number > 0"),
     ({"calib_data": "imagenet"}, "choose one of: synthetic, distill"),
 ])
 def test_bad_method_settings_are_one_line_errors(kwargs, needle):

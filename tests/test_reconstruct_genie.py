@@ -375,6 +375,9 @@ def test_zeroq_recon_with_zeroq_data(tmp_path, cache_dir, cifar10_root):
     ("method.calib_data=nope", ["calib_data='nope'", "genie", "distill"]),
     ("method.reconstruct.qdrop_p=1.5", ["qdrop_p=1.5", "[0, 1]"]),
     ("method.distill.iterations=0", ["distill.iterations=0", ">= 1"]),
+    ("method.distill.lr_g=-1", ["method.distill.lr_g=-1 must be a number >= 0"]),
+    ("method.reconstruct.beta_end=0", ["method.reconstruct.beta_end=0 must be a number > 0"]),
+    ("method.reconstruct.batch_size=0", ["method.reconstruct.batch_size=0 must be an integer >= 1"]),
     ("+method.reconstruct.iters=5", ["iters", "iterations"]),
 ])
 def test_bad_genie_settings_are_refused(tmp_path, arg, needles):

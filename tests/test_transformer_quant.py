@@ -3,6 +3,7 @@ matmul, the half-levels weight grid, float-pass calibration, the patch-similarit
 
 import copy
 import math
+import re
 
 import pytest
 import torch
@@ -12,6 +13,7 @@ from torch import nn
 
 from dfqbench.methods.base import Method
 from dfqbench.methods.psaqvit import PSAQViT
+from dfqbench.methods.psaqvit2 import PSAQViT2
 from dfqbench.quant import Convention, act_quantizers, quantize_model, weight_quantizers
 from dfqbench.quant.calibration.calibrate import calibrate_on_batches
 from dfqbench.quant.kernels.grid import grid_from_range
@@ -201,8 +203,10 @@ def test_op_outputs_bad_input(act, message):
 
 
 def test_psaqvit_bad_settings():
-    with pytest.raises(ValueError, match="method.bandwidth"):
+    with pytest.raises(ValueError, match=re.escape("method.bandwidth=0 must be a number > 0")):
         PSAQViT(bandwidth=0)
+    with pytest.raises(ValueError, match=re.escape("method.student_lr=True must be a number > 0")):
+        PSAQViT2(student_lr=True)
     with pytest.raises(ValueError, match="unknown setting"):
         PSAQViT(temperature=1)
     with pytest.raises(ValueError, match="method.observe='x' is not valid; choose one of: quantized, float"):
@@ -221,7 +225,6 @@ V1_TINY = dict(batch_size=8, rounds=1, iterations=2, jitter=[0], flip=False, tv_
 def test_psaqvit2_image_steps_raise_the_teacher_student_gap():
     """With the student (almost) frozen, the images' steps must increase KL(teacher || student): the sign of the
     adversarial objective."""
-    from dfqbench.methods.psaqvit2 import PSAQViT2
 
     ctx = _ctx()
     PSAQViT2(cycles=4, sample_lr=0.2, student_lr=1e-12, entropy_weight=0.0, **V1_TINY).quantize(tiny_vit(2), ctx)
@@ -230,7 +233,6 @@ def test_psaqvit2_image_steps_raise_the_teacher_student_gap():
 
 
 def test_psaqvit2_trains_the_student_weights():
-    from dfqbench.methods.psaqvit2 import PSAQViT2
 
     teacher = tiny_vit(2)
     student = PSAQViT2(cycles=3, student_lr=1e-3, **V1_TINY).quantize(copy.deepcopy(teacher), _ctx())

@@ -29,6 +29,7 @@ from torch import nn
 from ..errors import UnsupportedModel
 from ..quant import quantize_model
 from ..quant.quantizers.layers import QuantLayer
+from ..settings import check_int
 from ..train.losses import GENERATOR_LOSSES, LossTerm
 from ..train.registry import register
 from .qat import GeneratorQAT
@@ -199,9 +200,7 @@ class DDAQ(GeneratorQAT):
             raise ValueError(f"method.importance.prior={spec['prior']!r} is not valid; choose one of: "
                              f"{', '.join(PRIORS)}")
         for key, low in (("probe_images", 1), ("probe_seed", 0)):
-            v = spec[key]
-            if isinstance(v, bool) or not isinstance(v, int) or v < low:
-                raise ValueError(f"method.importance.{key}={v!r} must be an integer >= {low}")
+            check_int(f"method.importance.{key}", spec[key], low)
         self.importance = spec
         self.spec["importance"] = spec  # in the checkpoint fingerprint
 

@@ -12,7 +12,7 @@ from ..quant.calibration.calibrate import OBSERVE_MODES, calibrate_on_batches
 from ..synth.calib_data import cached
 from ..synth.patch_similarity import PSAQSettings, check_transformer, psaq_images
 from .base import Method
-from ..settings import check_int
+from ..settings import check_int, check_number
 
 
 class PSAQViT(Method):
@@ -32,8 +32,7 @@ class PSAQViT(Method):
             value = getattr(s, key)
             check_int(f"method.{key}", value)
         check_int("method.num_batches", num_batches)
-        if not (isinstance(s.bandwidth, (int, float)) and s.bandwidth > 0):
-            raise ValueError(f"method.bandwidth={s.bandwidth!r} must be a positive number")
+        check_number("method.bandwidth", s.bandwidth, strict=True)
         if observe not in OBSERVE_MODES:
             raise ValueError(f"method.observe={observe!r} is not valid; choose one of: {', '.join(OBSERVE_MODES)}")
         self.num_batches, self.observe = num_batches, observe

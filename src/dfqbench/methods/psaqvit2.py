@@ -27,7 +27,7 @@ from ..quant.calibration.calibrate import calibrate_on_batches
 from ..synth.patch_similarity import (PatchFeatures, check_transformer, cosine_lr, frozen, jitter_flip,
                                       total_variation)
 from .psaqvit import PSAQViT
-from ..settings import check_int
+from ..settings import check_int, check_number
 
 
 def kl_teacher_student(t_logits: torch.Tensor, s_logits: torch.Tensor) -> torch.Tensor:
@@ -41,8 +41,7 @@ class PSAQViT2(PSAQViT):
         for key, value in (("cycles", cycles), ("sample_steps", sample_steps), ("student_steps", student_steps)):
             check_int(f"method.{key}", value)
         for key, value in (("sample_lr", sample_lr), ("student_lr", student_lr)):
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
-                raise ValueError(f"method.{key}={value!r} must be a positive number")
+            check_number(f"method.{key}", value, strict=True)
         self.cycles, self.sample_steps, self.student_steps = cycles, sample_steps, student_steps
         self.sample_lr, self.student_lr, self.entropy_weight = sample_lr, student_lr, entropy_weight
 

@@ -19,7 +19,7 @@ from ..quant import act_quantizers, quantize_model
 from ..synth.bn_kl import QASRSettings, qasr_synthetic_data
 from ..synth.calib_data import SOURCES, cached, calibration_batches
 from .base import Method
-from ..settings import check_int
+from ..settings import check_int, check_number
 
 
 @torch.no_grad()
@@ -62,8 +62,7 @@ class QASR(Method):
                            ("patience", patience)):
             check_int(f"method.{key}", value)
         for key, value in (("lr", lr), ("min_lr", min_lr), ("init_range", init_range)):
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
-                raise ValueError(f"method.{key}={value!r} must be a positive number")
+            check_number(f"method.{key}", value, strict=True)
         if isinstance(momentum, bool) or not isinstance(momentum, (int, float)) or not (
                 momentum == -1 or 0 <= momentum < 1):
             raise ValueError(f"method.momentum={momentum!r} is not valid; use a number in [0, 1) (the EMA of the "

@@ -58,6 +58,7 @@ from torch import nn
 from .bn_distill import DistillSettings
 from .bn_loop import EPS, ImageBatch, Synthesis, bn_layers, synthesize_batches
 from .calib_data import _split, cached
+from ..settings import check_int, check_number
 
 MARGIN_MODELS = ("none", "gaussian")
 ENHANCE_RULES = ("official", "permutation")
@@ -81,27 +82,21 @@ class DSGSettings(DistillSettings):
     def validate(self, prefix: str = "method.") -> None:
         for key in ("batch_size", "num_batches", "iterations", "patience"):
             value = getattr(self, key)
-            low = 0 if key == "patience" else 1
-            if isinstance(value, bool) or not isinstance(value, int) or value < low:
-                raise ValueError(f"{prefix}{key}={value!r} must be an integer >= {low}")
+            check_int(f"{prefix}{key}", value, 0 if key == "patience" else 1)
         if self.margins not in MARGIN_MODELS:
             raise ValueError(f"{prefix}margins={self.margins!r} is not valid; choose one of: "
                              f"{', '.join(MARGIN_MODELS)}")
         if not 0.0 < self.margin_percentile < 100.0:
             raise ValueError(f"{prefix}margin_percentile={self.margin_percentile!r} must be in (0, 100)")
-        if not self.lr > 0 or not 0 <= self.min_lr:
-            raise ValueError(f"{prefix}lr={self.lr!r} must be > 0 and min_lr={self.min_lr!r} >= 0")
+        check_number(f"{prefix}lr", self.lr, strict=True)
+        check_number(f"{prefix}min_lr", self.min_lr)
         if self.enhance not in ENHANCE_RULES:
             raise ValueError(f"{prefix}enhance={self.enhance!r} is not valid; choose one of: "
                              f"{', '.join(ENHANCE_RULES)}")
-        if isinstance(self.enhance_layers, bool) or not isinstance(self.enhance_layers, int) or \
-                self.enhance_layers < 0:
-            raise ValueError(f"{prefix}enhance_layers={self.enhance_layers!r} must be an integer >= 0")
-        if self.enhance_weight < 1.0:
-            raise ValueError(f"{prefix}enhance_weight={self.enhance_weight!r} must be >= 1 (1 = no enhancement)")
+        check_int(f"{prefix}enhance_layers", self.enhance_layers, 0)
+        check_number(f"{prefix}enhance_weight", self.enhance_weight, 1.0)  # 1 = no enhancement
         for key in ("ce_weight", "tv_weight", "l2_weight"):
-            if getattr(self, key) < 0:
-                raise ValueError(f"{prefix}{key}={getattr(self, key)!r} must be >= 0")
+            check_number(f"{prefix}{key}", getattr(self, key))
 
 
 def slack_hinge(value: torch.Tensor, target: torch.Tensor, margin: float | torch.Tensor) -> torch.Tensor:

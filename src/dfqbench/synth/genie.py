@@ -21,7 +21,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from .bn_loop import Synthesis, moment_distance, synthesize_batches
-from ..settings import CheckedSettings, check_int
+from ..settings import CheckedSettings, check_int, check_number
 
 
 @dataclass
@@ -41,9 +41,7 @@ class GenieSettings(CheckedSettings):
             value = getattr(self, key)
             check_int(f"{prefix}.{key}", value)
         for key in ("lr_z", "lr_g", "min_lr"):
-            value = getattr(self, key)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < math.inf:
-                raise ValueError(f"{prefix}.{key}={value!r} must be a number >= 0")
+            check_number(f"{prefix}.{key}", getattr(self, key))
         if isinstance(self.g_decay, bool) or not isinstance(self.g_decay, (int, float)) or not 0 < self.g_decay <= 1:
             raise ValueError(f"{prefix}.g_decay={self.g_decay!r} must be in (0, 1]")
         if not isinstance(self.swing, bool):

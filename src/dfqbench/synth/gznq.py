@@ -29,7 +29,6 @@ The loop is the shared one (`bn_loop`): one "batch" state, the generator, optimi
 
 from __future__ import annotations
 
-import math
 from dataclasses import asdict, dataclass
 
 import torch
@@ -38,7 +37,7 @@ from torch import nn
 from .bn_kl import gaussian_kl
 from .bn_loop import EPS, Synthesis, synthesize_batches
 from .genie import Generator
-from ..settings import CheckedSettings
+from ..settings import CheckedSettings, check_int, check_number
 
 
 @dataclass
@@ -55,16 +54,11 @@ class GZNQSettings(CheckedSettings):
     def validate(self, prefix: str = "method.synthesis") -> "GZNQSettings":
         for key in ("iterations", "batch_size", "latent_dim", "width"):
             value = getattr(self, key)
-            low = 2 if key in ("batch_size", "width") else 1
-            if isinstance(value, bool) or not isinstance(value, int) or value < low:
-                raise ValueError(f"{prefix}.{key}={value!r} must be an integer >= {low}")
-        if isinstance(self.lr, bool) or not isinstance(self.lr, (int, float)) or not 0 < self.lr < math.inf:
-            raise ValueError(f"{prefix}.lr={self.lr!r} must be a number > 0")
+            check_int(f"{prefix}.{key}", value, 2 if key in ("batch_size", "width") else 1)
+        check_number(f"{prefix}.lr", self.lr, strict=True)
         if isinstance(self.beta1, bool) or not isinstance(self.beta1, (int, float)) or not 0 <= self.beta1 < 1:
             raise ValueError(f"{prefix}.beta1={self.beta1!r} must be in [0, 1)")
-        if (isinstance(self.shape_weight, bool) or not isinstance(self.shape_weight, (int, float))
-                or not 0 <= self.shape_weight < math.inf):
-            raise ValueError(f"{prefix}.shape_weight={self.shape_weight!r} must be a number >= 0")
+        check_number(f"{prefix}.shape_weight", self.shape_weight)
         return self
 
 

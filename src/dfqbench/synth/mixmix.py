@@ -20,7 +20,7 @@ from torch import nn
 from .bn_loop import BNTaps, ImageBatch, Synthesis, bn_layers, frozen, synthesize_batches
 from .calib_data import cached
 from .labelled import bns_loss
-from ..settings import check_int
+from ..settings import check_int, check_number
 
 
 @dataclass
@@ -39,8 +39,8 @@ class MixMixSettings:
             check_int(f"{prefix}{key}", value)
         if not 0.0 <= self.mix_prob <= 1.0:
             raise ValueError(f"{prefix}mix_prob={self.mix_prob!r} must be in [0, 1]")
-        if not self.lr > 0 or self.ce_weight < 0:
-            raise ValueError(f"{prefix}lr must be > 0 and ce_weight >= 0")
+        check_number(f"{prefix}lr", self.lr, strict=True)
+        check_number(f"{prefix}ce_weight", self.ce_weight)
         return self
 
 

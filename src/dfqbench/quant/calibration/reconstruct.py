@@ -16,7 +16,6 @@ activation steps become frozen ranges: evaluation is plain fake-quant.
 from __future__ import annotations
 
 import contextlib
-import math
 import time
 from dataclasses import dataclass, field
 
@@ -25,6 +24,7 @@ from torch import fx, nn
 from tqdm.auto import tqdm
 
 from .blocks import Block, block_act_quantizers, block_layers, block_module, find_blocks
+from ...settings import check_int, check_number
 from ..quantizers.learned import AdaRoundWeight, HardenedWeightQuantizer, LsqAct, bernoulli_mask, float_mode
 from ...settings import CheckedSettings
 
@@ -55,20 +55,14 @@ class ReconstructSettings(CheckedSettings):
             raise ValueError(f"{prefix}.{key}={getattr(self, key)!r} {why}")
 
         for key in ("iterations", "batch_size"):
-            value = getattr(self, key)
-            low = 0 if key == "iterations" else 1
-            if isinstance(value, bool) or not isinstance(value, int) or value < low:
-                bad(key, f"must be an integer >= {low}")
+            check_int(f"{prefix}.{key}", getattr(self, key), 0 if key == "iterations" else 1)
         for key in ("lr_round", "lr_act_scale", "lr_weight_scale", "reg_weight"):
-            value = getattr(self, key)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
-                bad(key, "must be a number >= 0")
+            check_number(f"{prefix}.{key}", getattr(self, key))
         for key in ("qdrop_p", "warmup"):
             value = getattr(self, key)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value <= 1.0:
                 bad(key, "must be in [0, 1]")
-        if not isinstance(self.beta_end, (int, float)) or self.beta_end <= 0:
-            bad("beta_end", "must be > 0")
+        check_number(f"{prefix}.beta_end", self.beta_end, strict=True)
         if not isinstance(self.beta_start, (int, float)) or self.beta_start < self.beta_end:
             bad("beta_start", f"must be >= beta_end ({self.beta_end})")
         for key in ("learn_weight_scale", "learn_act_scale", "init_act_ranges"):
