@@ -81,8 +81,7 @@ class DSGSettings(DistillSettings):
 
     def validate(self, prefix: str = "method.") -> None:
         for key in ("batch_size", "num_batches", "iterations", "patience"):
-            value = getattr(self, key)
-            check_int(f"{prefix}{key}", value, 0 if key == "patience" else 1)
+            check_int(f"{prefix}{key}", getattr(self, key), 0 if key == "patience" else 1)
         if self.margins not in MARGIN_MODELS:
             raise ValueError(f"{prefix}margins={self.margins!r} is not valid; choose one of: "
                              f"{', '.join(MARGIN_MODELS)}")

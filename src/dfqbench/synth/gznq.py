@@ -53,8 +53,7 @@ class GZNQSettings(CheckedSettings):
 
     def validate(self, prefix: str = "method.synthesis") -> "GZNQSettings":
         for key in ("iterations", "batch_size", "latent_dim", "width"):
-            value = getattr(self, key)
-            check_int(f"{prefix}.{key}", value, 2 if key in ("batch_size", "width") else 1)
+            check_int(f"{prefix}.{key}", getattr(self, key), 2 if key in ("batch_size", "width") else 1)
         check_number(f"{prefix}.lr", self.lr, strict=True)
         if isinstance(self.beta1, bool) or not isinstance(self.beta1, (int, float)) or not 0 <= self.beta1 < 1:
             raise ValueError(f"{prefix}.beta1={self.beta1!r} must be in [0, 1)")

@@ -24,9 +24,8 @@ from torch import fx, nn
 from tqdm.auto import tqdm
 
 from .blocks import Block, block_act_quantizers, block_layers, block_module, find_blocks
-from ...settings import check_int, check_number
 from ..quantizers.learned import AdaRoundWeight, HardenedWeightQuantizer, LsqAct, bernoulli_mask, float_mode
-from ...settings import CheckedSettings
+from ...settings import CheckedSettings, check_int, check_number
 
 _CHUNK = 128  # images per forward when collecting block inputs/outputs
 
