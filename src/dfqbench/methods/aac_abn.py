@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..quant import quantize_model
-from ..quant.calibration.calibrate import calibrate_on_batches
+from ..quant.calibration.calibrate import calibrate_on_batches, forward_with_hooks
 from ..quant.quantizers import ActQuantizer
 from ..synth.calib_data import _split
 from ..synth.kw import KWSettings, kw_images
@@ -32,17 +32,6 @@ from ..settings import check_int
 
 PEAKS = ("max", "mean")
 ABN_MODES = ("shift", "reestimate", False)
-
-
-def _forward_with_hooks(model: nn.Module, handles: list, batches: list[torch.Tensor]) -> None:
-    """`model` in eval mode over `batches`; the hook handles are removed afterwards, also on an error."""
-    try:
-        model.eval()
-        for x in batches:
-            model(x)
-    finally:
-        for h in handles:
-            h.remove()
 
 
 @torch.no_grad()
@@ -61,7 +50,7 @@ def peak_ranges(qmodel: nn.Module, batches: list[torch.Tensor], peak: str) -> in
         lows[q].append(flat.amin(dim=(1, 2)))
 
     # uncalibrated quantizers pass their input through: the hooks see float activations
-    _forward_with_hooks(qmodel, [q.register_forward_pre_hook(keep) for q in quantizers], batches)
+    forward_with_hooks(qmodel, [q.register_forward_pre_hook(keep) for q in quantizers], batches)
     for q in quantizers:
         per_image = torch.cat(peaks[q], dim=1)
         hi = per_image.amax(dim=1) if peak == "max" else per_image.mean(dim=1)
@@ -103,7 +92,7 @@ def bn_input_moments(model: nn.Module, batches: list[torch.Tensor]) -> dict[str,
             s[0], s[1], s[2] = s[0] + x.sum(1), s[1] + x.pow(2).sum(1), s[2] + x.shape[1]
         return hook
 
-    _forward_with_hooks(model, [m.register_forward_pre_hook(keep(n)) for n, m in model.named_modules()
+    forward_with_hooks(model, [m.register_forward_pre_hook(keep(n)) for n, m in model.named_modules()
                                 if isinstance(m, nn.modules.batchnorm._BatchNorm)], batches)
     return {n: (s0 / n_, s1 / n_ - (s0 / n_) ** 2) for n, (s0, s1, n_) in sums.items()}
 

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from ..quant import quantize_model
-from ..quant.calibration.calibrate import calibrate_on_batches
+from ..quant.calibration.calibrate import calibrate_on_batches, forward_with_hooks
 from ..quant.quantizers.ranges import ESTIMATORS
 from ..quant.transforms.wrap import act_quantizers
 from ..synth.calib_data import calibration_batches, check_source
@@ -83,11 +83,5 @@ def calibrate_ema(model: nn.Module, batches: list[torch.Tensor]) -> None:
         running[q] = (lo, hi)
         q.set_range(lo, hi)
 
-    handles = [q.register_forward_pre_hook(observe) for q in act_quantizers(model) if q.enabled]
-    try:
-        model.eval()
-        for x in batches:
-            model(x)
-    finally:
-        for h in handles:
-            h.remove()
+    forward_with_hooks(model, [q.register_forward_pre_hook(observe) for q in act_quantizers(model) if q.enabled],
+                       batches)

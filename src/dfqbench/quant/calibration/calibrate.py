@@ -35,6 +35,18 @@ def calibrate_on_batches(model: nn.Module, batches: Iterable[torch.Tensor], obse
         q.stop_observing()
 
 
+def forward_with_hooks(model: nn.Module, handles: list, batches: Iterable[torch.Tensor]) -> None:
+    """`model` in eval mode over `batches` while the hooks behind `handles` observe; the hooks are removed
+    afterwards, also on an error (a calibration pass of a method's own)."""
+    try:
+        model.eval()
+        for x in batches:
+            model(x)
+    finally:
+        for h in handles:
+            h.remove()
+
+
 @torch.no_grad()
 def set_ranges_from_bn(gm, k_std: float) -> None:
     """Data-free ranges: mean +- k std of the BatchNorm-derived statistics of each quantized tensor (per channel
