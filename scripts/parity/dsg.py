@@ -47,12 +47,7 @@ and the results/parity.csv row.
 from __future__ import annotations
 
 import argparse
-import copy
-import json
-import os
-import runpy
 import sys
-import time
 import types
 from pathlib import Path
 
@@ -74,31 +69,12 @@ QUANT_NOTES = {
 # --- child: one official run ----------------------------------------------------------------------------------
 
 def child(a) -> None:
-    official = Path(a.official).resolve() / "post_training_quantization"
-    sys.path.insert(0, str(official))
+    c = zeroq.Child(a, "post_training_quantization", ARCHS)
     import numpy as np
     import torch
     from torch import nn
-    torch.set_num_threads(a.threads)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    cfg, loaded, data = common.teacher_and_data(common.teacher_overrides(a))
-    teacher = loaded.model.eval()
-    arch = str(cfg.model.arch)
-    model_arg = arch if arch in ARCHS else "resnet20_cifar10"
-    patches = []
-
-    import pytorchcv.model_provider as provider
-
-    def get_model(name, pretrained=True, **kwargs):
-        if name != model_arg:
-            raise SystemExit(f"official uniform_test.py asked for {name!r}, expected {model_arg!r}")
-        return copy.deepcopy(teacher)
-
-    provider.get_model = get_model
-    patches.append(f"pytorchcv get_model({model_arg}) -> the dfqbench teacher {arch} "
-                   f"({loaded.checkpoint or loaded.weights}, sha256 {loaded.sha256[:16]})")
-
-    num_bn = sum(isinstance(m, nn.BatchNorm2d) for m in teacher.modules())
+    patches = c.patches
+    num_bn = sum(isinstance(m, nn.BatchNorm2d) for m in c.teacher.modules())
     load = np.load
 
     def np_load(path, *args, **kwargs):
@@ -118,30 +94,6 @@ def child(a) -> None:
     torch.eig = eig
     patches.append("torch.eig(A, eigenvectors=True) -> torch.linalg.eig in torch.eig's layout (removed in torch 2)")
 
-    plateau_cls = torch.optim.lr_scheduler.ReduceLROnPlateau
-    lr_log = []
-
-    class Plateau(plateau_cls):
-        def __init__(self, optimizer, *args, verbose=False, **kwargs):  # `verbose` is gone in torch >= 2.7
-            super().__init__(optimizer, *args, **kwargs)
-            self.cuts = 0
-            lr_log.append(self)
-
-        def step(self, metrics, *args, **kwargs):
-            before = [g["lr"] for g in self.optimizer.param_groups]
-            super().step(metrics, *args, **kwargs)
-            self.cuts += int([g["lr"] for g in self.optimizer.param_groups] != before)
-
-    torch.optim.lr_scheduler.ReduceLROnPlateau = Plateau
-    patches.append("ReduceLROnPlateau(..., verbose=False): the argument dropped (removed in torch 2.7; it only "
-                   "printed)")
-
-    import pytorchcv.models.common as ptcv_common
-    if not hasattr(ptcv_common, "ConvBlock"):
-        from pytorchcv.models.common.conv import ConvBlock
-        ptcv_common.ConvBlock = ConvBlock
-        patches.append("pytorchcv.models.common.ConvBlock -> pytorchcv.models.common.conv.ConvBlock (imported by "
-                       "utils/quantize_model.py, unused on ResNets; moved in pytorchcv 0.0.70+)")
     try:
         import cv2  # noqa: F401
     except ImportError:
@@ -149,64 +101,13 @@ def child(a) -> None:
         patches.append("cv2: an empty module (imported, unused, by distill_data.py)")
 
     import utils  # the clone's post_training_quantization/utils
-    utils.getTestData = lambda dataset="imagenet", batch_size=1024, path="", shuffle=False, for_inception=False: \
-        common.EvalLoader(data, batch_size, device)
-    patches.append(f"utils.getTestData -> the dfqbench {cfg.dataset.name} test set ({data.num_samples} images)")
-    if device.type == "cpu":
-        common.cpu_only_cuda_calls(device)
-        patches.append(".cuda() -> cpu")
+    c.patch(utils)
 
     import distill_data
-    timings, captured = {}, {}
-    distil = distill_data.getDistilData
-
-    def get_distil_data(*args, **kwargs):
-        t0 = time.perf_counter()
-        out = distil(*args, **kwargs)
-        timings["distill_s"] = time.perf_counter() - t0
-        captured["batches"] = [b.detach().clone() for b in out]
-        return out
-
-    distill_data.getDistilData = get_distil_data
-    update = utils.update
-
-    def timed_update(model, batches):
-        t0 = time.perf_counter()
-        out = update(model, batches)
-        timings["update_s"] = time.perf_counter() - t0
-        captured["qmodel"] = model
-        return out
-
-    utils.update = distill_data.update = timed_update  # (distill_data star-imports utils: uniform_test reads both)
-    test = utils.test
-
-    def kept_test(model, loader):
-        acc = test(model, loader)
-        captured["acc"] = acc
-        return acc
-
-    utils.test = distill_data.test = kept_test
-
-    sys.argv = ["uniform_test.py", "--dataset", str(cfg.dataset.name), "--model", model_arg,
-                "--batch_size", str(a.batch_size), "--w_bit", str(a.wbit), "--a_bit", str(a.abit),
-                "--seed", str(a.seed), "--test_batch_size", str(a.test_batch_size)]
-    os.chdir(official)
-    t0 = time.perf_counter()
-    runpy.run_path(str(official / "uniform_test.py"), run_name="__main__")
-    wall = time.perf_counter() - t0
-    result = {"top1": round(100.0 * captured["acc"], 4), "distill_s": round(timings["distill_s"], 3),
-              "update_s": round(timings["update_s"], 3),
-              "quantize_s": round(timings["distill_s"] + timings["update_s"], 3), "wall_s": round(wall, 3),
-              "lr_cuts": [p.cuts for p in lr_log], "final_lr": [p.optimizer.param_groups[0]["lr"] for p in lr_log],
-              "argv": sys.argv[1:], "patches": patches, "device": device.type, "threads": torch.get_num_threads(),
-              "n_test": data.num_samples, "model": cfg.model.name, "arch": arch, "dataset": str(cfg.dataset.name),
-              "margins": "zero"}
-    if a.compare:
-        try:
-            result["check"] = compare(captured["qmodel"], captured["batches"], teacher, cfg, data, a, device)
-        except Exception as exc:  # the check must not cost the official number
-            result["check_error"] = repr(exc)
-    print(json.dumps(result))
+    c.instrument(distill_data, utils)
+    c.run(["--dataset", str(c.cfg.dataset.name), "--model", c.model_arg, "--batch_size", str(a.batch_size),
+           "--w_bit", str(a.wbit), "--a_bit", str(a.abit), "--seed", str(a.seed),
+           "--test_batch_size", str(a.test_batch_size)], compare, margins="zero")
 
 
 def compare(official_model, batches, teacher, cfg, data, a, device) -> dict:

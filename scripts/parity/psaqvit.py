@@ -731,19 +731,15 @@ def main(argv=None) -> None:
             synth = (f"synthesis {a.iterations}x2 iterations, jitter {a.jitter[0]}/{a.jitter[1]}, TV target "
                      f"U({a.tv_target[0]:g}, {a.tv_target[1]:g}) (32x32 scaling), official fast-cosine "
                      f"{'on' if a.fast_cosine else 'off'}; " if mode == 0 else "")
-            common.upsert_parity_row({
-                "method": MODES[mode], "quant": QUANT, "schedule": "", "wbit": wbit, "abit": abit,
-                "n_seeds": len(a.seeds), "official_top1_mean": common.fmt(top1[0]),
-                "official_top1_std": common.fmt(top1[1]), "dfqbench_top1_mean": common.fmt(d_top1[0]),
-                "dfqbench_top1_std": common.fmt(d_top1[1]), "official_s": common.fmt(secs[0]),
-                "dfqbench_s": common.fmt(d_secs[0]), "official_repo": repo, "official_commit": commit,
-                "note": f"official test_quant.py --mode {mode} ({MODE_NAMES[mode]}) on the dfqbench ViT in the "
-                        f"code's own quantized VisionTransformer; {QUANT_NOTE}; {synth}one calibration batch of "
-                        f"{a.calib_batchsize}; seeds {' '.join(map(str, a.seeds))}; seconds = calibration batch + "
-                        f"calibration (dfqbench: {len(timed)} seed(s) timed, {len(borrowed)} of them by "
-                        f"the same seed's run in another cell, its images read from the cache here); "
-                        f"{runs[0]['n_test']} test images; records {common.rel(cell)}",
-                "model": runs[0]["model"], "dataset": runs[0]["dataset"], "device": runs[0]["device"]}, Path(a.csv))
+            common.write_row(
+                a.csv, method=MODES[mode], quant=QUANT, wbit=wbit, abit=abit, n_seeds=len(a.seeds),
+                official=(top1, secs), dfqbench=(d_top1, d_secs), repo=repo, commit=commit, run=runs[0],
+                note=f"official test_quant.py --mode {mode} ({MODE_NAMES[mode]}) on the dfqbench ViT in the "
+                     f"code's own quantized VisionTransformer; {QUANT_NOTE}; {synth}one calibration batch of "
+                     f"{a.calib_batchsize}; seeds {' '.join(map(str, a.seeds))}; seconds = calibration batch + "
+                     f"calibration (dfqbench: {len(timed)} seed(s) timed, {len(borrowed)} of them by "
+                     f"the same seed's run in another cell, its images read from the cache here); "
+                     f"{runs[0]['n_test']} test images; records {common.rel(cell)}")
 
 
 if __name__ == "__main__":

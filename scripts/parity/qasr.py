@@ -761,22 +761,17 @@ def main(argv=None) -> None:
                      f"{lc['trajectory_max_rel_diff']:.1e}, final BN-KL of both codes on both final batches max rel "
                      f"diff {lc['final_loss_code_rel_diff']:.1e}; " if lc else "")
         patched = "; ".join(x.split(" ")[0] for x in official[0]["patches"] if re.match(r"Q\d", x))
-        common.upsert_parity_row({
-            "method": METHOD, "quant": QUANT, "schedule": "", "wbit": wbit, "abit": abit,
-            "n_seeds": len(a.seeds), "official_top1_mean": common.fmt(top1[0]),
-            "official_top1_std": common.fmt(top1[1]), "dfqbench_top1_mean": common.fmt(d_top1[0]),
-            "dfqbench_top1_std": common.fmt(d_top1[1]), "official_s": common.fmt(secs[0]),
-            "dfqbench_s": common.fmt(d_secs[0]), "official_repo": repo, "official_commit": commit,
-            "note": f"synthesis only: the official get_synthetic_data (distill_data.py) batches quantized by "
-                    f"dfqbench's method=qasr calibration; {QUANT_NOTE}; patched at run time ({patched}): encoder -> "
-                    f"the stand-in teacher, decoder -> identity, conv hook output as NeMo's tuple, dim/seqlen "
-                    f"64/500 -> 96/32, noise loader num_workers 0 after manual_seed, ReduceLROnPlateau without "
-                    f"verbose, cuda -> cpu; budget = conf/method/qasr.yaml; {loss_note}seeds "
-                    f"{' '.join(map(str, a.seeds))}; seconds = synthesis + calibration (dfqbench: {len(timed)} "
-                    f"seed(s) timed, {len(borrowed)} by the same seed's run in another cell); {official[0]['n_test']} "
-                    f"test images; records {common.rel(cell)}",
-            "model": official[0]["model"], "dataset": official[0]["dataset"], "device": official[0]["device"]},
-            Path(a.csv))
+        common.write_row(
+            a.csv, method=METHOD, quant=QUANT, wbit=wbit, abit=abit, n_seeds=len(a.seeds), official=(top1, secs),
+            dfqbench=(d_top1, d_secs), repo=repo, commit=commit, run=official[0],
+            note=f"synthesis only: the official get_synthetic_data (distill_data.py) batches quantized by "
+                 f"dfqbench's method=qasr calibration; {QUANT_NOTE}; patched at run time ({patched}): encoder -> "
+                 f"the stand-in teacher, decoder -> identity, conv hook output as NeMo's tuple, dim/seqlen "
+                 f"64/500 -> 96/32, noise loader num_workers 0 after manual_seed, ReduceLROnPlateau without "
+                 f"verbose, cuda -> cpu; budget = conf/method/qasr.yaml; {loss_note}seeds "
+                 f"{' '.join(map(str, a.seeds))}; seconds = synthesis + calibration (dfqbench: {len(timed)} "
+                 f"seed(s) timed, {len(borrowed)} by the same seed's run in another cell); {official[0]['n_test']} "
+                 f"test images; records {common.rel(cell)}")
 
 
 if __name__ == "__main__":

@@ -61,43 +61,136 @@ QUANT_NOTES = {
 
 
 # --- child: one official run ----------------------------------------------------------------------------------
+# The stages below are shared with scripts/parity/dsg.py: DSG's code is a fork of ZeroQ's uniform_test.py.
+
+class Child:
+    """One official uniform_test.py run: the clone's folder on sys.path, the dfqbench teacher behind pytorchcv's
+    get_model (and ConvBlock where pytorchcv moved it), the test set, and the patches made so far."""
+
+    def __init__(self, a, folder: str, archs: tuple[str, ...]):
+        self.official = Path(a.official).resolve() / folder
+        sys.path.insert(0, str(self.official))
+        import torch
+        torch.set_num_threads(a.threads)
+        self.a, self.device = a, torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        self.cfg, loaded, self.data = common.teacher_and_data(common.teacher_overrides(a))
+        self.teacher = teacher = loaded.model.eval()
+        self.arch = str(self.cfg.model.arch)
+        self.model_arg = model_arg = self.arch if self.arch in archs else "resnet20_cifar10"
+        self.patches = []
+
+        import pytorchcv.model_provider as provider
+
+        def get_model(name, pretrained=True, **kwargs):
+            if name != model_arg:
+                raise SystemExit(f"official uniform_test.py asked for {name!r}, expected {model_arg!r}")
+            return copy.deepcopy(teacher)
+
+        provider.get_model = get_model
+        self.patches.append(f"pytorchcv get_model({model_arg}) -> the dfqbench teacher {self.arch} "
+                            f"({loaded.checkpoint or loaded.weights}, sha256 {loaded.sha256[:16]})")
+        import pytorchcv.models.common as ptcv_common
+        if not hasattr(ptcv_common, "ConvBlock"):  # pytorchcv >= 0.0.70 moved it to .common.conv
+            from pytorchcv.models.common.conv import ConvBlock
+            ptcv_common.ConvBlock = ConvBlock
+            self.patches.append("pytorchcv.models.common.ConvBlock -> pytorchcv.models.common.conv.ConvBlock "
+                                "(imported by utils/quantize_model.py, unused on ResNets; moved in pytorchcv "
+                                "0.0.70+)")
+        self.timings, self.captured, self.lr_log = {}, {}, []
+
+    def patch(self, utils) -> None:
+        """The patches both clones need: the dfqbench test set behind utils.getTestData, .cuda() on a CPU machine,
+        ReduceLROnPlateau without `verbose` (gone in torch >= 2.7), each scheduler kept to count its lr cuts."""
+        import torch
+        data, device, lr_log = self.data, self.device, self.lr_log
+        utils.getTestData = lambda dataset="imagenet", batch_size=1024, **_: common.EvalLoader(data, batch_size, device)
+        self.patches.append(f"utils.getTestData -> the dfqbench {self.cfg.dataset.name} test set "
+                            f"({data.num_samples} images)")
+        if device.type == "cpu":
+            common.cpu_only_cuda_calls(device)
+            self.patches.append(".cuda() -> cpu")
+
+        class Plateau(torch.optim.lr_scheduler.ReduceLROnPlateau):
+            def __init__(self, optimizer, *args, verbose=False, **kwargs):
+                super().__init__(optimizer, *args, **kwargs)
+                self.cuts = 0
+                lr_log.append(self)
+
+            def step(self, metrics, *args, **kwargs):
+                before = [g["lr"] for g in self.optimizer.param_groups]
+                super().step(metrics, *args, **kwargs)
+                self.cuts += int([g["lr"] for g in self.optimizer.param_groups] != before)
+
+        torch.optim.lr_scheduler.ReduceLROnPlateau = Plateau
+        self.patches.append("ReduceLROnPlateau(..., verbose=False): the argument dropped (removed in torch 2.7; it "
+                            "only printed)")
+
+    def instrument(self, distill_data, utils) -> None:
+        """Time getDistilData and update, keep the distilled batches, the calibrated model and test()'s top-1."""
+        timings, captured = self.timings, self.captured
+        distil = distill_data.getDistilData
+
+        def get_distil_data(*args, **kwargs):
+            t0 = time.perf_counter()
+            out = distil(*args, **kwargs)
+            timings["distill_s"] = time.perf_counter() - t0
+            captured["batches"] = [b.detach().clone() for b in out]
+            return out
+
+        distill_data.getDistilData = get_distil_data
+        update = utils.update
+
+        def timed_update(model, batches):
+            t0 = time.perf_counter()
+            out = update(model, batches)
+            timings["update_s"] = time.perf_counter() - t0
+            captured["qmodel"] = model
+            return out
+
+        utils.update = distill_data.update = timed_update  # (distill_data star-imports utils: uniform_test reads both)
+        test = utils.test
+
+        def kept_test(model, loader):
+            acc = test(model, loader)
+            captured["acc"] = acc
+            return acc
+
+        utils.test = distill_data.test = kept_test
+
+    def run(self, argv: list[str], compare, **extra) -> None:
+        """Run uniform_test.py with `argv` from the clone's folder and print the result (JSON): top-1, times, lr
+        cuts, patches, `extra`, and with --compare `compare(official_model, batches, teacher, cfg, data, a,
+        device)`."""
+        sys.argv = ["uniform_test.py", *argv]
+        os.chdir(self.official)
+        t0 = time.perf_counter()
+        runpy.run_path(str(self.official / "uniform_test.py"), run_name="__main__")
+        wall = time.perf_counter() - t0
+        timings, captured, a = self.timings, self.captured, self.a
+        result = {"top1": round(100.0 * captured["acc"], 4), "distill_s": round(timings["distill_s"], 3),
+                  "update_s": round(timings["update_s"], 3),
+                  "quantize_s": round(timings["distill_s"] + timings["update_s"], 3), "wall_s": round(wall, 3),
+                  "lr_cuts": [p.cuts for p in self.lr_log],
+                  "final_lr": [p.optimizer.param_groups[0]["lr"] for p in self.lr_log], "argv": sys.argv[1:], "patches": self.patches, "device": self.device.type,
+                  "threads": sys.modules["torch"].get_num_threads(), "n_test": self.data.num_samples,
+                  "model": self.cfg.model.name, "arch": self.arch, "dataset": str(self.cfg.dataset.name), **extra}
+        if a.compare:
+            try:
+                result["check"] = compare(captured["qmodel"], captured["batches"], self.teacher, self.cfg, self.data,
+                                          a, self.device)
+            except Exception as exc:  # the check must not cost the official number
+                result["check_error"] = repr(exc)
+        print(json.dumps(result))
+
 
 def child(a) -> None:
-    official = Path(a.official).resolve() / "classification"
-    sys.path.insert(0, str(official))
+    c = Child(a, "classification", ARCHS)
     import torch
-    torch.set_num_threads(a.threads)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    cfg, loaded, data = common.teacher_and_data(common.teacher_overrides(a))
-    teacher = loaded.model.eval()
-    arch = str(cfg.model.arch)
-    model_arg = arch if arch in ARCHS else "resnet20_cifar10"
-    patches = []
-
-    import pytorchcv.model_provider as provider
-
-    def get_model(name, pretrained=True, **kwargs):
-        if name != model_arg:
-            raise SystemExit(f"official uniform_test.py asked for {name!r}, expected {model_arg!r}")
-        return copy.deepcopy(teacher)
-
-    provider.get_model = get_model
-    patches.append(f"pytorchcv get_model({model_arg}) -> the dfqbench teacher {arch} "
-                   f"({loaded.checkpoint or loaded.weights}, sha256 {loaded.sha256[:16]})")
-
-    import pytorchcv.models.common as ptcv_common
-    if not hasattr(ptcv_common, "ConvBlock"):  # pytorchcv >= 0.0.70 moved it to .common.conv
-        from pytorchcv.models.common.conv import ConvBlock
-        ptcv_common.ConvBlock = ConvBlock
-        patches.append("pytorchcv.models.common.ConvBlock -> pytorchcv.models.common.conv.ConvBlock (imported by "
-                       "utils/quantize_model.py, unused on ResNets; moved in pytorchcv 0.0.70+)")
+    patches = c.patches
     import utils  # the clone's classification/utils (its __init__ star-imports the submodules)
     data_utils = sys.modules["utils.data_utils"]
     qmodel = sys.modules["utils.quantize_model"]  # (utils.quantize_model is the function of the same name)
-
-    utils.getTestData = lambda dataset="imagenet", batch_size=1024, path="", for_inception=False: common.EvalLoader(
-        data, batch_size, device)
-    patches.append(f"utils.getTestData -> the dfqbench {cfg.dataset.name} test set ({data.num_samples} images)")
+    c.patch(utils)
 
     loader_cls = data_utils.DataLoader
 
@@ -126,68 +219,11 @@ def child(a) -> None:
     qmodel.Quant_Conv2d, qmodel.Quant_Linear, qmodel.QuantAct = Conv, Linear, Act
     patches.append(f"quantize_model: Quant_Conv2d/Quant_Linear weight_bit 8 -> {wbit}, QuantAct activation_bit "
                    f"8 -> {abit}")
-    if device.type == "cpu":
-        common.cpu_only_cuda_calls(device)
-        patches.append(".cuda() -> cpu")
-
-    plateau_cls = torch.optim.lr_scheduler.ReduceLROnPlateau
-
-    class Plateau(plateau_cls):
-        def __init__(self, optimizer, *args, verbose=False, **kwargs):  # `verbose` is gone in torch >= 2.7
-            super().__init__(optimizer, *args, **kwargs)
-
-    torch.optim.lr_scheduler.ReduceLROnPlateau = Plateau
-    patches.append("ReduceLROnPlateau(..., verbose=False): the argument dropped (removed in torch 2.7; it only "
-                   "printed)")
     import distill_data
-    timings, captured = {}, {}
-    distil = distill_data.getDistilData
-
-    def get_distil_data(*args, **kwargs):
-        t0 = time.perf_counter()
-        out = distil(*args, **kwargs)
-        timings["distill_s"] = time.perf_counter() - t0
-        captured["batches"] = [b.detach().clone() for b in out]
-        return out
-
-    distill_data.getDistilData = get_distil_data
-    update = utils.update
-
-    def timed_update(model, batches):
-        t0 = time.perf_counter()
-        out = update(model, batches)
-        timings["update_s"] = time.perf_counter() - t0
-        captured["qmodel"] = model
-        return out
-
-    utils.update = distill_data.update = timed_update  # (distill_data star-imports utils: uniform_test reads both)
-    test = utils.test
-
-    def kept_test(model, loader):
-        acc = test(model, loader)
-        captured["acc"] = acc
-        return acc
-
-    utils.test = distill_data.test = kept_test
-
-    sys.argv = ["uniform_test.py", "--dataset", str(cfg.dataset.name), "--model", model_arg,
-                "--batch_size", str(a.batch_size), "--test_batch_size", str(a.test_batch_size)]
-    os.chdir(official)
+    c.instrument(distill_data, utils)
     torch.manual_seed(a.seed)
-    t0 = time.perf_counter()
-    runpy.run_path(str(official / "uniform_test.py"), run_name="__main__")
-    wall = time.perf_counter() - t0
-    result = {"top1": round(100.0 * captured["acc"], 4), "distill_s": round(timings["distill_s"], 3),
-              "update_s": round(timings["update_s"], 3),
-              "quantize_s": round(timings["distill_s"] + timings["update_s"], 3), "wall_s": round(wall, 3),
-              "argv": sys.argv[1:], "patches": patches, "device": device.type, "threads": torch.get_num_threads(),
-              "n_test": data.num_samples, "model": cfg.model.name, "arch": arch, "dataset": str(cfg.dataset.name)}
-    if a.compare:
-        try:
-            result["check"] = compare(captured["qmodel"], captured["batches"], teacher, cfg, data, a, device)
-        except Exception as exc:  # the check must not cost the official number
-            result["check_error"] = repr(exc)
-    print(json.dumps(result))
+    c.run(["--dataset", str(c.cfg.dataset.name), "--model", c.model_arg, "--batch_size", str(a.batch_size),
+           "--test_batch_size", str(a.test_batch_size)], compare)
 
 
 def compare(official_model, batches, teacher, cfg, data, a, device, calibrate=None) -> dict:
