@@ -10,7 +10,7 @@ from torch import nn
 from conftest import compose_cfg as _cfg, run_cli
 from dfqbench.methods.aciq import (ACIQ, ChannelMoments, allocate_levels, clip_ratio, level_grid,
                                    match_mean_std)
-from dfqbench.methods.ocs import OCS, OCSWeightQuantizer, expand, merge, split_channels
+from dfqbench.methods.ocs import OCS, OCSWeightQuantizer, expand, merge, profile_float_ranges, split_channels
 from dfqbench.methods.spiq import SPIQ, FoldedInputWeightQuantizer, weight_column_scale
 from dfqbench.quant import ActQuantizer, Convention, WeightQuantizer, quantize_model
 from dfqbench.quant.calibration.calibrate import set_ranges_from_bn
@@ -192,6 +192,31 @@ def test_ocs_quantizer_by_hand():
     assert q.index.tolist() == [0, 1, 2, 0, 2] and q.splits == 2
     plain = OCSWeightQuantizer(base, expand_ratio=0.0, clip="max")  # scale 4/3: a larger error on -0.9 and 2.2
     assert torch.allclose(plain(w), torch.tensor([[4.0, -4 / 3, 8 / 3]]), atol=1e-6) and plain.splits == 0
+
+
+def test_float_profile_sees_the_float_model_and_restores_the_quantizers():
+    """OCS's profile mode: every activation quantizer's range is the min / max of its input in the float model
+    (float weights, every activation passed through), and the quantizers are as before afterwards."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Conv2d(4, 3, 1), nn.ReLU(),
+                          nn.Conv2d(3, 2, 1)).eval()
+    qmodel = quantize_model(model, Convention.from_dict({"name": "t"}), 2, 2)
+    acts = [m for m in qmodel.modules() if isinstance(m, ActQuantizer)]
+    weights = [m.weight_quantizer for m in qmodel.modules() if isinstance(getattr(m, "weight_quantizer", None),
+                                                                            WeightQuantizer)]
+    assert len(acts) == 2 and len(weights) == 3
+    for q in acts:  # a narrow range: an activation quantized while profiling would change what the next one sees
+        q.set_range(torch.tensor(0.0), torch.tensor(0.1))
+    batches = [torch.randn(5, 3, 6, 6), 3 * torch.randn(2, 3, 6, 6)]
+    seen = profile_float_ranges(qmodel, batches)
+    with torch.no_grad():
+        firsts = [model[:3](x) for x in batches]
+        seconds = [model[:5](x) for x in batches]
+    for q, feats in zip(acts, (firsts, seconds)):
+        lo, hi = seen[q]
+        assert torch.equal(lo, min(f.min() for f in feats)) and torch.equal(hi, max(f.max() for f in feats))
+    assert [m.weight_quantizer for m in qmodel.modules() if hasattr(m, "weight_quantizer")] == weights
+    assert [q.bits for q in acts] == [2, 2] and not any(q._forward_pre_hooks for q in acts)
 
 
 @pytest.mark.parametrize("per_channel,symmetric", [(False, True), (True, False)])

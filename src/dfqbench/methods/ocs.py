@@ -29,7 +29,7 @@ import torch
 from torch import nn
 
 from ..quant import ActQuantizer, act_quantizers, quantize_model
-from ..quant.calibration.calibrate import calibrate_on_batches, set_ranges_from_bn
+from ..quant.calibration.calibrate import calibrate_on_batches, forward_with_hooks, set_ranges_from_bn
 from ..quant.quantizers import WeightQuantizer
 from ..quant.quantizers.ranges import estimate_range, fake_quant, grid_from_range
 from ..synth.calib_data import calibration_batches, check_source
@@ -195,18 +195,13 @@ def profile_float_ranges(qmodel: nn.Module, batches) -> dict:
         return None
 
     bits = {q: q.bits for q in quantizers}
-    handles = [q.register_forward_pre_hook(hook) for q in quantizers]
     try:
         for m, _ in saved:
             m.weight_quantizer = nn.Identity()
         for q in quantizers:
             q.bits = 32  # pass-through
-        qmodel.eval()
-        for x in batches:
-            qmodel(x)
+        forward_with_hooks(qmodel, [q.register_forward_pre_hook(hook) for q in quantizers], batches)
     finally:
-        for h in handles:
-            h.remove()
         for m, wq in saved:
             m.weight_quantizer = wq
         for q in quantizers:
