@@ -413,7 +413,7 @@ def test_zaq_and_dfqf_run_their_codes_own_budgets_under_schedule_paper():
     cpu = build_method(compose_cfg("method=dfqf"))  # the cpu schedule: one budget for both stages, as before
     assert cpu.stage1_schedule.epochs == cpu.stage2_schedule.epochs == 10 and list(cpu.stage1_schedule.milestones) == [
         4, 8]
-    with pytest.raises(ValueError, match=r"method.stage1_schedule_overrides: unknown field\(s\) \['epoch'\]"):
+    with pytest.raises(ValueError, match=r"method.stage1_schedule_overrides has unknown setting\(s\) \['epoch'\]"):
         build_method(compose_cfg("method=dfqf", "+method.stage1_schedule_overrides.epoch=3"))
 
 

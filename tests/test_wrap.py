@@ -228,7 +228,7 @@ def test_convention_rejects_bad_fields():
         Convention.from_dict({"name": "x", "act": {"sites": "everywhere"}})
     with pytest.raises(ValueError, match="bit-width"):
         Convention.from_dict({"name": "x", "layers": {"first_wbit": 1}})
-    with pytest.raises(ValueError, match="unknown quant field"):
+    with pytest.raises(ValueError, match=r"quant has unknown setting\(s\)"):
         Convention.from_dict({"name": "x", "bogus": 1})
 
 

@@ -33,7 +33,7 @@ def test_running_minmax_per_channel():
 @pytest.mark.parametrize("override,needle", [
     ({"student_mode": "training"}, "method.student_mode='training' is not valid; valid: ['eval', 'train']"),
     ({"range_tracking": "minmax"}, "method.range_tracking='minmax' is not valid; valid: ['ema', 'running_minmax']"),
-    ({"schedule_overrides": {"warmup": 0}}, "method.schedule_overrides: unknown field(s) ['warmup']"),
+    ({"schedule_overrides": {"warmup": 0}}, "method.schedule_overrides has unknown setting(s) ['warmup']"),
     ({"schedule_overrides": {"calib_epochs": 9}}, "schedule.calib_epochs=9 exceeds schedule.epochs=2"),
 ])
 def test_bad_frame_settings_are_one_line_value_errors(override, needle):

@@ -5,6 +5,13 @@ from __future__ import annotations
 import math
 
 
+def refuse_unknown(values, known, prefix: str) -> None:
+    """A ValueError if `values` (a config block's keys) holds a key not in `known`, naming them and the valid ones."""
+    unknown = sorted(set(values) - set(known))
+    if unknown:
+        raise ValueError(f"{prefix} has unknown setting(s) {unknown}; valid: {', '.join(sorted(known))}")
+
+
 class CheckedSettings:
     """`from_dict` builds the dataclass from a config block, refusing unknown keys (with the valid ones named), and
     runs the subclass's `validate(prefix)`; `PREFIX` is the block's config path, used in the messages."""
@@ -15,10 +22,7 @@ class CheckedSettings:
     def from_dict(cls, values: dict | None, prefix: str | None = None):
         prefix = prefix or cls.PREFIX
         values = dict(values or {})
-        known = set(cls.__dataclass_fields__)
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise ValueError(f"{prefix} has unknown setting(s) {unknown}; valid: {', '.join(sorted(known))}")
+        refuse_unknown(values, cls.__dataclass_fields__, prefix)
         return cls(**values).validate(prefix)
 
 

@@ -23,7 +23,7 @@ from ..train.registry import build
 from ..train.schedule import Schedule
 from ..train.trainer import Trainer, TrainSettings
 from .base import Method
-from ..settings import check_int
+from ..settings import check_int, refuse_unknown
 
 _DEBUG_KEYS = ("stop_after_epoch", "keep_checkpoint")  # do not change what is computed: left out of the fingerprint
 
@@ -141,10 +141,7 @@ class GeneratorQAT(Method):
 
 def _schedule(schedule: dict, overrides: dict, key: str = "schedule_overrides") -> Schedule:
     """The schedule group, with a method's own fields over it (ZAQ: no warm-up, ranges tracked in every epoch)."""
-    known = set(Schedule.__dataclass_fields__) - {"name"}
-    unknown = sorted(set(overrides) - known)
-    if unknown:
-        raise ValueError(f"method.{key}: unknown field(s) {unknown}; valid: {sorted(known)}")
+    refuse_unknown(overrides, set(Schedule.__dataclass_fields__) - {"name"}, f"method.{key}")
     return Schedule.from_dict({**schedule, **overrides})
 
 

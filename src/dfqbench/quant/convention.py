@@ -10,7 +10,7 @@ from dataclasses import asdict, dataclass, field, fields
 
 from .kernels.grid import SYMMETRIC_GRIDS
 from .quantizers.ranges import ESTIMATORS
-from ..settings import check_number
+from ..settings import check_number, refuse_unknown
 
 # after_relu: every ReLU/ReLU6 output. layer_inputs: the tensor each conv/linear reads (before any pool/flatten),
 # one quantizer shared with every reader of it (a residual identity too). each_layer_input: a quantizer of its own
@@ -113,10 +113,7 @@ class Convention:
     @classmethod
     def from_dict(cls, data: dict) -> "Convention":
         data = dict(data)
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ValueError(f"unknown quant field(s) {unknown}; valid fields: {sorted(known)}")
+        refuse_unknown(data, [f.name for f in fields(cls)], "quant")
         conv = cls(
             name=data.pop("name"),
             weight=WeightSpec(**data.pop("weight", {})),

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, fields
 
+from ..settings import refuse_unknown
+
 
 @dataclass(frozen=True)
 class Schedule:
@@ -20,10 +22,7 @@ class Schedule:
     @classmethod
     def from_dict(cls, data: dict) -> "Schedule":
         data = dict(data)
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ValueError(f"unknown schedule field(s) {unknown}; valid fields: {sorted(known)}")
+        refuse_unknown(data, [f.name for f in fields(cls)], "schedule")
         data["milestones"] = tuple(data.get("milestones") or ())
         schedule = cls(**data)
         schedule.validate()
