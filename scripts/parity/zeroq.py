@@ -161,6 +161,7 @@ class Child:
         """Run uniform_test.py with `argv` from the clone's folder and print the result (JSON): top-1, times, lr
         cuts, patches, `extra`, and with --compare `compare(official_model, batches, teacher, cfg, data, a,
         device)`."""
+        import torch
         sys.argv = ["uniform_test.py", *argv]
         os.chdir(self.official)
         t0 = time.perf_counter()
@@ -171,8 +172,9 @@ class Child:
                   "update_s": round(timings["update_s"], 3),
                   "quantize_s": round(timings["distill_s"] + timings["update_s"], 3), "wall_s": round(wall, 3),
                   "lr_cuts": [p.cuts for p in self.lr_log],
-                  "final_lr": [p.optimizer.param_groups[0]["lr"] for p in self.lr_log], "argv": sys.argv[1:], "patches": self.patches, "device": self.device.type,
-                  "threads": sys.modules["torch"].get_num_threads(), "n_test": self.data.num_samples,
+                  "final_lr": [p.optimizer.param_groups[0]["lr"] for p in self.lr_log], "argv": sys.argv[1:],
+                  "patches": self.patches, "device": self.device.type, "threads": torch.get_num_threads(),
+                  "n_test": self.data.num_samples,
                   "model": self.cfg.model.name, "arch": self.arch, "dataset": str(self.cfg.dataset.name), **extra}
         if a.compare:
             try:

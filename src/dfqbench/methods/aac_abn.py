@@ -93,7 +93,7 @@ def bn_input_moments(model: nn.Module, batches: list[torch.Tensor]) -> dict[str,
         return hook
 
     forward_with_hooks(model, [m.register_forward_pre_hook(keep(n)) for n, m in model.named_modules()
-                                if isinstance(m, nn.modules.batchnorm._BatchNorm)], batches)
+                               if isinstance(m, nn.modules.batchnorm._BatchNorm)], batches)
     return {n: (s0 / n_, s1 / n_ - (s0 / n_) ** 2) for n, (s0, s1, n_) in sums.items()}
 
 
