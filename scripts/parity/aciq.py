@@ -286,10 +286,8 @@ def main(argv=None) -> None:
     p.add_argument("--csv", default=str(common.PARITY_CSV))
     p.add_argument("--reuse-official", action="store_true",
                    help="take the official side from an existing official.json with the same seeds and commit")
-    p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    common.add_child_arguments(p, scratch=True)
     p.add_argument("--step", default="use", help=argparse.SUPPRESS)
-    p.add_argument("--seed", type=int, default=0, help=argparse.SUPPRESS)
-    p.add_argument("--scratch", default="", help=argparse.SUPPRESS)
     a = p.parse_args(argv)
     if a.child:
         child(a)

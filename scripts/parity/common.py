@@ -388,6 +388,26 @@ def fmt(v: float, digits: int = 2) -> str:
     return "" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.{digits}f}"
 
 
+SHARED_DEPS = "/tmp/parity-deps"  # packages every official clone needs beyond dfqbench's (progress, tensorboardX, scipy)
+
+
+def deps_env(*dirs: str) -> dict:
+    """The child's environment additions: `dirs` and SHARED_DEPS put before the inherited PYTHONPATH."""
+    return {"PYTHONPATH": os.pathsep.join([*dirs, SHARED_DEPS, os.environ.get("PYTHONPATH", "")]).strip(os.pathsep)}
+
+
+def add_child_arguments(p, bits: int | None = None, scratch: bool = False) -> None:
+    """The hidden arguments of a driver's child mode (one official run in its own process): --seed, with `bits`
+    the default --wbit/--abit, with `scratch` a scratch folder."""
+    p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--seed", type=int, default=0, help=argparse.SUPPRESS)
+    if bits is not None:
+        p.add_argument("--wbit", type=int, default=bits, help=argparse.SUPPRESS)
+        p.add_argument("--abit", type=int, default=bits, help=argparse.SUPPRESS)
+    if scratch:
+        p.add_argument("--scratch", default="", help=argparse.SUPPRESS)
+
+
 def add_cell_arguments(p, method: str, quant_help: str, overrides_help: str, variant: str) -> None:
     """The arguments every training-method driver shares after its budget and its own knob: the teacher and test
     set, threads/device, the dfqbench side, where records go, which seeds, --resume, and the child's hidden ones.
@@ -413,6 +433,4 @@ def add_cell_arguments(p, method: str, quant_help: str, overrides_help: str, var
     p.add_argument("--resume", action="store_true",
                    help=f"keep finished seeds: official-s<S>.json (same code, schedule, bits, {variant}) and "
                         "dfqbench-<quant>-s<S>.record.json (same schedule and bits, same dfqbench source)")
-    p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
-    p.add_argument("--seed", type=int, default=0, help=argparse.SUPPRESS)
-    p.add_argument("--scratch", default="", help=argparse.SUPPRESS)
+    add_child_arguments(p, scratch=True)

@@ -525,18 +525,14 @@ def main(argv=None) -> None:
                         "hard-coded 8, or 32 = nearly float, are ablations; use with --tag)")
     for field, (text, _) in ABLATIONS.items():
         p.add_argument(flag(field), action="store_true", help=text)
-    p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
-    p.add_argument("--seed", type=int, default=0, help=argparse.SUPPRESS)
-    p.add_argument("--wbit", type=int, default=4, help=argparse.SUPPRESS)
-    p.add_argument("--abit", type=int, default=4, help=argparse.SUPPRESS)
+    common.add_child_arguments(p, bits=4)
     a = p.parse_args(argv)
     if a.child:
         child(a)
         return
     repo, commit = common.clone_identity(Path(a.official), DEFAULT_REPO, "dfq.py")
     out = Path(a.out) / a.tag if a.tag else Path(a.out)
-    env = {"PYTHONPATH": os.pathsep.join([a.deps, "/tmp/parity-deps", os.environ.get("PYTHONPATH", "")]).strip(
-        os.pathsep)}
+    env = common.deps_env(a.deps)
     for bits in a.bits:
         cell = out / f"w{bits}a{bits}"
 

@@ -509,8 +509,7 @@ def parse_args(argv=None):
     p.add_argument("--reuse-dfqbench", action="store_true",
                    help="take a dfqbench seed from its kept record (same overrides and dfqbench "
                         "source) instead of running it again")
-    p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
-    p.add_argument("--seed", type=int, default=0, help=argparse.SUPPRESS)
+    common.add_child_arguments(p)
     p.add_argument("--main-kwargs", default="{}", help=argparse.SUPPRESS)
     a = p.parse_args(argv)
     bad = [o for o in a.method_overrides if not o.lstrip("+~").startswith("method.")]

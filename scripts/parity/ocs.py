@@ -298,19 +298,14 @@ def main(argv=None) -> None:
                    help="take the dfqbench side from the records already in the cell folder (same dfqbench source)")
     p.add_argument("--no-paired", dest="paired", action="store_false",
                    help="skip the paired check (dfqbench on the official run's own profiling images)")
-    p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
-    p.add_argument("--seed", type=int, default=0, help=argparse.SUPPRESS)
-    p.add_argument("--wbit", type=int, default=4, help=argparse.SUPPRESS)
-    p.add_argument("--abit", type=int, default=4, help=argparse.SUPPRESS)
-    p.add_argument("--scratch", default="", help=argparse.SUPPRESS)
+    common.add_child_arguments(p, bits=4, scratch=True)
     a = p.parse_args(argv)
     if a.child:
         child(a)
         return
     repo, commit = common.clone_identity(Path(a.official), DEFAULT_REPO, "distiller/quantization/ocs.py")
     out = Path(a.out) / a.tag if a.tag else Path(a.out)
-    env = {"PYTHONPATH": os.pathsep.join([a.deps, "/tmp/parity-deps", os.environ.get("PYTHONPATH", "")]).strip(
-        os.pathsep)}
+    env = common.deps_env(a.deps)
     for bits in a.bits:
         cell = out / f"w{bits}a{bits}"
 

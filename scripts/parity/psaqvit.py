@@ -683,11 +683,8 @@ def main(argv=None) -> None:
     p.add_argument("--resume", action="store_true",
                    help="keep finished seeds: official-s<S>.json with the same settings and commit, "
                         "dfqbench-psaqvit-s<S>.record.json with the same overrides and dfqbench source")
-    p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    common.add_child_arguments(p, bits=8)
     p.add_argument("--mode", type=int, default=0, help=argparse.SUPPRESS)
-    p.add_argument("--seed", type=int, default=0, help=argparse.SUPPRESS)
-    p.add_argument("--wbit", type=int, default=8, help=argparse.SUPPRESS)
-    p.add_argument("--abit", type=int, default=8, help=argparse.SUPPRESS)
     a = p.parse_args(argv)
     if a.child:
         child(a)

@@ -709,8 +709,7 @@ def main(argv=None) -> None:
     p.add_argument("--resume", action="store_true",
                    help="keep finished seeds: official-s<S>.json with the same settings and commit, "
                         "dfqbench-qasr-s<S>.record.json with the same overrides and dfqbench source")
-    p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
-    p.add_argument("--seed", type=int, default=0, help=argparse.SUPPRESS)
+    common.add_child_arguments(p)
     a = p.parse_args(argv)
     a.bits = a.bits or [(a.wbit, a.abit)]
     if a.child:

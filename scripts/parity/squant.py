@@ -218,11 +218,7 @@ def main(argv=None) -> None:
     p.add_argument("--reuse-official", action="store_true",
                    help="take the official side from an existing official.json with the same seeds and commit")
     # child mode (one official run; internal)
-    p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
-    p.add_argument("--seed", type=int, default=0, help=argparse.SUPPRESS)
-    p.add_argument("--wbit", type=int, default=4, help=argparse.SUPPRESS)
-    p.add_argument("--abit", type=int, default=4, help=argparse.SUPPRESS)
-    p.add_argument("--scratch", default="", help=argparse.SUPPRESS)
+    common.add_child_arguments(p, bits=4, scratch=True)
     a = p.parse_args(argv)
     if a.child:
         child(a)

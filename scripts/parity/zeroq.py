@@ -49,7 +49,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
 
 DEFAULT_REPO = "amirgholami/ZeroQ"
-DEPS = Path("/tmp/parity-deps")
 OUT = common.REPO / "results" / "parity" / "zeroq"
 ARCHS = ("resnet18", "resnet50", "inceptionv3", "mobilenetv2_w1", "shufflenet_g1_w1", "resnet20_cifar10",
          "sqnxt23_w2")  # uniform_test.py's --model choices
@@ -299,8 +298,7 @@ def add_arguments(p: argparse.ArgumentParser, repo: str, seeds_help: str, batch_
     p.add_argument("--reuse-dfqbench", action="store_true",
                    help="take a dfqbench seed from its kept record (same overrides and dfqbench "
                         "source) instead of running it again")
-    p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
-    p.add_argument("--seed", type=int, default=0, help=argparse.SUPPRESS)
+    common.add_child_arguments(p)
 
 
 def official_side(a, script: Path, name: str, default_repo: str, marker: str, detail=lambda run: "") -> tuple:
@@ -309,8 +307,7 @@ def official_side(a, script: Path, name: str, default_repo: str, marker: str, de
     repo, commit = common.clone_identity(Path(a.official), default_repo, marker)
     out = Path(a.out) / a.tag if a.tag else Path(a.out)
     cell = out / f"w{a.wbit}a{a.abit}"
-    env = {"PYTHONPATH": os.pathsep.join(filter(None, [str(DEPS) if DEPS.is_dir() else "",
-                                                       os.environ.get("PYTHONPATH", "")]))}
+    env = common.deps_env()
 
     def run_seed(seed: int) -> dict:
         args = ["--official", str(Path(a.official).resolve()), "--model", a.model, "--dataset", a.dataset,
