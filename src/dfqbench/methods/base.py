@@ -6,6 +6,7 @@ other keys are the constructor's keyword arguments (the paper's settings, docume
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -14,7 +15,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..quant import Convention
+from ..quant import Convention, quantize_model
 
 
 @dataclass
@@ -107,6 +108,29 @@ class Method:
 
     def quantize(self, model: nn.Module, ctx: QuantContext) -> nn.Module:
         raise NotImplementedError
+
+
+class CalibrationMethod(Method):
+    """The post-training stage the calibration methods share: their images (synthesized, distilled or loaded:
+    `calibration_data`), the quantized copy, one calibration pass over the images (`calibrate`). With a
+    `time_key` the images' time lands in ctx.info under it."""
+
+    time_key: str | None = "synthesis_time_s"
+
+    def calibration_data(self, model: nn.Module, ctx: QuantContext) -> list[torch.Tensor]:
+        raise NotImplementedError
+
+    def calibrate(self, qmodel: nn.Module, batches: list[torch.Tensor]) -> None:
+        raise NotImplementedError
+
+    def quantize(self, model, ctx):
+        t0 = time.perf_counter()
+        batches = [b.to(ctx.device) for b in self.calibration_data(model, ctx)]
+        if self.time_key:
+            ctx.info[self.time_key] = round(time.perf_counter() - t0, 3)
+        qmodel = quantize_model(model, ctx.convention, ctx.wbit, ctx.abit)
+        self.calibrate(qmodel, batches)
+        return qmodel
 
 
 # the method yamls (names) whose classes set needs_batchnorm = False: what a BN-free model can run

@@ -6,15 +6,16 @@ calibration batches with the convention's range estimator, then freeze) fed by a
 calibration-based method takes the same `calib_data` option.
 """
 
-from ..quant import quantize_model
 from ..quant.calibration.calibrate import OBSERVE_MODES, calibrate_on_batches
 from ..synth.calib_data import calibration_batches, check_source
-from .base import Method
+from .base import CalibrationMethod
 from ..settings import check_int
 
 
-class CrossDomain(Method):
+class CrossDomain(CalibrationMethod):
     needs_batchnorm = False
+    time_key = None
+
     def __init__(self, name: str = "crossdomain", calib_data: str = "procedural", num_images: int = 32,
                  batch_size: int = 32, observe: str = "quantized", **kwargs):
         super().__init__(name, **kwargs)
@@ -28,8 +29,8 @@ class CrossDomain(Method):
         # the noise and procedural sources draw from the seed; real and other_domain pick images with it
         self.stochastic = True
 
-    def quantize(self, model, ctx):
-        batches = calibration_batches(self.calib_data, model, ctx, self.num_images, self.batch_size)
-        qmodel = quantize_model(model, ctx.convention, ctx.wbit, ctx.abit)
+    def calibration_data(self, model, ctx):
+        return calibration_batches(self.calib_data, model, ctx, self.num_images, self.batch_size)
+
+    def calibrate(self, qmodel, batches):
         calibrate_on_batches(qmodel, batches, observe=self.observe)
-        return qmodel

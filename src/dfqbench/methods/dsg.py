@@ -4,25 +4,23 @@ ranges, which are then frozen. Any calibration source can replace the DSG batch 
 
 from __future__ import annotations
 
-import time
-
 import torch
 from torch import nn
 
-from ..quant import quantize_model
 from ..quant.calibration.calibrate import calibrate_on_batches, forward_with_hooks
 from ..quant.quantizers.ranges import ESTIMATORS
 from ..quant.transforms.wrap import act_quantizers
 from ..synth.calib_data import calibration_batches, check_source
 from ..synth.dsg import DSGSettings, dsg_batches
-from .base import Method
+from .base import CalibrationMethod
 from ..settings import check_int
 
 RANGES = ("ema", *ESTIMATORS, "convention")
 
 
-class DSG(Method):
+class DSG(CalibrationMethod):
     stochastic = True
+    time_key = "distill_time_s"
 
     def __init__(self, name: str = "dsg", calib_data: str = "dsg", num_images: int = 40, batch_size: int = 40,
                  iterations: int = 500, lr: float = 0.9, patience: int = 260, min_lr: float = 1e-4,
@@ -42,17 +40,17 @@ class DSG(Method):
         self.num_images, self.range, self.percentile = num_images, range, percentile
 
     def quantize(self, model, ctx):
-        t0 = time.perf_counter()
-        if self.calib_data == "dsg":  # with this method's generation settings (the source uses the paper's)
-            batches = dsg_batches(model, ctx, self.settings, self.num_images)
-            ctx.info.update(calib_data="dsg", calib_images=self.num_images)
-        else:
-            batches = calibration_batches(self.calib_data, model, ctx, self.num_images, self.settings.batch_size)
-        ctx.info["distill_time_s"] = round(time.perf_counter() - t0, 3)
         ctx.info["act_range"] = self.range
-        qmodel = quantize_model(model, ctx.convention, ctx.wbit, ctx.abit)
+        return super().quantize(model, ctx)
+
+    def calibration_data(self, model, ctx):
+        if self.calib_data != "dsg":
+            return calibration_batches(self.calib_data, model, ctx, self.num_images, self.settings.batch_size)
+        ctx.info.update(calib_data="dsg", calib_images=self.num_images)  # this method's generation settings
+        return dsg_batches(model, ctx, self.settings, self.num_images)
+
+    def calibrate(self, qmodel, batches):
         calibrate(qmodel, batches, self.range, self.percentile)
-        return qmodel
 
 
 def calibrate(model: nn.Module, batches: list[torch.Tensor], method: str, percentile: float = 99.999) -> None:

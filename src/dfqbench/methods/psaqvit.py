@@ -5,17 +5,14 @@ is calibrated on them with the whole model in float (`observe: float`, the offic
 `model_quant()`), ranges frozen. The placement is the convention's: `quant=psaqvit` is the official one.
 """
 
-import time
-
-from ..quant import quantize_model
 from ..quant.calibration.calibrate import OBSERVE_MODES, calibrate_on_batches
 from ..synth.calib_data import cached
 from ..synth.patch_similarity import PSAQSettings, check_transformer, psaq_images
-from .base import Method
+from .base import CalibrationMethod
 from ..settings import check_int, check_number
 
 
-class PSAQViT(Method):
+class PSAQViT(CalibrationMethod):
     needs_batchnorm = False
     stochastic = True
 
@@ -51,10 +48,5 @@ class PSAQViT(Method):
     def check_model(self, model) -> None:
         check_transformer(model)
 
-    def quantize(self, model, ctx):
-        t0 = time.perf_counter()
-        batches = [b.to(ctx.device) for b in self.calibration_data(model, ctx)]
-        ctx.info["synthesis_time_s"] = round(time.perf_counter() - t0, 3)
-        qmodel = quantize_model(model, ctx.convention, ctx.wbit, ctx.abit)
+    def calibrate(self, qmodel, batches):
         calibrate_on_batches(qmodel, batches, observe=self.observe)
-        return qmodel

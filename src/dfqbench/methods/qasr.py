@@ -11,14 +11,12 @@ data (their grids come from the weights). The integer-only quantizer is the conv
 
 from __future__ import annotations
 
-import time
-
 import torch
 
-from ..quant import act_quantizers, quantize_model
+from ..quant import act_quantizers
 from ..synth.bn_kl import QASRSettings, qasr_synthetic_data
 from ..synth.calib_data import SOURCES, cached, calibration_batches
-from .base import Method
+from .base import CalibrationMethod
 from ..settings import check_int, check_number
 
 
@@ -51,7 +49,7 @@ def calibrate_ema(model: torch.nn.Module, batches, momentum: float) -> None:
         q.set_range(lo, hi)
 
 
-class QASR(Method):
+class QASR(CalibrationMethod):
     stochastic = True
 
     def __init__(self, name: str = "qasr", batch_size: int = 8, num_batches: int = 50, iterations: int = 200,
@@ -84,10 +82,5 @@ class QASR(Method):
         return cached(ctx, "qasr", vars(s), lambda: qasr_synthetic_data(
             model, ctx.input_shape, s, ctx.generator(), ctx.device, ctx.progress))
 
-    def quantize(self, model, ctx):
-        t0 = time.perf_counter()
-        batches = [b.to(ctx.device) for b in self.calibration_data(model, ctx)]
-        ctx.info["synthesis_time_s"] = round(time.perf_counter() - t0, 3)
-        qmodel = quantize_model(model, ctx.convention, ctx.wbit, ctx.abit)
+    def calibrate(self, qmodel, batches):
         calibrate_ema(qmodel, batches, self.momentum)
-        return qmodel

@@ -1,17 +1,15 @@
 """ZeroQ (Cai et al., CVPR 2020): distilled data from BatchNorm statistics, then activation calibration on it."""
 
-import time
-
-from ..quant import quantize_model
 from ..quant.calibration.calibrate import calibrate_on_batches
 from ..synth.bn_distill import DistillSettings, distill_bn_data
 from ..synth.calib_data import cached, calibration_batches, check_source
 from ..settings import check_int, check_number
-from .base import Method
+from .base import CalibrationMethod
 
 
-class ZeroQ(Method):
+class ZeroQ(CalibrationMethod):
     stochastic = True
+    time_key = "distill_time_s"
 
     def __init__(self, name: str = "zeroq", batch_size: int = 32, num_batches: int = 1, iterations: int = 500,
                  lr: float = 0.5, patience: int = 100, min_lr: float = 1e-4, calib_data: str = "distill",
@@ -33,10 +31,5 @@ class ZeroQ(Method):
         return cached(ctx, "distill", vars(s), lambda: distill_bn_data(
             model, ctx.input_shape, s, ctx.generator(), ctx.device, ctx.progress))
 
-    def quantize(self, model, ctx):
-        t0 = time.perf_counter()
-        batches = [b.to(ctx.device) for b in self.calibration_data(model, ctx)]
-        ctx.info["distill_time_s"] = round(time.perf_counter() - t0, 3)
-        qmodel = quantize_model(model, ctx.convention, ctx.wbit, ctx.abit)
+    def calibrate(self, qmodel, batches):
         calibrate_on_batches(qmodel, batches)
-        return qmodel
