@@ -298,12 +298,9 @@ def main(argv=None) -> None:
 
     def run_seed(seed: int) -> dict:
         scratch = Path("/tmp") / f"parity-aciq-{os.getpid()}-s{seed}"
-        common_args = ["--official", str(Path(a.official).resolve()), "--model", a.model, "--dataset", a.dataset,
-                       "--seed", str(seed), "--wbit", str(a.wbit), "--abit", str(a.abit), "--threads", str(a.threads),
-                       "--calib-images", str(a.calib_images), "--batch-size", str(a.batch_size),
-                       "--scratch", str(scratch), f"--flags={a.flags}"]
-        common_args += ["--teacher", *a.teacher] if a.teacher else []
-        common_args += ["--max-samples", str(a.max_samples)] if a.max_samples else []
+        common_args = common.child_args(a, seed, a.wbit, a.abit) + [
+            "--calib-images", str(a.calib_images), "--batch-size", str(a.batch_size), "--scratch", str(scratch),
+            f"--flags={a.flags}"]
         steps = {}
         for step in ("collect", "collect_pc", "use"):
             steps[step] = common.run_child(Path(__file__), [*common_args, "--step", step],

@@ -396,6 +396,17 @@ def deps_env(*dirs: str) -> dict:
     return {"PYTHONPATH": os.pathsep.join([*dirs, SHARED_DEPS, os.environ.get("PYTHONPATH", "")]).strip(os.pathsep)}
 
 
+def child_args(a, seed: int, wbit: int | None = None, abit: int | None = None) -> list[str]:
+    """What every driver passes its child process: the clone, the teacher and test set, the seed, the threads and
+    (when given) the bits; each driver adds its own."""
+    args = ["--official", str(Path(a.official).resolve()), "--model", a.model, "--dataset", a.dataset,
+            "--seed", str(seed), "--threads", str(a.threads)]
+    args += ["--wbit", str(wbit), "--abit", str(abit)] if wbit is not None else []
+    args += ["--teacher", *a.teacher] if a.teacher else []
+    args += ["--max-samples", str(a.max_samples)] if a.max_samples else []
+    return args
+
+
 def add_child_arguments(p, bits: int | None = None, scratch: bool = False) -> None:
     """The hidden arguments of a driver's child mode (one official run in its own process): --seed, with `bits`
     the default --wbit/--abit, with `scratch` a scratch folder."""

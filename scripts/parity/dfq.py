@@ -537,13 +537,9 @@ def main(argv=None) -> None:
         cell = out / f"w{bits}a{bits}"
 
         def run_seed(seed: int, bits=bits, cell=cell) -> dict:
-            args = ["--official", str(Path(a.official).resolve()), "--model", a.model, "--dataset", a.dataset,
-                    "--seed", str(seed), "--wbit", str(bits), "--abit", str(bits), "--bits-bias", str(a.bits_bias),
-                    "--threads", str(a.threads)]
+            args = common.child_args(a, seed, bits, bits) + ["--bits-bias", str(a.bits_bias)]
             args += ["--add-bits", str(a.add_bits)] if a.add_bits else []
             args += [flag(field) for field in ABLATIONS if getattr(a, field)]
-            args += ["--teacher", *a.teacher] if a.teacher else []
-            args += ["--max-samples", str(a.max_samples)] if a.max_samples else []
             r = common.run_child(Path(__file__), args, cell / f"official-s{seed}.log.txt", env=env)
             print(f"unofficial DFQ W{bits}A{bits} seed {seed}: top-1 {r['top1']:.2f}, quantize {r['quantize_s']} s, "
                   f"wall {r['wall_s']:.0f} s", flush=True)

@@ -543,11 +543,7 @@ def main(argv=None) -> None:
           f"{budget_summary(kwargs)}; official main({', '.join(f'{k}={v}' for k, v in kwargs.items())})", flush=True)
 
     def run_seed(seed: int) -> dict:
-        args = ["--official", str(Path(a.official).resolve()), "--model", a.model, "--dataset", a.dataset,
-                "--seed", str(seed), "--wbit", str(a.wbit), "--abit", str(a.abit), "--threads", str(a.threads),
-                "--main-kwargs", json.dumps(kwargs)]
-        args += ["--teacher", *a.teacher] if a.teacher else []
-        args += ["--max-samples", str(a.max_samples)] if a.max_samples else []
+        args = common.child_args(a, seed, a.wbit, a.abit) + ["--main-kwargs", json.dumps(kwargs)]
         args += ["--cpu"] if a.cpu else []
         r = common.run_child(Path(__file__), args, cell / f"official-s{seed}.log.txt", env)
         fp = r["fp32_check"]

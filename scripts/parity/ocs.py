@@ -311,13 +311,10 @@ def main(argv=None) -> None:
 
         def run_seed(seed: int, bits=bits, cell=cell) -> dict:
             scratch = Path("/tmp") / f"parity-ocs-{os.getpid()}-w{bits}-s{seed}"
-            args = ["--official", str(Path(a.official).resolve()), "--model", a.model, "--dataset", a.dataset,
-                    "--seed", str(seed), "--wbit", str(bits), "--abit", str(bits), "--batch-size", str(a.batch_size),
-                    "--expand-ratio", str(a.expand_ratio), "--weight-clip", str(a.weight_clip),
-                    "--act-clip", str(a.act_clip), "--profile-batches", str(a.profile_batches),
-                    "--threads", str(a.threads), "--scratch", str(scratch)]
-            args += ["--teacher", *a.teacher] if a.teacher else []
-            args += ["--max-samples", str(a.max_samples)] if a.max_samples else []
+            args = common.child_args(a, seed, bits, bits) + [
+                "--batch-size", str(a.batch_size), "--expand-ratio", str(a.expand_ratio),
+                "--weight-clip", str(a.weight_clip), "--act-clip", str(a.act_clip),
+                "--profile-batches", str(a.profile_batches), "--scratch", str(scratch)]
             args += [] if a.paired else ["--no-paired"]
             r = common.run_child(Path(__file__), args, cell / f"official-s{seed}.log.txt", env=env)
             if r.get("official_log"):

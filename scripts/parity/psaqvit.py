@@ -547,13 +547,10 @@ def official_cell(a, repo, commit, mode, wbit, abit, cell: Path) -> tuple[list[d
                 print(f"official {MODE_NAMES[mode]} W{wbit}A{abit} seed {seed}: reusing {common.rel(kept)} "
                       f"(top-1 {r['top1']:.2f})", flush=True)
                 continue
-        args = ["--official", str(Path(a.official).resolve()), "--model", a.model, "--dataset", a.dataset,
-                "--mode", str(mode), "--seed", str(seed), "--wbit", str(wbit), "--abit", str(abit),
-                "--iterations", str(a.iterations), "--jitter", *map(str, a.jitter),
-                "--tv-target", *map(str, a.tv_target), "--calib-batchsize", str(a.calib_batchsize),
-                "--val-batchsize", str(a.val_batchsize), "--threads", str(a.threads)]
-        args += ["--teacher", *a.teacher] if a.teacher else []
-        args += ["--max-samples", str(a.max_samples)] if a.max_samples else []
+        args = common.child_args(a, seed, wbit, abit) + [
+            "--mode", str(mode), "--iterations", str(a.iterations), "--jitter", *map(str, a.jitter),
+            "--tv-target", *map(str, a.tv_target), "--calib-batchsize", str(a.calib_batchsize),
+            "--val-batchsize", str(a.val_batchsize)]
         args += [] if a.fast_cosine else ["--no-fast-cosine"]
         args += [] if a.compare else ["--no-compare"]
         args += ["--cpu"] if a.cpu else []

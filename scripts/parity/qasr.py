@@ -591,13 +591,11 @@ def official_side(a, repo: str, commit: str, out: Path) -> dict:
         if not missing:
             continue
         first = out / f"w{missing[0][0]}a{missing[0][1]}"
-        args = ["--official", str(Path(a.official).resolve()), "--model", a.model, "--dataset", a.dataset,
-                "--seed", str(seed), "--threads", str(a.threads), "--loss-check-batches", str(a.loss_check_batches),
-                "--bits", *[f"w{w}a{b}" for w, b in missing]]
-        for key in ("batch_size", "num_batches", "iterations", "max_samples"):
+        args = common.child_args(a, seed) + ["--loss-check-batches", str(a.loss_check_batches),
+                                             "--bits", *[f"w{w}a{b}" for w, b in missing]]
+        for key in ("batch_size", "num_batches", "iterations"):
             if getattr(a, key) is not None:
                 args += [f"--{key.replace('_', '-')}", str(getattr(a, key))]
-        args += ["--teacher", *a.teacher] if a.teacher else []
         env = {"OMP_NUM_THREADS": str(a.threads), "MKL_NUM_THREADS": str(a.threads)}
         log = first / f"official-s{seed}.log.txt"
         res = common.run_child(Path(__file__), args, log, env)

@@ -230,11 +230,8 @@ def main(argv=None) -> None:
 
         def run_seed(seed: int, bits=bits, cell=cell) -> dict:
             scratch = Path("/tmp") / f"parity-squant-{os.getpid()}-w{bits}-s{seed}"
-            args = ["--official", str(Path(a.official).resolve()), "--model", a.model, "--dataset", a.dataset,
-                    "--seed", str(seed), "--wbit", str(bits), "--abit", str(bits), "--batch-size", str(a.batch_size),
-                    "--threads", str(a.threads), "--scratch", str(scratch)]
-            args += ["--teacher", *a.teacher] if a.teacher else []
-            args += ["--max-samples", str(a.max_samples)] if a.max_samples else []
+            args = common.child_args(a, seed, bits, bits) + ["--batch-size", str(a.batch_size),
+                                                             "--scratch", str(scratch)]
             args += ["--sigma", str(a.sigma)] if a.sigma is not None else []
             args += [] if a.compare else ["--no-compare"]
             r = common.run_child(Path(__file__), args, cell / f"official-s{seed}.log.txt")

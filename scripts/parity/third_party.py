@@ -340,13 +340,10 @@ def add_arguments(p: argparse.ArgumentParser, spec: DriverSpec) -> None:
 
 def child_args(a, seed: int, scratch: Path, knob: list[str] = ()) -> list[str]:
     """The child's command line: the cell's arguments, then the driver's own `knob` (e.g. ["--lr-s", "0.1"])."""
-    args = ["--official", str(Path(a.official).resolve()), "--model", a.model, "--dataset", a.dataset,
-            "--seed", str(seed), "--wbit", str(a.wbit), "--abit", str(a.abit), "--threads", str(a.threads),
-            "--scratch", str(scratch), "--schedule", a.schedule, "--quant", a.quant]
+    args = common.child_args(a, seed, a.wbit, a.abit) + ["--scratch", str(scratch), "--schedule", a.schedule,
+                                                         "--quant", a.quant]
     args += ["--schedule-override", *a.schedule_override] if a.schedule_override else []
     args += ["--method-overrides", *a.method_overrides] if a.method_overrides else []
-    args += ["--teacher", *a.teacher] if a.teacher else []
-    args += ["--max-samples", str(a.max_samples)] if a.max_samples else []
     args += list(knob)
     args += ["--cpu"] if a.cpu else []
     return args

@@ -310,12 +310,9 @@ def official_side(a, script: Path, name: str, default_repo: str, marker: str, de
     env = common.deps_env()
 
     def run_seed(seed: int) -> dict:
-        args = ["--official", str(Path(a.official).resolve()), "--model", a.model, "--dataset", a.dataset,
-                "--seed", str(seed), "--wbit", str(a.wbit), "--abit", str(a.abit), "--batch-size", str(a.batch_size),
-                "--test-batch-size", str(a.test_batch_size), "--threads", str(a.threads),
-                "--check-quant", a.check_quant]
-        args += ["--teacher", *a.teacher] if a.teacher else []
-        args += ["--max-samples", str(a.max_samples)] if a.max_samples else []
+        args = common.child_args(a, seed, a.wbit, a.abit) + [
+            "--batch-size", str(a.batch_size), "--test-batch-size", str(a.test_batch_size),
+            "--check-quant", a.check_quant]
         args += [] if a.compare else ["--no-compare"]
         r = common.run_child(script, args, cell / f"official-s{seed}.log.txt", env)
         chk = r.get("check", {})
