@@ -112,10 +112,10 @@ class Method:
 
 class CalibrationMethod(Method):
     """The post-training stage the calibration methods share: their images (synthesized, distilled or loaded:
-    `calibration_data`), the quantized copy, one calibration pass over the images (`calibrate`). With a
-    `time_key` the images' time lands in ctx.info under it."""
+    `calibration_data`), the quantized copy, one calibration pass over the images (`calibrate`). The images'
+    time lands in ctx.info under `time_key`."""
 
-    time_key: str | None = "synthesis_time_s"
+    time_key = "synthesis_time_s"
 
     def calibration_data(self, model: nn.Module, ctx: QuantContext) -> list[torch.Tensor]:
         raise NotImplementedError
@@ -126,8 +126,7 @@ class CalibrationMethod(Method):
     def quantize(self, model, ctx):
         t0 = time.perf_counter()
         batches = [b.to(ctx.device) for b in self.calibration_data(model, ctx)]
-        if self.time_key:
-            ctx.info[self.time_key] = round(time.perf_counter() - t0, 3)
+        ctx.info[self.time_key] = round(time.perf_counter() - t0, 3)
         qmodel = quantize_model(model, ctx.convention, ctx.wbit, ctx.abit)
         self.calibrate(qmodel, batches)
         return qmodel

@@ -14,7 +14,7 @@ from ..settings import check_int
 
 class CrossDomain(CalibrationMethod):
     needs_batchnorm = False
-    time_key = None
+    time_key = "calib_data_time_s"
 
     def __init__(self, name: str = "crossdomain", calib_data: str = "procedural", num_images: int = 32,
                  batch_size: int = 32, observe: str = "quantized", **kwargs):
