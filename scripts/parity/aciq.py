@@ -271,21 +271,14 @@ def main(argv=None) -> None:
     p.add_argument("--calib-images", type=int, default=32, help="-cs: statistics images (README: 32)")
     p.add_argument("--flags", default=" ".join(FLOW),
                    help=f"official flags of the use step, one string (default: {' '.join(FLOW)!r})")
-    p.add_argument("--model", default="resnet20_cifar10")
-    p.add_argument("--dataset", default="cifar10")
-    p.add_argument("--teacher", nargs="*", default=[], help="more dfqbench overrides for the teacher")
-    p.add_argument("--max-samples", type=int, default=None)
+    common.add_teacher_arguments(p)
     p.add_argument("--batch-size", type=int, default=500, help="-b of the evaluation (no effect on the result)")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--dfqbench", action="store_true", help="also run dfqbench on the same cell, write parity.csv")
     p.add_argument("--quant", nargs="+", default=["official_aciq"], help="dfqbench presets for --dfqbench")
     p.add_argument("--method-overrides", nargs="*", default=[],
                    help="more dfqbench overrides for --dfqbench (quant=official_aciq brings the official settings)")
-    p.add_argument("--out", default=str(OUT))
-    p.add_argument("--tag", default="")
-    p.add_argument("--csv", default=str(common.PARITY_CSV))
-    p.add_argument("--reuse-official", action="store_true",
-                   help="take the official side from an existing official.json with the same seeds and commit")
+    common.add_output_arguments(p, OUT)
     common.add_child_arguments(p, scratch=True)
     p.add_argument("--step", default="use", help=argparse.SUPPRESS)
     a = p.parse_args(argv)

@@ -419,14 +419,32 @@ def add_child_arguments(p, bits: int | None = None, scratch: bool = False) -> No
         p.add_argument("--scratch", default="", help=argparse.SUPPRESS)
 
 
+def add_teacher_arguments(p, model: str = "resnet20_cifar10", teacher_help: str = "") -> None:
+    """The teacher and test set both sides run on: --model, --dataset, more dfqbench --teacher overrides,
+    --max-samples (a smoke-test subset)."""
+    p.add_argument("--model", default=model)
+    p.add_argument("--dataset", default="cifar10")
+    p.add_argument("--teacher", nargs="*", default=[],
+                   help="more dfqbench overrides for the teacher" + (f" ({teacher_help})" if teacher_help else ""))
+    p.add_argument("--max-samples", type=int, default=None, help="dataset.max_samples (default: full test set)")
+
+
+def add_output_arguments(p, out: Path, reuse_official: bool = True) -> None:
+    """Where a calibration driver's cells go (--out, --tag) and its parity.csv row (--csv); with `reuse_official`
+    --reuse-official (a kept official.json of the same seeds and commit stands for the official side)."""
+    p.add_argument("--out", default=str(out), help=f"records folder (default {rel(out)})")
+    p.add_argument("--tag", default="", help="a name for this teacher's folder under --out (default: none)")
+    p.add_argument("--csv", default=str(PARITY_CSV), help="the parity table to update (--dfqbench)")
+    if reuse_official:
+        p.add_argument("--reuse-official", action="store_true",
+                       help="take the official side from an existing official.json with the same seeds and commit")
+
+
 def add_cell_arguments(p, method: str, quant_help: str, overrides_help: str, variant: str) -> None:
     """The arguments every training-method driver shares after its budget and its own knob: the teacher and test
     set, threads/device, the dfqbench side, where records go, which seeds, --resume, and the child's hidden ones.
     `variant` names what else a kept official run must match under --resume (e.g. "lr", "alpha")."""
-    p.add_argument("--model", default="resnet20_cifar10")
-    p.add_argument("--dataset", default="cifar10")
-    p.add_argument("--teacher", nargs="*", default=[], help="more dfqbench overrides for the teacher")
-    p.add_argument("--max-samples", type=int, default=None, help="dataset.max_samples (default: full test set)")
+    add_teacher_arguments(p)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--cpu", action="store_true", help="stay on the CPU even with a GPU")
     p.add_argument("--dfqbench", action="store_true", help="also run dfqbench on the same cell, write parity.csv")

@@ -506,18 +506,11 @@ def main(argv=None) -> None:
     p.add_argument("--bits", type=int, nargs="+", default=[4], help="W=A bit-widths (default: 4)")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="seeds (the flow is data-free)")
     p.add_argument("--bits-bias", type=int, default=16, help="--bits_bias (README Int8**: 16)")
-    p.add_argument("--model", default="resnet20_cifar10")
-    p.add_argument("--dataset", default="cifar10")
-    p.add_argument("--teacher", nargs="*", default=[], help="more dfqbench overrides for the teacher")
-    p.add_argument("--max-samples", type=int, default=None, help="dataset.max_samples (default: full test set)")
+    common.add_teacher_arguments(p)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--dfqbench", action="store_true", help="also run dfqbench on the same cells, write parity.csv")
     p.add_argument("--quant", nargs="+", default=["official_dfq"], help="dfqbench presets for --dfqbench")
-    p.add_argument("--out", default=str(OUT))
-    p.add_argument("--csv", default=str(common.PARITY_CSV))
-    p.add_argument("--tag", default="", help="a name for this teacher's folder under --out (default: none)")
-    p.add_argument("--reuse-official", action="store_true",
-                   help="take the official side from an existing official.json with the same seeds and commit")
+    common.add_output_arguments(p, OUT)
     p.add_argument("--reuse-dfqbench", action="store_true",
                    help="take the dfqbench side from the records already in the cell folder (same dfqbench source)")
     p.add_argument("--add-bits", type=int, default=None,

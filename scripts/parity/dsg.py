@@ -126,7 +126,7 @@ def main(argv=None) -> None:
     zeroq.add_arguments(p, DEFAULT_REPO, "uniform_test.py --seed (default 0 1 2)", 40, "generated batch", 256)
     p.add_argument("--method-overrides", nargs="*", default=SAME_CELL,
                    help=f"dfqbench method overrides for --dfqbench (default: {' '.join(SAME_CELL)})")
-    p.add_argument("--out", default=str(OUT))
+    common.add_output_arguments(p, OUT)
     a = p.parse_args(argv)
     if a.child:
         child(a)

@@ -489,10 +489,7 @@ def parse_args(argv=None):
     p.add_argument("--method-overrides", nargs="*", default=[],
                    help="dfqbench method.* overrides for BOTH sides (the budget; e.g. method.num_images=32 "
                         "method.calib_batch_size=32 method.distill.iterations=20 method.reconstruct.iterations=30)")
-    p.add_argument("--model", default="resnet20_cifar10")
-    p.add_argument("--dataset", default="cifar10")
-    p.add_argument("--teacher", nargs="*", default=[], help="more dfqbench overrides for the teacher")
-    p.add_argument("--max-samples", type=int, default=None, help="dataset.max_samples (default: full test set)")
+    common.add_teacher_arguments(p)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--cpu", action="store_true", help="stay on the CPU even with a GPU")
     p.add_argument("--deps", default=str(DEFAULT_DEPS) if DEFAULT_DEPS.is_dir() else "",
@@ -500,9 +497,7 @@ def parse_args(argv=None):
                         f"(default {DEFAULT_DEPS} when it exists)")
     p.add_argument("--dfqbench", action="store_true", help="also run dfqbench on the same cell, write parity.csv")
     p.add_argument("--quant", default="brecq", help="dfqbench preset for --dfqbench (default brecq: Genie's C2)")
-    p.add_argument("--out", default=str(OUT), help=f"records folder (default {common.rel(OUT)})")
-    p.add_argument("--tag", default="", help="a sub-folder of --out and a variant of the csv row's method")
-    p.add_argument("--csv", default=str(common.PARITY_CSV))
+    common.add_output_arguments(p, OUT, reuse_official=False)
     p.add_argument("--reuse-official", action="store_true",
                    help="take the official side from an existing official.json with the same seeds, commit, "
                         "teacher and budget")

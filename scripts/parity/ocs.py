@@ -277,10 +277,7 @@ def main(argv=None) -> None:
     p.add_argument("--bits", type=int, nargs="+", default=[4], help="W=A bit-widths (default: 4)")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2],
                    help="seeds of the profiling images' shuffle (default: 0 1 2)")
-    p.add_argument("--model", default="resnet20_cifar10")
-    p.add_argument("--dataset", default="cifar10")
-    p.add_argument("--teacher", nargs="*", default=[], help="more dfqbench overrides for the teacher")
-    p.add_argument("--max-samples", type=int, default=None, help="dataset.max_samples (default: full test set)")
+    common.add_teacher_arguments(p)
     p.add_argument("--batch-size", type=int, default=128, help="-b (ocs_script.py: 128)")
     p.add_argument("--expand-ratio", type=float, default=0.02, help="--weight-expand-ratio (example.sh: 0.02)")
     p.add_argument("--weight-clip", type=float, default=1.0, help="--weight-clip-threshold (1.0 = max)")
@@ -289,11 +286,7 @@ def main(argv=None) -> None:
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--dfqbench", action="store_true", help="also run dfqbench on the same cells, write parity.csv")
     p.add_argument("--quant", nargs="+", default=["official_ocs"], help="dfqbench presets for --dfqbench")
-    p.add_argument("--out", default=str(OUT))
-    p.add_argument("--csv", default=str(common.PARITY_CSV))
-    p.add_argument("--tag", default="", help="a name for this teacher's folder under --out (default: none)")
-    p.add_argument("--reuse-official", action="store_true",
-                   help="take the official side from an existing official.json with the same seeds and commit")
+    common.add_output_arguments(p, OUT)
     p.add_argument("--reuse-dfqbench", action="store_true",
                    help="take the dfqbench side from the records already in the cell folder (same dfqbench source)")
     p.add_argument("--no-paired", dest="paired", action="store_false",

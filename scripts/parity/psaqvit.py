@@ -651,11 +651,7 @@ def main(argv=None) -> None:
     p.add_argument("--bits", type=parse_bits, nargs="+", default=[(4, 8), (8, 8)],
                    help="w<W>a<A> cells (default w4a8 w8a8, the README's; add w4a4)")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="test_quant.py --seed / dfqbench seed (default 0 1 2)")
-    p.add_argument("--model", default="vit_cifar10")
-    p.add_argument("--dataset", default="cifar10")
-    p.add_argument("--teacher", nargs="*", default=[], help="more dfqbench overrides for the teacher "
-                                                            "(e.g. model.checkpoint=PATH)")
-    p.add_argument("--max-samples", type=int, default=None, help="dataset.max_samples (default: full test set)")
+    common.add_teacher_arguments(p, model="vit_cifar10", teacher_help="e.g. model.checkpoint=PATH")
     p.add_argument("--iterations", type=int, default=OFFICIAL_ITERATIONS,
                    help="synthesis iterations per epoch, both sides (official 500; smoke tests only)")
     p.add_argument("--jitter", type=int, nargs=2, default=[2, 4],
@@ -672,9 +668,7 @@ def main(argv=None) -> None:
     p.add_argument("--cpu", action="store_true", help="stay on the CPU even with a GPU")
     p.add_argument("--dfqbench", action="store_true", help="also run dfqbench on the same cells, write parity.csv")
     p.add_argument("--method-overrides", nargs="*", default=[], help="more dfqbench overrides for --dfqbench")
-    p.add_argument("--out", default=str(OUT), help=f"results folder (default {common.rel(OUT)})")
-    p.add_argument("--tag", default="", help="a name for this teacher's folder under --out (default: none)")
-    p.add_argument("--csv", default=str(common.PARITY_CSV), help="the parity table to update (--dfqbench)")
+    common.add_output_arguments(p, OUT, reuse_official=False)
     p.add_argument("--no-compare", dest="compare", action="store_false",
                    help="skip the child's checks (dfqbench's quantizer on the official batch, the loss terms)")
     p.add_argument("--resume", action="store_true",

@@ -690,10 +690,7 @@ def main(argv=None) -> None:
                    help="several w<W>a<A> cells at once (each seed synthesized once for all), e.g. w6a6 w4a4; "
                         "replaces --wbit/--abit")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="noise seeds (default 0 1 2)")
-    p.add_argument("--model", default="seq_conv1d_cifar10")
-    p.add_argument("--dataset", default="cifar10")
-    p.add_argument("--teacher", nargs="*", default=[], help="more dfqbench overrides for the teacher")
-    p.add_argument("--max-samples", type=int, default=None, help="dataset.max_samples (default: full test set)")
+    common.add_teacher_arguments(p, model="seq_conv1d_cifar10")
     p.add_argument("--batch-size", type=int, default=None, help="both sides (default: conf/method/qasr.yaml)")
     p.add_argument("--num-batches", type=int, default=None, help="both sides (default: conf/method/qasr.yaml)")
     p.add_argument("--iterations", type=int, default=None, help="both sides (default: conf/method/qasr.yaml)")
@@ -701,9 +698,7 @@ def main(argv=None) -> None:
                    help="official batches also optimized by dfqbench's loop from the same initial tensor (0: none)")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--dfqbench", action="store_true", help="also run dfqbench on the same cells, write parity.csv")
-    p.add_argument("--out", default=str(OUT), help=f"results folder (default {common.rel(OUT)})")
-    p.add_argument("--tag", default="", help="a name for this teacher's folder under --out (default: none)")
-    p.add_argument("--csv", default=str(common.PARITY_CSV), help="the parity table to update (--dfqbench)")
+    common.add_output_arguments(p, OUT, reuse_official=False)
     p.add_argument("--resume", action="store_true",
                    help="keep finished seeds: official-s<S>.json with the same settings and commit, "
                         "dfqbench-qasr-s<S>.record.json with the same overrides and dfqbench source")

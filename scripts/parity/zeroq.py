@@ -280,21 +280,14 @@ def add_arguments(p: argparse.ArgumentParser, repo: str, seeds_help: str, batch_
     p.add_argument("--wbit", type=int, default=4)
     p.add_argument("--abit", type=int, default=4)
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help=seeds_help)
-    p.add_argument("--model", default="resnet20_cifar10")
-    p.add_argument("--dataset", default="cifar10")
-    p.add_argument("--teacher", nargs="*", default=[], help="more dfqbench overrides for the teacher")
-    p.add_argument("--max-samples", type=int, default=None, help="dataset.max_samples (default: full test set)")
+    common.add_teacher_arguments(p)
     p.add_argument("--batch-size", type=int, default=batch_size, help=f"uniform_test.py --batch_size ({batch_help})")
     p.add_argument("--test-batch-size", type=int, default=test_batch_size, help="uniform_test.py --test_batch_size")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--dfqbench", action="store_true", help="also run dfqbench on the same cell, write parity.csv")
     p.add_argument("--quant", nargs="+", default=["gdfq"], help="dfqbench presets for --dfqbench")
     p.add_argument("--check-quant", default="gdfq", help="the preset of the --compare check")
-    p.add_argument("--tag", default="", help="a name for this teacher's folder under --out (default: none)")
-    p.add_argument("--csv", default=str(common.PARITY_CSV))
     p.add_argument("--no-compare", dest="compare", action="store_false")
-    p.add_argument("--reuse-official", action="store_true",
-                   help="take the official side from an existing official.json with the same seeds and commit")
     p.add_argument("--reuse-dfqbench", action="store_true",
                    help="take a dfqbench seed from its kept record (same overrides and dfqbench "
                         "source) instead of running it again")
@@ -330,7 +323,7 @@ def official_side(a, script: Path, name: str, default_repo: str, marker: str, de
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     add_arguments(p, DEFAULT_REPO, "noise seeds (default 0 1 2)", 32, "distilled batch", 128)
-    p.add_argument("--out", default=str(OUT))
+    common.add_output_arguments(p, OUT)
     a = p.parse_args(argv)
     if a.child:
         child(a)
