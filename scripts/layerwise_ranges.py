@@ -17,14 +17,12 @@ from hydra import compose, initialize_config_dir
 from torch.fx.interpreter import Interpreter
 
 from dfqbench.data import load_eval_set
-from dfqbench.methods.dfq import _replace_relu6
 from dfqbench.models import load_model
 from dfqbench.quant.calibration.layerwise import node_shapes, sample_gaussian
 from dfqbench.quant.quantizers.ranges import estimate_range
-from dfqbench.quant.transforms.bn_fold import fold_batchnorm
 from dfqbench.quant.transforms.bn_stats import BNStatistics
-from dfqbench.quant.transforms.equalize import absorb_high_bias, equalize, find_pairs
 from dfqbench.quant.transforms.graph import relu_kind
+from dfqbench.quant.transforms.precondition import precondition
 from dfqbench.runner import data_shape
 
 CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
@@ -58,11 +56,8 @@ def main() -> None:
         cfg = compose("config", [f"model={args.model}", "method=layerwise"])
     m = cfg.method
     net = load_model(cfg.model, cfg.paths.models_dir).model.eval()
-    _replace_relu6(net)
-    gm = fold_batchnorm(net)
-    pairs = find_pairs(gm)
-    equalize(pairs, m.equalize_iterations, m.equalize_tol, m.equalize_range)
-    absorb_high_bias(pairs, m.absorb_k_std)
+    gm = precondition(net, m.relu6_to_relu, m.equalize, m.equalize_iterations, m.equalize_tol, m.equalize_range,
+                      m.absorb_bias, m.absorb_k_std).gm
     norm = cfg.model.normalize or cfg.dataset
     data = load_eval_set(cfg.dataset, norm.mean, norm.std, cfg.paths.cache_dir)
     stats, shapes = BNStatistics(gm), node_shapes(gm, tuple(data_shape(data, cfg)))

@@ -10,13 +10,11 @@ gets the normalization's range ((0 - mean) / std, (1 - mean) / std), as its set_
 constants; default bn: N(0, 1) -/+ k_std).
 """
 
-from torch import nn
-
 from ..quant import ActQuantizer, quantize_model
 from ..quant.transforms.bias_correction import correct_bias
-from ..quant.transforms.bn_fold import fold_batchnorm
 from ..quant.calibration.calibrate import set_ranges_from_bn
-from ..quant.transforms.equalize import EQUALIZE_RANGES, absorb_high_bias, equalize, find_pairs
+from ..quant.transforms.equalize import EQUALIZE_RANGES
+from ..quant.transforms.precondition import precondition
 from .base import Method
 
 
@@ -56,17 +54,12 @@ class DFQ(Method):
 
     def quantize(self, model, ctx):
         self.check_convention(ctx.convention)
-        if self.relu6_to_relu:  # CLE needs a positively homogeneous activation
-            _replace_relu6(model)
-        gm = fold_batchnorm(model)
-        pairs = find_pairs(gm)
-        ctx.info["dfq_pairs"] = len(pairs)
-        if self.do_equalize:
-            ctx.info["dfq_equalize_iterations"] = equalize(pairs, self.equalize_iterations, self.equalize_tol,
-                                                           self.equalize_range)
-        if self.do_absorb:
-            absorb_high_bias(pairs, self.absorb_k_std)
-        qmodel = quantize_model(gm, ctx.convention, ctx.wbit, ctx.abit)
+        pre = precondition(model, self.relu6_to_relu, self.do_equalize, self.equalize_iterations, self.equalize_tol,
+                           self.equalize_range, self.do_absorb, self.absorb_k_std)
+        ctx.info["dfq_pairs"] = len(pre.pairs)
+        if pre.equalize_iterations is not None:
+            ctx.info["dfq_equalize_iterations"] = pre.equalize_iterations
+        qmodel = quantize_model(pre.gm, ctx.convention, ctx.wbit, ctx.abit)
         if self.do_correct:
             ctx.info["dfq_bias_corrected_layers"] = correct_bias(qmodel)
         set_ranges_from_bn(qmodel, self.k_std)
@@ -84,11 +77,3 @@ class DFQ(Method):
 
 INPUT_RANGES = ("bn", "normalization")
 SETTINGS = ("equalize_range", "input_range", "k_std", "absorb_k_std", "equalize_iterations", "equalize_tol")
-
-
-def _replace_relu6(model: nn.Module) -> None:
-    for name, child in model.named_children():
-        if isinstance(child, nn.ReLU6):
-            setattr(model, name, nn.ReLU(inplace=child.inplace))
-        else:
-            _replace_relu6(child)

@@ -3,7 +3,7 @@ RECONSTRUCTION from the abstract ("independent layer-wise compressions, each tra
 from the pretrained network alone, after preconditioning the network"), quantization only.
 
 1. preconditioning: ReLU6 -> ReLU, BatchNorm folding, cross-layer equalization and high-bias absorption (DFQ's
-   transforms, `quant.transforms.equalize`);
+   transforms, `quant.transforms.precondition`);
 2. quantization on the convention's grid; every activation range first set from the BN statistics (mean +-
    k_std std, RTN/DFQ's data-free ranges: the fallback of a quantizer no layer fit reaches);
 3. layer-wise data and independent per-layer reconstruction (`quant.calibration.layerwise.fit_layers`): for each
@@ -19,10 +19,9 @@ from ..quant import quantize_model
 from ..quant.calibration.calibrate import set_ranges_from_bn
 from ..quant.calibration.layerwise import fit_layers
 from ..quant.calibration.reconstruct import ReconstructSettings
-from ..quant.transforms.bn_fold import fold_batchnorm
-from ..quant.transforms.equalize import EQUALIZE_RANGES, absorb_high_bias, equalize, find_pairs
+from ..quant.transforms.equalize import EQUALIZE_RANGES
+from ..quant.transforms.precondition import precondition
 from .base import Method
-from .dfq import _replace_relu6
 from ..settings import check_int, check_number
 
 
@@ -48,17 +47,12 @@ class LayerWise(Method):
         self.settings = ReconstructSettings.from_dict(reconstruct, "method.reconstruct")
 
     def quantize(self, model, ctx):
-        if self.relu6_to_relu:  # CLE needs a positively homogeneous activation
-            _replace_relu6(model)
-        gm = fold_batchnorm(model)
-        pairs = find_pairs(gm)
-        ctx.info["precondition_pairs"] = len(pairs)
-        if self.do_equalize:
-            ctx.info["equalize_iterations"] = equalize(pairs, self.equalize_iterations, self.equalize_tol,
-                                                       self.equalize_range)
-        if self.do_absorb:
-            absorb_high_bias(pairs, self.absorb_k_std)
-        qmodel = quantize_model(gm, ctx.convention, ctx.wbit, ctx.abit)
+        pre = precondition(model, self.relu6_to_relu, self.do_equalize, self.equalize_iterations, self.equalize_tol,
+                           self.equalize_range, self.do_absorb, self.absorb_k_std)
+        ctx.info["precondition_pairs"] = len(pre.pairs)
+        if pre.equalize_iterations is not None:
+            ctx.info["equalize_iterations"] = pre.equalize_iterations
+        qmodel = quantize_model(pre.gm, ctx.convention, ctx.wbit, ctx.abit)
         set_ranges_from_bn(qmodel, self.k_std)
         t0 = time.perf_counter()
         ctx.info["layerwise_layers"] = fit_layers(qmodel, ctx.input_shape, self.num_samples, self.settings,

@@ -36,11 +36,9 @@ from ..quant.convention import check_bits
 from ..quant.quantizers import FULL_PRECISION_BITS
 from ..quant.quantizers.parametric import ParametricWeightQuantizer, search_grid
 from ..quant.transforms.bias_correction import correct_bias
-from ..quant.transforms.bn_fold import fold_batchnorm
-from ..quant.transforms.equalize import equalize as equalize_pairs, find_pairs
 from ..quant.transforms.graph import layer_nodes, module_of
+from ..quant.transforms.precondition import precondition
 from .base import Method
-from .dfq import _replace_relu6
 
 ALLOCATION_LOSSES = ("relative", "absolute")
 MAX_CANDIDATE_BITS = 16
@@ -179,13 +177,10 @@ class PNMQ(Method):
         candidates = [b for b in self.candidate_bits if b <= wbit]
         if not candidates:
             raise ConfigError(f"method.candidate_bits={self.candidate_bits!r} has no bit-width <= wbit={wbit}")
-        if self.relu6_to_relu:  # CLE needs a positively homogeneous activation
-            _replace_relu6(model)
-        gm = fold_batchnorm(model)
-        pairs = find_pairs(gm)
-        if self.do_equalize:
-            ctx.info["pnmq_equalize_iterations"] = equalize_pairs(pairs, self.equalize_iterations, self.equalize_tol)
-        qmodel = quantize_model(gm, ctx.convention, wbit, ctx.abit)
+        pre = precondition(model, self.relu6_to_relu, self.do_equalize, self.equalize_iterations, self.equalize_tol)
+        if pre.equalize_iterations is not None:
+            ctx.info["pnmq_equalize_iterations"] = pre.equalize_iterations
+        qmodel = quantize_model(pre.gm, ctx.convention, wbit, ctx.abit)
 
         nodes = layer_nodes(qmodel)
         spec = ctx.convention.layers
