@@ -49,7 +49,7 @@ def gpu_rates() -> dict[str, float]:
 
 
 def cells(experiment: str, schedule: str) -> list[tuple[str, str, int, int, bool]]:
-    """(method, quant, wbit, seed, trains) of every cell the sweep runs."""
+    """(method, quant, wbit, seed, trains) of every cell the sweep runs; method is the name its record carries."""
     with initialize_config_dir(version_base="1.3", config_dir=str(REPO / "conf")):
         base = compose("config", [f"experiment={experiment}"], return_hydra_config=True)
         params = {k: str(v).split(",") for k, v in base.hydra.sweeper.params.items()}
@@ -61,8 +61,8 @@ def cells(experiment: str, schedule: str) -> list[tuple[str, str, int, int, bool
             key = (method, quant)
             if key not in methods:
                 methods[key] = build_method(cfg)
-            if redundant_reason(cfg, methods[key]) is None:
-                out.append((method, quant, int(wbit), int(seed), "schedule" in cfg.method))
+            if redundant_reason(cfg, methods[key]) is None:  # the record's name: crossdomain -> crossdomain-procedural
+                out.append((methods[key].name, quant, int(wbit), int(seed), "schedule" in cfg.method))
     return out
 
 
